@@ -1,0 +1,138 @@
+//! The engine: settings, ports, and shared helpers. The device operations live in
+//! [`crate::registration`], the service operations in [`crate::enrollment`].
+
+use std::sync::Arc;
+
+use dps_proto::error::ErrorCode;
+use dps_proto::service::AllocationPolicy;
+use rand::RngCore;
+use serde::de::DeserializeOwned;
+
+use crate::allocation::LinkedHub;
+use crate::clock::{Clock, SystemClock};
+use crate::error::Error;
+use crate::store::Store;
+
+/// Engine settings, from the server configuration.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// The ID scope this instance serves (compared case-insensitively).
+    pub id_scope: String,
+    /// Linked IoT hubs.
+    pub linked_hubs: Vec<LinkedHub>,
+    /// Policy for enrollments that set none (`hashed`, `static` or `geoLatency`).
+    pub default_allocation_policy: AllocationPolicy,
+    /// Largest device `payload`, in bytes of compact JSON.
+    pub max_payload_bytes: usize,
+    /// Accepted clock skew when checking SAS expiry.
+    pub sas_clock_skew_secs: u64,
+    /// How long operations stay queryable.
+    pub operation_retention_secs: u64,
+    /// Answer every register with `assigning` first, even when allocation is done.
+    pub assigning_first: bool,
+    /// `retry-after` seconds sent with `assigning` answers.
+    pub retry_after_secs: u32,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            id_scope: "0ne00000000".into(),
+            linked_hubs: Vec::new(),
+            default_allocation_policy: AllocationPolicy::Hashed,
+            max_payload_bytes: 64 * 1024,
+            sas_clock_skew_secs: 300,
+            operation_retention_secs: 24 * 3600,
+            assigning_first: false,
+            retry_after_secs: 3,
+        }
+    }
+}
+
+/// The provisioning engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) settings: Arc<EngineSettings>,
+    pub(crate) clock: Arc<dyn Clock>,
+    /// `{n}.{16 hex}` prefix of operation IDs issued by this process.
+    pub(crate) operation_prefix: Arc<str>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// An engine over a store, with the system clock.
+    pub fn new(store: Arc<dyn Store>, settings: EngineSettings) -> Self {
+        Self::with_clock(store, settings, Arc::new(SystemClock))
+    }
+
+    /// An engine with an explicit clock (tests).
+    pub fn with_clock(
+        store: Arc<dyn Store>,
+        settings: EngineSettings,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        let mut node = [0u8; 8];
+        rand::thread_rng().fill_bytes(&mut node);
+        let hex: String = node.iter().map(|b| format!("{b:02x}")).collect();
+        Self {
+            store,
+            settings: Arc::new(settings),
+            clock,
+            operation_prefix: Arc::from(format!("5.{hex}")),
+        }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// Deletes expired operations; returns how many.
+    pub async fn purge_expired(&self) -> Result<u64, Error> {
+        Ok(self.store.purge_expired(self.clock.now_millis()).await?)
+    }
+}
+
+/// Parses a JSON request body into `T`, with a 400 that quotes serde's reason.
+pub(crate) fn parse_body<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, Error> {
+    serde_json::from_slice(body).map_err(|e| {
+        Error::bad_request(
+            ErrorCode::INVALID_REQUEST_BODY,
+            format!("the request body is not a valid {what}: {e}"),
+        )
+    })
+}
+
+/// Parses a stored JSON document; a failure means the store holds something we did not write.
+pub(crate) fn parse_stored<T: DeserializeOwned>(
+    body: &str,
+    what: &str,
+    id: &str,
+) -> Result<T, Error> {
+    serde_json::from_str(body)
+        .map_err(|e| Error::Internal(format!("stored {what} '{id}' cannot be read: {e}")))
+}
+
+/// Serialises a record for the store.
+pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> Result<String, Error> {
+    serde_json::to_string(value)
+        .map_err(|e| Error::Internal(format!("cannot serialise a record: {e}")))
+}

@@ -1,0 +1,803 @@
+//! Device registration: the spine every transport calls (register, operation status,
+//! registration status), and the service API's registration-state operations.
+//!
+//! One registration: resolve the enrollment (individual first, then groups), verify the
+//! attestation, allocate a hub, persist the registration state and the operation in one
+//! atomic write, and answer. Allocation is synchronous here, so the register answer already
+//! carries the final state unless `assigning_first` is set (protocol.md §12).
+
+use dps_proto::device::{
+    DeviceRegistration, DeviceRegistrationResult, RegistrationOperationStatus, RegistrationStatus,
+    RegistrationSubstatus,
+};
+use dps_proto::error::ErrorCode;
+use dps_proto::ids::{
+    id_key, validate_enrollment_group_id, validate_id_scope, validate_operation_id,
+    validate_registration_id,
+};
+use dps_proto::sas::{device_resource, SasToken};
+use dps_proto::service::{
+    AllocationPolicy, AttestationType, DeviceRegistrationState, EnrollmentCommon, EnrollmentGroup,
+    IndividualEnrollment, ProvisioningStatus,
+};
+use dps_proto::timestamp;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::allocation::{allocate, candidates, AllocationError};
+use crate::attestation::{verify_group, verify_individual};
+use crate::engine::{parse_body, parse_stored, to_json, Engine};
+use crate::enrollment::QueryPage;
+use crate::error::Error;
+use crate::etag::{new_registration_etag, IfMatch};
+use crate::store::{Collection, Condition, Document, StoreError, Write};
+
+/// How the device proved its identity, as the transport saw it.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// A SAS token (HTTP `Authorization`, MQTT password, SASL PLAIN password).
+    Sas(String),
+    /// Nothing.
+    None,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credential::Sas(_) => f.write_str("Sas(<redacted>)"),
+            Credential::None => f.write_str("None"),
+        }
+    }
+}
+
+/// A register request, transport-independent.
+#[derive(Debug, Clone)]
+pub struct RegisterRequest {
+    /// ID scope from the path / username / link.
+    pub id_scope: String,
+    /// Registration ID from the path / username / link (already percent-decoded).
+    pub registration_id: String,
+    /// Credential.
+    pub credential: Credential,
+    /// Raw JSON body (may be empty).
+    pub body: Vec<u8>,
+    /// `forceRegistration` was requested.
+    pub force: bool,
+}
+
+/// What to send back to a device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceReply {
+    /// Response body.
+    pub operation: RegistrationOperationStatus,
+    /// `retry-after` seconds when the device should poll.
+    pub retry_after: Option<u32>,
+}
+
+impl DeviceReply {
+    /// The HTTP-like status of a poll answer: 202 while assigning, else 200.
+    pub fn poll_status(&self) -> u16 {
+        if self.operation.status == RegistrationStatus::Assigning {
+            202
+        } else {
+            200
+        }
+    }
+}
+
+/// The enrollment a device resolved to.
+#[derive(Debug, Clone)]
+pub enum ResolvedEnrollment {
+    /// Individual enrollment.
+    Individual(IndividualEnrollment),
+    /// Enrollment group.
+    Group(EnrollmentGroup),
+}
+
+impl ResolvedEnrollment {
+    fn common(&self) -> &EnrollmentCommon {
+        match self {
+            ResolvedEnrollment::Individual(e) => &e.common,
+            ResolvedEnrollment::Group(g) => &g.common,
+        }
+    }
+
+    fn group_id(&self) -> Option<&str> {
+        match self {
+            ResolvedEnrollment::Group(g) => Some(&g.enrollment_group_id),
+            ResolvedEnrollment::Individual(_) => None,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            ResolvedEnrollment::Individual(e) => {
+                format!("individual enrollment '{}'", e.registration_id)
+            }
+            ResolvedEnrollment::Group(g) => format!("enrollment group '{}'", g.enrollment_group_id),
+        }
+    }
+}
+
+/// The stored registration state of a device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistrationRecord {
+    /// Registration ID as the device first spelled it.
+    pub registration_id: String,
+    /// Group the device registered through, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_group_id: Option<String>,
+    /// Attestation used.
+    pub attestation: AttestationType,
+    /// First registration (Unix ms).
+    pub created_millis: i64,
+    /// Last change (Unix ms).
+    pub updated_millis: i64,
+    /// Status of the last registration.
+    pub status: RegistrationStatus,
+    /// Substatus.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub substatus: Option<RegistrationSubstatus>,
+    /// Assigned hub (kept after a failed re-registration as the current hub).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assigned_hub: Option<String>,
+    /// Device ID in the hub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    /// Error code of a failed registration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<u32>,
+    /// Error message of a failed registration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+    /// ETag.
+    pub etag: String,
+    /// Payload returned to the device (custom allocation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Value>,
+    /// Initial twin applied at assignment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_twin: Option<Value>,
+    /// Last operation.
+    pub last_operation_id: String,
+}
+
+impl RegistrationRecord {
+    /// The device's view.
+    pub fn to_device_result(&self) -> DeviceRegistrationResult {
+        let assigned = self.status == RegistrationStatus::Assigned;
+        DeviceRegistrationResult {
+            registration_id: self.registration_id.clone(),
+            created_date_time_utc: Some(timestamp::format_millis(self.created_millis)),
+            assigned_hub: self.assigned_hub.clone().filter(|_| assigned),
+            device_id: self.device_id.clone().filter(|_| assigned),
+            status: self.status,
+            substatus: self.substatus.filter(|_| assigned),
+            error_code: self.error_code,
+            error_message: self.error_message.clone(),
+            last_updated_date_time_utc: Some(timestamp::format_millis(self.updated_millis)),
+            etag: Some(self.etag.clone()),
+            payload: self.payload.clone(),
+            tpm: None,
+            x509: None,
+            symmetric_key: match (self.attestation, &self.enrollment_group_id) {
+                (AttestationType::SymmetricKey, Some(g)) => {
+                    Some(serde_json::json!({ "enrollmentGroupId": g }))
+                }
+                _ => None,
+            },
+        }
+    }
+
+    /// The service API's view.
+    pub fn to_service_state(&self) -> DeviceRegistrationState {
+        let d = self.to_device_result();
+        DeviceRegistrationState {
+            registration_id: d.registration_id,
+            created_date_time_utc: d.created_date_time_utc,
+            assigned_hub: d.assigned_hub,
+            device_id: d.device_id,
+            status: d.status,
+            substatus: d.substatus,
+            error_code: d.error_code,
+            error_message: d.error_message,
+            last_updated_date_time_utc: d.last_updated_date_time_utc,
+            etag: d.etag,
+            payload: d.payload,
+        }
+    }
+}
+
+/// A stored operation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OperationRecord {
+    /// Registration ID it belongs to.
+    pub registration_id: String,
+    /// Created (Unix ms).
+    pub created_millis: i64,
+    /// The device's payload, if it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_payload: Option<Value>,
+    /// The answer.
+    pub result: RegistrationOperationStatus,
+}
+
+fn unauthorized(message: impl Into<String>) -> Error {
+    Error::Unauthorized(message.into())
+}
+
+impl Engine {
+    fn check_scope_and_id(&self, id_scope: &str, registration_id: &str) -> Result<(), Error> {
+        validate_id_scope(id_scope)
+            .map_err(|e| Error::bad_request(ErrorCode::INVALID_IDENTIFIER, e.to_string()))?;
+        validate_registration_id(registration_id)
+            .map_err(|e| Error::bad_request(ErrorCode::INVALID_IDENTIFIER, e.to_string()))?;
+        if !id_scope.eq_ignore_ascii_case(&self.settings.id_scope) {
+            return Err(unauthorized(format!(
+                "ID scope '{id_scope}' is not served by this instance"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Authenticates a device and resolves its enrollment: the individual enrollment when
+    /// one exists (a disabled one blocks the device even if a group would accept it), else
+    /// the first symmetric-key group (by ID) whose derived key validates the token.
+    pub async fn authenticate(
+        &self,
+        id_scope: &str,
+        registration_id: &str,
+        credential: &Credential,
+    ) -> Result<ResolvedEnrollment, Error> {
+        let text = match credential {
+            Credential::Sas(t) => t,
+            Credential::None => {
+                return Err(unauthorized(
+                    "no credential: send a SAS token signed with the enrollment's symmetric key in the Authorization header",
+                ))
+            }
+        };
+        let token =
+            SasToken::parse(text).map_err(|e| unauthorized(format!("invalid SAS token: {e}")))?;
+        let now = self.clock.now_secs();
+        if token.is_expired(now, self.settings.sas_clock_skew_secs) {
+            return Err(unauthorized(format!(
+                "the SAS token expired at {} (now {}); sign a new token",
+                token.expiry, now
+            )));
+        }
+        let expected = device_resource(id_scope, registration_id);
+        if !token.resource.eq_ignore_ascii_case(&expected) {
+            return Err(unauthorized(format!(
+                "the SAS token is for resource '{}', but this request is for '{expected}'",
+                token.resource
+            )));
+        }
+        let individual: Option<IndividualEnrollment> = match self
+            .store
+            .get(Collection::Enrollments, registration_id)
+            .await?
+        {
+            Some(doc) => Some(parse_stored(&doc.body, "enrollment", registration_id)?),
+            None => None,
+        };
+        if let Some(e) = individual {
+            let signed = match (
+                e.common.attestation.kind,
+                &e.common.attestation.symmetric_key,
+            ) {
+                (AttestationType::SymmetricKey, Some(sk)) => {
+                    verify_individual(&token, sk).is_some()
+                }
+                _ => false,
+            };
+            // A disabled individual enrollment also answers for a group member's key, so
+            // that it revokes that member (protocol.md §10.1).
+            let disabled = e.common.provisioning_status == Some(ProvisioningStatus::Disabled);
+            if signed
+                || (disabled
+                    && self
+                        .find_group_for(&token, registration_id)
+                        .await?
+                        .is_some())
+            {
+                return Ok(ResolvedEnrollment::Individual(e));
+            }
+            tracing::info!(registration_id, attestation = ?e.common.attestation.kind,
+                "SAS rejected: signature does not match the individual enrollment's keys");
+            return Err(unauthorized(format!(
+                "the SAS token signature does not match the keys of the enrollment for registration ID '{registration_id}'"
+            )));
+        }
+        match self.find_group_for(&token, registration_id).await? {
+            Some(g) => Ok(ResolvedEnrollment::Group(g)),
+            None => {
+                tracing::info!(
+                    registration_id,
+                    "SAS rejected: no individual enrollment and no group key matches"
+                );
+                Err(unauthorized(format!(
+                    "no enrollment accepts this SAS token for registration ID '{registration_id}': check the key (or the group key it was derived from) and the registration ID"
+                )))
+            }
+        }
+    }
+
+    async fn find_group_for(
+        &self,
+        token: &SasToken,
+        registration_id: &str,
+    ) -> Result<Option<EnrollmentGroup>, Error> {
+        let mut continuation: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .list(
+                    Collection::EnrollmentGroups,
+                    None,
+                    continuation.as_deref(),
+                    500,
+                )
+                .await?;
+            for doc in &page.documents {
+                let g: EnrollmentGroup = parse_stored(&doc.body, "enrollment group", &doc.id)?;
+                if g.common.attestation.kind != AttestationType::SymmetricKey {
+                    continue;
+                }
+                if let Some(sk) = &g.common.attestation.symmetric_key {
+                    if verify_group(token, sk, registration_id).is_some() {
+                        return Ok(Some(g));
+                    }
+                }
+            }
+            match page.continuation {
+                Some(c) => continuation = Some(c),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    fn check_payload(&self, payload: Option<Value>) -> Result<Option<Value>, Error> {
+        match payload {
+            None | Some(Value::Null) => Ok(None),
+            Some(v @ Value::Object(_)) => {
+                let size = serde_json::to_vec(&v)
+                    .map(|b| b.len())
+                    .unwrap_or(usize::MAX);
+                if size > self.settings.max_payload_bytes {
+                    return Err(Error::bad_request(
+                        ErrorCode::INVALID_PAYLOAD,
+                        format!(
+                            "the payload is {size} bytes; the limit is {} bytes",
+                            self.settings.max_payload_bytes
+                        ),
+                    ));
+                }
+                Ok(Some(v))
+            }
+            Some(other) => Err(Error::bad_request(
+                ErrorCode::INVALID_PAYLOAD,
+                format!(
+                    "the payload must be a JSON object (or null); got {}",
+                    json_kind(&other)
+                ),
+            )),
+        }
+    }
+
+    fn parse_registration_body(
+        &self,
+        registration_id: &str,
+        body: &[u8],
+    ) -> Result<DeviceRegistration, Error> {
+        let trimmed = body
+            .iter()
+            .copied()
+            .skip_while(u8::is_ascii_whitespace)
+            .count();
+        if trimmed == 0 {
+            return Ok(DeviceRegistration::default());
+        }
+        let reg: DeviceRegistration = parse_body(body, "device registration (JSON)")?;
+        if let Some(id) = &reg.registration_id {
+            if !id.eq_ignore_ascii_case(registration_id) {
+                return Err(Error::bad_request(
+                    ErrorCode::INVALID_ARGUMENT,
+                    format!("registrationId in the body ('{id}') does not match the one in the path ('{registration_id}')"),
+                ));
+            }
+        }
+        if reg.csr.is_some() {
+            return Err(Error::bad_request(
+                ErrorCode::INVALID_ARGUMENT,
+                "certificate signing requests (csr) are not supported by this server",
+            ));
+        }
+        Ok(reg)
+    }
+
+    fn new_operation_id(&self) -> String {
+        format!("{}.{}", self.operation_prefix, uuid::Uuid::new_v4())
+    }
+
+    /// Registers a device. Always answers (the transport sends 202) unless the request is
+    /// malformed or unauthenticated.
+    pub async fn register(&self, req: RegisterRequest) -> Result<DeviceReply, Error> {
+        self.check_scope_and_id(&req.id_scope, &req.registration_id)?;
+        let body = self.parse_registration_body(&req.registration_id, &req.body)?;
+        let payload = self.check_payload(body.payload)?;
+        let enrollment = self
+            .authenticate(&req.id_scope, &req.registration_id, &req.credential)
+            .await?;
+        let operation_id = self.new_operation_id();
+        let now = self.clock.now_millis();
+        let expires = now.saturating_add(
+            i64::try_from(self.settings.operation_retention_secs).unwrap_or(i64::MAX / 2) * 1000,
+        );
+
+        if enrollment.common().provisioning_status == Some(ProvisioningStatus::Disabled) {
+            tracing::info!(registration_id = %req.registration_id, enrollment = %enrollment.describe(), "registration refused: enrollment disabled");
+            let result = RegistrationOperationStatus {
+                operation_id: operation_id.clone(),
+                status: RegistrationStatus::Disabled,
+                registration_state: Some(DeviceRegistrationResult::bare(
+                    &req.registration_id,
+                    RegistrationStatus::Disabled,
+                )),
+            };
+            let op = OperationRecord {
+                registration_id: req.registration_id.clone(),
+                created_millis: now,
+                device_payload: payload,
+                result,
+            };
+            self.store
+                .write(vec![put_operation(&operation_id, &op, expires)?])
+                .await?;
+            return Ok(self.reply_for_register(op.result));
+        }
+
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let current = self
+                .store
+                .get(Collection::Registrations, &req.registration_id)
+                .await?;
+            let previous: Option<RegistrationRecord> = match &current {
+                Some(doc) => Some(parse_stored(
+                    &doc.body,
+                    "registration",
+                    &req.registration_id,
+                )?),
+                None => None,
+            };
+            let record = self.allocate_record(
+                &req.registration_id,
+                &enrollment,
+                previous.as_ref(),
+                &operation_id,
+                now,
+            );
+            let result = RegistrationOperationStatus {
+                operation_id: operation_id.clone(),
+                status: record.status,
+                registration_state: Some(record.to_device_result()),
+            };
+            let op = OperationRecord {
+                registration_id: req.registration_id.clone(),
+                created_millis: now,
+                device_payload: payload.clone(),
+                result,
+            };
+            let registration = Document {
+                id: record.registration_id.clone(),
+                etag: record.etag.clone(),
+                partition: record.enrollment_group_id.as_deref().map(id_key),
+                body: to_json(&record)?,
+                expires_at: None,
+            };
+            let condition = match &current {
+                Some(doc) => Condition::IfMatch(doc.etag.clone()),
+                None => Condition::IfAbsent,
+            };
+            let writes = vec![
+                Write::Put {
+                    collection: Collection::Registrations,
+                    document: registration,
+                    condition,
+                },
+                put_operation(&operation_id, &op, expires)?,
+            ];
+            match self.store.write(writes).await {
+                Ok(()) => {
+                    tracing::info!(registration_id = %req.registration_id, enrollment = %enrollment.describe(),
+                        status = ?record.status, hub = record.assigned_hub.as_deref().unwrap_or("-"),
+                        error_code = record.error_code.unwrap_or(0), "registration");
+                    return Ok(self.reply_for_register(op.result));
+                }
+                Err(StoreError::PreconditionFailed(_) | StoreError::AlreadyExists(_))
+                    if attempts < 5 =>
+                {
+                    continue
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn allocate_record(
+        &self,
+        registration_id: &str,
+        enrollment: &ResolvedEnrollment,
+        previous: Option<&RegistrationRecord>,
+        operation_id: &str,
+        now: i64,
+    ) -> RegistrationRecord {
+        let common = enrollment.common();
+        let policy = common
+            .allocation_policy
+            .unwrap_or(self.settings.default_allocation_policy);
+        let chosen = candidates(
+            &self.settings.linked_hubs,
+            common.iot_hubs.as_deref(),
+            common.iot_hub_host_name.as_deref(),
+        )
+        .and_then(|(c, named)| {
+            allocate(policy, &c, named, registration_id).map(|h| h.host_name.clone())
+        });
+        let device_id = match enrollment {
+            ResolvedEnrollment::Individual(e) => e
+                .device_id
+                .clone()
+                .unwrap_or_else(|| registration_id.to_string()),
+            ResolvedEnrollment::Group(_) => registration_id.to_string(),
+        };
+        let mut record = RegistrationRecord {
+            registration_id: previous.map_or_else(
+                || registration_id.to_string(),
+                |p| p.registration_id.clone(),
+            ),
+            enrollment_group_id: enrollment.group_id().map(str::to_string),
+            attestation: common.attestation.kind,
+            created_millis: previous.map_or(now, |p| p.created_millis),
+            updated_millis: now,
+            status: RegistrationStatus::Assigned,
+            substatus: Some(RegistrationSubstatus::InitialAssignment),
+            assigned_hub: None,
+            device_id: Some(device_id),
+            error_code: None,
+            error_message: None,
+            etag: new_registration_etag(),
+            payload: None,
+            initial_twin: common.initial_twin.clone(),
+            last_operation_id: operation_id.to_string(),
+        };
+        match chosen {
+            Ok(hub) => record.assigned_hub = Some(hub),
+            Err(e) => {
+                let code = match (&e, policy) {
+                    (AllocationError::Unsupported(_), _) | (_, AllocationPolicy::Custom) => {
+                        ErrorCode::ALLOCATION_FAILED
+                    }
+                    _ => ErrorCode::HUB_NOT_SPECIFIED,
+                };
+                record.status = RegistrationStatus::Failed;
+                record.substatus = None;
+                record.error_code = Some(code.0);
+                record.error_message = Some(format!(
+                    "allocation failed for {}: {e}",
+                    enrollment.describe()
+                ));
+                // Keep the current assignment for later re-registrations.
+                record.assigned_hub = previous.and_then(|p| p.assigned_hub.clone());
+                record.device_id = previous
+                    .and_then(|p| p.device_id.clone())
+                    .or(record.device_id);
+                record.initial_twin = previous.and_then(|p| p.initial_twin.clone());
+            }
+        }
+        record
+    }
+
+    fn reply_for_register(&self, result: RegistrationOperationStatus) -> DeviceReply {
+        if self.settings.assigning_first || result.status == RegistrationStatus::Assigning {
+            return DeviceReply {
+                operation: RegistrationOperationStatus {
+                    operation_id: result.operation_id,
+                    status: RegistrationStatus::Assigning,
+                    registration_state: None,
+                },
+                retry_after: Some(self.settings.retry_after_secs),
+            };
+        }
+        DeviceReply {
+            operation: result,
+            retry_after: None,
+        }
+    }
+
+    /// Answers an operation-status poll.
+    pub async fn operation_status(
+        &self,
+        id_scope: &str,
+        registration_id: &str,
+        operation_id: &str,
+        credential: &Credential,
+    ) -> Result<DeviceReply, Error> {
+        self.check_scope_and_id(id_scope, registration_id)?;
+        validate_operation_id(operation_id)
+            .map_err(|e| Error::bad_request(ErrorCode::INVALID_IDENTIFIER, e.to_string()))?;
+        self.authenticate(id_scope, registration_id, credential)
+            .await?;
+        let not_found = || {
+            Error::not_found(
+                ErrorCode::OPERATION_NOT_FOUND,
+                format!("operation '{operation_id}' does not exist for registration ID '{registration_id}' (unknown or expired)"),
+            )
+        };
+        let doc = self
+            .store
+            .get(Collection::Operations, operation_id)
+            .await?
+            .ok_or_else(not_found)?;
+        let op: OperationRecord = parse_stored(&doc.body, "operation", operation_id)?;
+        if !op.registration_id.eq_ignore_ascii_case(registration_id) {
+            return Err(not_found());
+        }
+        let retry_after = (op.result.status == RegistrationStatus::Assigning)
+            .then_some(self.settings.retry_after_secs);
+        Ok(DeviceReply {
+            operation: op.result,
+            retry_after,
+        })
+    }
+
+    /// Answers a device registration status lookup (`POST /{scope}/registrations/{id}`).
+    pub async fn registration_status(
+        &self,
+        id_scope: &str,
+        registration_id: &str,
+        credential: &Credential,
+        body: &[u8],
+    ) -> Result<DeviceRegistrationResult, Error> {
+        self.check_scope_and_id(id_scope, registration_id)?;
+        self.parse_registration_body(registration_id, body)?;
+        self.authenticate(id_scope, registration_id, credential)
+            .await?;
+        let record = self.load_registration(registration_id).await?;
+        Ok(record.to_device_result())
+    }
+
+    async fn load_registration(&self, registration_id: &str) -> Result<RegistrationRecord, Error> {
+        let doc = self
+            .store
+            .get(Collection::Registrations, registration_id)
+            .await?
+            .ok_or_else(|| {
+                Error::not_found(
+                    ErrorCode::REGISTRATION_NOT_FOUND,
+                    format!("no registration state for registration ID '{registration_id}'"),
+                )
+            })?;
+        parse_stored(&doc.body, "registration", registration_id)
+    }
+
+    /// Service API: reads a registration state.
+    pub async fn get_registration_state(
+        &self,
+        registration_id: &str,
+    ) -> Result<DeviceRegistrationState, Error> {
+        validate_registration_id(registration_id)
+            .map_err(|e| Error::bad_request(ErrorCode::INVALID_IDENTIFIER, e.to_string()))?;
+        Ok(self
+            .load_registration(registration_id)
+            .await?
+            .to_service_state())
+    }
+
+    /// Service API: deletes a registration state; the device's next registration is an
+    /// initial assignment.
+    pub async fn delete_registration_state(
+        &self,
+        registration_id: &str,
+        if_match: &IfMatch,
+    ) -> Result<(), Error> {
+        validate_registration_id(registration_id)
+            .map_err(|e| Error::bad_request(ErrorCode::INVALID_IDENTIFIER, e.to_string()))?;
+        let doc = self
+            .store
+            .get(Collection::Registrations, registration_id)
+            .await?
+            .ok_or_else(|| {
+                Error::not_found(
+                    ErrorCode::REGISTRATION_NOT_FOUND,
+                    format!("no registration state for registration ID '{registration_id}'"),
+                )
+            })?;
+        if !if_match.allows(Some(&doc.etag)) {
+            return Err(Error::PreconditionFailed(format!(
+                "the If-Match ETag does not match the registration state of '{registration_id}'; read it again to get its current etag"
+            )));
+        }
+        let write = Write::Delete {
+            collection: Collection::Registrations,
+            id: registration_id.into(),
+            condition: Condition::IfMatch(doc.etag),
+        };
+        match self.store.write(vec![write]).await {
+            Ok(()) => Ok(()),
+            Err(StoreError::NotFound(_)) => Err(Error::not_found(
+                ErrorCode::REGISTRATION_NOT_FOUND,
+                format!("no registration state for registration ID '{registration_id}'"),
+            )),
+            Err(StoreError::PreconditionFailed(_)) => Err(Error::PreconditionFailed(format!(
+                "the registration state of '{registration_id}' changed while deleting it; retry"
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Service API: one page of the registration states of an enrollment group.
+    pub async fn query_group_registrations(
+        &self,
+        enrollment_group_id: &str,
+        page_size: usize,
+        continuation: Option<&str>,
+    ) -> Result<QueryPage<DeviceRegistrationState>, Error> {
+        validate_enrollment_group_id(enrollment_group_id)
+            .map_err(|e| Error::bad_request(ErrorCode::INVALID_IDENTIFIER, e.to_string()))?;
+        let key = id_key(enrollment_group_id);
+        let page = self
+            .list_page(
+                Collection::Registrations,
+                Some(&key),
+                page_size,
+                continuation,
+            )
+            .await?;
+        let items = page
+            .documents
+            .iter()
+            .map(|d| {
+                parse_stored::<RegistrationRecord>(&d.body, "registration", &d.id)
+                    .map(|r| r.to_service_state())
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok(QueryPage {
+            items,
+            continuation: page.continuation,
+        })
+    }
+}
+
+fn put_operation(
+    operation_id: &str,
+    op: &OperationRecord,
+    expires_at: i64,
+) -> Result<Write, Error> {
+    Ok(Write::Put {
+        collection: Collection::Operations,
+        document: Document {
+            id: operation_id.to_string(),
+            etag: String::new(),
+            partition: Some(id_key(&op.registration_id)),
+            body: to_json(op)?,
+            expires_at: Some(expires_at),
+        },
+        condition: Condition::IfAbsent,
+    })
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}

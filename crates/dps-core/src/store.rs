@@ -1,0 +1,151 @@
+//! The storage port. Records are JSON documents in a few collections, keyed by
+//! case-insensitive identifiers; a [`Store::write`] of several writes is atomic and durable
+//! before it returns (nothing is acknowledged to a client before it is committed).
+
+use async_trait::async_trait;
+
+/// A collection of documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Collection {
+    /// Individual enrollments, keyed by registration ID.
+    Enrollments,
+    /// Enrollment groups, keyed by group ID.
+    EnrollmentGroups,
+    /// Device registration states, keyed by registration ID; partition = group ID key.
+    Registrations,
+    /// Registration operations, keyed by operation ID; partition = registration ID key.
+    Operations,
+}
+
+impl Collection {
+    /// All collections.
+    pub const ALL: [Collection; 4] = [
+        Collection::Enrollments,
+        Collection::EnrollmentGroups,
+        Collection::Registrations,
+        Collection::Operations,
+    ];
+
+    /// A stable small number for storage.
+    pub fn tag(self) -> i64 {
+        match self {
+            Collection::Enrollments => 1,
+            Collection::EnrollmentGroups => 2,
+            Collection::Registrations => 3,
+            Collection::Operations => 4,
+        }
+    }
+}
+
+/// One stored record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Document {
+    /// Identifier as the client spelled it. The store matches it case-insensitively.
+    pub id: String,
+    /// Opaque version tag; a conditional write compares it exactly.
+    pub etag: String,
+    /// Secondary key to list by (already normalised by the caller), if any.
+    pub partition: Option<String>,
+    /// JSON text.
+    pub body: String,
+    /// Unix milliseconds after which the record may be purged.
+    pub expires_at: Option<i64>,
+}
+
+/// Condition a write must meet, checked inside the same transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Condition {
+    /// Unconditional.
+    Always,
+    /// The record must exist with exactly this ETag.
+    IfMatch(String),
+    /// The record must not exist.
+    IfAbsent,
+    /// The record must exist.
+    IfExists,
+}
+
+/// One write in an atomic batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    /// Insert or replace.
+    Put {
+        /// Collection.
+        collection: Collection,
+        /// The new record.
+        document: Document,
+        /// Condition on the current record.
+        condition: Condition,
+    },
+    /// Delete.
+    Delete {
+        /// Collection.
+        collection: Collection,
+        /// Identifier.
+        id: String,
+        /// Condition on the current record.
+        condition: Condition,
+    },
+}
+
+/// A page of a listing.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Page {
+    /// Documents in key order.
+    pub documents: Vec<Document>,
+    /// Token for the next page; `None` when this is the last.
+    pub continuation: Option<String>,
+}
+
+/// Store failures.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// A condition failed: the ETag did not match, or the record was required to exist.
+    #[error("{0}")]
+    PreconditionFailed(String),
+    /// `IfAbsent` failed.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// A delete named a record that does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The backend cannot be reached or is busy; retry later.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A stored record or continuation token cannot be read.
+    #[error("{0}")]
+    Corrupt(String),
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The storage port. Implementations: `dps-store` (SQLite). Every implementation passes
+/// the conformance suite in `dps-store`.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Reads one record (case-insensitive ID).
+    async fn get(&self, collection: Collection, id: &str) -> Result<Option<Document>, StoreError>;
+
+    /// Applies all writes atomically, durably, or none of them.
+    async fn write(&self, writes: Vec<Write>) -> Result<(), StoreError>;
+
+    /// Lists records in key order, optionally only one partition, starting after a
+    /// continuation token from a previous page. `limit` is at least 1.
+    async fn list(
+        &self,
+        collection: Collection,
+        partition: Option<&str>,
+        continuation: Option<&str>,
+        limit: usize,
+    ) -> Result<Page, StoreError>;
+
+    /// Deletes records whose `expires_at` is before `now_millis`; returns how many.
+    async fn purge_expired(&self, now_millis: i64) -> Result<u64, StoreError>;
+
+    /// Reads an instance setting.
+    async fn get_setting(&self, key: &str) -> Result<Option<String>, StoreError>;
+
+    /// Stores `value` under `key` unless a value is already there; returns the stored value.
+    async fn init_setting(&self, key: &str, value: &str) -> Result<String, StoreError>;
+}

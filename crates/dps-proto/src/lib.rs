@@ -1,0 +1,15 @@
+//! Wire types and grammars of the Azure IoT Hub Device Provisioning Service (DPS).
+//!
+//! Everything in this crate is pure: no I/O, no clocks, no randomness. It holds the JSON
+//! shapes of the device runtime API ([`device`]) and the service API ([`service`]), the
+//! error-code catalogue ([`error`]), SAS token parsing and signing ([`sas`]) and the
+//! identifier grammars ([`ids`]). See `docs/protocol.md` in the shared docs for sources.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod device;
+pub mod error;
+pub mod ids;
+pub mod sas;
+pub mod service;
+pub mod timestamp;

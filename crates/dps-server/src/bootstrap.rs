@@ -1,0 +1,346 @@
+//! First-start bootstrap: the data directory, a test CA and server certificate, the ID scope,
+//! the `provisioningserviceowner` policy, and `dev-credentials.json` for scripts.
+//!
+//! Everything is created once and reused on later starts. Files are written atomically
+//! (temporary file, fsync, rename), private keys with mode 0600.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use dps_core::store::Store;
+use rand::RngCore;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use rsa::pkcs8::EncodePrivateKey;
+use rustls_pki_types::PrivatePkcs8KeyDer;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, RIGHTS};
+use crate::error::ServerError;
+
+/// Name of the generated owner policy.
+pub const OWNER_POLICY: &str = "provisioningserviceowner";
+/// File name of the credentials summary in the data directory.
+pub const DEV_CREDENTIALS_FILE: &str = "dev-credentials.json";
+
+/// Paths of the TLS material in use.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+    /// The generated test CA certificate, when dps generated the server certificate.
+    pub ca: Option<PathBuf>,
+}
+
+/// A shared access policy of the service API.
+#[derive(Clone)]
+pub struct Policy {
+    /// Name (`skn`).
+    pub name: String,
+    /// Base64 primary key.
+    pub primary_key: String,
+    /// Base64 secondary key.
+    pub secondary_key: Option<String>,
+    /// Granted rights.
+    pub rights: Vec<String>,
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy")
+            .field("name", &self.name)
+            .field("rights", &self.rights)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredKeys {
+    primary_key: String,
+    secondary_key: String,
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
+    let what = what.into();
+    move |e| ServerError::Bootstrap(format!("{what}: {e}"))
+}
+
+/// Creates the data directory if needed and returns its absolute path.
+pub fn prepare_data_dir(dir: &Path) -> Result<PathBuf, ServerError> {
+    std::fs::create_dir_all(dir).map_err(io_err(format!(
+        "cannot create data directory {}",
+        dir.display()
+    )))?;
+    std::fs::canonicalize(dir).map_err(io_err(format!(
+        "cannot resolve data directory {}",
+        dir.display()
+    )))
+}
+
+/// Writes a file atomically: temporary file in the same directory, fsync, rename.
+pub fn write_atomic(path: &Path, contents: &[u8], private: bool) -> Result<(), ServerError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(if private { 0o600 } else { 0o644 });
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    let mut f = opts
+        .open(&tmp)
+        .map_err(io_err(format!("cannot write {}", tmp.display())))?;
+    f.write_all(contents)
+        .map_err(io_err(format!("cannot write {}", tmp.display())))?;
+    f.sync_all()
+        .map_err(io_err(format!("cannot sync {}", tmp.display())))?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+        .map_err(io_err(format!("cannot rename into {}", path.display())))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+fn rsa_key_pair() -> Result<(KeyPair, String), ServerError> {
+    let key = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048)
+        .map_err(|e| ServerError::Bootstrap(format!("cannot generate an RSA key: {e}")))?;
+    let der = key
+        .to_pkcs8_der()
+        .map_err(|e| ServerError::Bootstrap(format!("cannot encode an RSA key: {e}")))?;
+    let der = PrivatePkcs8KeyDer::from(der.as_bytes().to_vec());
+    let pair = KeyPair::from_pkcs8_der_and_sign_algo(&der, &rcgen::PKCS_RSA_SHA256)
+        .map_err(|e| ServerError::Bootstrap(format!("cannot load an RSA key: {e}")))?;
+    let pem = pair.serialize_pem();
+    Ok((pair, pem))
+}
+
+fn load_key_pair(pem: &str) -> Result<KeyPair, ServerError> {
+    let der = rustls_pki_types::pem::PemObject::from_pem_slice(pem.as_bytes())
+        .map_err(|e| ServerError::Bootstrap(format!("cannot read the test CA key: {e}")))?;
+    KeyPair::from_pkcs8_der_and_sign_algo(&der, &rcgen::PKCS_RSA_SHA256)
+        .map_err(|e| ServerError::Bootstrap(format!("cannot load the test CA key: {e}")))
+}
+
+fn ca_params() -> Result<CertificateParams, ServerError> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(rc_err)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "dps-rs test CA");
+    dn.push(DnType::OrganizationName, "dps-rs (local development only)");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(3650);
+    Ok(params)
+}
+
+fn rc_err(e: rcgen::Error) -> ServerError {
+    ServerError::Bootstrap(format!("certificate generation failed: {e}"))
+}
+
+/// Makes sure a server certificate exists: the configured one, or a generated one signed by
+/// a test CA in `<data_dir>/tls`. The generated certificate is re-issued (by the same CA)
+/// when `tls.host_names` changes.
+pub fn ensure_tls(config: &Config, data_dir: &Path) -> Result<TlsFiles, ServerError> {
+    if let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) {
+        return Ok(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: None,
+        });
+    }
+    let dir = data_dir.join("tls");
+    std::fs::create_dir_all(&dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
+    let ca_cert_path = dir.join("ca.pem");
+    let ca_key_path = dir.join("ca-key.pem");
+    let cert_path = dir.join("server.pem");
+    let key_path = dir.join("server-key.pem");
+    let hosts_path = dir.join("server-hosts.txt");
+    let hosts = config.tls.host_names.join("\n");
+
+    let (ca_key, ca_pem) = if ca_cert_path.exists() && ca_key_path.exists() {
+        let key_pem = std::fs::read_to_string(&ca_key_path)
+            .map_err(io_err(format!("cannot read {}", ca_key_path.display())))?;
+        let ca_pem = std::fs::read_to_string(&ca_cert_path)
+            .map_err(io_err(format!("cannot read {}", ca_cert_path.display())))?;
+        (load_key_pair(&key_pem)?, ca_pem)
+    } else {
+        tracing::info!(path = %ca_cert_path.display(), "creating a test CA");
+        let (key, key_pem) = rsa_key_pair()?;
+        let cert = ca_params()?.self_signed(&key).map_err(rc_err)?;
+        write_atomic(&ca_key_path, key_pem.as_bytes(), true)?;
+        write_atomic(&ca_cert_path, cert.pem().as_bytes(), false)?;
+        let _ = std::fs::remove_file(&cert_path);
+        (key, cert.pem())
+    };
+    let current_hosts = std::fs::read_to_string(&hosts_path).unwrap_or_default();
+    if !(cert_path.exists() && key_path.exists() && current_hosts == hosts) {
+        tracing::info!(path = %cert_path.display(), hosts = ?config.tls.host_names, "issuing a server certificate from the test CA");
+        // Same DN and key as the stored CA: certificates it signs chain to the stored CA file.
+        let issuer = ca_params()?.self_signed(&ca_key).map_err(rc_err)?;
+        let (server_key, server_key_pem) = rsa_key_pair()?;
+        let mut params = CertificateParams::new(config.tls.host_names.clone()).map_err(rc_err)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, config.tls.host_names[0].clone());
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(825);
+        let cert = params
+            .signed_by(&server_key, &issuer, &ca_key)
+            .map_err(rc_err)?;
+        let chain = format!("{}{}", cert.pem(), ca_pem);
+        write_atomic(&key_path, server_key_pem.as_bytes(), true)?;
+        write_atomic(&cert_path, chain.as_bytes(), false)?;
+        write_atomic(&hosts_path, hosts.as_bytes(), false)?;
+    }
+    Ok(TlsFiles {
+        cert: cert_path,
+        key: key_path,
+        ca: Some(ca_cert_path),
+    })
+}
+
+fn random_key() -> String {
+    let mut k = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut k);
+    BASE64.encode(k)
+}
+
+/// Generates an ID scope: `0ne` + 8 upper-case hex digits.
+pub fn generate_id_scope() -> String {
+    let mut b = [0u8; 4];
+    rand::thread_rng().fill_bytes(&mut b);
+    format!("0ne{:08X}", u32::from_be_bytes(b))
+}
+
+/// The ID scope: from the config, else generated once and kept in the store.
+pub async fn ensure_id_scope(config: &Config, store: &dyn Store) -> Result<String, ServerError> {
+    if let Some(scope) = &config.id_scope {
+        return Ok(scope.clone());
+    }
+    Ok(store.init_setting("id_scope", &generate_id_scope()).await?)
+}
+
+/// The policies in force: configured ones plus the generated owner policy (kept in the store).
+pub async fn ensure_policies(
+    config: &Config,
+    store: &dyn Store,
+) -> Result<Vec<Policy>, ServerError> {
+    let mut policies: Vec<Policy> = config
+        .service
+        .policies
+        .iter()
+        .map(|p| Policy {
+            name: p.name.clone(),
+            primary_key: p.primary_key.clone(),
+            secondary_key: p.secondary_key.clone(),
+            rights: p.rights.clone(),
+        })
+        .collect();
+    if !policies.iter().any(|p| p.name == OWNER_POLICY) {
+        let fresh = serde_json::to_string(&StoredKeys {
+            primary_key: random_key(),
+            secondary_key: random_key(),
+        })
+        .map_err(|e| ServerError::Bootstrap(e.to_string()))?;
+        let stored = store
+            .init_setting(&format!("policy.{OWNER_POLICY}"), &fresh)
+            .await?;
+        let keys: StoredKeys = serde_json::from_str(&stored).map_err(|e| {
+            ServerError::Bootstrap(format!("stored policy {OWNER_POLICY} cannot be read: {e}"))
+        })?;
+        policies.push(Policy {
+            name: OWNER_POLICY.into(),
+            primary_key: keys.primary_key,
+            secondary_key: Some(keys.secondary_key),
+            rights: RIGHTS.iter().map(|r| r.to_string()).collect(),
+        });
+    }
+    Ok(policies)
+}
+
+/// What `dev-credentials.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DevCredentials {
+    /// ID scope.
+    pub id_scope: String,
+    /// Host name devices and service clients should use.
+    pub host_name: String,
+    /// Address the HTTPS listener is bound to.
+    pub https_address: String,
+    /// Port of the HTTPS listener.
+    pub https_port: u16,
+    /// Service connection string for the owner policy (HostName carries the port when it is
+    /// not 443).
+    pub service_connection_string: Option<String>,
+    /// Test CA to trust, when dps generated its certificate.
+    pub ca_certificate_path: Option<PathBuf>,
+    /// Linked hubs.
+    pub linked_hubs: Vec<String>,
+    /// Process ID of the server that wrote the file.
+    pub pid: u32,
+}
+
+/// Builds the credentials summary for a bound listener.
+pub fn dev_credentials(
+    config: &Config,
+    id_scope: &str,
+    policies: &[Policy],
+    tls: &TlsFiles,
+    https: SocketAddr,
+) -> DevCredentials {
+    let host = config.tls.host_names[0].clone();
+    let host_port = if https.port() == 443 {
+        host.clone()
+    } else {
+        format!("{host}:{}", https.port())
+    };
+    let owner = policies.iter().find(|p| p.name == OWNER_POLICY);
+    DevCredentials {
+        id_scope: id_scope.to_string(),
+        host_name: host,
+        https_address: https.to_string(),
+        https_port: https.port(),
+        service_connection_string: owner.map(|p| {
+            format!(
+                "HostName={host_port};SharedAccessKeyName={};SharedAccessKey={}",
+                p.name, p.primary_key
+            )
+        }),
+        ca_certificate_path: tls.ca.clone(),
+        linked_hubs: config
+            .linked_hubs()
+            .into_iter()
+            .map(|h| h.host_name)
+            .collect(),
+        pid: std::process::id(),
+    }
+}

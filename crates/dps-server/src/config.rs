@@ -1,0 +1,498 @@
+//! Configuration: a TOML file, every setting optional. `dps config default` prints
+//! [`DEFAULT_CONFIG`], which documents each setting and parses to [`Config::default`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use dps_proto::service::AllocationPolicy;
+use serde::Deserialize;
+
+/// The documented default configuration (what `dps config default` prints).
+pub const DEFAULT_CONFIG: &str = include_str!("default-config.toml");
+
+/// Configuration errors: what is wrong and where.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown / mistyped settings.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// serde/toml's message, with line and column.
+        message: String,
+    },
+    /// A setting has a value that cannot work.
+    #[error("invalid setting {setting}: {message}")]
+    Invalid {
+        /// Dotted name of the setting.
+        setting: String,
+        /// Why.
+        message: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the store, TLS material and dev credentials live.
+    pub data_dir: PathBuf,
+    /// ID scope; generated once and kept in the store when absent.
+    pub id_scope: Option<String>,
+    /// Log filter (`RUST_LOG` syntax); the `RUST_LOG` environment variable wins.
+    pub log: String,
+    /// Listen addresses.
+    pub listen: ListenConfig,
+    /// TLS.
+    pub tls: TlsConfig,
+    /// Device runtime API behaviour.
+    pub device: DeviceConfig,
+    /// Service API.
+    pub service: ServiceConfig,
+    /// Allocation defaults.
+    pub allocation: AllocationConfig,
+    /// Linked IoT hubs.
+    pub hubs: Vec<HubConfig>,
+    /// Request limits.
+    pub limits: LimitsConfig,
+    /// Store.
+    pub store: StoreConfig,
+}
+
+/// `[listen]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// HTTPS (device runtime API and service API).
+    pub https: SocketAddr,
+}
+
+/// `[tls]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain; generated from a test CA in the data directory when absent.
+    pub cert: Option<PathBuf>,
+    /// PEM private key for `cert`.
+    pub key: Option<PathBuf>,
+    /// Names in the generated server certificate, and the host names service SAS
+    /// audiences may name.
+    pub host_names: Vec<String>,
+}
+
+/// `[device]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeviceConfig {
+    /// Answer every register with `assigning` and make devices poll, as real DPS does.
+    pub assigning_first: bool,
+    /// `retry-after` seconds on `assigning` answers.
+    pub retry_after_secs: u32,
+    /// How long operations stay queryable.
+    pub operation_retention_secs: u64,
+    /// Largest device `payload` (compact JSON bytes).
+    pub max_payload_bytes: usize,
+    /// Accepted clock skew for SAS expiry.
+    pub sas_clock_skew_secs: u64,
+}
+
+/// `[service]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceConfig {
+    /// Extra shared access policies (the generated `provisioningserviceowner` always exists
+    /// unless a policy of that name is defined here).
+    pub policies: Vec<PolicyConfig>,
+    /// Page size of queries that send no `x-ms-max-item-count`.
+    pub default_page_size: usize,
+}
+
+/// `[[service.policies]]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Policy name (`SharedAccessKeyName`).
+    pub name: String,
+    /// Base64 primary key.
+    pub primary_key: String,
+    /// Base64 secondary key.
+    #[serde(default)]
+    pub secondary_key: Option<String>,
+    /// Rights: EnrollmentRead, EnrollmentWrite, RegistrationStatusRead,
+    /// RegistrationStatusWrite, ServiceConfig.
+    pub rights: Vec<String>,
+}
+
+/// `[allocation]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AllocationConfig {
+    /// Policy for enrollments that set none: hashed, static or geoLatency.
+    pub default_policy: AllocationPolicy,
+}
+
+/// `[[hubs]]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubConfig {
+    /// Host name.
+    pub host_name: String,
+    /// Weight under `hashed` (1–1000).
+    #[serde(default = "one")]
+    pub allocation_weight: u32,
+    /// Takes part when an enrollment names no hubs.
+    #[serde(default = "yes")]
+    pub apply_allocation_policy: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Largest request head (request line and headers).
+    pub max_header_bytes: usize,
+    /// Time allowed for the TLS handshake.
+    pub tls_handshake_timeout_secs: u64,
+    /// Time allowed to send a request's headers.
+    pub header_read_timeout_secs: u64,
+    /// Time allowed to send a request's body.
+    pub body_read_timeout_secs: u64,
+    /// Open connections at most; further clients wait in the accept queue.
+    pub max_connections: usize,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// SQLite file name inside the data directory.
+    pub sqlite_file: String,
+    /// `full` (survives power loss) or `normal` (survives a crash of dps).
+    pub synchronous: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./dps-data"),
+            id_scope: None,
+            log: "info".into(),
+            listen: ListenConfig::default(),
+            tls: TlsConfig::default(),
+            device: DeviceConfig::default(),
+            service: ServiceConfig::default(),
+            allocation: AllocationConfig::default(),
+            hubs: Vec::new(),
+            limits: LimitsConfig::default(),
+            store: StoreConfig::default(),
+        }
+    }
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            https: SocketAddr::from(([0, 0, 0, 0], 443)),
+        }
+    }
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert: None,
+            key: None,
+            host_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+        }
+    }
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        Self {
+            assigning_first: false,
+            retry_after_secs: 3,
+            operation_retention_secs: 86_400,
+            max_payload_bytes: 65_536,
+            sas_clock_skew_secs: 300,
+        }
+    }
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            policies: Vec::new(),
+            default_page_size: 100,
+        }
+    }
+}
+
+impl Default for AllocationConfig {
+    fn default() -> Self {
+        Self {
+            default_policy: AllocationPolicy::Hashed,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 98_304,
+            max_header_bytes: 16_384,
+            tls_handshake_timeout_secs: 10,
+            header_read_timeout_secs: 30,
+            body_read_timeout_secs: 30,
+            max_connections: 10_000,
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            sqlite_file: "dps.sqlite".into(),
+            synchronous: "full".into(),
+        }
+    }
+}
+
+/// The rights a policy can grant.
+pub const RIGHTS: [&str; 5] = [
+    "EnrollmentRead",
+    "EnrollmentWrite",
+    "RegistrationStatusRead",
+    "RegistrationStatusWrite",
+    "ServiceConfig",
+];
+
+/// The placeholder hub used when the config links none, so that a fresh `dps serve` can
+/// assign devices. Devices are recorded as assigned to it; nothing is written to a hub.
+pub const PLACEHOLDER_HUB: &str = "hub.localhost";
+
+impl Config {
+    /// Parses TOML text.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Linked hubs in force: the configured ones, or the placeholder.
+    pub fn linked_hubs(&self) -> Vec<HubConfig> {
+        if self.hubs.is_empty() {
+            vec![HubConfig {
+                host_name: PLACEHOLDER_HUB.into(),
+                allocation_weight: 1,
+                apply_allocation_policy: true,
+            }]
+        } else {
+            self.hubs.clone()
+        }
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |setting: &str, message: String| ConfigError::Invalid {
+            setting: setting.into(),
+            message,
+        };
+        if let Some(scope) = &self.id_scope {
+            dps_proto::ids::validate_id_scope(scope)
+                .map_err(|e| invalid("id_scope", e.to_string()))?;
+            if ["enrollments", "enrollmentgroups", "registrations"]
+                .contains(&scope.to_ascii_lowercase().as_str())
+            {
+                return Err(invalid(
+                    "id_scope",
+                    format!("'{scope}' collides with a service API path"),
+                ));
+            }
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(invalid(
+                "tls",
+                "set both tls.cert and tls.key, or neither".into(),
+            ));
+        }
+        if self.tls.host_names.is_empty() {
+            return Err(invalid(
+                "tls.host_names",
+                "name at least one host (e.g. \"localhost\")".into(),
+            ));
+        }
+        if self.allocation.default_policy == AllocationPolicy::Custom {
+            return Err(invalid(
+                "allocation.default_policy",
+                "custom cannot be the instance default; set it on enrollments".into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, hub) in self.hubs.iter().enumerate() {
+            let name = hub.host_name.trim();
+            if name.is_empty() || name.len() > 253 || name.contains(char::is_whitespace) {
+                return Err(invalid(
+                    &format!("hubs[{i}].host_name"),
+                    format!("'{name}' is not a host name"),
+                ));
+            }
+            if !(1..=1000).contains(&hub.allocation_weight) {
+                return Err(invalid(
+                    &format!("hubs[{i}].allocation_weight"),
+                    format!("{} is outside 1..=1000", hub.allocation_weight),
+                ));
+            }
+            if !seen.insert(name.to_ascii_lowercase()) {
+                return Err(invalid(
+                    &format!("hubs[{i}].host_name"),
+                    format!("'{name}' is linked twice"),
+                ));
+            }
+        }
+        for (i, p) in self.service.policies.iter().enumerate() {
+            let at = format!("service.policies[{i}]");
+            if p.name.is_empty()
+                || !p
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(invalid(
+                    &format!("{at}.name"),
+                    format!("'{}' must be letters, digits, '-', '_' or '.'", p.name),
+                ));
+            }
+            for key in std::iter::once(&p.primary_key).chain(p.secondary_key.iter()) {
+                if dps_proto::sas::decode_key(key)
+                    .map(|k| k.len() < 16)
+                    .unwrap_or(true)
+                {
+                    return Err(invalid(
+                        &at,
+                        "keys must be base64 of at least 16 bytes".into(),
+                    ));
+                }
+            }
+            if let Some(r) = p.rights.iter().find(|r| !RIGHTS.contains(&r.as_str())) {
+                return Err(invalid(
+                    &format!("{at}.rights"),
+                    format!("unknown right '{r}'; known: {}", RIGHTS.join(", ")),
+                ));
+            }
+        }
+        match self.store.synchronous.as_str() {
+            "full" | "normal" => {}
+            other => {
+                return Err(invalid(
+                    "store.synchronous",
+                    format!("'{other}' is not 'full' or 'normal'"),
+                ))
+            }
+        }
+        let l = &self.limits;
+        if l.max_body_bytes < 1024 || l.max_header_bytes < 8192 || l.max_connections == 0 {
+            return Err(invalid(
+                "limits",
+                "max_body_bytes must be ≥ 1024, max_header_bytes ≥ 8192 and max_connections ≥ 1"
+                    .into(),
+            ));
+        }
+        if self.device.max_payload_bytes >= l.max_body_bytes {
+            return Err(invalid(
+                "device.max_payload_bytes",
+                format!(
+                    "must be smaller than limits.max_body_bytes ({})",
+                    l.max_body_bytes
+                ),
+            ));
+        }
+        if self.service.default_page_size == 0 || self.service.default_page_size > 1000 {
+            return Err(invalid(
+                "service.default_page_size",
+                "must be 1..=1000".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printed_default_parses_to_the_default() {
+        let parsed = Config::from_toml(DEFAULT_CONFIG, Path::new("default")).unwrap();
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn unknown_settings_are_named() {
+        let err = Config::from_toml("[device]\nassigning_frist = true\n", Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("assigning_frist") && err.contains("x.toml"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for (text, needle) in [
+            ("[[hubs]]\nhost_name = \"a\"\nallocation_weight = 0\n", "allocation_weight"),
+            ("[[hubs]]\nhost_name = \"a\"\n[[hubs]]\nhost_name = \"A\"\n", "linked twice"),
+            ("[allocation]\ndefault_policy = \"custom\"\n", "custom"),
+            ("id_scope = \"bad scope\"\n", "id_scope"),
+            ("[store]\nsynchronous = \"off\"\n", "synchronous"),
+            ("[tls]\ncert = \"a.pem\"\n", "tls"),
+            ("[[service.policies]]\nname = \"p\"\nprimary_key = \"AAAA\"\nrights = []\n", "16 bytes"),
+            ("[[service.policies]]\nname = \"p\"\nprimary_key = \"MDEyMzQ1Njc4OWFiY2RlZg==\"\nrights = [\"Admin\"]\n", "unknown right"),
+        ] {
+            let err = Config::from_toml(text, Path::new("c.toml")).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn placeholder_hub_only_without_hubs() {
+        assert_eq!(
+            Config::default().linked_hubs()[0].host_name,
+            PLACEHOLDER_HUB
+        );
+        let c = Config::from_toml("[[hubs]]\nhost_name = \"h1\"\n", Path::new("c")).unwrap();
+        assert_eq!(c.linked_hubs().len(), 1);
+        assert_eq!(c.linked_hubs()[0].host_name, "h1");
+        assert_eq!(c.linked_hubs()[0].allocation_weight, 1);
+    }
+}

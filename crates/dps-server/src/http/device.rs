@@ -1,0 +1,101 @@
+//! Device runtime API over HTTPS (protocol.md §3).
+
+use dps_core::registration::{Credential, DeviceReply, RegisterRequest};
+use http::header::{HeaderValue, LOCATION, RETRY_AFTER};
+use http::StatusCode;
+
+use super::response::json;
+use super::{status, AppState, Call, HttpResult};
+
+fn credential(call: &Call) -> Credential {
+    match call.headers.get(http::header::AUTHORIZATION) {
+        // A header that is not visible ASCII cannot be a SAS token; pass it on so the engine
+        // answers 401 with its reason.
+        Some(v) => Credential::Sas(
+            v.to_str()
+                .map(str::to_string)
+                .unwrap_or_else(|_| "<not ASCII>".into()),
+        ),
+        None => Credential::None,
+    }
+}
+
+fn with_retry_after(
+    mut resp: http::Response<http_body_util::Full<bytes::Bytes>>,
+    reply: &DeviceReply,
+) -> http::Response<http_body_util::Full<bytes::Bytes>> {
+    if let Some(secs) = reply.retry_after {
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    resp
+}
+
+/// `PUT /{scope}/registrations/{id}/register` → 202.
+pub(crate) async fn register(
+    state: &AppState,
+    call: &Call,
+    scope: String,
+    id: String,
+) -> HttpResult {
+    call.require_api_version()?;
+    let force = call
+        .query_param("forceRegistration")
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let request = RegisterRequest {
+        id_scope: scope.clone(),
+        registration_id: id.clone(),
+        credential: credential(call),
+        body: call.body.to_vec(),
+        force,
+    };
+    let reply = state.engine.register(request).await?;
+    let mut resp = with_retry_after(
+        json(StatusCode::ACCEPTED, &reply.operation, &call.request_id),
+        &reply,
+    );
+    let host = call.header("host").unwrap_or("localhost");
+    let location = format!("https://{host}/{scope}/registrations/{id}/register");
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(LOCATION, v);
+    }
+    Ok(resp)
+}
+
+/// `GET /{scope}/registrations/{id}/operations/{operationId}` → 202 while assigning, else 200.
+pub(crate) async fn operation_status(
+    state: &AppState,
+    call: &Call,
+    scope: String,
+    id: String,
+    operation: String,
+) -> HttpResult {
+    call.require_api_version()?;
+    let reply = state
+        .engine
+        .operation_status(&scope, &id, &operation, &credential(call))
+        .await?;
+    Ok(with_retry_after(
+        json(
+            status(reply.poll_status()),
+            &reply.operation,
+            &call.request_id,
+        ),
+        &reply,
+    ))
+}
+
+/// `POST /{scope}/registrations/{id}` → 200 with the registration state.
+pub(crate) async fn registration_status(
+    state: &AppState,
+    call: &Call,
+    scope: String,
+    id: String,
+) -> HttpResult {
+    call.require_api_version()?;
+    let result = state
+        .engine
+        .registration_status(&scope, &id, &credential(call), &call.body)
+        .await?;
+    Ok(json(StatusCode::OK, &result, &call.request_id))
+}

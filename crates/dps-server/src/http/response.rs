@@ -1,0 +1,82 @@
+//! Response builders: JSON bodies, DPS error bodies, common headers.
+
+use bytes::Bytes;
+use dps_proto::error::ErrorDetails;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use serde::Serialize;
+
+use super::status;
+
+const JSON: &str = "application/json; charset=utf-8";
+
+/// A JSON response with `x-ms-request-id`.
+pub(crate) fn json<T: Serialize>(
+    code: StatusCode,
+    body: &T,
+    request_id: &str,
+) -> Response<Full<Bytes>> {
+    match serde_json::to_vec(body) {
+        Ok(bytes) => {
+            let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+            *resp.status_mut() = code;
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
+            set_request_id(&mut resp, request_id);
+            resp
+        }
+        Err(e) => error_response(
+            &dps_core::Error::Internal(format!("cannot serialise a response: {e}")),
+            request_id,
+        ),
+    }
+}
+
+/// An empty response (204).
+pub(crate) fn empty(code: StatusCode, request_id: &str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = code;
+    set_request_id(&mut resp, request_id);
+    resp
+}
+
+fn set_request_id(resp: &mut Response<Full<Bytes>>, request_id: &str) {
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        resp.headers_mut().insert("x-ms-request-id", v);
+    }
+}
+
+/// A DPS error response: status `code / 1000`, `ProvisioningServiceErrorDetails` body, the
+/// `x-ms-error-code` header. Internal details of 5xx errors are logged, not sent.
+pub fn error_response(err: &dps_core::Error, request_id: &str) -> Response<Full<Bytes>> {
+    let code = err.code();
+    let message = match err {
+        dps_core::Error::Internal(detail) => {
+            tracing::error!(request_id, detail, "internal error");
+            format!("internal error; quote tracking ID {request_id} to the operator")
+        }
+        other => other.to_string(),
+    };
+    let body = ErrorDetails {
+        error_code: code,
+        tracking_id: request_id.to_string(),
+        message,
+        timestamp_utc: dps_proto::timestamp::format(time::OffsetDateTime::now_utc()),
+        info: None,
+    };
+    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    *resp.status_mut() = status(code.http_status());
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
+    if let Ok(v) = HeaderValue::from_str(&code.0.to_string()) {
+        resp.headers_mut().insert("x-ms-error-code", v);
+    }
+    if matches!(err, dps_core::Error::Unavailable(_)) {
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
+    }
+    set_request_id(&mut resp, request_id);
+    resp
+}

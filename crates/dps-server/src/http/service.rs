@@ -1,0 +1,259 @@
+//! Service API over HTTPS (protocol.md §9): SAS policies and rights, enrollments, groups,
+//! registration states, queries with paging, bulk operations.
+
+use dps_core::enrollment::{EnrollmentKind, QueryPage};
+use dps_core::etag::IfMatch;
+use dps_core::Error;
+use dps_proto::error::ErrorCode;
+use dps_proto::sas::{decode_key, service_audience_matches, SasToken};
+use dps_proto::service::{EnrollmentGroup, IndividualEnrollment, QuerySpecification};
+use http::header::HeaderValue;
+use http::{Method, StatusCode};
+use serde::Serialize;
+
+use super::response::{empty, json};
+use super::{AppState, Call, HttpResult};
+
+const ENROLLMENT_READ: &str = "EnrollmentRead";
+const ENROLLMENT_WRITE: &str = "EnrollmentWrite";
+const REGISTRATION_READ: &str = "RegistrationStatusRead";
+const REGISTRATION_WRITE: &str = "RegistrationStatusWrite";
+
+/// Checks the service SAS token and that its policy grants every right in `rights`.
+fn authorize(state: &AppState, call: &Call, rights: &[&str]) -> Result<(), Error> {
+    let header = call
+        .header("authorization")
+        .ok_or_else(|| Error::Unauthorized("no Authorization header: send a SharedAccessSignature built from a service connection string".into()))?;
+    let token = SasToken::parse(header)
+        .map_err(|e| Error::Unauthorized(format!("invalid SAS token: {e}")))?;
+    let now = state.engine.clock().now_secs();
+    if token.is_expired(now, state.engine.settings().sas_clock_skew_secs) {
+        return Err(Error::Unauthorized(format!(
+            "the SAS token expired at {} (now {now})",
+            token.expiry
+        )));
+    }
+    let name = token.key_name.as_deref().filter(|n| !n.is_empty()).ok_or_else(|| {
+        Error::Unauthorized("the SAS token names no policy (skn); use SharedAccessKeyName from the connection string".into())
+    })?;
+    let policy = state
+        .policies
+        .iter()
+        .find(|p| p.name == name)
+        .ok_or_else(|| Error::Unauthorized(format!("unknown shared access policy '{name}'")))?;
+    let signed = std::iter::once(&policy.primary_key)
+        .chain(policy.secondary_key.iter())
+        .filter_map(|k| decode_key(k).ok())
+        .any(|k| token.is_signed_by(&k));
+    if !signed {
+        return Err(Error::Unauthorized(format!(
+            "the SAS token signature does not match policy '{name}'; check SharedAccessKey in the connection string"
+        )));
+    }
+    let path = call.path.as_str();
+    if !state
+        .host_names
+        .iter()
+        .any(|h| service_audience_matches(&token.resource, h, path))
+    {
+        return Err(Error::Unauthorized(format!(
+            "the SAS token audience '{}' is not this service; HostName must be one of: {}",
+            token.resource,
+            state.host_names.join(", ")
+        )));
+    }
+    if let Some(missing) = rights
+        .iter()
+        .find(|r| !policy.rights.iter().any(|have| have == *r))
+    {
+        return Err(Error::Unauthorized(format!(
+            "shared access policy '{name}' lacks the {missing} right"
+        )));
+    }
+    Ok(())
+}
+
+fn if_match(call: &Call) -> IfMatch {
+    IfMatch::parse(call.header("if-match"))
+}
+
+/// PUT / GET / DELETE on one record of an enrollment kind.
+async fn record<R: EnrollmentKind>(state: &AppState, call: &Call, id: &str) -> HttpResult {
+    call.require_api_version()?;
+    let engine = &state.engine;
+    match call.method {
+        Method::PUT => {
+            authorize(state, call, &[ENROLLMENT_WRITE])?;
+            let saved: R = engine
+                .put_enrollment_record(id, &call.body, &if_match(call))
+                .await?;
+            tracing::info!(kind = R::NOUN, id, "saved");
+            Ok(json(StatusCode::OK, &saved, &call.request_id))
+        }
+        Method::GET => {
+            authorize(state, call, &[ENROLLMENT_READ])?;
+            let r: R = engine.get_enrollment_record(id).await?;
+            Ok(json(StatusCode::OK, &r, &call.request_id))
+        }
+        _ => {
+            authorize(state, call, &[ENROLLMENT_WRITE])?;
+            engine
+                .delete_enrollment_record::<R>(id, &if_match(call))
+                .await?;
+            tracing::info!(kind = R::NOUN, id, "deleted");
+            Ok(empty(StatusCode::NO_CONTENT, &call.request_id))
+        }
+    }
+}
+
+/// `/enrollments/{id}`.
+pub(crate) async fn enrollment(state: &AppState, call: &Call, id: &str) -> HttpResult {
+    record::<IndividualEnrollment>(state, call, id).await
+}
+
+/// `/enrollmentGroups/{id}`.
+pub(crate) async fn group(state: &AppState, call: &Call, id: &str) -> HttpResult {
+    record::<EnrollmentGroup>(state, call, id).await
+}
+
+async fn attestation<R: EnrollmentKind>(state: &AppState, call: &Call, id: &str) -> HttpResult {
+    call.require_api_version()?;
+    // It reveals keys: reading alone is not enough.
+    authorize(state, call, &[ENROLLMENT_READ, ENROLLMENT_WRITE])?;
+    let a = state.engine.get_attestation_mechanism::<R>(id).await?;
+    Ok(json(StatusCode::OK, &a, &call.request_id))
+}
+
+/// `POST /enrollments/{id}/attestationmechanism`.
+pub(crate) async fn enrollment_attestation(state: &AppState, call: &Call, id: &str) -> HttpResult {
+    attestation::<IndividualEnrollment>(state, call, id).await
+}
+
+/// `POST /enrollmentGroups/{id}/attestationmechanism`.
+pub(crate) async fn group_attestation(state: &AppState, call: &Call, id: &str) -> HttpResult {
+    attestation::<EnrollmentGroup>(state, call, id).await
+}
+
+/// Page size and continuation from the paging headers.
+fn paging(state: &AppState, call: &Call) -> Result<(usize, Option<String>), Error> {
+    let size = match call.header("x-ms-max-item-count").map(str::trim) {
+        None | Some("") | Some("0") => state.default_page_size,
+        Some(v) => v.parse::<usize>().map_err(|_| {
+            Error::bad_request(
+                ErrorCode::INVALID_ARGUMENT,
+                format!("x-ms-max-item-count '{v}' is not a whole number"),
+            )
+        })?,
+    };
+    let continuation = call
+        .header("x-ms-continuation")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::to_string);
+    Ok((size, continuation))
+}
+
+fn page_response<T: Serialize>(
+    page: QueryPage<T>,
+    item_type: &'static str,
+    request_id: &str,
+) -> http::Response<http_body_util::Full<bytes::Bytes>> {
+    let mut resp = json(StatusCode::OK, &page.items, request_id);
+    resp.headers_mut()
+        .insert("x-ms-item-type", HeaderValue::from_static(item_type));
+    if let Some(c) = page
+        .continuation
+        .and_then(|c| HeaderValue::from_str(&c).ok())
+    {
+        resp.headers_mut().insert("x-ms-continuation", c);
+    }
+    resp
+}
+
+fn query_text(call: &Call) -> Result<String, Error> {
+    if call.body.iter().all(u8::is_ascii_whitespace) {
+        return Ok("SELECT *".into());
+    }
+    let spec: QuerySpecification = serde_json::from_slice(&call.body).map_err(|e| {
+        Error::bad_request(
+            ErrorCode::INVALID_REQUEST_BODY,
+            format!("the body must be a query specification {{\"query\": \"SELECT * ...\"}}: {e}"),
+        )
+    })?;
+    Ok(spec.query)
+}
+
+async fn query<R: EnrollmentKind>(
+    state: &AppState,
+    call: &Call,
+    item_type: &'static str,
+) -> HttpResult {
+    call.require_api_version()?;
+    authorize(state, call, &[ENROLLMENT_READ])?;
+    let (size, continuation) = paging(state, call)?;
+    let page = state
+        .engine
+        .query_enrollment_records::<R>(&query_text(call)?, size, continuation.as_deref())
+        .await?;
+    Ok(page_response(page, item_type, &call.request_id))
+}
+
+/// `POST /enrollments/query`.
+pub(crate) async fn query_enrollments(state: &AppState, call: &Call) -> HttpResult {
+    query::<IndividualEnrollment>(state, call, "enrollment").await
+}
+
+/// `POST /enrollmentGroups/query`.
+pub(crate) async fn query_groups(state: &AppState, call: &Call) -> HttpResult {
+    query::<EnrollmentGroup>(state, call, "enrollmentGroup").await
+}
+
+/// `POST /enrollments` (bulk).
+pub(crate) async fn bulk_enrollments(state: &AppState, call: &Call) -> HttpResult {
+    call.require_api_version()?;
+    authorize(state, call, &[ENROLLMENT_WRITE])?;
+    let result = state.engine.bulk_enrollments(&call.body).await?;
+    Ok(json(StatusCode::OK, &result, &call.request_id))
+}
+
+/// `POST /enrollmentGroups` (bulk).
+pub(crate) async fn bulk_groups(state: &AppState, call: &Call) -> HttpResult {
+    call.require_api_version()?;
+    authorize(state, call, &[ENROLLMENT_WRITE])?;
+    let result = state.engine.bulk_enrollment_groups(&call.body).await?;
+    Ok(json(StatusCode::OK, &result, &call.request_id))
+}
+
+/// `GET` / `DELETE /registrations/{id}`.
+pub(crate) async fn registration(state: &AppState, call: &Call, id: &str) -> HttpResult {
+    call.require_api_version()?;
+    if call.method == Method::GET {
+        authorize(state, call, &[REGISTRATION_READ])?;
+        let r = state.engine.get_registration_state(id).await?;
+        Ok(json(StatusCode::OK, &r, &call.request_id))
+    } else {
+        authorize(state, call, &[REGISTRATION_WRITE])?;
+        state
+            .engine
+            .delete_registration_state(id, &if_match(call))
+            .await?;
+        tracing::info!(registration_id = id, "registration state deleted");
+        Ok(empty(StatusCode::NO_CONTENT, &call.request_id))
+    }
+}
+
+/// `POST /registrations/{groupId}/query`.
+pub(crate) async fn query_registrations(
+    state: &AppState,
+    call: &Call,
+    group_id: &str,
+) -> HttpResult {
+    call.require_api_version()?;
+    authorize(state, call, &[REGISTRATION_READ])?;
+    let (size, continuation) = paging(state, call)?;
+    let page = state
+        .engine
+        .query_group_registrations(group_id, size, continuation.as_deref())
+        .await?;
+    Ok(page_response(page, "deviceRegistration", &call.request_id))
+}

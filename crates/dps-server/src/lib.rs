@@ -1,0 +1,16 @@
+//! The dps-rs server: configuration, bootstrap, TLS listener, the device runtime API and the
+//! service API over HTTPS. The binary (`dps serve`) is a thin wrapper around [`Server`].
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod bootstrap;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod listener;
+pub mod server;
+pub mod tls;
+
+pub use config::{Config, DEFAULT_CONFIG};
+pub use error::ServerError;
+pub use server::Server;

@@ -1,0 +1,150 @@
+//! The server process: bootstrap, store, engine, listeners, background tasks.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dps_core::allocation::LinkedHub;
+use dps_core::{Engine, EngineSettings};
+use dps_store::{SqliteStore, Synchronous};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::bootstrap::{self, DevCredentials, DEV_CREDENTIALS_FILE};
+use crate::config::Config;
+use crate::error::ServerError;
+use crate::http::AppState;
+
+/// A configured server. `Server::new(config).run(shutdown)` is the whole program.
+#[derive(Debug)]
+pub struct Server {
+    config: Config,
+}
+
+impl Server {
+    /// A server for a validated configuration.
+    pub fn new(config: Config) -> Self {
+        Self { config }
+    }
+
+    /// Bootstraps, binds, serves until `shutdown` completes, then drains.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let config = self.config;
+        config.validate()?;
+        let data_dir = bootstrap::prepare_data_dir(&config.data_dir)?;
+        let synchronous = if config.store.synchronous == "normal" {
+            Synchronous::Normal
+        } else {
+            Synchronous::Full
+        };
+        let db_path = data_dir.join(&config.store.sqlite_file);
+        let store = Arc::new(SqliteStore::open(&db_path, synchronous)?);
+        let tls_files = bootstrap::ensure_tls(&config, &data_dir)?;
+        let tls = crate::tls::server_config(&tls_files.cert, &tls_files.key)?;
+        let id_scope = bootstrap::ensure_id_scope(&config, store.as_ref()).await?;
+        let policies = bootstrap::ensure_policies(&config, store.as_ref()).await?;
+
+        let settings = EngineSettings {
+            id_scope: id_scope.clone(),
+            linked_hubs: config
+                .linked_hubs()
+                .into_iter()
+                .map(|h| LinkedHub {
+                    host_name: h.host_name,
+                    allocation_weight: h.allocation_weight,
+                    apply_allocation_policy: h.apply_allocation_policy,
+                })
+                .collect(),
+            default_allocation_policy: config.allocation.default_policy,
+            max_payload_bytes: config.device.max_payload_bytes,
+            sas_clock_skew_secs: config.device.sas_clock_skew_secs,
+            operation_retention_secs: config.device.operation_retention_secs,
+            assigning_first: config.device.assigning_first,
+            retry_after_secs: config.device.retry_after_secs,
+        };
+        let engine = Engine::new(store.clone(), settings);
+
+        let addr = config.listen.https;
+        let listener = TcpListener::bind(addr).await.map_err(|source| {
+            let hint = match source.kind() {
+                std::io::ErrorKind::PermissionDenied => {
+                    " (ports below 1024 need root or CAP_NET_BIND_SERVICE; or choose another port, e.g. --https-listen 127.0.0.1:8443)"
+                }
+                std::io::ErrorKind::AddrInUse => " (another process is using this port; stop it or choose another with --https-listen)",
+                _ => "",
+            };
+            ServerError::Bind { addr, source, hint }
+        })?;
+        let bound = listener.local_addr().map_err(|source| ServerError::Bind {
+            addr,
+            source,
+            hint: "",
+        })?;
+
+        let creds = bootstrap::dev_credentials(&config, &id_scope, &policies, &tls_files, bound);
+        let creds_path = data_dir.join(DEV_CREDENTIALS_FILE);
+        let creds_json =
+            serde_json::to_vec_pretty(&creds).map_err(|e| ServerError::Bootstrap(e.to_string()))?;
+        bootstrap::write_atomic(&creds_path, &creds_json, true)?;
+        print_banner(&creds, &creds_path);
+        if config.hubs.is_empty() {
+            tracing::warn!(
+                hub = crate::config::PLACEHOLDER_HUB,
+                "no [[hubs]] configured: devices are assigned to the placeholder hub"
+            );
+        }
+
+        let state = Arc::new(AppState {
+            engine: engine.clone(),
+            policies,
+            host_names: config.tls.host_names.clone(),
+            max_body_bytes: config.limits.max_body_bytes,
+            body_read_timeout: Duration::from_secs(config.limits.body_read_timeout_secs),
+            default_page_size: config.service.default_page_size,
+        });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let purge = tokio::spawn(purge_loop(engine, stop_rx.clone()));
+        let https = tokio::spawn(crate::listener::serve_https(
+            listener,
+            tls,
+            state,
+            config.limits.clone(),
+            stop_rx,
+        ));
+        tracing::info!(https = %bound, id_scope, "dps serving");
+        shutdown.await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+        let _ = https.await;
+        let _ = purge.await;
+        Ok(())
+    }
+}
+
+fn print_banner(creds: &DevCredentials, path: &std::path::Path) {
+    println!("dps {} ready", env!("CARGO_PKG_VERSION"));
+    println!("  HTTPS listener:     {}", creds.https_address);
+    println!("  ID scope:           {}", creds.id_scope);
+    if let Some(cs) = &creds.service_connection_string {
+        println!("  Service connection: {cs}");
+    }
+    if let Some(ca) = &creds.ca_certificate_path {
+        println!("  Trust this CA:      {}", ca.display());
+    }
+    println!("  Linked hubs:        {}", creds.linked_hubs.join(", "));
+    println!("  Credentials file:   {}", path.display());
+}
+
+async fn purge_loop(engine: Engine, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+        match engine.purge_expired().await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(purged = n, "expired operations removed"),
+            Err(e) => tracing::warn!(error = %e, "purging expired operations failed"),
+        }
+    }
+}

@@ -1,0 +1,241 @@
+// Official Node SDKs against a running dps: the service client (enrollments, groups,
+// registration states, paging, bulk, ETags) and the HTTPS device client (individual key,
+// group-derived key, payload, wrong key, disabled enrollment).
+//
+// Run by tests/compat/run.sh with DPS_CREDENTIALS=<data dir>/dev-credentials.json and
+// NODE_EXTRA_CA_CERTS=<test CA>, against a dps listening on port 443.
+'use strict';
+
+const crypto = require('crypto');
+const fs = require('fs');
+const { ProvisioningServiceClient } = require('azure-iot-provisioning-service');
+const { ProvisioningDeviceClient } = require('azure-iot-provisioning-device');
+const { Http } = require('azure-iot-provisioning-device-http');
+const { SymmetricKeySecurityClient } = require('azure-iot-security-symmetric-key');
+
+const creds = JSON.parse(fs.readFileSync(process.env.DPS_CREDENTIALS, 'utf8'));
+const host = creds.hostName;
+const scope = creds.idScope;
+const hubs = creds.linkedHubs;
+const service = ProvisioningServiceClient.fromConnectionString(creds.serviceConnectionString);
+const run = `n${Date.now().toString(36)}`; // unique prefix per run
+
+let passed = 0;
+let failed = 0;
+async function test(name, fn) {
+  try {
+    await fn();
+    passed++;
+    console.log(`ok - node: ${name}`);
+  } catch (e) {
+    failed++;
+    console.log(`not ok - node: ${name}: ${e && e.stack ? e.stack : e}`);
+  }
+}
+function assert(cond, msg) {
+  if (!cond) throw new Error(`assertion failed: ${msg}`);
+}
+function eq(a, b, msg) {
+  if (JSON.stringify(a) !== JSON.stringify(b)) {
+    throw new Error(`${msg}: expected ${JSON.stringify(b)}, got ${JSON.stringify(a)}`);
+  }
+}
+async function rejects(promise, check, msg) {
+  try {
+    await promise;
+  } catch (e) {
+    check(e);
+    return;
+  }
+  throw new Error(`${msg}: expected an error, got success`);
+}
+function statusOf(e) {
+  return (e.response && e.response.statusCode) || (e.responseBody && e.responseBody.statusCode) || e.statusCode;
+}
+
+function register(registrationId, key, payload) {
+  const security = new SymmetricKeySecurityClient(registrationId, key);
+  const client = ProvisioningDeviceClient.create(host, scope, new Http(), security);
+  if (payload !== undefined) client.setProvisioningPayload(payload);
+  return client.register();
+}
+// The SDK's promise form of runBulkEnrollmentOperation never settles (it only calls back
+// when a callback was given), so use the callback form.
+function bulk(operation) {
+  return new Promise((resolve, reject) => {
+    service.runBulkEnrollmentOperation(operation, (err, result) => (err ? reject(err) : resolve({ responseBody: result })));
+  });
+}
+function deriveKey(groupKey, registrationId) {
+  return crypto.createHmac('sha256', Buffer.from(groupKey, 'base64')).update(registrationId, 'utf8').digest('base64');
+}
+
+async function main() {
+  const indId = `${run}-ind`;
+  const grpId = `${run}-grp`;
+
+  await test('service: create individual enrollment, server generates keys', async () => {
+    const { responseBody: e } = await service.createOrUpdateIndividualEnrollment({
+      registrationId: indId,
+      deviceId: `${indId}-device`,
+      attestation: { type: 'symmetricKey', symmetricKey: {} },
+      provisioningStatus: 'enabled',
+      initialTwin: { tags: { env: 'compat' }, properties: { desired: { x: 1 } } },
+    });
+    eq(e.registrationId, indId, 'registrationId');
+    assert(e.attestation.symmetricKey.primaryKey && e.attestation.symmetricKey.secondaryKey, 'generated keys returned by the PUT');
+    assert(typeof e.etag === 'string' && e.etag.length > 2, 'etag');
+    assert(e.createdDateTimeUtc && e.lastUpdatedDateTimeUtc, 'dates');
+  });
+
+  await test('service: get hides keys, attestation mechanism reveals them', async () => {
+    const { responseBody: e } = await service.getIndividualEnrollment(indId);
+    eq(e.deviceId, `${indId}-device`, 'deviceId');
+    assert(!e.attestation.symmetricKey || !e.attestation.symmetricKey.primaryKey, 'get must not reveal keys');
+    const { responseBody: a } = await service.getIndividualEnrollmentAttestationMechanism(indId);
+    eq(a.type, 'symmetricKey', 'type');
+    assert(a.symmetricKey.primaryKey.length >= 24, 'attestation mechanism reveals the primary key');
+  });
+
+  await test('service: update with matching etag, 412 with a stale one, keys kept', async () => {
+    const { responseBody: before } = await service.getIndividualEnrollment(indId);
+    const keys = (await service.getIndividualEnrollmentAttestationMechanism(indId)).responseBody.symmetricKey;
+    before.provisioningStatus = 'enabled';
+    before.optionalDeviceInformation = { model: 'compat' };
+    const { responseBody: after } = await service.createOrUpdateIndividualEnrollment(before);
+    assert(after.etag !== before.etag, 'etag changes on write');
+    eq(after.attestation.symmetricKey.primaryKey, keys.primaryKey, 'keys survive a get-modify-put');
+    await rejects(service.createOrUpdateIndividualEnrollment(before), (e) => eq(statusOf(e), 412, 'status'), 'stale etag');
+  });
+
+  await test('device http: individual enrollment registers and is assigned', async () => {
+    const keys = (await service.getIndividualEnrollmentAttestationMechanism(indId)).responseBody.symmetricKey;
+    const r = await register(indId, keys.primaryKey);
+    eq(r.status, 'assigned', 'status');
+    eq(r.deviceId, `${indId}-device`, 'deviceId from the enrollment');
+    assert(hubs.includes(r.assignedHub), `assignedHub ${r.assignedHub} is a linked hub`);
+    const again = await register(indId, keys.secondaryKey);
+    eq(again.assignedHub, r.assignedHub, 'same hub on re-registration with the secondary key');
+  });
+
+  let groupKey;
+  await test('service: create symmetric-key enrollment group', async () => {
+    const { responseBody: g } = await service.createOrUpdateEnrollmentGroup({
+      enrollmentGroupId: grpId,
+      attestation: { type: 'symmetricKey', symmetricKey: {} },
+      provisioningStatus: 'enabled',
+    });
+    eq(g.enrollmentGroupId, grpId, 'id');
+    groupKey = g.attestation.symmetricKey.primaryKey;
+    const { responseBody: read } = await service.getEnrollmentGroup(grpId);
+    assert(!read.attestation.symmetricKey || !read.attestation.symmetricKey.primaryKey, 'group get hides keys');
+    const { responseBody: a } = await service.getEnrollmentGroupAttestationMechanism(grpId);
+    eq(a.symmetricKey.primaryKey, groupKey, 'group attestation mechanism');
+  });
+
+  await test('device http: group member with derived key, with a payload', async () => {
+    const id = `${run}-member-1`;
+    const r = await register(id, deriveKey(groupKey, id), { modelId: 'dtmi:contoso:thermostat;1', n: 1 });
+    eq(r.status, 'assigned', 'status');
+    eq(r.deviceId, id, 'group members use the registration ID as device ID');
+    assert(hubs.includes(r.assignedHub), 'linked hub');
+  });
+
+  await test('device http: second group member without a payload', async () => {
+    const id = `${run}-member-2`;
+    const r = await register(id, deriveKey(groupKey, id));
+    eq(r.status, 'assigned', 'status');
+  });
+
+  await test('device http: wrong key is refused with 401', async () => {
+    const id = `${run}-member-3`;
+    await rejects(register(id, deriveKey(crypto.randomBytes(32).toString('base64'), id)), (e) => {
+      assert(/unauthorized/i.test(e.name + e.message) || statusOf(e) === 401, `unauthorized error, got ${e.name}: ${e.message}`);
+    }, 'wrong key');
+  });
+
+  await test('device http: disabled individual enrollment blocks a group member', async () => {
+    const id = `${run}-member-blocked`;
+    await service.createOrUpdateIndividualEnrollment({
+      registrationId: id,
+      attestation: { type: 'symmetricKey', symmetricKey: {} },
+      provisioningStatus: 'disabled',
+    });
+    await rejects(register(id, deriveKey(groupKey, id)), (e) => {
+      assert(/disabled/i.test(e.message), `error mentions disabled: ${e.message}`);
+    }, 'disabled');
+  });
+
+  await test('service: registration states get, group query, delete', async () => {
+    const id = `${run}-member-1`;
+    const { responseBody: s } = await service.getDeviceRegistrationState(id);
+    eq(s.registrationId, id, 'registrationId');
+    eq(s.status, 'assigned', 'status');
+    assert(hubs.includes(s.assignedHub), 'assignedHub');
+    const q = service.createEnrollmentGroupDeviceRegistrationStateQuery({ query: 'SELECT *' }, grpId, 1);
+    const ids = [];
+    let pages = 0;
+    while (q.hasMoreResults) {
+      // The promise form of next() ignores the stored token: pass it explicitly.
+      const { responseBody } = await q.next(q.continuationToken);
+      assert(++pages < 10, 'paging terminates');
+      assert(responseBody.length <= 1, 'page size 1');
+      responseBody.forEach((x) => ids.push(x.registrationId));
+    }
+    eq(ids.sort(), [`${run}-member-1`, `${run}-member-2`], 'registrations of the group');
+    await service.deleteDeviceRegistrationState(s);
+    await rejects(service.getDeviceRegistrationState(id), (e) => eq(statusOf(e), 404, 'status'), 'deleted state');
+  });
+
+  await test('service: query with paging visits every enrollment once', async () => {
+    const ids = [];
+    for (let i = 0; i < 5; i++) ids.push(`${run}-page-${i}`);
+    const { responseBody: created } = await bulk({
+      mode: 'create',
+      enrollments: ids.map((registrationId) => ({ registrationId, attestation: { type: 'symmetricKey', symmetricKey: {} } })),
+    });
+    eq(created.isSuccessful, true, "bulk create");
+    const q = service.createIndividualEnrollmentQuery({ query: 'SELECT * FROM enrollments' }, 2);
+    const seen = [];
+    let pages = 0;
+    while (q.hasMoreResults) {
+      const { responseBody, httpResponse } = await q.next(q.continuationToken);
+      pages++;
+      eq(httpResponse.headers['x-ms-item-type'], 'enrollment', 'x-ms-item-type');
+      assert(responseBody.length <= 2, 'page size');
+      responseBody.forEach((e) => seen.push(e.registrationId));
+      assert(pages < 100, 'paging terminates');
+    }
+    for (const id of ids) assert(seen.filter((s) => s === id).length === 1, `${id} seen once`);
+    const { responseBody: dup } = await bulk({
+      mode: 'create',
+      enrollments: [{ registrationId: ids[0], attestation: { type: 'symmetricKey' } }],
+    });
+    eq(dup.isSuccessful, false, 'bulk create of an existing enrollment fails');
+    eq(dup.errors[0].registrationId, ids[0], 'bulk error names the enrollment');
+    eq(dup.errors[0].errorCode, 409001, 'bulk error code');
+    const { responseBody: del } = await bulk({
+      mode: 'delete',
+      enrollments: ids.map((registrationId) => ({ registrationId, attestation: { type: 'symmetricKey' } })),
+    });
+    eq(del.isSuccessful, true, 'bulk delete');
+  });
+
+  await test('service: delete with etag, then 404', async () => {
+    const { responseBody: e } = await service.getIndividualEnrollment(indId);
+    await rejects(service.deleteIndividualEnrollment(indId, '"stale"'), (err) => eq(statusOf(err), 412, 'status'), 'stale delete');
+    await service.deleteIndividualEnrollment(indId, e.etag);
+    await rejects(service.getIndividualEnrollment(indId), (err) => eq(statusOf(err), 404, 'status'), 'deleted');
+    await service.deleteIndividualEnrollment(`${run}-member-blocked`);
+    await service.deleteEnrollmentGroup(grpId);
+    await rejects(service.getEnrollmentGroup(grpId), (err) => eq(statusOf(err), 404, 'status'), 'group deleted');
+  });
+
+  console.log(`node: ${passed} passed, ${failed} failed`);
+  process.exit(failed === 0 ? 0 : 1);
+}
+
+main().catch((e) => {
+  console.log(`not ok - node: suite crashed: ${e && e.stack ? e.stack : e}`);
+  process.exit(1);
+});
