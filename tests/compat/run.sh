@@ -36,28 +36,46 @@ fi
 ip link set lo up
 
 work="$(mktemp -d)"
-trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
-cat > "$work/dps.toml" <<TOML
-data_dir = "$work/data"
-log = "info"
-[listen]
+pids=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -rf "$work"' EXIT
+
+# start_dps NAME TOML-EXTRA: a fresh dps with its own data directory; waits for its
+# dev-credentials.json.
+start_dps() {
+  local name="$1" extra="$2" dir="$work/$1"
+  mkdir -p "$dir"
+  printf 'data_dir = "%s/data"\nlog = "info"\n%s\n' "$dir" "$extra" > "$dir/dps.toml"
+  "$dps" serve --config "$dir/dps.toml" > "$dir/dps.out" 2> "$dir/dps.log" &
+  pids+=($!)
+  for _ in $(seq 1 100); do
+    [ -f "$dir/data/dev-credentials.json" ] && return 0
+    kill -0 "${pids[-1]}" 2>/dev/null || { cat "$dir/dps.log"; echo "compat: dps ($name) exited early"; exit 1; }
+    sleep 0.1
+  done
+  cat "$dir/dps.log"; echo "compat: dps ($name) did not start"; exit 1
+}
+
+# The main server, as a user would run it, with two linked hubs.
+start_dps main '[listen]
 https = "127.0.0.1:443"
 [[hubs]]
 host_name = "hub-a.compat.test"
 [[hubs]]
 host_name = "hub-b.compat.test"
-allocation_weight = 3
-TOML
-"$dps" serve --config "$work/dps.toml" > "$work/dps.out" 2> "$work/dps.log" &
-pid=$!
-for _ in $(seq 1 100); do
-  [ -f "$work/data/dev-credentials.json" ] && break
-  kill -0 "$pid" 2>/dev/null || { cat "$work/dps.log"; echo "compat: dps exited early"; exit 1; }
-  sleep 0.1
-done
-[ -f "$work/data/dev-credentials.json" ] || { cat "$work/dps.log"; echo "compat: dps did not start"; exit 1; }
-export DPS_CREDENTIALS="$work/data/dev-credentials.json"
-export NODE_EXTRA_CA_CERTS="$work/data/tls/ca.pem"
+allocation_weight = 3'
+# A second server on another loopback address that answers "assigning" first, so that the
+# device clients' polling path is exercised too.
+start_dps strict '[listen]
+https = "127.0.0.2:443"
+[tls]
+host_names = ["127.0.0.2"]
+[device]
+assigning_first = true
+retry_after_secs = 1'
+export DPS_CREDENTIALS="$work/main/data/dev-credentials.json"
+export DPS_STRICT_CREDENTIALS="$work/strict/data/dev-credentials.json"
+cat "$work/main/data/tls/ca.pem" "$work/strict/data/tls/ca.pem" > "$work/ca-bundle.pem"
+export NODE_EXTRA_CA_CERTS="$work/ca-bundle.pem"
 
 status=0
 node "$here/node/suite.js" | tee "$work/node.txt" || status=1
@@ -66,7 +84,7 @@ node "$here/node/suite.js" | tee "$work/node.txt" || status=1
 p=$(cat "$work/node.txt" "$work/python.txt" | grep -c '^ok - ' || true)
 f=$(cat "$work/node.txt" "$work/python.txt" | grep -c '^not ok - ' || true)
 if [ "$status" != 0 ] || [ "$f" != 0 ]; then
-  echo "--- dps log (last 60 lines) ---"; tail -n 60 "$work/dps.log"
+  echo "--- dps log (last 60 lines) ---"; tail -n 60 "$work/main/dps.log"
   status=1
 fi
 echo "compat: $p passed, $f failed"

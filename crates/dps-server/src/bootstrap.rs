@@ -19,6 +19,7 @@ use rcgen::{
 use rsa::pkcs8::EncodePrivateKey;
 use rustls_pki_types::PrivatePkcs8KeyDer;
 use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
 
 use crate::config::{Config, RIGHTS};
 use crate::error::ServerError;
@@ -138,10 +139,15 @@ fn load_key_pair(pem: &str) -> Result<KeyPair, ServerError> {
         .map_err(|e| ServerError::Bootstrap(format!("cannot load the test CA key: {e}")))
 }
 
-fn ca_params() -> Result<CertificateParams, ServerError> {
+/// Test CA parameters. The name carries a fingerprint of the CA key, so that CAs of different
+/// dps instances have different names (TLS stacks pick a trust anchor by name), and so that
+/// re-creating the parameters from the stored key gives the same issuer name.
+fn ca_params(key: &KeyPair) -> Result<CertificateParams, ServerError> {
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(rc_err)?;
+    let digest = sha2::Sha256::digest(key.public_key_der());
+    let tag: String = digest.iter().take(4).map(|b| format!("{b:02X}")).collect();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "dps-rs test CA");
+    dn.push(DnType::CommonName, format!("dps-rs test CA {tag}"));
     dn.push(DnType::OrganizationName, "dps-rs (local development only)");
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -188,7 +194,7 @@ pub fn ensure_tls(config: &Config, data_dir: &Path) -> Result<TlsFiles, ServerEr
     } else {
         tracing::info!(path = %ca_cert_path.display(), "creating a test CA");
         let (key, key_pem) = rsa_key_pair()?;
-        let cert = ca_params()?.self_signed(&key).map_err(rc_err)?;
+        let cert = ca_params(&key)?.self_signed(&key).map_err(rc_err)?;
         write_atomic(&ca_key_path, key_pem.as_bytes(), true)?;
         write_atomic(&ca_cert_path, cert.pem().as_bytes(), false)?;
         let _ = std::fs::remove_file(&cert_path);
@@ -198,7 +204,7 @@ pub fn ensure_tls(config: &Config, data_dir: &Path) -> Result<TlsFiles, ServerEr
     if !(cert_path.exists() && key_path.exists() && current_hosts == hosts) {
         tracing::info!(path = %cert_path.display(), hosts = ?config.tls.host_names, "issuing a server certificate from the test CA");
         // Same DN and key as the stored CA: certificates it signs chain to the stored CA file.
-        let issuer = ca_params()?.self_signed(&ca_key).map_err(rc_err)?;
+        let issuer = ca_params(&ca_key)?.self_signed(&ca_key).map_err(rc_err)?;
         let (server_key, server_key_pem) = rsa_key_pair()?;
         let mut params = CertificateParams::new(config.tls.host_names.clone()).map_err(rc_err)?;
         let mut dn = DistinguishedName::new();

@@ -53,9 +53,9 @@ function statusOf(e) {
   return (e.response && e.response.statusCode) || (e.responseBody && e.responseBody.statusCode) || e.statusCode;
 }
 
-function register(registrationId, key, payload) {
+function register(registrationId, key, payload, target = { host, scope }) {
   const security = new SymmetricKeySecurityClient(registrationId, key);
-  const client = ProvisioningDeviceClient.create(host, scope, new Http(), security);
+  const client = ProvisioningDeviceClient.create(target.host, target.scope, new Http(), security);
   if (payload !== undefined) client.setProvisioningPayload(payload);
   return client.register();
 }
@@ -229,6 +229,23 @@ async function main() {
     await service.deleteIndividualEnrollment(`${run}-member-blocked`);
     await service.deleteEnrollmentGroup(grpId);
     await rejects(service.getEnrollmentGroup(grpId), (err) => eq(statusOf(err), 404, 'status'), 'group deleted');
+  });
+
+  await test('device http: polls the operation when the server answers assigning first', async () => {
+    const strict = JSON.parse(fs.readFileSync(process.env.DPS_STRICT_CREDENTIALS, 'utf8'));
+    const strictService = ProvisioningServiceClient.fromConnectionString(strict.serviceConnectionString);
+    const id = `${run}-strict`;
+    const { responseBody: e } = await strictService.createOrUpdateIndividualEnrollment({
+      registrationId: id,
+      attestation: { type: 'symmetricKey', symmetricKey: {} },
+    });
+    const started = Date.now();
+    const r = await register(id, e.attestation.symmetricKey.primaryKey, { poll: true }, { host: strict.hostName, scope: strict.idScope });
+    eq(r.status, 'assigned', 'status after polling');
+    eq(r.assignedHub, 'hub.localhost', 'placeholder hub');
+    assert(Date.now() - started >= 900, 'the client waited retry-after (1 s) before polling');
+    const { responseBody: s } = await strictService.getDeviceRegistrationState(id);
+    eq(s.status, 'assigned', 'registration state');
   });
 
   console.log(`node: ${passed} passed, ${failed} failed`);

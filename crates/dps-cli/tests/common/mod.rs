@@ -1,0 +1,250 @@
+//! Test harness: spawns the real `dps` binary on an ephemeral port with a fresh data
+//! directory and talks to it over real TLS, trusting the test CA it generated.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use dps_proto::sas::{build_token, decode_key};
+use serde_json::Value;
+
+pub const API: &str = "api-version=2021-10-01";
+
+/// A running `dps serve`.
+pub struct Dps {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    config_extra: String,
+    pub creds: Value,
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+}
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+impl Dps {
+    /// Starts a server with extra TOML appended to a minimal config.
+    pub async fn start(config_extra: &str) -> Dps {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut dps = Dps {
+            child: None,
+            dir,
+            _tmp: Some(tmp),
+            config_extra: config_extra.to_string(),
+            creds: Value::Null,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            client: reqwest::Client::new(),
+        };
+        dps.spawn().await;
+        dps
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.join("dps.toml")
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    async fn spawn(&mut self) {
+        let config = format!(
+            "data_dir = {:?}\nlog = \"info\"\n[listen]\nhttps = \"127.0.0.1:0\"\n{}\n",
+            self.data_dir().display().to_string(),
+            self.config_extra
+        );
+        std::fs::write(self.config_path(), config).unwrap();
+        let log = std::fs::File::create(self.dir.join("dps.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_dps"))
+            .arg("serve")
+            .arg("--config")
+            .arg(self.config_path())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn dps");
+        let pid = child.id();
+        self.child = Some(child);
+        let creds_path = self.data_dir().join("dev-credentials.json");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&creds_path) {
+                if let Ok(v) = serde_json::from_str::<Value>(&text) {
+                    if v["pid"].as_u64() == Some(u64::from(pid)) {
+                        self.creds = v;
+                        break;
+                    }
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("dps exited early ({status}): {}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dps did not start: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.addr = self.creds["httpsAddress"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let ca = std::fs::read(self.creds["caCertificatePath"].as_str().unwrap()).unwrap();
+        self.client = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .resolve("localhost", self.addr)
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("dps.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Changes the extra config used by the next restart.
+    pub fn set_config_extra(&mut self, extra: &str) {
+        self.config_extra = extra.to_string();
+    }
+
+    /// Starts the same configuration and data directory again.
+    pub async fn restart(&mut self) {
+        self.kill9();
+        self.spawn().await;
+    }
+
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("https://localhost:{}{}", self.addr.port(), path_and_query)
+    }
+
+    pub fn scope(&self) -> String {
+        self.creds["idScope"].as_str().unwrap().to_string()
+    }
+
+    fn owner_key(&self) -> Vec<u8> {
+        let cs = self.creds["serviceConnectionString"].as_str().unwrap();
+        let key = cs
+            .split(';')
+            .find_map(|p| p.strip_prefix("SharedAccessKey="))
+            .unwrap();
+        decode_key(key).unwrap()
+    }
+
+    pub fn service_token(&self) -> String {
+        build_token(
+            "localhost",
+            &self.owner_key(),
+            now() + 3600,
+            Some("provisioningserviceowner"),
+        )
+    }
+
+    /// A service request with the owner policy.
+    pub fn service(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        self.client
+            .request(method, self.url(&format!("{path}{sep}{API}")))
+            .header("Authorization", self.service_token())
+    }
+
+    pub async fn put_enrollment(&self, body: Value) -> Value {
+        let id = body["registrationId"].as_str().unwrap().to_string();
+        let resp = self
+            .service(reqwest::Method::PUT, &format!("/enrollments/{id}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+        resp.json().await.unwrap()
+    }
+
+    pub async fn put_group(&self, body: Value) -> Value {
+        let id = body["enrollmentGroupId"].as_str().unwrap().to_string();
+        let resp = self
+            .service(reqwest::Method::PUT, &format!("/enrollmentGroups/{id}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+        resp.json().await.unwrap()
+    }
+
+    pub fn device_token(&self, registration_id: &str, key_b64: &str) -> String {
+        let resource = format!("{}/registrations/{registration_id}", self.scope());
+        build_token(
+            &resource,
+            &decode_key(key_b64).unwrap(),
+            now() + 3600,
+            Some("registration"),
+        )
+    }
+
+    /// `PUT …/register` with a body; returns (status, headers, JSON).
+    pub async fn register(
+        &self,
+        registration_id: &str,
+        token: Option<&str>,
+        body: Value,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let url = self.url(&format!(
+            "/{}/registrations/{registration_id}/register?api-version=2019-03-31",
+            self.scope()
+        ));
+        let mut req = self.client.put(url).json(&body);
+        if let Some(t) = token {
+            req = req.header("Authorization", t);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let json = resp.json().await.unwrap_or(Value::Null);
+        (status, headers, json)
+    }
+}
+
+impl Drop for Dps {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn derive(group_key_b64: &str, registration_id: &str) -> String {
+    BASE64.encode(dps_proto::sas::derive_device_key(
+        &decode_key(group_key_b64).unwrap(),
+        registration_id,
+    ))
+}
+
+pub fn key(seed: u8) -> String {
+    BASE64.encode([seed; 32])
+}
+
+pub fn file_mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
