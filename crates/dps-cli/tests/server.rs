@@ -370,7 +370,9 @@ async fn bad_device_input_gets_documented_errors() {
         now() + 60,
         None,
     );
-    let cases: Vec<(&str, String, Option<String>, Vec<u8>, u16, u32)> = vec![
+    // (name, url, token, body, status, DPS error code)
+    type Case<'a> = (&'a str, String, Option<String>, Vec<u8>, u16, u32);
+    let cases: Vec<Case> = vec![
         (
             "invalid JSON",
             register_url("d", api),
@@ -859,7 +861,7 @@ async fn kill9_loses_no_acknowledged_write() {
                 json!({}),
             )
             .await;
-        assert_eq!(body["registrationState"]["assignedHub"], hubs[i].as_str());
+        assert_eq!(body["registrationState"]["assignedHub"], hub.as_str());
     }
     let spread: std::collections::HashSet<&String> = hubs.iter().collect();
     assert!(
