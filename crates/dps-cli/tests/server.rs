@@ -25,66 +25,27 @@ async fn first_start_creates_credentials_and_restart_reuses_them() {
     assert_eq!(file_mode(&data.join("tls/server-key.pem")), 0o600);
     assert_eq!(file_mode(&data.join("dev-credentials.json")), 0o600);
     let ca_before = std::fs::read(data.join("tls/ca.pem")).unwrap();
-    assert_eq!(
-        first["linkedHubs"],
-        json!(["hub.localhost"]),
-        "placeholder hub without [[hubs]]"
-    );
+    assert_eq!(first["linkedHubs"], json!(["hub.localhost"]), "placeholder hub without [[hubs]]");
     dps.restart().await;
     assert_eq!(dps.creds["idScope"], first["idScope"]);
-    let policy = |v: &serde_json::Value| {
-        v["serviceConnectionString"]
-            .as_str()
-            .unwrap()
-            .split_once(';')
-            .unwrap()
-            .1
-            .to_string()
-    };
-    assert_eq!(
-        policy(&dps.creds),
-        policy(&first),
-        "same policy and key (the ephemeral port differs)"
-    );
-    assert_eq!(
-        std::fs::read(data.join("tls/ca.pem")).unwrap(),
-        ca_before,
-        "the CA is reused"
-    );
+    let policy =
+        |v: &serde_json::Value| v["serviceConnectionString"].as_str().unwrap().split_once(';').unwrap().1.to_string();
+    assert_eq!(policy(&dps.creds), policy(&first), "same policy and key (the ephemeral port differs)");
+    assert_eq!(std::fs::read(data.join("tls/ca.pem")).unwrap(), ca_before, "the CA is reused");
     // The restarted server still serves, with the same credentials.
-    let resp = dps
-        .service(Method::POST, "/enrollments/query")
-        .json(&json!({"query": "SELECT *"}))
-        .send()
-        .await
-        .unwrap();
+    let resp =
+        dps.service(Method::POST, "/enrollments/query").json(&json!({"query": "SELECT *"})).send().await.unwrap();
     assert_eq!(resp.status(), 200);
 
     // Changing tls.host_names re-issues the server certificate from the same CA.
     let cert_before = std::fs::read(data.join("tls/server.pem")).unwrap();
     dps.set_config_extra("[tls]\nhost_names = [\"localhost\", \"dps.example.test\"]\n");
     dps.restart().await;
-    assert_ne!(
-        std::fs::read(data.join("tls/server.pem")).unwrap(),
-        cert_before,
-        "server certificate re-issued"
-    );
-    assert_eq!(
-        std::fs::read(data.join("tls/ca.pem")).unwrap(),
-        ca_before,
-        "by the same CA"
-    );
-    let resp = dps
-        .service(Method::POST, "/enrollments/query")
-        .json(&json!({"query": "SELECT *"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        resp.status(),
-        200,
-        "the re-issued certificate chains to the stored CA"
-    );
+    assert_ne!(std::fs::read(data.join("tls/server.pem")).unwrap(), cert_before, "server certificate re-issued");
+    assert_eq!(std::fs::read(data.join("tls/ca.pem")).unwrap(), ca_before, "by the same CA");
+    let resp =
+        dps.service(Method::POST, "/enrollments/query").json(&json!({"query": "SELECT *"})).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "the re-issued certificate chains to the stored CA");
 }
 
 #[tokio::test]
@@ -98,47 +59,23 @@ async fn register_poll_and_status_lookup() {
     assert_eq!(created["attestation"]["symmetricKey"]["primaryKey"], key(1));
 
     let token = dps.device_token("dev-1", &key(1));
-    let (status, headers, body) = dps
-        .register(
-            "dev-1",
-            Some(&token),
-            json!({"registrationId": "dev-1", "payload": {"m": 1}}),
-        )
-        .await;
+    let (status, headers, body) =
+        dps.register("dev-1", Some(&token), json!({"registrationId": "dev-1", "payload": {"m": 1}})).await;
     assert_eq!(status, 202, "{body}");
-    assert!(headers["location"]
-        .to_str()
-        .unwrap()
-        .ends_with(&format!("/{}/registrations/dev-1/register", dps.scope())));
-    assert_eq!(
-        body["status"], "assigned",
-        "fast path answers with the final state: {body}"
-    );
+    assert!(headers["location"].to_str().unwrap().ends_with(&format!("/{}/registrations/dev-1/register", dps.scope())));
+    assert_eq!(body["status"], "assigned", "fast path answers with the final state: {body}");
     let state = &body["registrationState"];
     assert_eq!(state["registrationId"], "dev-1");
     assert_eq!(state["deviceId"], "device-one");
     assert_eq!(state["substatus"], "initialAssignment");
     let hub = state["assignedHub"].as_str().unwrap().to_string();
-    assert!(
-        hub == "hub-1.test" || hub == "hub-2.test",
-        "hub-3 does not take part: {hub}"
-    );
+    assert!(hub == "hub-1.test" || hub == "hub-2.test", "hub-3 does not take part: {hub}");
     assert!(state["etag"].is_string() && state["createdDateTimeUtc"].is_string());
 
     // The operation stays queryable (IoT Edge polls after the 202).
     let op = body["operationId"].as_str().unwrap();
-    let url = dps.url(&format!(
-        "/{}/registrations/dev-1/operations/{op}?api-version=2019-03-31",
-        dps.scope()
-    ));
-    let resp = dps
-        .client
-        .get(&url)
-        .header("Authorization", &token)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
+    let url = dps.url(&format!("/{}/registrations/dev-1/operations/{op}?api-version=2019-03-31", dps.scope()));
+    let resp = dps.client.get(&url).header("Authorization", &token).json(&json!({})).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let polled: Value = resp.json().await.unwrap();
     assert_eq!(polled["registrationState"]["assignedHub"], hub.as_str());
@@ -146,25 +83,13 @@ async fn register_poll_and_status_lookup() {
     let resp = dps.client.get(&url).send().await.unwrap();
     assert_eq!(resp.status(), 401);
     // Unknown operation: 404203.
-    let other = dps.url(&format!(
-        "/{}/registrations/dev-1/operations/5.0.nope?api-version=2019-03-31",
-        dps.scope()
-    ));
-    let resp = dps
-        .client
-        .get(other)
-        .header("Authorization", &token)
-        .send()
-        .await
-        .unwrap();
+    let other = dps.url(&format!("/{}/registrations/dev-1/operations/5.0.nope?api-version=2019-03-31", dps.scope()));
+    let resp = dps.client.get(other).header("Authorization", &token).send().await.unwrap();
     assert_eq!(resp.status(), 404);
     assert_eq!(resp.headers()["x-ms-error-code"], "404203");
 
     // Device registration status lookup.
-    let url = dps.url(&format!(
-        "/{}/registrations/dev-1?api-version=2019-03-31",
-        dps.scope()
-    ));
+    let url = dps.url(&format!("/{}/registrations/dev-1?api-version=2019-03-31", dps.scope()));
     let resp = dps
         .client
         .post(&url)
@@ -180,27 +105,14 @@ async fn register_poll_and_status_lookup() {
 
     // The secondary key works; the same device lands on the same hub every time.
     for _ in 0..3 {
-        let (status, _, again) = dps
-            .register(
-                "dev-1",
-                Some(&dps.device_token("dev-1", &key(2))),
-                json!({}),
-            )
-            .await;
+        let (status, _, again) = dps.register("dev-1", Some(&dps.device_token("dev-1", &key(2))), json!({})).await;
         assert_eq!(status, 202);
         assert_eq!(again["registrationState"]["assignedHub"], hub.as_str());
-        assert_eq!(
-            again["registrationState"]["createdDateTimeUtc"], state["createdDateTimeUtc"],
-            "created date kept"
-        );
+        assert_eq!(again["registrationState"]["createdDateTimeUtc"], state["createdDateTimeUtc"], "created date kept");
     }
 
     // The service API shows the registration state.
-    let resp = dps
-        .service(Method::GET, "/registrations/DEV-1")
-        .send()
-        .await
-        .unwrap();
+    let resp = dps.service(Method::GET, "/registrations/DEV-1").send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let rs: Value = resp.json().await.unwrap();
     assert_eq!(rs["assignedHub"], hub.as_str());
@@ -214,55 +126,36 @@ async fn group_members_and_disabled_enrollments() {
         "symmetricKey": {"primaryKey": group_key, "secondaryKey": key(8)}}, "iotHubs": ["hub-3.test"]}))
         .await;
     let token = dps.device_token("member-1", &derive(&group_key, "member-1"));
-    let (status, _, body) = dps
-        .register(
-            "member-1",
-            Some(&token),
-            json!({"registrationId": "member-1"}),
-        )
-        .await;
+    let (status, _, body) = dps.register("member-1", Some(&token), json!({"registrationId": "member-1"})).await;
     assert_eq!(status, 202);
     assert_eq!(body["status"], "assigned", "{body}");
-    assert_eq!(
-        body["registrationState"]["assignedHub"], "hub-3.test",
-        "iotHubs narrows the candidates"
-    );
+    assert_eq!(body["registrationState"]["assignedHub"], "hub-3.test", "iotHubs narrows the candidates");
     assert_eq!(body["registrationState"]["deviceId"], "member-1");
-    assert_eq!(
-        body["registrationState"]["symmetricKey"]["enrollmentGroupId"],
-        "grp"
-    );
+    assert_eq!(body["registrationState"]["symmetricKey"]["enrollmentGroupId"], "grp");
 
     // A derived key is bound to its registration ID.
-    let (status, _, err) = dps
-        .register(
-            "member-2",
-            Some(&dps.device_token("member-2", &derive(&group_key, "member-1"))),
-            json!({}),
-        )
-        .await;
+    let (status, _, err) =
+        dps.register("member-2", Some(&dps.device_token("member-2", &derive(&group_key, "member-1"))), json!({})).await;
     assert_eq!(status, 401);
     assert_eq!(err["errorCode"], 401002);
 
     // A disabled individual enrollment blocks a group member.
-    dps.put_enrollment(
-        json!({"registrationId": "member-1", "provisioningStatus": "disabled",
-        "attestation": {"type": "symmetricKey"}}),
-    )
-    .await;
+    dps.put_enrollment(json!({"registrationId": "member-1", "provisioningStatus": "disabled",
+        "attestation": {"type": "symmetricKey"}}))
+        .await;
     let (status, _, body) = dps.register("member-1", Some(&token), json!({})).await;
     assert_eq!(status, 202);
     assert_eq!(body["status"], "disabled", "{body}");
     assert_eq!(body["registrationState"]["status"], "disabled");
 
     // A disabled group gives disabled to its members.
-    dps.put_group(json!({"enrollmentGroupId": "grp", "provisioningStatus": "disabled", "attestation": {"type": "symmetricKey"}})).await;
+    dps.put_group(
+        json!({"enrollmentGroupId": "grp", "provisioningStatus": "disabled", "attestation": {"type": "symmetricKey"}}),
+    )
+    .await;
     let t3 = dps.device_token("member-3", &derive(&group_key, "member-3"));
     let (_, _, body) = dps.register("member-3", Some(&t3), json!({})).await;
-    assert_eq!(
-        body["status"], "disabled",
-        "group keys were kept on update: {body}"
-    );
+    assert_eq!(body["status"], "disabled", "group keys were kept on update: {body}");
 }
 
 #[tokio::test]
@@ -271,47 +164,31 @@ async fn allocation_failures_are_reported_as_failed_registrations() {
     dps.put_enrollment(json!({"registrationId": "static-1", "allocationPolicy": "static", "iotHubs": ["hub-3.test"],
         "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key(3), "secondaryKey": key(4)}}}))
         .await;
-    let (_, _, body) = dps
-        .register(
-            "static-1",
-            Some(&dps.device_token("static-1", &key(3))),
-            json!({}),
-        )
-        .await;
+    let (_, _, body) = dps.register("static-1", Some(&dps.device_token("static-1", &key(3))), json!({})).await;
     assert_eq!(body["registrationState"]["assignedHub"], "hub-3.test");
 
     dps.put_enrollment(json!({"registrationId": "custom-1", "allocationPolicy": "custom",
         "customAllocationDefinition": {"webhookUrl": "https://example.invalid/alloc", "apiVersion": "2021-10-01"},
         "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key(5), "secondaryKey": key(6)}}}))
         .await;
-    let (status, _, body) = dps
-        .register(
-            "custom-1",
-            Some(&dps.device_token("custom-1", &key(5))),
-            json!({}),
-        )
-        .await;
+    let (status, _, body) = dps.register("custom-1", Some(&dps.device_token("custom-1", &key(5))), json!({})).await;
     assert_eq!(status, 202);
     assert_eq!(body["status"], "failed", "{body}");
     assert_eq!(body["registrationState"]["errorCode"], 400209);
-    assert!(body["registrationState"]["errorMessage"]
-        .as_str()
-        .unwrap()
-        .contains("custom allocation"));
+    assert!(body["registrationState"]["errorMessage"].as_str().unwrap().contains("custom allocation"));
 
     // An enrollment may not name a hub that is not linked.
     let resp = dps
         .service(Method::PUT, "/enrollments/bad-hub")
-        .json(&json!({"registrationId": "bad-hub", "iotHubs": ["nowhere.test"], "attestation": {"type": "symmetricKey"}}))
+        .json(
+            &json!({"registrationId": "bad-hub", "iotHubs": ["nowhere.test"], "attestation": {"type": "symmetricKey"}}),
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), 400);
     let err: Value = resp.json().await.unwrap();
-    assert!(
-        err["message"].as_str().unwrap().contains("nowhere.test"),
-        "{err}"
-    );
+    assert!(err["message"].as_str().unwrap().contains("nowhere.test"), "{err}");
 }
 
 #[tokio::test]
@@ -321,23 +198,14 @@ async fn assigning_first_makes_devices_poll() {
     let token = dps.device_token("slow", &key(9));
     let (status, headers, body) = dps.register("slow", Some(&token), json!({})).await;
     assert_eq!(status, 202);
-    assert_eq!(
-        body,
-        json!({"operationId": body["operationId"], "status": "assigning"})
-    );
+    assert_eq!(body, json!({"operationId": body["operationId"], "status": "assigning"}));
     assert_eq!(headers["retry-after"], "2");
     let url = dps.url(&format!(
         "/{}/registrations/slow/operations/{}?api-version=2019-03-31",
         dps.scope(),
         body["operationId"].as_str().unwrap()
     ));
-    let resp = dps
-        .client
-        .get(url)
-        .header("Authorization", &token)
-        .send()
-        .await
-        .unwrap();
+    let resp = dps.client.get(url).header("Authorization", &token).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let polled: Value = resp.json().await.unwrap();
     assert_eq!(polled["status"], "assigned");
@@ -347,22 +215,15 @@ async fn assigning_first_makes_devices_poll() {
 /// Bad input gets the documented DPS error, never a hang or a 5xx.
 #[tokio::test]
 async fn bad_device_input_gets_documented_errors() {
-    let dps =
-        Dps::start("[device]\nmax_payload_bytes = 1024\n[limits]\nmax_body_bytes = 4096\n").await;
+    let dps = Dps::start("[device]\nmax_payload_bytes = 1024\n[limits]\nmax_body_bytes = 4096\n").await;
     dps.put_enrollment(json!({"registrationId": "d", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key(1), "secondaryKey": key(2)}}})).await;
     let scope = dps.scope();
     let good = dps.device_token("d", &key(1));
-    let register_url =
-        |id: &str, q: &str| dps.url(&format!("/{scope}/registrations/{id}/register{q}"));
+    let register_url = |id: &str, q: &str| dps.url(&format!("/{scope}/registrations/{id}/register{q}"));
     let api = "?api-version=2019-03-31";
     let expired = {
         let resource = format!("{scope}/registrations/d");
-        dps_proto::sas::build_token(
-            &resource,
-            &dps_proto::sas::decode_key(&key(1)).unwrap(),
-            now() - 3600,
-            None,
-        )
+        dps_proto::sas::build_token(&resource, &dps_proto::sas::decode_key(&key(1)).unwrap(), now() - 3600, None)
     };
     let other_scope = dps_proto::sas::build_token(
         "0neFFFFFFFF/registrations/d",
@@ -373,14 +234,7 @@ async fn bad_device_input_gets_documented_errors() {
     // (name, url, token, body, status, DPS error code)
     type Case<'a> = (&'a str, String, Option<String>, Vec<u8>, u16, u32);
     let cases: Vec<Case> = vec![
-        (
-            "invalid JSON",
-            register_url("d", api),
-            Some(good.clone()),
-            b"{not json".to_vec(),
-            400,
-            400001,
-        ),
+        ("invalid JSON", register_url("d", api), Some(good.clone()), b"{not json".to_vec(), 400, 400001),
         (
             "payload is an array",
             register_url("d", api),
@@ -405,22 +259,8 @@ async fn bad_device_input_gets_documented_errors() {
             400,
             400003,
         ),
-        (
-            "body too large",
-            register_url("d", api),
-            Some(good.clone()),
-            vec![b' '; 5000],
-            413,
-            413001,
-        ),
-        (
-            "registration ID grammar",
-            register_url("bad%20id", api),
-            Some(good.clone()),
-            b"{}".to_vec(),
-            400,
-            400002,
-        ),
+        ("body too large", register_url("d", api), Some(good.clone()), vec![b' '; 5000], 413, 413001),
+        ("registration ID grammar", register_url("bad%20id", api), Some(good.clone()), b"{}".to_vec(), 400, 400002),
         (
             "body ID differs from path",
             register_url("d", api),
@@ -429,14 +269,7 @@ async fn bad_device_input_gets_documented_errors() {
             400,
             400004,
         ),
-        (
-            "no token",
-            register_url("d", api),
-            None,
-            b"{}".to_vec(),
-            401,
-            401002,
-        ),
+        ("no token", register_url("d", api), None, b"{}".to_vec(), 401, 401002),
         (
             "garbage token",
             register_url("d", api),
@@ -445,22 +278,8 @@ async fn bad_device_input_gets_documented_errors() {
             401,
             401002,
         ),
-        (
-            "expired token",
-            register_url("d", api),
-            Some(expired),
-            b"{}".to_vec(),
-            401,
-            401002,
-        ),
-        (
-            "wrong key",
-            register_url("d", api),
-            Some(dps.device_token("d", &key(3))),
-            b"{}".to_vec(),
-            401,
-            401002,
-        ),
+        ("expired token", register_url("d", api), Some(expired), b"{}".to_vec(), 401, 401002),
+        ("wrong key", register_url("d", api), Some(dps.device_token("d", &key(3))), b"{}".to_vec(), 401, 401002),
         (
             "token for another device",
             register_url("d", api),
@@ -469,14 +288,7 @@ async fn bad_device_input_gets_documented_errors() {
             401,
             401002,
         ),
-        (
-            "token for another scope",
-            register_url("d", api),
-            Some(other_scope),
-            b"{}".to_vec(),
-            401,
-            401002,
-        ),
+        ("token for another scope", register_url("d", api), Some(other_scope), b"{}".to_vec(), 401, 401002),
         (
             "unknown device",
             register_url("nobody", api),
@@ -485,30 +297,9 @@ async fn bad_device_input_gets_documented_errors() {
             401,
             401002,
         ),
-        (
-            "missing api-version",
-            register_url("d", ""),
-            Some(good.clone()),
-            b"{}".to_vec(),
-            400,
-            400005,
-        ),
-        (
-            "bad api-version",
-            register_url("d", "?api-version=latest"),
-            Some(good.clone()),
-            b"{}".to_vec(),
-            400,
-            400005,
-        ),
-        (
-            "csr not supported",
-            register_url("d", api),
-            Some(good.clone()),
-            br#"{"csr":"MII"}"#.to_vec(),
-            400,
-            400004,
-        ),
+        ("missing api-version", register_url("d", ""), Some(good.clone()), b"{}".to_vec(), 400, 400005),
+        ("bad api-version", register_url("d", "?api-version=latest"), Some(good.clone()), b"{}".to_vec(), 400, 400005),
+        ("csr not supported", register_url("d", api), Some(good.clone()), br#"{"csr":"MII"}"#.to_vec(), 400, 400004),
     ];
     for (name, url, token, body, status, code) in cases {
         let mut req = dps.client.put(&url).body(body);
@@ -517,55 +308,29 @@ async fn bad_device_input_gets_documented_errors() {
         }
         let resp = req.send().await.unwrap();
         assert_eq!(resp.status().as_u16(), status, "{name}");
-        assert_eq!(
-            resp.headers()["x-ms-error-code"].to_str().unwrap(),
-            code.to_string(),
-            "{name}"
-        );
+        assert_eq!(resp.headers()["x-ms-error-code"].to_str().unwrap(), code.to_string(), "{name}");
         let err: Value = resp.json().await.unwrap();
         assert_eq!(err["errorCode"], code, "{name}: {err}");
-        assert!(
-            err["trackingId"].is_string() && err["timestampUtc"].is_string(),
-            "{name}"
-        );
+        assert!(err["trackingId"].is_string() && err["timestampUtc"].is_string(), "{name}");
         assert!(!err["message"].as_str().unwrap().is_empty(), "{name}");
     }
     // Unknown path and wrong method.
-    let resp = dps
-        .client
-        .get(dps.url("/nothing/here?api-version=2019-03-31"))
-        .send()
-        .await
-        .unwrap();
+    let resp = dps.client.get(dps.url("/nothing/here?api-version=2019-03-31")).send().await.unwrap();
     assert_eq!(resp.status(), 404);
     assert_eq!(resp.headers()["x-ms-error-code"], "404001");
-    let resp = dps
-        .client
-        .delete(register_url("d", api))
-        .send()
-        .await
-        .unwrap();
+    let resp = dps.client.delete(register_url("d", api)).send().await.unwrap();
     assert_eq!(resp.status(), 405);
     assert_eq!(resp.headers()["allow"], "PUT");
     // Oversized headers are refused without taking the server down.
-    let resp = dps
-        .client
-        .put(register_url("d", api))
-        .header("x-big", "a".repeat(40_000))
-        .send()
-        .await;
+    let resp = dps.client.put(register_url("d", api)).header("x-big", "a".repeat(40_000)).send().await;
     assert!(resp.map(|r| r.status().as_u16() == 431).unwrap_or(true));
     // Plain-text garbage on the TLS port does not take the server down.
     {
         use tokio::io::AsyncWriteExt;
         let mut s = tokio::net::TcpStream::connect(dps.addr).await.unwrap();
-        let _ = s
-            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x00\x01garbage")
-            .await;
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x00\x01garbage").await;
     }
-    let (status, _, body) = dps
-        .register("d", Some(&good), json!({"payload": null}))
-        .await;
+    let (status, _, body) = dps.register("d", Some(&good), json!({"payload": null})).await;
     assert_eq!(status, 202, "still serving after bad input: {body}");
     assert_eq!(body["status"], "assigned");
     assert!(!dps.log().contains("panicked"), "{}", dps.log());
@@ -575,19 +340,10 @@ async fn bad_device_input_gets_documented_errors() {
 async fn service_api_etags_paging_and_policies() {
     let extra = "[[service.policies]]\nname = \"reader\"\nprimary_key = \"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\"\nrights = [\"EnrollmentRead\"]\n";
     let dps = Dps::start(extra).await;
-    let e = dps
-        .put_enrollment(json!({"registrationId": "e-0", "attestation": {"type": "symmetricKey"}}))
-        .await;
+    let e = dps.put_enrollment(json!({"registrationId": "e-0", "attestation": {"type": "symmetricKey"}})).await;
     let etag = e["etag"].as_str().unwrap().to_string();
     assert!(etag.starts_with('"') && etag.ends_with('"'), "{etag}");
-    assert_eq!(
-        e["attestation"]["symmetricKey"]["primaryKey"]
-            .as_str()
-            .unwrap()
-            .len(),
-        88,
-        "generated 64-byte key"
-    );
+    assert_eq!(e["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap().len(), 88, "generated 64-byte key");
 
     // If-Match: stale → 412, current (quoted or not) → 200, * → 200.
     let put = |if_match: &str| {
@@ -602,20 +358,12 @@ async fn service_api_etags_paging_and_policies() {
     assert_eq!(resp.status(), 200);
     let resp = put("*").send().await.unwrap();
     assert_eq!(resp.status(), 200);
-    let resp = dps
-        .service(Method::DELETE, "/enrollments/e-0")
-        .header("If-Match", "\"stale\"")
-        .send()
-        .await
-        .unwrap();
+    let resp = dps.service(Method::DELETE, "/enrollments/e-0").header("If-Match", "\"stale\"").send().await.unwrap();
     assert_eq!(resp.status(), 412);
 
     // Paging with x-ms-max-item-count and x-ms-continuation.
     for i in 1..7 {
-        dps.put_enrollment(
-            json!({"registrationId": format!("e-{i}"), "attestation": {"type": "symmetricKey"}}),
-        )
-        .await;
+        dps.put_enrollment(json!({"registrationId": format!("e-{i}"), "attestation": {"type": "symmetricKey"}})).await;
     }
     let mut seen = Vec::new();
     let mut continuation: Option<String> = None;
@@ -630,18 +378,11 @@ async fn service_api_etags_paging_and_policies() {
         let resp = req.send().await.unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.headers()["x-ms-item-type"], "enrollment");
-        continuation = resp
-            .headers()
-            .get("x-ms-continuation")
-            .map(|v| v.to_str().unwrap().to_string());
+        continuation = resp.headers().get("x-ms-continuation").map(|v| v.to_str().unwrap().to_string());
         let page: Vec<Value> = resp.json().await.unwrap();
         assert!(page.len() <= 3);
         for e in &page {
-            assert_eq!(
-                e["attestation"],
-                json!({"type": "symmetricKey", "symmetricKey": {}}),
-                "query hides keys"
-            );
+            assert_eq!(e["attestation"], json!({"type": "symmetricKey", "symmetricKey": {}}), "query hides keys");
             seen.push(e["registrationId"].as_str().unwrap().to_string());
         }
         if continuation.is_none() {
@@ -667,7 +408,8 @@ async fn service_api_etags_paging_and_policies() {
     assert_eq!(resp.headers()["x-ms-error-code"], "400006");
 
     // Bulk: more than 10 items is refused; create of an existing one fails per item.
-    let items: Vec<Value> = (0..11).map(|i| json!({"registrationId": format!("b-{i}"), "attestation": {"type": "symmetricKey"}})).collect();
+    let items: Vec<Value> =
+        (0..11).map(|i| json!({"registrationId": format!("b-{i}"), "attestation": {"type": "symmetricKey"}})).collect();
     let resp = dps
         .service(Method::POST, "/enrollments")
         .json(&json!({"mode": "create", "enrollments": items}))
@@ -688,8 +430,7 @@ async fn service_api_etags_paging_and_policies() {
     assert_eq!(result["errors"][0]["errorCode"], 409001);
 
     // Rights: the reader policy can read, not write; a bad signature or audience is refused.
-    let reader_key =
-        dps_proto::sas::decode_key("MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=").unwrap();
+    let reader_key = dps_proto::sas::decode_key("MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=").unwrap();
     let reader = dps_proto::sas::build_token("localhost", &reader_key, now() + 60, Some("reader"));
     let get = dps
         .client
@@ -708,10 +449,7 @@ async fn service_api_etags_paging_and_policies() {
         .unwrap();
     assert_eq!(del.status(), 401);
     let err: Value = del.json().await.unwrap();
-    assert!(
-        err["message"].as_str().unwrap().contains("EnrollmentWrite"),
-        "{err}"
-    );
+    assert!(err["message"].as_str().unwrap().contains("EnrollmentWrite"), "{err}");
     let att = dps
         .client
         .post(dps.url("/enrollments/e-1/attestationmechanism?api-version=2021-10-01"))
@@ -720,8 +458,7 @@ async fn service_api_etags_paging_and_policies() {
         .await
         .unwrap();
     assert_eq!(att.status(), 401, "revealing keys needs write rights");
-    let wrong_aud =
-        dps_proto::sas::build_token("other.example", &reader_key, now() + 60, Some("reader"));
+    let wrong_aud = dps_proto::sas::build_token("other.example", &reader_key, now() + 60, Some("reader"));
     let resp = dps
         .client
         .get(dps.url("/enrollments/e-1?api-version=2021-10-01"))
@@ -730,12 +467,8 @@ async fn service_api_etags_paging_and_policies() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 401);
-    let forged = dps_proto::sas::build_token(
-        "localhost",
-        b"not the key at all",
-        now() + 60,
-        Some("provisioningserviceowner"),
-    );
+    let forged =
+        dps_proto::sas::build_token("localhost", b"not the key at all", now() + 60, Some("provisioningserviceowner"));
     let resp = dps
         .client
         .get(dps.url("/enrollments/e-1?api-version=2021-10-01"))
@@ -747,22 +480,13 @@ async fn service_api_etags_paging_and_policies() {
 
     // Validation errors name the field.
     for (body, needle) in [
-        (
-            json!({"registrationId": "v", "attestation": {"type": "none"}}),
-            "none",
-        ),
+        (json!({"registrationId": "v", "attestation": {"type": "none"}}), "none"),
         (
             json!({"registrationId": "v", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": "c2hvcnQ="}}}),
             "primaryKey",
         ),
-        (
-            json!({"registrationId": "w", "attestation": {"type": "symmetricKey"}}),
-            "does not match",
-        ),
-        (
-            json!({"registrationId": "v", "attestation": {"type": "symmetricKey"}, "deviceId": "has space"}),
-            "deviceId",
-        ),
+        (json!({"registrationId": "w", "attestation": {"type": "symmetricKey"}}), "does not match"),
+        (json!({"registrationId": "v", "attestation": {"type": "symmetricKey"}, "deviceId": "has space"}), "deviceId"),
         (
             json!({"registrationId": "v", "attestation": {"type": "symmetricKey"}, "allocationPolicy": "random"}),
             "allocationPolicy",
@@ -772,37 +496,17 @@ async fn service_api_etags_paging_and_policies() {
             "static",
         ),
     ] {
-        let resp = dps
-            .service(Method::PUT, "/enrollments/v")
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let resp = dps.service(Method::PUT, "/enrollments/v").json(&body).send().await.unwrap();
         assert_eq!(resp.status(), 400, "{body}");
         let err: Value = resp.json().await.unwrap();
-        assert!(
-            err["message"].as_str().unwrap().contains(needle),
-            "{needle}: {err}"
-        );
+        assert!(err["message"].as_str().unwrap().contains(needle), "{needle}: {err}");
     }
-    let resp = dps
-        .service(Method::GET, "/enrollments/ghost")
-        .send()
-        .await
-        .unwrap();
+    let resp = dps.service(Method::GET, "/enrollments/ghost").send().await.unwrap();
     assert_eq!(resp.status(), 404);
     assert_eq!(resp.headers()["x-ms-error-code"], "404201");
-    let resp = dps
-        .service(Method::GET, "/enrollmentGroups/ghost")
-        .send()
-        .await
-        .unwrap();
+    let resp = dps.service(Method::GET, "/enrollmentGroups/ghost").send().await.unwrap();
     assert_eq!(resp.headers()["x-ms-error-code"], "404204");
-    let resp = dps
-        .service(Method::GET, "/registrations/ghost")
-        .send()
-        .await
-        .unwrap();
+    let resp = dps.service(Method::GET, "/registrations/ghost").send().await.unwrap();
     assert_eq!(resp.headers()["x-ms-error-code"], "404202");
 }
 
@@ -813,59 +517,29 @@ async fn kill9_loses_no_acknowledged_write() {
     let group_key = key(11);
     dps.put_group(json!({"enrollmentGroupId": "g", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": group_key, "secondaryKey": key(12)}}})).await;
     let mut hubs = Vec::new();
-    for i in 0..20 {
+    for (i, hub) in hubs.iter().enumerate() {
         let id = format!("k-{i}");
-        let (status, _, body) = dps
-            .register(
-                &id,
-                Some(&dps.device_token(&id, &derive(&group_key, &id))),
-                json!({}),
-            )
-            .await;
+        let (status, _, body) =
+            dps.register(&id, Some(&dps.device_token(&id, &derive(&group_key, &id))), json!({})).await;
         assert_eq!(status, 202);
-        hubs.push(
-            body["registrationState"]["assignedHub"]
-                .as_str()
-                .unwrap()
-                .to_string(),
-        );
+        hubs.push(body["registrationState"]["assignedHub"].as_str().unwrap().to_string());
     }
     dps.kill9();
     dps.restart().await;
-    let resp = dps
-        .service(Method::POST, "/registrations/g/query")
-        .header("x-ms-max-item-count", "100")
-        .send()
-        .await
-        .unwrap();
+    let resp =
+        dps.service(Method::POST, "/registrations/g/query").header("x-ms-max-item-count", "100").send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-ms-item-type"], "deviceRegistration");
     let states: Vec<Value> = resp.json().await.unwrap();
-    assert_eq!(
-        states.len(),
-        20,
-        "every acknowledged registration survived kill -9"
-    );
-    for i in 0..20 {
+    assert_eq!(states.len(), 20, "every acknowledged registration survived kill -9");
+    for (i, hub) in hubs.iter().enumerate() {
         let id = format!("k-{i}");
-        let s = states
-            .iter()
-            .find(|s| s["registrationId"] == id.as_str())
-            .unwrap();
-        assert_eq!(s["assignedHub"], hubs[i].as_str());
+        let s = states.iter().find(|s| s["registrationId"] == id.as_str()).unwrap();
+        assert_eq!(s["assignedHub"], hub.as_str());
         // And the device lands on the same hub after the restart.
-        let (_, _, body) = dps
-            .register(
-                &id,
-                Some(&dps.device_token(&id, &derive(&group_key, &id))),
-                json!({}),
-            )
-            .await;
+        let (_, _, body) = dps.register(&id, Some(&dps.device_token(&id, &derive(&group_key, &id))), json!({})).await;
         assert_eq!(body["registrationState"]["assignedHub"], hub.as_str());
     }
     let spread: std::collections::HashSet<&String> = hubs.iter().collect();
-    assert!(
-        spread.len() >= 2,
-        "hashed allocation spreads devices: {hubs:?}"
-    );
+    assert!(spread.len() >= 2, "hashed allocation spreads devices: {hubs:?}");
 }

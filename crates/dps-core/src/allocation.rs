@@ -35,7 +35,9 @@ pub enum AllocationError {
     #[error("no linked IoT hub takes part in allocation; link a hub in the [[hubs]] section of the config or name one in the enrollment's iotHubs")]
     NoCandidates,
     /// `static` without exactly one hub.
-    #[error("static allocation needs the enrollment to name exactly one IoT hub (iotHubs or iotHubHostName); it names {0}")]
+    #[error(
+        "static allocation needs the enrollment to name exactly one IoT hub (iotHubs or iotHubHostName); it names {0}"
+    )]
     StaticNeedsOneHub(usize),
     /// A policy this engine cannot run here.
     #[error("{0}")]
@@ -54,10 +56,7 @@ pub fn candidates<'a>(
         _ => Vec::new(),
     };
     if named.is_empty() {
-        let all: Vec<&LinkedHub> = linked
-            .iter()
-            .filter(|h| h.apply_allocation_policy)
-            .collect();
+        let all: Vec<&LinkedHub> = linked.iter().filter(|h| h.apply_allocation_policy).collect();
         if all.is_empty() {
             return Err(AllocationError::NoCandidates);
         }
@@ -65,10 +64,8 @@ pub fn candidates<'a>(
     }
     let mut out = Vec::with_capacity(named.len());
     for name in named {
-        let hub = find_linked(linked, name).ok_or_else(|| AllocationError::UnknownHub {
-            hub: name.to_string(),
-            linked: linked_names(linked),
-        })?;
+        let hub = find_linked(linked, name)
+            .ok_or_else(|| AllocationError::UnknownHub { hub: name.to_string(), linked: linked_names(linked) })?;
         if !out.iter().any(|h: &&LinkedHub| std::ptr::eq(*h, hub)) {
             out.push(hub);
         }
@@ -78,9 +75,7 @@ pub fn candidates<'a>(
 
 /// Finds a linked hub by host name, case-insensitively.
 pub fn find_linked<'a>(linked: &'a [LinkedHub], name: &str) -> Option<&'a LinkedHub> {
-    linked
-        .iter()
-        .find(|h| h.host_name.eq_ignore_ascii_case(name))
+    linked.iter().find(|h| h.host_name.eq_ignore_ascii_case(name))
 }
 
 /// Comma-separated linked hub names, for messages.
@@ -88,11 +83,7 @@ pub fn linked_names(linked: &[LinkedHub]) -> String {
     if linked.is_empty() {
         return "none".into();
     }
-    linked
-        .iter()
-        .map(|h| h.host_name.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
+    linked.iter().map(|h| h.host_name.as_str()).collect::<Vec<_>>().join(", ")
 }
 
 /// Runs a built-in policy. `custom` is handled by the engine's allocation hook.
@@ -112,9 +103,9 @@ pub fn allocate<'a>(
         AllocationPolicy::Hashed | AllocationPolicy::GeoLatency => {
             hashed(candidates, registration_id).ok_or(AllocationError::NoCandidates)
         }
-        AllocationPolicy::Custom => Err(AllocationError::Unsupported(
-            "custom allocation is not available in this version of dps-rs".into(),
-        )),
+        AllocationPolicy::Custom => {
+            Err(AllocationError::Unsupported("custom allocation is not available in this version of dps-rs".into()))
+        }
     }
 }
 
@@ -126,10 +117,7 @@ pub fn hashed<'a>(candidates: &[&'a LinkedHub], registration_id: &str) -> Option
     candidates
         .iter()
         .map(|hub| (score(hub, &id), *hub))
-        .max_by(|a, b| {
-            a.0.total_cmp(&b.0)
-                .then_with(|| b.1.host_name.cmp(&a.1.host_name))
-        })
+        .max_by(|a, b| a.0.total_cmp(&b.0).then_with(|| b.1.host_name.cmp(&a.1.host_name)))
         .map(|(_, hub)| hub)
 }
 
@@ -151,11 +139,7 @@ mod tests {
     use super::*;
 
     fn hub(name: &str, weight: u32, apply: bool) -> LinkedHub {
-        LinkedHub {
-            host_name: name.into(),
-            allocation_weight: weight,
-            apply_allocation_policy: apply,
-        }
+        LinkedHub { host_name: name.into(), allocation_weight: weight, apply_allocation_policy: apply }
     }
 
     #[test]
@@ -190,10 +174,7 @@ mod tests {
         }
         for (i, want) in [0.1, 0.2, 0.7].iter().enumerate() {
             let got = counts[i] as f64 / n as f64;
-            assert!(
-                (got - want).abs() < 0.02,
-                "hub {i}: {got} vs {want} ({counts:?})"
-            );
+            assert!((got - want).abs() < 0.02, "hub {i}: {got} vs {want} ({counts:?})");
         }
     }
 
@@ -216,10 +197,7 @@ mod tests {
         let hubs = [hub("a", 1, true), hub("b", 1, false), hub("c", 1, true)];
         let (c, named) = candidates(&hubs, None, None).unwrap();
         assert!(!named);
-        assert_eq!(
-            c.iter().map(|h| h.host_name.as_str()).collect::<Vec<_>>(),
-            ["a", "c"]
-        );
+        assert_eq!(c.iter().map(|h| h.host_name.as_str()).collect::<Vec<_>>(), ["a", "c"]);
         // A hub outside the policy can still be named explicitly.
         let (c, named) = candidates(&hubs, Some(&["B".to_string()]), None).unwrap();
         assert!(named);
@@ -227,27 +205,16 @@ mod tests {
         let (c, _) = candidates(&hubs, None, Some("c")).unwrap();
         assert_eq!(c[0].host_name, "c");
         let err = candidates(&hubs, Some(&["zz".to_string()]), None).unwrap_err();
-        assert!(
-            err.to_string().contains("'zz'") && err.to_string().contains("a, b, c"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("'zz'") && err.to_string().contains("a, b, c"), "{err}");
         let none = [hub("x", 1, false)];
-        assert_eq!(
-            candidates(&none, None, None).unwrap_err(),
-            AllocationError::NoCandidates
-        );
+        assert_eq!(candidates(&none, None, None).unwrap_err(), AllocationError::NoCandidates);
     }
 
     #[test]
     fn static_needs_exactly_one_named_hub() {
         let hubs = [hub("a", 1, true), hub("b", 1, true)];
         let (c, named) = candidates(&hubs, Some(&["b".to_string()]), None).unwrap();
-        assert_eq!(
-            allocate(AllocationPolicy::Static, &c, named, "d")
-                .unwrap()
-                .host_name,
-            "b"
-        );
+        assert_eq!(allocate(AllocationPolicy::Static, &c, named, "d").unwrap().host_name, "b");
         let (c, named) = candidates(&hubs, None, None).unwrap();
         assert_eq!(
             allocate(AllocationPolicy::Static, &c, named, "d").unwrap_err(),

@@ -61,9 +61,7 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine")
-            .field("settings", &self.settings)
-            .finish_non_exhaustive()
+        f.debug_struct("Engine").field("settings", &self.settings).finish_non_exhaustive()
     }
 }
 
@@ -74,20 +72,11 @@ impl Engine {
     }
 
     /// An engine with an explicit clock (tests).
-    pub fn with_clock(
-        store: Arc<dyn Store>,
-        settings: EngineSettings,
-        clock: Arc<dyn Clock>,
-    ) -> Self {
+    pub fn with_clock(store: Arc<dyn Store>, settings: EngineSettings, clock: Arc<dyn Clock>) -> Self {
         let mut node = [0u8; 8];
         rand::thread_rng().fill_bytes(&mut node);
         let hex: String = node.iter().map(|b| format!("{b:02x}")).collect();
-        Self {
-            store,
-            settings: Arc::new(settings),
-            clock,
-            operation_prefix: Arc::from(format!("5.{hex}")),
-        }
+        Self { store, settings: Arc::new(settings), clock, operation_prefix: Arc::from(format!("5.{hex}")) }
     }
 
     /// The settings in force.
@@ -114,25 +103,16 @@ impl Engine {
 /// Parses a JSON request body into `T`, with a 400 that quotes serde's reason.
 pub(crate) fn parse_body<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, Error> {
     serde_json::from_slice(body).map_err(|e| {
-        Error::bad_request(
-            ErrorCode::INVALID_REQUEST_BODY,
-            format!("the request body is not a valid {what}: {e}"),
-        )
+        Error::bad_request(ErrorCode::INVALID_REQUEST_BODY, format!("the request body is not a valid {what}: {e}"))
     })
 }
 
 /// Parses a stored JSON document; a failure means the store holds something we did not write.
-pub(crate) fn parse_stored<T: DeserializeOwned>(
-    body: &str,
-    what: &str,
-    id: &str,
-) -> Result<T, Error> {
-    serde_json::from_str(body)
-        .map_err(|e| Error::Internal(format!("stored {what} '{id}' cannot be read: {e}")))
+pub(crate) fn parse_stored<T: DeserializeOwned>(body: &str, what: &str, id: &str) -> Result<T, Error> {
+    serde_json::from_str(body).map_err(|e| Error::Internal(format!("stored {what} '{id}' cannot be read: {e}")))
 }
 
 /// Serialises a record for the store.
 pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> Result<String, Error> {
-    serde_json::to_string(value)
-        .map_err(|e| Error::Internal(format!("cannot serialise a record: {e}")))
+    serde_json::to_string(value).map_err(|e| Error::Internal(format!("cannot serialise a record: {e}")))
 }

@@ -7,9 +7,9 @@ use base64::Engine as _;
 use dps_proto::error::ErrorCode;
 use dps_proto::ids::{validate_enrollment_group_id, validate_registration_id};
 use dps_proto::service::{
-    AllocationPolicy, AttestationMechanism, AttestationType, BulkEnrollmentGroupOperation,
-    BulkEnrollmentOperation, BulkMode, BulkOperationError, BulkOperationResult, EnrollmentCommon,
-    EnrollmentGroup, IndividualEnrollment, SymmetricKeyAttestation,
+    AllocationPolicy, AttestationMechanism, AttestationType, BulkEnrollmentGroupOperation, BulkEnrollmentOperation,
+    BulkMode, BulkOperationError, BulkOperationResult, EnrollmentCommon, EnrollmentGroup, IndividualEnrollment,
+    SymmetricKeyAttestation,
 };
 use dps_proto::timestamp;
 use rand::RngCore;
@@ -88,16 +88,9 @@ impl EnrollmentKind for IndividualEnrollment {
             validate_device_id(device_id)?;
         }
         if self.common.attestation.kind == AttestationType::X509 {
-            let has = self
-                .common
-                .attestation
-                .x509
-                .as_ref()
-                .is_some_and(|x| x.client_certificates.is_some());
+            let has = self.common.attestation.x509.as_ref().is_some_and(|x| x.client_certificates.is_some());
             if !has {
-                return Err(invalid(
-                    "an individual X.509 enrollment needs attestation.x509.clientCertificates",
-                ));
+                return Err(invalid("an individual X.509 enrollment needs attestation.x509.clientCertificates"));
             }
         }
         Ok(())
@@ -171,18 +164,10 @@ fn invalid(message: impl Into<String>) -> Error {
 pub fn validate_device_id(id: &str) -> Result<(), Error> {
     const PUNCT: &str = "-.%_*?!(),:=@$'";
     if id.is_empty() || id.len() > 128 {
-        return Err(invalid(format!(
-            "deviceId must be 1 to 128 characters; it has {}",
-            id.chars().count()
-        )));
+        return Err(invalid(format!("deviceId must be 1 to 128 characters; it has {}", id.chars().count())));
     }
-    if let Some(c) = id
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || PUNCT.contains(*c)))
-    {
-        return Err(invalid(format!(
-            "deviceId contains {c:?}; only letters, digits and {PUNCT} are allowed"
-        )));
+    if let Some(c) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || PUNCT.contains(*c))) {
+        return Err(invalid(format!("deviceId contains {c:?}; only letters, digits and {PUNCT} are allowed")));
     }
     Ok(())
 }
@@ -202,9 +187,7 @@ fn check_key(field: &str, key: &str) -> Result<(), Error> {
             KEY_BYTES.start(),
             KEY_BYTES.end()
         ))),
-        Err(_) => Err(invalid(format!(
-            "attestation.symmetricKey.{field} is not valid base64"
-        ))),
+        Err(_) => Err(invalid(format!("attestation.symmetricKey.{field} is not valid base64"))),
     }
 }
 
@@ -241,17 +224,11 @@ pub fn check_query(query: &str) -> Result<(), Error> {
 }
 
 impl Engine {
-    fn validate_common(
-        &self,
-        common: &mut EnrollmentCommon,
-        existing: Option<&EnrollmentCommon>,
-    ) -> Result<(), Error> {
+    fn validate_common(&self, common: &mut EnrollmentCommon, existing: Option<&EnrollmentCommon>) -> Result<(), Error> {
         let att = &mut common.attestation;
         match att.kind {
             AttestationType::None => {
-                return Err(invalid(
-                    "attestation.type 'none' cannot be enrolled; use symmetricKey, x509 or tpm",
-                ))
+                return Err(invalid("attestation.type 'none' cannot be enrolled; use symmetricKey, x509 or tpm"))
             }
             AttestationType::SymmetricKey => {
                 let mut sk = att.symmetric_key.take().unwrap_or_default();
@@ -275,14 +252,9 @@ impl Engine {
                 att.x509 = None;
             }
             AttestationType::Tpm => {
-                let ok = att
-                    .tpm
-                    .as_ref()
-                    .is_some_and(|t| !t.endorsement_key.trim().is_empty());
+                let ok = att.tpm.as_ref().is_some_and(|t| !t.endorsement_key.trim().is_empty());
                 if !ok {
-                    return Err(invalid(
-                        "TPM attestation needs attestation.tpm.endorsementKey",
-                    ));
+                    return Err(invalid("TPM attestation needs attestation.tpm.endorsementKey"));
                 }
                 att.symmetric_key = None;
                 att.x509 = None;
@@ -296,12 +268,7 @@ impl Engine {
             }
         }
         let linked = &self.settings.linked_hubs;
-        for hub in common
-            .iot_hubs
-            .iter()
-            .flatten()
-            .chain(common.iot_hub_host_name.iter())
-        {
+        for hub in common.iot_hubs.iter().flatten().chain(common.iot_hub_host_name.iter()) {
             if find_linked(linked, hub).is_none() {
                 return Err(invalid(format!(
                     "IoT hub '{hub}' is not a linked hub; linked hubs: {}",
@@ -311,18 +278,20 @@ impl Engine {
         }
         if let Some(twin) = &common.initial_twin {
             if !twin.is_object() {
-                return Err(invalid(
-                    "initialTwin must be a JSON object with optional 'tags' and 'properties'",
-                ));
+                return Err(invalid("initialTwin must be a JSON object with optional 'tags' and 'properties'"));
             }
         }
         match common.allocation_policy {
             Some(AllocationPolicy::Custom) if common.custom_allocation_definition.is_none() => {
-                return Err(invalid("allocationPolicy 'custom' needs customAllocationDefinition {webhookUrl, apiVersion}"))
+                return Err(invalid(
+                    "allocationPolicy 'custom' needs customAllocationDefinition {webhookUrl, apiVersion}",
+                ))
             }
             Some(AllocationPolicy::Static) => {
                 let named = common.iot_hubs.as_ref().map_or(0, Vec::len)
-                    + usize::from(common.iot_hubs.as_ref().is_none_or(Vec::is_empty) && common.iot_hub_host_name.is_some());
+                    + usize::from(
+                        common.iot_hubs.as_ref().is_none_or(Vec::is_empty) && common.iot_hub_host_name.is_some(),
+                    );
                 if named != 1 {
                     return Err(invalid(format!(
                         "allocationPolicy 'static' needs exactly one hub in iotHubs (or iotHubHostName); {named} given"
@@ -333,9 +302,7 @@ impl Engine {
         }
         if let Some(def) = &common.custom_allocation_definition {
             if def.webhook_url.trim().is_empty() || def.api_version.trim().is_empty() {
-                return Err(invalid(
-                    "customAllocationDefinition needs a webhookUrl and an apiVersion",
-                ));
+                return Err(invalid("customAllocationDefinition needs a webhookUrl and an apiVersion"));
             }
         }
         common.created_date_time_utc = None;
@@ -359,8 +326,7 @@ impl Engine {
         if_match: &IfMatch,
     ) -> Result<R, Error> {
         let value: Value = parse_body(body, &format!("{} (JSON)", R::NOUN))?;
-        self.put_enrollment_value::<R>(path_id, value, if_match, false)
-            .await
+        self.put_enrollment_value::<R>(path_id, value, if_match, false).await
     }
 
     async fn put_enrollment_value<R: EnrollmentKind>(
@@ -372,10 +338,7 @@ impl Engine {
     ) -> Result<R, Error> {
         R::validate_id(path_id)?;
         let obj = value.as_object_mut().ok_or_else(|| {
-            Error::bad_request(
-                ErrorCode::INVALID_REQUEST_BODY,
-                format!("the {} must be a JSON object", R::NOUN),
-            )
+            Error::bad_request(ErrorCode::INVALID_REQUEST_BODY, format!("the {} must be a JSON object", R::NOUN))
         })?;
         match obj.get(R::ID_FIELD) {
             None | Some(Value::Null) => {
@@ -407,10 +370,7 @@ impl Engine {
                 None => None,
             };
             if create_only && existing.is_some() {
-                return Err(Error::Conflict(format!(
-                    "{} '{path_id}' already exists",
-                    R::NOUN
-                )));
+                return Err(Error::Conflict(format!("{} '{path_id}' already exists", R::NOUN)));
             }
             let stored_etag = existing.as_ref().and_then(|e| e.common().etag.clone());
             if !if_match.allows(stored_etag.as_deref()) {
@@ -424,9 +384,7 @@ impl Engine {
             record.validate_and_normalise()?;
             self.validate_common(record.common_mut(), existing.as_ref().map(|e| e.common()))?;
             let now = timestamp::format_millis(self.clock.now_millis());
-            let created = existing
-                .as_ref()
-                .and_then(|e| e.common().created_date_time_utc.clone());
+            let created = existing.as_ref().and_then(|e| e.common().created_date_time_utc.clone());
             let common = record.common_mut();
             common.created_date_time_utc = Some(created.unwrap_or_else(|| now.clone()));
             common.last_updated_date_time_utc = Some(now);
@@ -443,23 +401,12 @@ impl Engine {
                 body: to_json(&record)?,
                 expires_at: None,
             };
-            match self
-                .store
-                .write(vec![Write::Put {
-                    collection: R::COLLECTION,
-                    document,
-                    condition,
-                }])
-                .await
-            {
+            match self.store.write(vec![Write::Put { collection: R::COLLECTION, document, condition }]).await {
                 Ok(()) => return Ok(record),
                 Err(StoreError::PreconditionFailed(_) | StoreError::AlreadyExists(_))
                     if *if_match == IfMatch::Any && attempts < 5 && !create_only => {}
                 Err(StoreError::AlreadyExists(_)) if create_only => {
-                    return Err(Error::Conflict(format!(
-                        "{} '{path_id}' already exists",
-                        R::NOUN
-                    )))
+                    return Err(Error::Conflict(format!("{} '{path_id}' already exists", R::NOUN)))
                 }
                 Err(StoreError::PreconditionFailed(_) | StoreError::AlreadyExists(_)) => {
                     return Err(Error::PreconditionFailed(format!(
@@ -482,27 +429,16 @@ impl Engine {
     }
 
     /// The attestation mechanism with secrets (the CLI's `--show-keys`).
-    pub async fn get_attestation_mechanism<R: EnrollmentKind>(
-        &self,
-        id: &str,
-    ) -> Result<AttestationMechanism, Error> {
+    pub async fn get_attestation_mechanism<R: EnrollmentKind>(&self, id: &str) -> Result<AttestationMechanism, Error> {
         R::validate_id(id)?;
         let r: R = self.load(id).await?.ok_or_else(|| not_found::<R>(id))?;
         Ok(r.common().attestation.clone())
     }
 
     /// Deletes a record. Registration states of a deleted group are kept (protocol.md §10.5).
-    pub async fn delete_enrollment_record<R: EnrollmentKind>(
-        &self,
-        id: &str,
-        if_match: &IfMatch,
-    ) -> Result<(), Error> {
+    pub async fn delete_enrollment_record<R: EnrollmentKind>(&self, id: &str, if_match: &IfMatch) -> Result<(), Error> {
         R::validate_id(id)?;
-        let current = self
-            .store
-            .get(R::COLLECTION, id)
-            .await?
-            .ok_or_else(|| not_found::<R>(id))?;
+        let current = self.store.get(R::COLLECTION, id).await?.ok_or_else(|| not_found::<R>(id))?;
         let existing: R = parse_stored(&current.body, R::NOUN, id)?;
         if !if_match.allows(existing.common().etag.as_deref()) {
             return Err(precondition_failed::<R>(id, true));
@@ -531,9 +467,7 @@ impl Engine {
         continuation: Option<&str>,
     ) -> Result<QueryPage<R>, Error> {
         check_query(query)?;
-        let page = self
-            .list_page(R::COLLECTION, None, page_size, continuation)
-            .await?;
+        let page = self.list_page(R::COLLECTION, None, page_size, continuation).await?;
         let items = page
             .documents
             .iter()
@@ -544,10 +478,7 @@ impl Engine {
                 Ok(r)
             })
             .collect::<Result<Vec<R>, Error>>()?;
-        Ok(QueryPage {
-            items,
-            continuation: page.continuation,
-        })
+        Ok(QueryPage { items, continuation: page.continuation })
     }
 
     pub(crate) async fn list_page(
@@ -558,23 +489,15 @@ impl Engine {
         continuation: Option<&str>,
     ) -> Result<Page, Error> {
         let limit = page_size.clamp(1, MAX_PAGE_SIZE);
-        self.store
-            .list(collection, partition, continuation, limit)
-            .await
-            .map_err(|e| match e {
-                StoreError::Corrupt(m) => Error::bad_request(
-                    ErrorCode::INVALID_ARGUMENT,
-                    format!("invalid x-ms-continuation token: {m}"),
-                ),
-                other => other.into(),
-            })
+        self.store.list(collection, partition, continuation, limit).await.map_err(|e| match e {
+            StoreError::Corrupt(m) => {
+                Error::bad_request(ErrorCode::INVALID_ARGUMENT, format!("invalid x-ms-continuation token: {m}"))
+            }
+            other => other.into(),
+        })
     }
 
-    async fn bulk<R: EnrollmentKind>(
-        &self,
-        mode: BulkMode,
-        items: Vec<Value>,
-    ) -> Result<BulkOperationResult, Error> {
+    async fn bulk<R: EnrollmentKind>(&self, mode: BulkMode, items: Vec<Value>) -> Result<BulkOperationResult, Error> {
         if items.len() > MAX_BULK_ITEMS {
             return Err(invalid(format!(
                 "a bulk operation takes at most {MAX_BULK_ITEMS} items; {} given",
@@ -583,31 +506,16 @@ impl Engine {
         }
         let mut errors = Vec::new();
         for item in items {
-            let id = item
-                .get(R::ID_FIELD)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string();
+            let id = item.get(R::ID_FIELD).and_then(Value::as_str).unwrap_or_default().to_string();
             let etag = item.get("etag").and_then(Value::as_str).map(str::to_string);
             let result = match mode {
-                BulkMode::Create => self
-                    .put_enrollment_value::<R>(&id, item, &IfMatch::Any, true)
-                    .await
-                    .map(drop),
-                BulkMode::Update => self
-                    .put_enrollment_value::<R>(&id, item, &IfMatch::Any, false)
-                    .await
-                    .map(drop),
+                BulkMode::Create => self.put_enrollment_value::<R>(&id, item, &IfMatch::Any, true).await.map(drop),
+                BulkMode::Update => self.put_enrollment_value::<R>(&id, item, &IfMatch::Any, false).await.map(drop),
                 BulkMode::UpdateIfMatchETag => {
                     let cond = IfMatch::parse(Some(etag.as_deref().unwrap_or("\"\"")));
-                    self.put_enrollment_value::<R>(&id, item, &cond, false)
-                        .await
-                        .map(drop)
+                    self.put_enrollment_value::<R>(&id, item, &cond, false).await.map(drop)
                 }
-                BulkMode::Delete => {
-                    self.delete_enrollment_record::<R>(&id, &IfMatch::parse(etag.as_deref()))
-                        .await
-                }
+                BulkMode::Delete => self.delete_enrollment_record::<R>(&id, &IfMatch::parse(etag.as_deref())).await,
             };
             if let Err(e) = result {
                 if matches!(e, Error::Internal(_) | Error::Unavailable(_)) {
@@ -616,25 +524,20 @@ impl Engine {
                 errors.push(R::bulk_error(id, e.code().0, e.to_string()));
             }
         }
-        Ok(BulkOperationResult {
-            is_successful: errors.is_empty(),
-            errors,
-        })
+        Ok(BulkOperationResult { is_successful: errors.is_empty(), errors })
     }
 
     /// Runs a bulk operation on individual enrollments (at most 10 items; each item
     /// succeeds or fails on its own).
     pub async fn bulk_enrollments(&self, body: &[u8]) -> Result<BulkOperationResult, Error> {
         let op: BulkEnrollmentOperation = parse_body(body, "bulk enrollment operation")?;
-        self.bulk::<IndividualEnrollment>(op.mode, op.enrollments)
-            .await
+        self.bulk::<IndividualEnrollment>(op.mode, op.enrollments).await
     }
 
     /// Runs a bulk operation on enrollment groups.
     pub async fn bulk_enrollment_groups(&self, body: &[u8]) -> Result<BulkOperationResult, Error> {
         let op: BulkEnrollmentGroupOperation = parse_body(body, "bulk enrollment group operation")?;
-        self.bulk::<EnrollmentGroup>(op.mode, op.enrollment_groups)
-            .await
+        self.bulk::<EnrollmentGroup>(op.mode, op.enrollment_groups).await
     }
 }
 
@@ -649,10 +552,7 @@ fn precondition_failed<R: EnrollmentKind>(id: &str, exists: bool) -> Error {
             R::NOUN
         ))
     } else {
-        Error::PreconditionFailed(format!(
-            "{} '{id}' does not exist, so If-Match cannot match",
-            R::NOUN
-        ))
+        Error::PreconditionFailed(format!("{} '{id}' does not exist, so If-Match cannot match", R::NOUN))
     }
 }
 
@@ -662,24 +562,11 @@ mod tests {
 
     #[test]
     fn queries() {
-        for ok in [
-            "SELECT *",
-            "select * from enrollments",
-            "  SELECT  *  FROM c ",
-        ] {
+        for ok in ["SELECT *", "select * from enrollments", "  SELECT  *  FROM c "] {
             assert!(check_query(ok).is_ok(), "{ok}");
         }
-        for bad in [
-            "",
-            "DELETE",
-            "SELECT * FROM enrollments WHERE x = 1",
-            "SELECT registrationId",
-        ] {
-            assert_eq!(
-                check_query(bad).unwrap_err().code(),
-                ErrorCode::INVALID_QUERY,
-                "{bad}"
-            );
+        for bad in ["", "DELETE", "SELECT * FROM enrollments WHERE x = 1", "SELECT registrationId"] {
+            assert_eq!(check_query(bad).unwrap_err().code(), ErrorCode::INVALID_QUERY, "{bad}");
         }
     }
 
@@ -703,9 +590,6 @@ mod tests {
             }),
         };
         let json = serde_json::to_value(without_secrets(&a)).unwrap();
-        assert_eq!(
-            json,
-            serde_json::json!({"type":"symmetricKey","symmetricKey":{}})
-        );
+        assert_eq!(json, serde_json::json!({"type":"symmetricKey","symmetricKey":{}}));
     }
 }

@@ -60,18 +60,12 @@ impl Error {
 
     /// Shorthand for a 400 with a code.
     pub fn bad_request(code: ErrorCode, message: impl Into<String>) -> Self {
-        Error::BadRequest {
-            code,
-            message: message.into(),
-        }
+        Error::BadRequest { code, message: message.into() }
     }
 
     /// Shorthand for a 404 with a code.
     pub fn not_found(code: ErrorCode, message: impl Into<String>) -> Self {
-        Error::NotFound {
-            code,
-            message: message.into(),
-        }
+        Error::NotFound { code, message: message.into() }
     }
 }
 
@@ -81,9 +75,7 @@ impl From<StoreError> for Error {
             StoreError::PreconditionFailed(m) => Error::PreconditionFailed(m),
             StoreError::AlreadyExists(m) => Error::Conflict(m),
             StoreError::NotFound(m) => Error::not_found(ErrorCode::ROUTE_NOT_FOUND, m),
-            StoreError::Unavailable(m) => {
-                Error::Unavailable(format!("the store is unavailable: {m}"))
-            }
+            StoreError::Unavailable(m) => Error::Unavailable(format!("the store is unavailable: {m}")),
             StoreError::Corrupt(m) => Error::Internal(format!("corrupt record in the store: {m}")),
             StoreError::Other(m) => Error::Internal(m),
         }

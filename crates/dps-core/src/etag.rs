@@ -55,9 +55,7 @@ impl IfMatch {
 fn normalize(v: &str) -> &str {
     let v = v.trim();
     let v = v.strip_prefix("W/").unwrap_or(v);
-    v.strip_prefix('"')
-        .and_then(|s| s.strip_suffix('"'))
-        .unwrap_or(v)
+    v.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(v)
 }
 
 #[cfg(test)]

@@ -12,8 +12,7 @@ use dps_proto::device::{
 };
 use dps_proto::error::ErrorCode;
 use dps_proto::ids::{
-    id_key, validate_enrollment_group_id, validate_id_scope, validate_operation_id,
-    validate_registration_id,
+    id_key, validate_enrollment_group_id, validate_id_scope, validate_operation_id, validate_registration_id,
 };
 use dps_proto::sas::{device_resource, SasToken};
 use dps_proto::service::{
@@ -182,9 +181,7 @@ impl RegistrationRecord {
             tpm: None,
             x509: None,
             symmetric_key: match (self.attestation, &self.enrollment_group_id) {
-                (AttestationType::SymmetricKey, Some(g)) => {
-                    Some(serde_json::json!({ "enrollmentGroupId": g }))
-                }
+                (AttestationType::SymmetricKey, Some(g)) => Some(serde_json::json!({ "enrollmentGroupId": g })),
                 _ => None,
             },
         }
@@ -230,14 +227,11 @@ fn unauthorized(message: impl Into<String>) -> Error {
 
 impl Engine {
     fn check_scope_and_id(&self, id_scope: &str, registration_id: &str) -> Result<(), Error> {
-        validate_id_scope(id_scope)
-            .map_err(|e| Error::bad_request(ErrorCode::INVALID_IDENTIFIER, e.to_string()))?;
+        validate_id_scope(id_scope).map_err(|e| Error::bad_request(ErrorCode::INVALID_IDENTIFIER, e.to_string()))?;
         validate_registration_id(registration_id)
             .map_err(|e| Error::bad_request(ErrorCode::INVALID_IDENTIFIER, e.to_string()))?;
         if !id_scope.eq_ignore_ascii_case(&self.settings.id_scope) {
-            return Err(unauthorized(format!(
-                "ID scope '{id_scope}' is not served by this instance"
-            )));
+            return Err(unauthorized(format!("ID scope '{id_scope}' is not served by this instance")));
         }
         Ok(())
     }
@@ -259,8 +253,7 @@ impl Engine {
                 ))
             }
         };
-        let token =
-            SasToken::parse(text).map_err(|e| unauthorized(format!("invalid SAS token: {e}")))?;
+        let token = SasToken::parse(text).map_err(|e| unauthorized(format!("invalid SAS token: {e}")))?;
         let now = self.clock.now_secs();
         if token.is_expired(now, self.settings.sas_clock_skew_secs) {
             return Err(unauthorized(format!(
@@ -275,34 +268,20 @@ impl Engine {
                 token.resource
             )));
         }
-        let individual: Option<IndividualEnrollment> = match self
-            .store
-            .get(Collection::Enrollments, registration_id)
-            .await?
-        {
-            Some(doc) => Some(parse_stored(&doc.body, "enrollment", registration_id)?),
-            None => None,
-        };
+        let individual: Option<IndividualEnrollment> =
+            match self.store.get(Collection::Enrollments, registration_id).await? {
+                Some(doc) => Some(parse_stored(&doc.body, "enrollment", registration_id)?),
+                None => None,
+            };
         if let Some(e) = individual {
-            let signed = match (
-                e.common.attestation.kind,
-                &e.common.attestation.symmetric_key,
-            ) {
-                (AttestationType::SymmetricKey, Some(sk)) => {
-                    verify_individual(&token, sk).is_some()
-                }
+            let signed = match (e.common.attestation.kind, &e.common.attestation.symmetric_key) {
+                (AttestationType::SymmetricKey, Some(sk)) => verify_individual(&token, sk).is_some(),
                 _ => false,
             };
             // A disabled individual enrollment also answers for a group member's key, so
             // that it revokes that member (protocol.md §10.1).
             let disabled = e.common.provisioning_status == Some(ProvisioningStatus::Disabled);
-            if signed
-                || (disabled
-                    && self
-                        .find_group_for(&token, registration_id)
-                        .await?
-                        .is_some())
-            {
+            if signed || (disabled && self.find_group_for(&token, registration_id).await?.is_some()) {
                 return Ok(ResolvedEnrollment::Individual(e));
             }
             tracing::info!(registration_id, attestation = ?e.common.attestation.kind,
@@ -314,10 +293,7 @@ impl Engine {
         match self.find_group_for(&token, registration_id).await? {
             Some(g) => Ok(ResolvedEnrollment::Group(g)),
             None => {
-                tracing::info!(
-                    registration_id,
-                    "SAS rejected: no individual enrollment and no group key matches"
-                );
+                tracing::info!(registration_id, "SAS rejected: no individual enrollment and no group key matches");
                 Err(unauthorized(format!(
                     "no enrollment accepts this SAS token for registration ID '{registration_id}': check the key (or the group key it was derived from) and the registration ID"
                 )))
@@ -325,22 +301,10 @@ impl Engine {
         }
     }
 
-    async fn find_group_for(
-        &self,
-        token: &SasToken,
-        registration_id: &str,
-    ) -> Result<Option<EnrollmentGroup>, Error> {
+    async fn find_group_for(&self, token: &SasToken, registration_id: &str) -> Result<Option<EnrollmentGroup>, Error> {
         let mut continuation: Option<String> = None;
         loop {
-            let page = self
-                .store
-                .list(
-                    Collection::EnrollmentGroups,
-                    None,
-                    continuation.as_deref(),
-                    500,
-                )
-                .await?;
+            let page = self.store.list(Collection::EnrollmentGroups, None, continuation.as_deref(), 500).await?;
             for doc in &page.documents {
                 let g: EnrollmentGroup = parse_stored(&doc.body, "enrollment group", &doc.id)?;
                 if g.common.attestation.kind != AttestationType::SymmetricKey {
@@ -363,40 +327,24 @@ impl Engine {
         match payload {
             None | Some(Value::Null) => Ok(None),
             Some(v @ Value::Object(_)) => {
-                let size = serde_json::to_vec(&v)
-                    .map(|b| b.len())
-                    .unwrap_or(usize::MAX);
+                let size = serde_json::to_vec(&v).map(|b| b.len()).unwrap_or(usize::MAX);
                 if size > self.settings.max_payload_bytes {
                     return Err(Error::bad_request(
                         ErrorCode::INVALID_PAYLOAD,
-                        format!(
-                            "the payload is {size} bytes; the limit is {} bytes",
-                            self.settings.max_payload_bytes
-                        ),
+                        format!("the payload is {size} bytes; the limit is {} bytes", self.settings.max_payload_bytes),
                     ));
                 }
                 Ok(Some(v))
             }
             Some(other) => Err(Error::bad_request(
                 ErrorCode::INVALID_PAYLOAD,
-                format!(
-                    "the payload must be a JSON object (or null); got {}",
-                    json_kind(&other)
-                ),
+                format!("the payload must be a JSON object (or null); got {}", json_kind(&other)),
             )),
         }
     }
 
-    fn parse_registration_body(
-        &self,
-        registration_id: &str,
-        body: &[u8],
-    ) -> Result<DeviceRegistration, Error> {
-        let trimmed = body
-            .iter()
-            .copied()
-            .skip_while(u8::is_ascii_whitespace)
-            .count();
+    fn parse_registration_body(&self, registration_id: &str, body: &[u8]) -> Result<DeviceRegistration, Error> {
+        let trimmed = body.iter().copied().skip_while(u8::is_ascii_whitespace).count();
         if trimmed == 0 {
             return Ok(DeviceRegistration::default());
         }
@@ -405,7 +353,9 @@ impl Engine {
             if !id.eq_ignore_ascii_case(registration_id) {
                 return Err(Error::bad_request(
                     ErrorCode::INVALID_ARGUMENT,
-                    format!("registrationId in the body ('{id}') does not match the one in the path ('{registration_id}')"),
+                    format!(
+                        "registrationId in the body ('{id}') does not match the one in the path ('{registration_id}')"
+                    ),
                 ));
             }
         }
@@ -428,14 +378,11 @@ impl Engine {
         self.check_scope_and_id(&req.id_scope, &req.registration_id)?;
         let body = self.parse_registration_body(&req.registration_id, &req.body)?;
         let payload = self.check_payload(body.payload)?;
-        let enrollment = self
-            .authenticate(&req.id_scope, &req.registration_id, &req.credential)
-            .await?;
+        let enrollment = self.authenticate(&req.id_scope, &req.registration_id, &req.credential).await?;
         let operation_id = self.new_operation_id();
         let now = self.clock.now_millis();
-        let expires = now.saturating_add(
-            i64::try_from(self.settings.operation_retention_secs).unwrap_or(i64::MAX / 2) * 1000,
-        );
+        let expires =
+            now.saturating_add(i64::try_from(self.settings.operation_retention_secs).unwrap_or(i64::MAX / 2) * 1000);
 
         if enrollment.common().provisioning_status == Some(ProvisioningStatus::Disabled) {
             tracing::info!(registration_id = %req.registration_id, enrollment = %enrollment.describe(), "registration refused: enrollment disabled");
@@ -453,34 +400,19 @@ impl Engine {
                 device_payload: payload,
                 result,
             };
-            self.store
-                .write(vec![put_operation(&operation_id, &op, expires)?])
-                .await?;
+            self.store.write(vec![put_operation(&operation_id, &op, expires)?]).await?;
             return Ok(self.reply_for_register(op.result));
         }
 
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let current = self
-                .store
-                .get(Collection::Registrations, &req.registration_id)
-                .await?;
+            let current = self.store.get(Collection::Registrations, &req.registration_id).await?;
             let previous: Option<RegistrationRecord> = match &current {
-                Some(doc) => Some(parse_stored(
-                    &doc.body,
-                    "registration",
-                    &req.registration_id,
-                )?),
+                Some(doc) => Some(parse_stored(&doc.body, "registration", &req.registration_id)?),
                 None => None,
             };
-            let record = self.allocate_record(
-                &req.registration_id,
-                &enrollment,
-                previous.as_ref(),
-                &operation_id,
-                now,
-            );
+            let record = self.allocate_record(&req.registration_id, &enrollment, previous.as_ref(), &operation_id, now);
             let result = RegistrationOperationStatus {
                 operation_id: operation_id.clone(),
                 status: record.status,
@@ -504,11 +436,7 @@ impl Engine {
                 None => Condition::IfAbsent,
             };
             let writes = vec![
-                Write::Put {
-                    collection: Collection::Registrations,
-                    document: registration,
-                    condition,
-                },
+                Write::Put { collection: Collection::Registrations, document: registration, condition },
                 put_operation(&operation_id, &op, expires)?,
             ];
             match self.store.write(writes).await {
@@ -518,11 +446,7 @@ impl Engine {
                         error_code = record.error_code.unwrap_or(0), "registration");
                     return Ok(self.reply_for_register(op.result));
                 }
-                Err(StoreError::PreconditionFailed(_) | StoreError::AlreadyExists(_))
-                    if attempts < 5 =>
-                {
-                    continue
-                }
+                Err(StoreError::PreconditionFailed(_) | StoreError::AlreadyExists(_)) if attempts < 5 => continue,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -537,29 +461,16 @@ impl Engine {
         now: i64,
     ) -> RegistrationRecord {
         let common = enrollment.common();
-        let policy = common
-            .allocation_policy
-            .unwrap_or(self.settings.default_allocation_policy);
-        let chosen = candidates(
-            &self.settings.linked_hubs,
-            common.iot_hubs.as_deref(),
-            common.iot_hub_host_name.as_deref(),
-        )
-        .and_then(|(c, named)| {
-            allocate(policy, &c, named, registration_id).map(|h| h.host_name.clone())
-        });
+        let policy = common.allocation_policy.unwrap_or(self.settings.default_allocation_policy);
+        let chosen =
+            candidates(&self.settings.linked_hubs, common.iot_hubs.as_deref(), common.iot_hub_host_name.as_deref())
+                .and_then(|(c, named)| allocate(policy, &c, named, registration_id).map(|h| h.host_name.clone()));
         let device_id = match enrollment {
-            ResolvedEnrollment::Individual(e) => e
-                .device_id
-                .clone()
-                .unwrap_or_else(|| registration_id.to_string()),
+            ResolvedEnrollment::Individual(e) => e.device_id.clone().unwrap_or_else(|| registration_id.to_string()),
             ResolvedEnrollment::Group(_) => registration_id.to_string(),
         };
         let mut record = RegistrationRecord {
-            registration_id: previous.map_or_else(
-                || registration_id.to_string(),
-                |p| p.registration_id.clone(),
-            ),
+            registration_id: previous.map_or_else(|| registration_id.to_string(), |p| p.registration_id.clone()),
             enrollment_group_id: enrollment.group_id().map(str::to_string),
             attestation: common.attestation.kind,
             created_millis: previous.map_or(now, |p| p.created_millis),
@@ -587,15 +498,10 @@ impl Engine {
                 record.status = RegistrationStatus::Failed;
                 record.substatus = None;
                 record.error_code = Some(code.0);
-                record.error_message = Some(format!(
-                    "allocation failed for {}: {e}",
-                    enrollment.describe()
-                ));
+                record.error_message = Some(format!("allocation failed for {}: {e}", enrollment.describe()));
                 // Keep the current assignment for later re-registrations.
                 record.assigned_hub = previous.and_then(|p| p.assigned_hub.clone());
-                record.device_id = previous
-                    .and_then(|p| p.device_id.clone())
-                    .or(record.device_id);
+                record.device_id = previous.and_then(|p| p.device_id.clone()).or(record.device_id);
                 record.initial_twin = previous.and_then(|p| p.initial_twin.clone());
             }
         }
@@ -613,10 +519,7 @@ impl Engine {
                 retry_after: Some(self.settings.retry_after_secs),
             };
         }
-        DeviceReply {
-            operation: result,
-            retry_after: None,
-        }
+        DeviceReply { operation: result, retry_after: None }
     }
 
     /// Answers an operation-status poll.
@@ -630,29 +533,20 @@ impl Engine {
         self.check_scope_and_id(id_scope, registration_id)?;
         validate_operation_id(operation_id)
             .map_err(|e| Error::bad_request(ErrorCode::INVALID_IDENTIFIER, e.to_string()))?;
-        self.authenticate(id_scope, registration_id, credential)
-            .await?;
+        self.authenticate(id_scope, registration_id, credential).await?;
         let not_found = || {
             Error::not_found(
                 ErrorCode::OPERATION_NOT_FOUND,
                 format!("operation '{operation_id}' does not exist for registration ID '{registration_id}' (unknown or expired)"),
             )
         };
-        let doc = self
-            .store
-            .get(Collection::Operations, operation_id)
-            .await?
-            .ok_or_else(not_found)?;
+        let doc = self.store.get(Collection::Operations, operation_id).await?.ok_or_else(not_found)?;
         let op: OperationRecord = parse_stored(&doc.body, "operation", operation_id)?;
         if !op.registration_id.eq_ignore_ascii_case(registration_id) {
             return Err(not_found());
         }
-        let retry_after = (op.result.status == RegistrationStatus::Assigning)
-            .then_some(self.settings.retry_after_secs);
-        Ok(DeviceReply {
-            operation: op.result,
-            retry_after,
-        })
+        let retry_after = (op.result.status == RegistrationStatus::Assigning).then_some(self.settings.retry_after_secs);
+        Ok(DeviceReply { operation: op.result, retry_after })
     }
 
     /// Answers a device registration status lookup (`POST /{scope}/registrations/{id}`).
@@ -665,58 +559,39 @@ impl Engine {
     ) -> Result<DeviceRegistrationResult, Error> {
         self.check_scope_and_id(id_scope, registration_id)?;
         self.parse_registration_body(registration_id, body)?;
-        self.authenticate(id_scope, registration_id, credential)
-            .await?;
+        self.authenticate(id_scope, registration_id, credential).await?;
         let record = self.load_registration(registration_id).await?;
         Ok(record.to_device_result())
     }
 
     async fn load_registration(&self, registration_id: &str) -> Result<RegistrationRecord, Error> {
-        let doc = self
-            .store
-            .get(Collection::Registrations, registration_id)
-            .await?
-            .ok_or_else(|| {
-                Error::not_found(
-                    ErrorCode::REGISTRATION_NOT_FOUND,
-                    format!("no registration state for registration ID '{registration_id}'"),
-                )
-            })?;
+        let doc = self.store.get(Collection::Registrations, registration_id).await?.ok_or_else(|| {
+            Error::not_found(
+                ErrorCode::REGISTRATION_NOT_FOUND,
+                format!("no registration state for registration ID '{registration_id}'"),
+            )
+        })?;
         parse_stored(&doc.body, "registration", registration_id)
     }
 
     /// Service API: reads a registration state.
-    pub async fn get_registration_state(
-        &self,
-        registration_id: &str,
-    ) -> Result<DeviceRegistrationState, Error> {
+    pub async fn get_registration_state(&self, registration_id: &str) -> Result<DeviceRegistrationState, Error> {
         validate_registration_id(registration_id)
             .map_err(|e| Error::bad_request(ErrorCode::INVALID_IDENTIFIER, e.to_string()))?;
-        Ok(self
-            .load_registration(registration_id)
-            .await?
-            .to_service_state())
+        Ok(self.load_registration(registration_id).await?.to_service_state())
     }
 
     /// Service API: deletes a registration state; the device's next registration is an
     /// initial assignment.
-    pub async fn delete_registration_state(
-        &self,
-        registration_id: &str,
-        if_match: &IfMatch,
-    ) -> Result<(), Error> {
+    pub async fn delete_registration_state(&self, registration_id: &str, if_match: &IfMatch) -> Result<(), Error> {
         validate_registration_id(registration_id)
             .map_err(|e| Error::bad_request(ErrorCode::INVALID_IDENTIFIER, e.to_string()))?;
-        let doc = self
-            .store
-            .get(Collection::Registrations, registration_id)
-            .await?
-            .ok_or_else(|| {
-                Error::not_found(
-                    ErrorCode::REGISTRATION_NOT_FOUND,
-                    format!("no registration state for registration ID '{registration_id}'"),
-                )
-            })?;
+        let doc = self.store.get(Collection::Registrations, registration_id).await?.ok_or_else(|| {
+            Error::not_found(
+                ErrorCode::REGISTRATION_NOT_FOUND,
+                format!("no registration state for registration ID '{registration_id}'"),
+            )
+        })?;
         if !if_match.allows(Some(&doc.etag)) {
             return Err(Error::PreconditionFailed(format!(
                 "the If-Match ETag does not match the registration state of '{registration_id}'; read it again to get its current etag"
@@ -750,34 +625,17 @@ impl Engine {
         validate_enrollment_group_id(enrollment_group_id)
             .map_err(|e| Error::bad_request(ErrorCode::INVALID_IDENTIFIER, e.to_string()))?;
         let key = id_key(enrollment_group_id);
-        let page = self
-            .list_page(
-                Collection::Registrations,
-                Some(&key),
-                page_size,
-                continuation,
-            )
-            .await?;
+        let page = self.list_page(Collection::Registrations, Some(&key), page_size, continuation).await?;
         let items = page
             .documents
             .iter()
-            .map(|d| {
-                parse_stored::<RegistrationRecord>(&d.body, "registration", &d.id)
-                    .map(|r| r.to_service_state())
-            })
+            .map(|d| parse_stored::<RegistrationRecord>(&d.body, "registration", &d.id).map(|r| r.to_service_state()))
             .collect::<Result<Vec<_>, Error>>()?;
-        Ok(QueryPage {
-            items,
-            continuation: page.continuation,
-        })
+        Ok(QueryPage { items, continuation: page.continuation })
     }
 }
 
-fn put_operation(
-    operation_id: &str,
-    op: &OperationRecord,
-    expires_at: i64,
-) -> Result<Write, Error> {
+fn put_operation(operation_id: &str, op: &OperationRecord, expires_at: i64) -> Result<Write, Error> {
     Ok(Write::Put {
         collection: Collection::Operations,
         document: Document {

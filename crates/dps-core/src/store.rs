@@ -19,12 +19,8 @@ pub enum Collection {
 
 impl Collection {
     /// All collections.
-    pub const ALL: [Collection; 4] = [
-        Collection::Enrollments,
-        Collection::EnrollmentGroups,
-        Collection::Registrations,
-        Collection::Operations,
-    ];
+    pub const ALL: [Collection; 4] =
+        [Collection::Enrollments, Collection::EnrollmentGroups, Collection::Registrations, Collection::Operations];
 
     /// A stable small number for storage.
     pub fn tag(self) -> i64 {

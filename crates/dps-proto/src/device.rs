@@ -160,8 +160,7 @@ mod tests {
 
     #[test]
     fn python_null_payload_is_absent() {
-        let r: DeviceRegistration =
-            serde_json::from_str(r#"{"payload": null, "registrationId": "d"}"#).unwrap();
+        let r: DeviceRegistration = serde_json::from_str(r#"{"payload": null, "registrationId": "d"}"#).unwrap();
         assert_eq!(r.payload, None);
         assert_eq!(r.registration_id.as_deref(), Some("d"));
         let empty: DeviceRegistration = serde_json::from_str("{}").unwrap();

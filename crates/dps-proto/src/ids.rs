@@ -37,13 +37,7 @@ pub enum IdError {
     BadEnd(&'static str),
 }
 
-fn check(
-    kind: &'static str,
-    id: &str,
-    max: usize,
-    punct: &[char],
-    allowed: &'static str,
-) -> Result<(), IdError> {
+fn check(kind: &'static str, id: &str, max: usize, punct: &[char], allowed: &'static str) -> Result<(), IdError> {
     if id.is_empty() {
         return Err(IdError::Empty(kind));
     }
@@ -51,10 +45,7 @@ fn check(
     if len > max {
         return Err(IdError::TooLong { kind, len, max });
     }
-    if let Some(ch) = id
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || punct.contains(c)))
-    {
+    if let Some(ch) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || punct.contains(c))) {
         return Err(IdError::BadCharacter { kind, ch, allowed });
     }
     Ok(())
@@ -64,13 +55,7 @@ fn check(
 /// letter, digit or `-`. Registration IDs compare case-insensitively (see [`id_key`]).
 pub fn validate_registration_id(id: &str) -> Result<(), IdError> {
     const KIND: &str = "registration ID";
-    check(
-        KIND,
-        id,
-        MAX_REGISTRATION_ID_LEN,
-        &['-', '.', '_', ':'],
-        "'-', '.', '_', ':'",
-    )?;
+    check(KIND, id, MAX_REGISTRATION_ID_LEN, &['-', '.', '_', ':'], "'-', '.', '_', ':'")?;
     match id.chars().last() {
         Some(c) if c.is_ascii_alphanumeric() || c == '-' => Ok(()),
         _ => Err(IdError::BadEnd(KIND)),
@@ -80,13 +65,7 @@ pub fn validate_registration_id(id: &str) -> Result<(), IdError> {
 /// Checks an enrollment group ID with the same grammar as a registration ID.
 pub fn validate_enrollment_group_id(id: &str) -> Result<(), IdError> {
     const KIND: &str = "enrollment group ID";
-    check(
-        KIND,
-        id,
-        MAX_REGISTRATION_ID_LEN,
-        &['-', '.', '_', ':'],
-        "'-', '.', '_', ':'",
-    )?;
+    check(KIND, id, MAX_REGISTRATION_ID_LEN, &['-', '.', '_', ':'], "'-', '.', '_', ':'")?;
     match id.chars().last() {
         Some(c) if c.is_ascii_alphanumeric() || c == '-' => Ok(()),
         _ => Err(IdError::BadEnd(KIND)),
@@ -100,13 +79,7 @@ pub fn validate_id_scope(scope: &str) -> Result<(), IdError> {
 
 /// Checks an operation ID: 1–128 characters of letters, digits, `.` and `-`.
 pub fn validate_operation_id(id: &str) -> Result<(), IdError> {
-    check(
-        "operation ID",
-        id,
-        MAX_OPERATION_ID_LEN,
-        &['.', '-'],
-        "'.', '-'",
-    )
+    check("operation ID", id, MAX_OPERATION_ID_LEN, &['.', '-'], "'.', '-'")
 }
 
 /// The storage key of a case-insensitive identifier: ASCII lower case.
@@ -121,19 +94,12 @@ pub fn is_valid_api_version(v: &str) -> bool {
     if b.len() < 10 || b.len() > 32 {
         return false;
     }
-    let date_ok = b[..10].iter().enumerate().all(|(i, c)| {
-        if i == 4 || i == 7 {
-            *c == b'-'
-        } else {
-            c.is_ascii_digit()
-        }
-    });
+    let date_ok =
+        b[..10].iter().enumerate().all(|(i, c)| if i == 4 || i == 7 { *c == b'-' } else { c.is_ascii_digit() });
     let rest = &v[10..];
     date_ok
         && (rest.is_empty()
-            || (rest.starts_with('-')
-                && rest.len() > 1
-                && rest[1..].bytes().all(|c| c.is_ascii_alphanumeric())))
+            || (rest.starts_with('-') && rest.len() > 1 && rest[1..].bytes().all(|c| c.is_ascii_alphanumeric())))
 }
 
 #[cfg(test)]
@@ -142,47 +108,21 @@ mod tests {
 
     #[test]
     fn registration_id_grammar() {
-        for ok in [
-            "a",
-            "dev-1",
-            "node-http-1",
-            "A.b_c:d-",
-            "x".repeat(128).as_str(),
-            "sn-007-888-abc-mac-a1-b2-c3-d4-e5-f6",
-        ] {
+        for ok in
+            ["a", "dev-1", "node-http-1", "A.b_c:d-", "x".repeat(128).as_str(), "sn-007-888-abc-mac-a1-b2-c3-d4-e5-f6"]
+        {
             assert_eq!(validate_registration_id(ok), Ok(()), "{ok}");
         }
-        assert_eq!(
-            validate_registration_id(""),
-            Err(IdError::Empty("registration ID"))
-        );
-        assert!(matches!(
-            validate_registration_id(&"x".repeat(129)),
-            Err(IdError::TooLong {
-                len: 129,
-                max: 128,
-                ..
-            })
-        ));
-        for (bad, ch) in [
-            ("a b", ' '),
-            ("a/b", '/'),
-            ("é", 'é'),
-            ("a#", '#'),
-            ("a%2F", '%'),
-            ("a\0", '\0'),
-        ] {
+        assert_eq!(validate_registration_id(""), Err(IdError::Empty("registration ID")));
+        assert!(matches!(validate_registration_id(&"x".repeat(129)), Err(IdError::TooLong { len: 129, max: 128, .. })));
+        for (bad, ch) in [("a b", ' '), ("a/b", '/'), ("é", 'é'), ("a#", '#'), ("a%2F", '%'), ("a\0", '\0')] {
             assert!(
                 matches!(validate_registration_id(bad), Err(IdError::BadCharacter { ch: c, .. }) if c == ch),
                 "{bad:?}"
             );
         }
         for bad in ["a.", "a_", "a:"] {
-            assert_eq!(
-                validate_registration_id(bad),
-                Err(IdError::BadEnd("registration ID")),
-                "{bad}"
-            );
+            assert_eq!(validate_registration_id(bad), Err(IdError::BadEnd("registration ID")), "{bad}");
         }
     }
 
@@ -190,9 +130,7 @@ mod tests {
     fn error_messages_say_what_to_fix() {
         let e = validate_registration_id("bad id").unwrap_err().to_string();
         assert!(e.contains("' '") && e.contains("letters, digits"), "{e}");
-        let e = validate_registration_id(&"x".repeat(200))
-            .unwrap_err()
-            .to_string();
+        let e = validate_registration_id(&"x".repeat(200)).unwrap_err().to_string();
         assert!(e.contains("200") && e.contains("128"), "{e}");
     }
 
@@ -200,34 +138,17 @@ mod tests {
     fn id_scope_and_operation_id() {
         assert!(validate_id_scope("0ne0004E52F").is_ok());
         assert!(validate_id_scope("0ne/x").is_err());
-        assert!(
-            validate_operation_id("5.316aac5bdc130deb.b1e02da8-c3a0-4ff2-a121-7ea7a6b7f550")
-                .is_ok()
-        );
+        assert!(validate_operation_id("5.316aac5bdc130deb.b1e02da8-c3a0-4ff2-a121-7ea7a6b7f550").is_ok());
         assert!(validate_operation_id("5.x/../y").is_err());
         assert!(validate_operation_id("").is_err());
     }
 
     #[test]
     fn api_versions() {
-        for ok in [
-            "2019-03-31",
-            "2021-06-01",
-            "2021-10-01",
-            "2021-11-01-preview",
-            "2025-07-01-preview",
-        ] {
+        for ok in ["2019-03-31", "2021-06-01", "2021-10-01", "2021-11-01-preview", "2025-07-01-preview"] {
             assert!(is_valid_api_version(ok), "{ok}");
         }
-        for bad in [
-            "",
-            "2019",
-            "2019-3-31",
-            "latest",
-            "2019-03-31-",
-            "2019-03-31x",
-            "2019-03-31-pre view",
-        ] {
+        for bad in ["", "2019", "2019-3-31", "latest", "2019-03-31-", "2019-03-31x", "2019-03-31-pre view"] {
             assert!(!is_valid_api_version(bad), "{bad}");
         }
     }

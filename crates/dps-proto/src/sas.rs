@@ -80,10 +80,7 @@ impl std::fmt::Debug for SasToken {
 const PREFIX: &str = "SharedAccessSignature";
 
 fn decode_field(value: &str, name: &'static str) -> Result<String, SasError> {
-    percent_decode_str(value)
-        .decode_utf8()
-        .map(|v| v.into_owned())
-        .map_err(|_| SasError::BadEncoding(name))
+    percent_decode_str(value).decode_utf8().map(|v| v.into_owned()).map_err(|_| SasError::BadEncoding(name))
 }
 
 impl SasToken {
@@ -103,9 +100,7 @@ impl SasToken {
         let rest = rest.trim_start();
         let (mut sr, mut sig, mut se, mut skn) = (None, None, None, None);
         for pair in rest.split('&').filter(|p| !p.is_empty()) {
-            let (key, value) = pair
-                .split_once('=')
-                .ok_or_else(|| SasError::MalformedField(truncate(pair)))?;
+            let (key, value) = pair.split_once('=').ok_or_else(|| SasError::MalformedField(truncate(pair)))?;
             let slot = match key {
                 "sr" => &mut sr,
                 "sig" => &mut sig,
@@ -124,9 +119,7 @@ impl SasToken {
             return Err(SasError::BadExpiry);
         }
         let expiry = expiry_raw.parse::<u64>().map_err(|_| SasError::BadExpiry)?;
-        let signature = BASE64
-            .decode(decode_field(sig, "sig")?)
-            .map_err(|_| SasError::BadSignatureEncoding)?;
+        let signature = BASE64.decode(decode_field(sig, "sig")?).map_err(|_| SasError::BadSignatureEncoding)?;
         Ok(SasToken {
             resource: decode_field(resource_raw, "sr")?,
             resource_raw: resource_raw.to_string(),
@@ -170,18 +163,13 @@ pub fn decode_key(key_b64: &str) -> Result<Vec<u8>, SasError> {
 /// Derives a group member's device key: `base64(HMAC-SHA256(base64decode(group_key), registration_id))`
 /// (protocol.md §2.3). Returns the raw derived key bytes.
 pub fn derive_device_key(group_key: &[u8], registration_id: &str) -> Vec<u8> {
-    let mut mac =
-        <HmacSha256 as Mac>::new_from_slice(group_key).expect("HMAC takes any key length");
+    let mut mac = <HmacSha256 as Mac>::new_from_slice(group_key).expect("HMAC takes any key length");
     mac.update(registration_id.as_bytes());
     mac.finalize().into_bytes().to_vec()
 }
 
 /// Characters left unencoded by [`encode_component`]: RFC 3986 unreserved.
-const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
+const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 
 /// Percent-encodes a URI component the way `encodeURIComponent` does (upper-case hex).
 pub fn encode_component(s: &str) -> String {
@@ -193,10 +181,7 @@ pub fn build_token(resource: &str, key: &[u8], expiry: u64, key_name: Option<&st
     let sr = encode_component(resource);
     let se = expiry.to_string();
     let sig = BASE64.encode(sign_raw(key, &sr, &se));
-    let mut token = format!(
-        "SharedAccessSignature sr={sr}&sig={}&se={se}",
-        encode_component(&sig)
-    );
+    let mut token = format!("SharedAccessSignature sr={sr}&sig={}&se={se}", encode_component(&sig));
     if let Some(name) = key_name {
         token.push_str("&skn=");
         token.push_str(&encode_component(name));
@@ -294,47 +279,19 @@ mod tests {
         let se = "1795561052";
         let cases: Vec<(&str, String, String)> = vec![
             // Node symmetric key: raw sr, skn before se.
-            (
-                "node",
-                format!("{SCOPE}/registrations/{id}"),
-                "skn=registration&se={se}".into(),
-            ),
+            ("node", format!("{SCOPE}/registrations/{id}"), "skn=registration&se={se}".into()),
             // Java: raw sr, empty skn.
-            (
-                "java",
-                format!("{SCOPE}/registrations/{id}"),
-                "se={se}&skn=".into(),
-            ),
+            ("java", format!("{SCOPE}/registrations/{id}"), "se={se}&skn=".into()),
             // Python: upper-case percent-encoding, no skn.
-            (
-                "python",
-                format!("{SCOPE}%2Fregistrations%2F{id}"),
-                "se={se}".into(),
-            ),
+            ("python", format!("{SCOPE}%2Fregistrations%2F{id}"), "se={se}".into()),
             // C#: upper-case, skn=registration.
-            (
-                "csharp",
-                format!("{SCOPE}%2Fregistrations%2F{id}"),
-                "se={se}&skn=registration".into(),
-            ),
+            ("csharp", format!("{SCOPE}%2Fregistrations%2F{id}"), "se={se}&skn=registration".into()),
             // C SDK: lower-case hex.
-            (
-                "c",
-                format!("{SCOPE}%2fregistrations%2f{id}"),
-                "se={se}&skn=registration".into(),
-            ),
+            ("c", format!("{SCOPE}%2fregistrations%2f{id}"), "se={se}&skn=registration".into()),
             // Embedded C: mixed.
-            (
-                "embedded-c",
-                format!("{SCOPE}%2fregistrations%2f{id}"),
-                "se={se}".into(),
-            ),
+            ("embedded-c", format!("{SCOPE}%2fregistrations%2f{id}"), "se={se}".into()),
             // IoT Edge: whole audience lower-cased.
-            (
-                "iot-edge",
-                format!("{}%2fregistrations%2f{id}", SCOPE.to_lowercase()),
-                "se={se}&skn=registration".into(),
-            ),
+            ("iot-edge", format!("{}%2fregistrations%2f{id}", SCOPE.to_lowercase()), "se={se}&skn=registration".into()),
         ];
         for (client, sr, tail) in cases {
             let tail = tail.replace("{se}", se);
@@ -342,14 +299,9 @@ mod tests {
                 let sig = sig_for(&sr, se, lower_sig);
                 let text = format!("SharedAccessSignature sr={sr}&sig={sig}&{tail}");
                 let token = SasToken::parse(&text).unwrap_or_else(|e| panic!("{client}: {e}"));
+                assert!(token.is_signed_by(&key()), "{client} (lower sig {lower_sig})");
                 assert!(
-                    token.is_signed_by(&key()),
-                    "{client} (lower sig {lower_sig})"
-                );
-                assert!(
-                    token
-                        .resource
-                        .eq_ignore_ascii_case(&device_resource(SCOPE, id)),
+                    token.resource.eq_ignore_ascii_case(&device_resource(SCOPE, id)),
                     "{client}: {}",
                     token.resource
                 );
@@ -361,14 +313,8 @@ mod tests {
     fn field_order_does_not_matter() {
         let sr = format!("{SCOPE}/registrations/x");
         let sig = sig_for(&sr, "100", false);
-        let a = SasToken::parse(&format!(
-            "SharedAccessSignature sig={sig}&se=100&skn=k&sr={sr}"
-        ))
-        .unwrap();
-        let b = SasToken::parse(&format!(
-            "SharedAccessSignature sr={sr}&sig={sig}&skn=k&se=100"
-        ))
-        .unwrap();
+        let a = SasToken::parse(&format!("SharedAccessSignature sig={sig}&se=100&skn=k&sr={sr}")).unwrap();
+        let b = SasToken::parse(&format!("SharedAccessSignature sr={sr}&sig={sig}&skn=k&se=100")).unwrap();
         assert_eq!(a, b);
         assert_eq!(a.key_name.as_deref(), Some("k"));
         assert!(a.is_signed_by(&key()));
@@ -380,10 +326,7 @@ mod tests {
         let sr_lower = format!("{SCOPE}%2fregistrations%2fx");
         let sig = sig_for(&sr_lower, "100", false);
         let sr_upper = format!("{SCOPE}%2Fregistrations%2Fx");
-        let t = SasToken::parse(&format!(
-            "SharedAccessSignature sr={sr_upper}&sig={sig}&se=100"
-        ))
-        .unwrap();
+        let t = SasToken::parse(&format!("SharedAccessSignature sr={sr_upper}&sig={sig}&se=100")).unwrap();
         assert!(!t.is_signed_by(&key()));
     }
 
@@ -403,60 +346,23 @@ mod tests {
             ("", SasError::MissingPrefix),
             ("Bearer abc", SasError::MissingPrefix),
             ("SharedAccessSignaturesr=a", SasError::MissingPrefix),
-            (
-                "SharedAccessSignature sig=AAAA&se=1",
-                SasError::MissingField("sr"),
-            ),
-            (
-                "SharedAccessSignature sr=a&se=1",
-                SasError::MissingField("sig"),
-            ),
-            (
-                "SharedAccessSignature sr=a&sig=AAAA",
-                SasError::MissingField("se"),
-            ),
-            (
-                "SharedAccessSignature sr=a&sig=AAAA&se=-1",
-                SasError::BadExpiry,
-            ),
-            (
-                "SharedAccessSignature sr=a&sig=AAAA&se=1.5",
-                SasError::BadExpiry,
-            ),
-            (
-                "SharedAccessSignature sr=a&sig=AAAA&se=99999999999999999999999",
-                SasError::BadExpiry,
-            ),
-            (
-                "SharedAccessSignature sr=a&sig=%%%&se=1",
-                SasError::BadSignatureEncoding,
-            ),
-            (
-                "SharedAccessSignature sr=a&sig=not*base64&se=1",
-                SasError::BadSignatureEncoding,
-            ),
-            (
-                "SharedAccessSignature sr=a&sr=b&sig=AAAA&se=1",
-                SasError::DuplicateField("sr".into()),
-            ),
-            (
-                "SharedAccessSignature sr=a&sig&se=1",
-                SasError::MalformedField("sig".into()),
-            ),
-            (
-                "SharedAccessSignature sr=%FF&sig=AAAA&se=1",
-                SasError::BadEncoding("sr"),
-            ),
+            ("SharedAccessSignature sig=AAAA&se=1", SasError::MissingField("sr")),
+            ("SharedAccessSignature sr=a&se=1", SasError::MissingField("sig")),
+            ("SharedAccessSignature sr=a&sig=AAAA", SasError::MissingField("se")),
+            ("SharedAccessSignature sr=a&sig=AAAA&se=-1", SasError::BadExpiry),
+            ("SharedAccessSignature sr=a&sig=AAAA&se=1.5", SasError::BadExpiry),
+            ("SharedAccessSignature sr=a&sig=AAAA&se=99999999999999999999999", SasError::BadExpiry),
+            ("SharedAccessSignature sr=a&sig=%%%&se=1", SasError::BadSignatureEncoding),
+            ("SharedAccessSignature sr=a&sig=not*base64&se=1", SasError::BadSignatureEncoding),
+            ("SharedAccessSignature sr=a&sr=b&sig=AAAA&se=1", SasError::DuplicateField("sr".into())),
+            ("SharedAccessSignature sr=a&sig&se=1", SasError::MalformedField("sig".into())),
+            ("SharedAccessSignature sr=%FF&sig=AAAA&se=1", SasError::BadEncoding("sr")),
         ];
         for (text, want) in cases {
             assert_eq!(SasToken::parse(text).err(), Some(want), "{text:?}");
         }
         assert_eq!(
-            SasToken::parse(&format!(
-                "SharedAccessSignature sr={}",
-                "a".repeat(MAX_TOKEN_LEN)
-            ))
-            .err(),
+            SasToken::parse(&format!("SharedAccessSignature sr={}", "a".repeat(MAX_TOKEN_LEN))).err(),
             Some(SasError::TooLong)
         );
     }
@@ -478,18 +384,12 @@ mod tests {
     #[test]
     fn derived_device_key_matches_reference() {
         let group = decode_key(KEY_B64).unwrap();
-        let derived = BASE64.encode(derive_device_key(
-            &group,
-            "sn-007-888-abc-mac-a1-b2-c3-d4-e5-f6",
-        ));
+        let derived = BASE64.encode(derive_device_key(&group, "sn-007-888-abc-mac-a1-b2-c3-d4-e5-f6"));
         // Computed independently with: echo -n sn-007-… | openssl dgst -sha256 -mac HMAC
         //   -macopt hexkey:$(echo KEY | base64 -d | xxd -p -c256) -binary | base64
         assert_eq!(derived, "ScGlnd2FALtF+EiyvKoiFFvfTCB3a37SfCfuwKcEiXw=");
         // Derivation is over the exact bytes: case changes the key.
-        assert_ne!(
-            derive_device_key(&group, "SN-007"),
-            derive_device_key(&group, "sn-007")
-        );
+        assert_ne!(derive_device_key(&group, "SN-007"), derive_device_key(&group, "sn-007"));
     }
 
     #[test]
@@ -507,10 +407,7 @@ mod tests {
         ];
         for (aud, host, path) in ok {
             let aud = percent_decode_str(aud).decode_utf8().unwrap();
-            assert!(
-                service_audience_matches(&aud, host, path),
-                "{aud} {host} {path}"
-            );
+            assert!(service_audience_matches(&aud, host, path), "{aud} {host} {path}");
         }
         let bad = [
             ("otherhost", "localhost", "/enrollments/x"),
@@ -519,10 +416,7 @@ mod tests {
             ("localhost/enrollmentGroups", "localhost", "/enrollments/x"),
         ];
         for (aud, host, path) in bad {
-            assert!(
-                !service_audience_matches(aud, host, path),
-                "{aud} {host} {path}"
-            );
+            assert!(!service_audience_matches(aud, host, path), "{aud} {host} {path}");
         }
     }
 }

@@ -81,9 +81,7 @@ impl<'de> Deserialize<'de> for ProvisioningStatus {
         } else if s.eq_ignore_ascii_case("disabled") {
             Ok(Self::Disabled)
         } else {
-            Err(serde::de::Error::custom(format!(
-                "unknown provisioningStatus '{s}'; expected enabled or disabled"
-            )))
+            Err(serde::de::Error::custom(format!("unknown provisioningStatus '{s}'; expected enabled or disabled")))
         }
     }
 }
@@ -418,10 +416,7 @@ mod tests {
             "initialTwin":{"tags":{"env":"test"},"properties":{"desired":{"x":1}}}});
         let e: IndividualEnrollment = serde_json::from_value(body.clone()).unwrap();
         assert_eq!(e.common.attestation.kind, AttestationType::SymmetricKey);
-        assert_eq!(
-            e.common.provisioning_status,
-            Some(ProvisioningStatus::Enabled)
-        );
+        assert_eq!(e.common.provisioning_status, Some(ProvisioningStatus::Enabled));
         assert_eq!(serde_json::to_value(&e).unwrap(), body);
     }
 
@@ -432,13 +427,8 @@ mod tests {
         assert_eq!(serde_json::to_value(p).unwrap(), json!("geoLatency"));
         let s: ProvisioningStatus = serde_json::from_value(json!("Disabled")).unwrap();
         assert_eq!(s, ProvisioningStatus::Disabled);
-        let err = serde_json::from_value::<AllocationPolicy>(json!("random"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("hashed, geoLatency, static or custom"),
-            "{err}"
-        );
+        let err = serde_json::from_value::<AllocationPolicy>(json!("random")).unwrap_err().to_string();
+        assert!(err.contains("hashed, geoLatency, static or custom"), "{err}");
     }
 
     #[test]
@@ -447,10 +437,7 @@ mod tests {
             "attestation":{"type":"symmetricKey"},"allocationPolicy":"hashed","iotHubs":["a","b"],
             "reprovisionPolicy":{"updateHubAssignment":false}}))
         .unwrap();
-        assert_eq!(
-            g.common.iot_hubs.as_deref(),
-            Some(&["a".to_string(), "b".to_string()][..])
-        );
+        assert_eq!(g.common.iot_hubs.as_deref(), Some(&["a".to_string(), "b".to_string()][..]));
         let rp = g.common.reprovision_policy.unwrap();
         assert!(!rp.update_hub_assignment && rp.migrate_device_data);
         let b: BulkEnrollmentOperation =

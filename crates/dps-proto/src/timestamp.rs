@@ -20,8 +20,7 @@ pub fn format(t: OffsetDateTime) -> String {
 
 /// Formats Unix milliseconds as DPS does; out-of-range values clamp to the epoch.
 pub fn format_millis(ms: i64) -> String {
-    let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap_or(OffsetDateTime::UNIX_EPOCH);
     format(t)
 }
 
@@ -37,10 +36,7 @@ mod tests {
     #[test]
     fn seven_fractional_digits() {
         assert_eq!(format_millis(0), "1970-01-01T00:00:00.0000000Z");
-        assert_eq!(
-            format_millis(1_795_561_052_123),
-            "2026-11-24T22:57:32.1230000Z"
-        );
+        assert_eq!(format_millis(1_795_561_052_123), "2026-11-24T22:57:32.1230000Z");
         let s = format_millis(1_795_561_052_123);
         assert_eq!(parse(&s).map(|t| t.unix_timestamp()), Some(1_795_561_052));
     }

@@ -13,8 +13,8 @@ use base64::Engine as _;
 use dps_core::store::Store;
 use rand::RngCore;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
 };
 use rsa::pkcs8::EncodePrivateKey;
 use rustls_pki_types::PrivatePkcs8KeyDer;
@@ -55,10 +55,7 @@ pub struct Policy {
 
 impl std::fmt::Debug for Policy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Policy")
-            .field("name", &self.name)
-            .field("rights", &self.rights)
-            .finish_non_exhaustive()
+        f.debug_struct("Policy").field("name", &self.name).field("rights", &self.rights).finish_non_exhaustive()
     }
 }
 
@@ -76,14 +73,8 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError
 
 /// Creates the data directory if needed and returns its absolute path.
 pub fn prepare_data_dir(dir: &Path) -> Result<PathBuf, ServerError> {
-    std::fs::create_dir_all(dir).map_err(io_err(format!(
-        "cannot create data directory {}",
-        dir.display()
-    )))?;
-    std::fs::canonicalize(dir).map_err(io_err(format!(
-        "cannot resolve data directory {}",
-        dir.display()
-    )))
+    std::fs::create_dir_all(dir).map_err(io_err(format!("cannot create data directory {}", dir.display())))?;
+    std::fs::canonicalize(dir).map_err(io_err(format!("cannot resolve data directory {}", dir.display())))
 }
 
 /// Writes a file atomically: temporary file in the same directory, fsync, rename.
@@ -103,16 +94,11 @@ pub fn write_atomic(path: &Path, contents: &[u8], private: bool) -> Result<(), S
     }
     #[cfg(not(unix))]
     let _ = private;
-    let mut f = opts
-        .open(&tmp)
-        .map_err(io_err(format!("cannot write {}", tmp.display())))?;
-    f.write_all(contents)
-        .map_err(io_err(format!("cannot write {}", tmp.display())))?;
-    f.sync_all()
-        .map_err(io_err(format!("cannot sync {}", tmp.display())))?;
+    let mut f = opts.open(&tmp).map_err(io_err(format!("cannot write {}", tmp.display())))?;
+    f.write_all(contents).map_err(io_err(format!("cannot write {}", tmp.display())))?;
+    f.sync_all().map_err(io_err(format!("cannot sync {}", tmp.display())))?;
     drop(f);
-    std::fs::rename(&tmp, path)
-        .map_err(io_err(format!("cannot rename into {}", path.display())))?;
+    std::fs::rename(&tmp, path).map_err(io_err(format!("cannot rename into {}", path.display())))?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
@@ -122,9 +108,7 @@ pub fn write_atomic(path: &Path, contents: &[u8], private: bool) -> Result<(), S
 fn rsa_key_pair() -> Result<(KeyPair, String), ServerError> {
     let key = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048)
         .map_err(|e| ServerError::Bootstrap(format!("cannot generate an RSA key: {e}")))?;
-    let der = key
-        .to_pkcs8_der()
-        .map_err(|e| ServerError::Bootstrap(format!("cannot encode an RSA key: {e}")))?;
+    let der = key.to_pkcs8_der().map_err(|e| ServerError::Bootstrap(format!("cannot encode an RSA key: {e}")))?;
     let der = PrivatePkcs8KeyDer::from(der.as_bytes().to_vec());
     let pair = KeyPair::from_pkcs8_der_and_sign_algo(&der, &rcgen::PKCS_RSA_SHA256)
         .map_err(|e| ServerError::Bootstrap(format!("cannot load an RSA key: {e}")))?;
@@ -151,11 +135,7 @@ fn ca_params(key: &KeyPair) -> Result<CertificateParams, ServerError> {
     dn.push(DnType::OrganizationName, "dps-rs (local development only)");
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
     params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(3650);
     Ok(params)
@@ -170,11 +150,7 @@ fn rc_err(e: rcgen::Error) -> ServerError {
 /// when `tls.host_names` changes.
 pub fn ensure_tls(config: &Config, data_dir: &Path) -> Result<TlsFiles, ServerError> {
     if let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) {
-        return Ok(TlsFiles {
-            cert: cert.clone(),
-            key: key.clone(),
-            ca: None,
-        });
+        return Ok(TlsFiles { cert: cert.clone(), key: key.clone(), ca: None });
     }
     let dir = data_dir.join("tls");
     std::fs::create_dir_all(&dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
@@ -186,8 +162,8 @@ pub fn ensure_tls(config: &Config, data_dir: &Path) -> Result<TlsFiles, ServerEr
     let hosts = config.tls.host_names.join("\n");
 
     let (ca_key, ca_pem) = if ca_cert_path.exists() && ca_key_path.exists() {
-        let key_pem = std::fs::read_to_string(&ca_key_path)
-            .map_err(io_err(format!("cannot read {}", ca_key_path.display())))?;
+        let key_pem =
+            std::fs::read_to_string(&ca_key_path).map_err(io_err(format!("cannot read {}", ca_key_path.display())))?;
         let ca_pem = std::fs::read_to_string(&ca_cert_path)
             .map_err(io_err(format!("cannot read {}", ca_cert_path.display())))?;
         (load_key_pair(&key_pem)?, ca_pem)
@@ -211,26 +187,17 @@ pub fn ensure_tls(config: &Config, data_dir: &Path) -> Result<TlsFiles, ServerEr
         dn.push(DnType::CommonName, config.tls.host_names[0].clone());
         params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
         params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(825);
-        let cert = params
-            .signed_by(&server_key, &issuer, &ca_key)
-            .map_err(rc_err)?;
+        let cert = params.signed_by(&server_key, &issuer, &ca_key).map_err(rc_err)?;
         let chain = format!("{}{}", cert.pem(), ca_pem);
         write_atomic(&key_path, server_key_pem.as_bytes(), true)?;
         write_atomic(&cert_path, chain.as_bytes(), false)?;
         write_atomic(&hosts_path, hosts.as_bytes(), false)?;
     }
-    Ok(TlsFiles {
-        cert: cert_path,
-        key: key_path,
-        ca: Some(ca_cert_path),
-    })
+    Ok(TlsFiles { cert: cert_path, key: key_path, ca: Some(ca_cert_path) })
 }
 
 fn random_key() -> String {
@@ -255,10 +222,7 @@ pub async fn ensure_id_scope(config: &Config, store: &dyn Store) -> Result<Strin
 }
 
 /// The policies in force: configured ones plus the generated owner policy (kept in the store).
-pub async fn ensure_policies(
-    config: &Config,
-    store: &dyn Store,
-) -> Result<Vec<Policy>, ServerError> {
+pub async fn ensure_policies(config: &Config, store: &dyn Store) -> Result<Vec<Policy>, ServerError> {
     let mut policies: Vec<Policy> = config
         .service
         .policies
@@ -271,17 +235,11 @@ pub async fn ensure_policies(
         })
         .collect();
     if !policies.iter().any(|p| p.name == OWNER_POLICY) {
-        let fresh = serde_json::to_string(&StoredKeys {
-            primary_key: random_key(),
-            secondary_key: random_key(),
-        })
-        .map_err(|e| ServerError::Bootstrap(e.to_string()))?;
-        let stored = store
-            .init_setting(&format!("policy.{OWNER_POLICY}"), &fresh)
-            .await?;
-        let keys: StoredKeys = serde_json::from_str(&stored).map_err(|e| {
-            ServerError::Bootstrap(format!("stored policy {OWNER_POLICY} cannot be read: {e}"))
-        })?;
+        let fresh = serde_json::to_string(&StoredKeys { primary_key: random_key(), secondary_key: random_key() })
+            .map_err(|e| ServerError::Bootstrap(e.to_string()))?;
+        let stored = store.init_setting(&format!("policy.{OWNER_POLICY}"), &fresh).await?;
+        let keys: StoredKeys = serde_json::from_str(&stored)
+            .map_err(|e| ServerError::Bootstrap(format!("stored policy {OWNER_POLICY} cannot be read: {e}")))?;
         policies.push(Policy {
             name: OWNER_POLICY.into(),
             primary_key: keys.primary_key,
@@ -324,29 +282,17 @@ pub fn dev_credentials(
     https: SocketAddr,
 ) -> DevCredentials {
     let host = config.tls.host_names[0].clone();
-    let host_port = if https.port() == 443 {
-        host.clone()
-    } else {
-        format!("{host}:{}", https.port())
-    };
+    let host_port = if https.port() == 443 { host.clone() } else { format!("{host}:{}", https.port()) };
     let owner = policies.iter().find(|p| p.name == OWNER_POLICY);
     DevCredentials {
         id_scope: id_scope.to_string(),
         host_name: host,
         https_address: https.to_string(),
         https_port: https.port(),
-        service_connection_string: owner.map(|p| {
-            format!(
-                "HostName={host_port};SharedAccessKeyName={};SharedAccessKey={}",
-                p.name, p.primary_key
-            )
-        }),
+        service_connection_string: owner
+            .map(|p| format!("HostName={host_port};SharedAccessKeyName={};SharedAccessKey={}", p.name, p.primary_key)),
         ca_certificate_path: tls.ca.clone(),
-        linked_hubs: config
-            .linked_hubs()
-            .into_iter()
-            .map(|h| h.host_name)
-            .collect(),
+        linked_hubs: config.linked_hubs().into_iter().map(|h| h.host_name).collect(),
         pid: std::process::id(),
     }
 }

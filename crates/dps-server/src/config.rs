@@ -208,19 +208,13 @@ impl Default for Config {
 
 impl Default for ListenConfig {
     fn default() -> Self {
-        Self {
-            https: SocketAddr::from(([0, 0, 0, 0], 443)),
-        }
+        Self { https: SocketAddr::from(([0, 0, 0, 0], 443)) }
     }
 }
 
 impl Default for TlsConfig {
     fn default() -> Self {
-        Self {
-            cert: None,
-            key: None,
-            host_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
-        }
+        Self { cert: None, key: None, host_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()] }
     }
 }
 
@@ -238,18 +232,13 @@ impl Default for DeviceConfig {
 
 impl Default for ServiceConfig {
     fn default() -> Self {
-        Self {
-            policies: Vec::new(),
-            default_page_size: 100,
-        }
+        Self { policies: Vec::new(), default_page_size: 100 }
     }
 }
 
 impl Default for AllocationConfig {
     fn default() -> Self {
-        Self {
-            default_policy: AllocationPolicy::Hashed,
-        }
+        Self { default_policy: AllocationPolicy::Hashed }
     }
 }
 
@@ -268,21 +257,13 @@ impl Default for LimitsConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self {
-            sqlite_file: "dps.sqlite".into(),
-            synchronous: "full".into(),
-        }
+        Self { sqlite_file: "dps.sqlite".into(), synchronous: "full".into() }
     }
 }
 
 /// The rights a policy can grant.
-pub const RIGHTS: [&str; 5] = [
-    "EnrollmentRead",
-    "EnrollmentWrite",
-    "RegistrationStatusRead",
-    "RegistrationStatusWrite",
-    "ServiceConfig",
-];
+pub const RIGHTS: [&str; 5] =
+    ["EnrollmentRead", "EnrollmentWrite", "RegistrationStatusRead", "RegistrationStatusWrite", "ServiceConfig"];
 
 /// The placeholder hub used when the config links none, so that a fresh `dps serve` can
 /// assign devices. Devices are recorded as assigned to it; nothing is written to a hub.
@@ -291,31 +272,23 @@ pub const PLACEHOLDER_HUB: &str = "hub.localhost";
 impl Config {
     /// Parses TOML text.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
         config.validate()?;
         Ok(config)
     }
 
     /// Reads and parses a file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         Self::from_toml(&text, path)
     }
 
     /// Linked hubs in force: the configured ones, or the placeholder.
     pub fn linked_hubs(&self) -> Vec<HubConfig> {
         if self.hubs.is_empty() {
-            vec![HubConfig {
-                host_name: PLACEHOLDER_HUB.into(),
-                allocation_weight: 1,
-                apply_allocation_policy: true,
-            }]
+            vec![HubConfig { host_name: PLACEHOLDER_HUB.into(), allocation_weight: 1, apply_allocation_policy: true }]
         } else {
             self.hubs.clone()
         }
@@ -323,33 +296,18 @@ impl Config {
 
     /// Checks values that parse but cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |setting: &str, message: String| ConfigError::Invalid {
-            setting: setting.into(),
-            message,
-        };
+        let invalid = |setting: &str, message: String| ConfigError::Invalid { setting: setting.into(), message };
         if let Some(scope) = &self.id_scope {
-            dps_proto::ids::validate_id_scope(scope)
-                .map_err(|e| invalid("id_scope", e.to_string()))?;
-            if ["enrollments", "enrollmentgroups", "registrations"]
-                .contains(&scope.to_ascii_lowercase().as_str())
-            {
-                return Err(invalid(
-                    "id_scope",
-                    format!("'{scope}' collides with a service API path"),
-                ));
+            dps_proto::ids::validate_id_scope(scope).map_err(|e| invalid("id_scope", e.to_string()))?;
+            if ["enrollments", "enrollmentgroups", "registrations"].contains(&scope.to_ascii_lowercase().as_str()) {
+                return Err(invalid("id_scope", format!("'{scope}' collides with a service API path")));
             }
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
-            return Err(invalid(
-                "tls",
-                "set both tls.cert and tls.key, or neither".into(),
-            ));
+            return Err(invalid("tls", "set both tls.cert and tls.key, or neither".into()));
         }
         if self.tls.host_names.is_empty() {
-            return Err(invalid(
-                "tls.host_names",
-                "name at least one host (e.g. \"localhost\")".into(),
-            ));
+            return Err(invalid("tls.host_names", "name at least one host (e.g. \"localhost\")".into()));
         }
         if self.allocation.default_policy == AllocationPolicy::Custom {
             return Err(invalid(
@@ -361,10 +319,7 @@ impl Config {
         for (i, hub) in self.hubs.iter().enumerate() {
             let name = hub.host_name.trim();
             if name.is_empty() || name.len() > 253 || name.contains(char::is_whitespace) {
-                return Err(invalid(
-                    &format!("hubs[{i}].host_name"),
-                    format!("'{name}' is not a host name"),
-                ));
+                return Err(invalid(&format!("hubs[{i}].host_name"), format!("'{name}' is not a host name")));
             }
             if !(1..=1000).contains(&hub.allocation_weight) {
                 return Err(invalid(
@@ -373,34 +328,20 @@ impl Config {
                 ));
             }
             if !seen.insert(name.to_ascii_lowercase()) {
-                return Err(invalid(
-                    &format!("hubs[{i}].host_name"),
-                    format!("'{name}' is linked twice"),
-                ));
+                return Err(invalid(&format!("hubs[{i}].host_name"), format!("'{name}' is linked twice")));
             }
         }
         for (i, p) in self.service.policies.iter().enumerate() {
             let at = format!("service.policies[{i}]");
-            if p.name.is_empty()
-                || !p
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
+            if p.name.is_empty() || !p.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
                 return Err(invalid(
                     &format!("{at}.name"),
                     format!("'{}' must be letters, digits, '-', '_' or '.'", p.name),
                 ));
             }
             for key in std::iter::once(&p.primary_key).chain(p.secondary_key.iter()) {
-                if dps_proto::sas::decode_key(key)
-                    .map(|k| k.len() < 16)
-                    .unwrap_or(true)
-                {
-                    return Err(invalid(
-                        &at,
-                        "keys must be base64 of at least 16 bytes".into(),
-                    ));
+                if dps_proto::sas::decode_key(key).map(|k| k.len() < 16).unwrap_or(true) {
+                    return Err(invalid(&at, "keys must be base64 of at least 16 bytes".into()));
                 }
             }
             if let Some(r) = p.rights.iter().find(|r| !RIGHTS.contains(&r.as_str())) {
@@ -412,35 +353,23 @@ impl Config {
         }
         match self.store.synchronous.as_str() {
             "full" | "normal" => {}
-            other => {
-                return Err(invalid(
-                    "store.synchronous",
-                    format!("'{other}' is not 'full' or 'normal'"),
-                ))
-            }
+            other => return Err(invalid("store.synchronous", format!("'{other}' is not 'full' or 'normal'"))),
         }
         let l = &self.limits;
         if l.max_body_bytes < 1024 || l.max_header_bytes < 8192 || l.max_connections == 0 {
             return Err(invalid(
                 "limits",
-                "max_body_bytes must be ≥ 1024, max_header_bytes ≥ 8192 and max_connections ≥ 1"
-                    .into(),
+                "max_body_bytes must be ≥ 1024, max_header_bytes ≥ 8192 and max_connections ≥ 1".into(),
             ));
         }
         if self.device.max_payload_bytes >= l.max_body_bytes {
             return Err(invalid(
                 "device.max_payload_bytes",
-                format!(
-                    "must be smaller than limits.max_body_bytes ({})",
-                    l.max_body_bytes
-                ),
+                format!("must be smaller than limits.max_body_bytes ({})", l.max_body_bytes),
             ));
         }
         if self.service.default_page_size == 0 || self.service.default_page_size > 1000 {
-            return Err(invalid(
-                "service.default_page_size",
-                "must be 1..=1000".into(),
-            ));
+            return Err(invalid("service.default_page_size", "must be 1..=1000".into()));
         }
         Ok(())
     }
@@ -458,13 +387,8 @@ mod tests {
 
     #[test]
     fn unknown_settings_are_named() {
-        let err = Config::from_toml("[device]\nassigning_frist = true\n", Path::new("x.toml"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("assigning_frist") && err.contains("x.toml"),
-            "{err}"
-        );
+        let err = Config::from_toml("[device]\nassigning_frist = true\n", Path::new("x.toml")).unwrap_err().to_string();
+        assert!(err.contains("assigning_frist") && err.contains("x.toml"), "{err}");
     }
 
     #[test]
@@ -486,10 +410,7 @@ mod tests {
 
     #[test]
     fn placeholder_hub_only_without_hubs() {
-        assert_eq!(
-            Config::default().linked_hubs()[0].host_name,
-            PLACEHOLDER_HUB
-        );
+        assert_eq!(Config::default().linked_hubs()[0].host_name, PLACEHOLDER_HUB);
         let c = Config::from_toml("[[hubs]]\nhost_name = \"h1\"\n", Path::new("c")).unwrap();
         assert_eq!(c.linked_hubs().len(), 1);
         assert_eq!(c.linked_hubs()[0].host_name, "h1");

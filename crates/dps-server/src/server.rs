@@ -32,11 +32,7 @@ impl Server {
         let config = self.config;
         config.validate()?;
         let data_dir = bootstrap::prepare_data_dir(&config.data_dir)?;
-        let synchronous = if config.store.synchronous == "normal" {
-            Synchronous::Normal
-        } else {
-            Synchronous::Full
-        };
+        let synchronous = if config.store.synchronous == "normal" { Synchronous::Normal } else { Synchronous::Full };
         let db_path = data_dir.join(&config.store.sqlite_file);
         let store = Arc::new(SqliteStore::open(&db_path, synchronous)?);
         let tls_files = bootstrap::ensure_tls(&config, &data_dir)?;
@@ -75,16 +71,11 @@ impl Server {
             };
             ServerError::Bind { addr, source, hint }
         })?;
-        let bound = listener.local_addr().map_err(|source| ServerError::Bind {
-            addr,
-            source,
-            hint: "",
-        })?;
+        let bound = listener.local_addr().map_err(|source| ServerError::Bind { addr, source, hint: "" })?;
 
         let creds = bootstrap::dev_credentials(&config, &id_scope, &policies, &tls_files, bound);
         let creds_path = data_dir.join(DEV_CREDENTIALS_FILE);
-        let creds_json =
-            serde_json::to_vec_pretty(&creds).map_err(|e| ServerError::Bootstrap(e.to_string()))?;
+        let creds_json = serde_json::to_vec_pretty(&creds).map_err(|e| ServerError::Bootstrap(e.to_string()))?;
         bootstrap::write_atomic(&creds_path, &creds_json, true)?;
         print_banner(&creds, &creds_path);
         if config.hubs.is_empty() {
@@ -104,13 +95,7 @@ impl Server {
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let purge = tokio::spawn(purge_loop(engine, stop_rx.clone()));
-        let https = tokio::spawn(crate::listener::serve_https(
-            listener,
-            tls,
-            state,
-            config.limits.clone(),
-            stop_rx,
-        ));
+        let https = tokio::spawn(crate::listener::serve_https(listener, tls, state, config.limits.clone(), stop_rx));
         tracing::info!(https = %bound, id_scope, "dps serving");
         shutdown.await;
         tracing::info!("shutting down");

@@ -14,14 +14,9 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, Serve
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .map_err(|e| ServerError::Tls(format!("cannot read certificate {}: {e}", cert.display())))?
         .collect::<Result<_, _>>()
-        .map_err(|e| {
-            ServerError::Tls(format!("cannot parse certificate {}: {e}", cert.display()))
-        })?;
+        .map_err(|e| ServerError::Tls(format!("cannot parse certificate {}: {e}", cert.display())))?;
     if certs.is_empty() {
-        return Err(ServerError::Tls(format!(
-            "{} holds no PEM certificate",
-            cert.display()
-        )));
+        return Err(ServerError::Tls(format!("{} holds no PEM certificate", cert.display())));
     }
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| ServerError::Tls(format!("cannot read private key {}: {e}", key.display())))?;

@@ -14,11 +14,7 @@ fn doc(id: &str, etag: &str, partition: Option<&str>) -> Document {
 }
 
 fn put(c: Collection, d: Document, condition: Condition) -> Write {
-    Write::Put {
-        collection: c,
-        document: d,
-        condition,
-    }
+    Write::Put { collection: c, document: d, condition }
 }
 
 /// Runs every check; panics with a description on the first failure.
@@ -34,73 +30,30 @@ pub async fn run_all(store: &dyn Store) {
 pub async fn conditional_writes(store: &dyn Store) {
     let c = Collection::Enrollments;
     assert_eq!(store.get(c, "Dev-1").await.unwrap(), None);
-    store
-        .write(vec![put(c, doc("Dev-1", "e1", None), Condition::IfAbsent)])
-        .await
-        .unwrap();
-    let got = store
-        .get(c, "dev-1")
-        .await
-        .unwrap()
-        .expect("case-insensitive get");
-    assert_eq!(
-        got,
-        doc("Dev-1", "e1", None),
-        "the stored document comes back unchanged"
-    );
+    store.write(vec![put(c, doc("Dev-1", "e1", None), Condition::IfAbsent)]).await.unwrap();
+    let got = store.get(c, "dev-1").await.unwrap().expect("case-insensitive get");
+    assert_eq!(got, doc("Dev-1", "e1", None), "the stored document comes back unchanged");
     // Collections are separate namespaces.
-    assert_eq!(
-        store
-            .get(Collection::EnrollmentGroups, "dev-1")
-            .await
-            .unwrap(),
-        None
-    );
+    assert_eq!(store.get(Collection::EnrollmentGroups, "dev-1").await.unwrap(), None);
     assert!(matches!(
-        store
-            .write(vec![put(c, doc("DEV-1", "e2", None), Condition::IfAbsent)])
-            .await,
+        store.write(vec![put(c, doc("DEV-1", "e2", None), Condition::IfAbsent)]).await,
         Err(StoreError::AlreadyExists(_))
     ));
     assert!(matches!(
-        store
-            .write(vec![put(
-                c,
-                doc("dev-1", "e2", None),
-                Condition::IfMatch("nope".into())
-            )])
-            .await,
+        store.write(vec![put(c, doc("dev-1", "e2", None), Condition::IfMatch("nope".into()))]).await,
         Err(StoreError::PreconditionFailed(_))
     ));
     assert!(matches!(
-        store
-            .write(vec![put(
-                c,
-                doc("ghost", "e", None),
-                Condition::IfMatch("e".into())
-            )])
-            .await,
+        store.write(vec![put(c, doc("ghost", "e", None), Condition::IfMatch("e".into()))]).await,
         Err(StoreError::PreconditionFailed(_))
     ));
     assert!(matches!(
-        store
-            .write(vec![put(c, doc("ghost", "e", None), Condition::IfExists)])
-            .await,
+        store.write(vec![put(c, doc("ghost", "e", None), Condition::IfExists)]).await,
         Err(StoreError::PreconditionFailed(_))
     ));
-    store
-        .write(vec![put(
-            c,
-            doc("dev-1", "e2", None),
-            Condition::IfMatch("e1".into()),
-        )])
-        .await
-        .unwrap();
+    store.write(vec![put(c, doc("dev-1", "e2", None), Condition::IfMatch("e1".into()))]).await.unwrap();
     assert_eq!(store.get(c, "DEV-1").await.unwrap().unwrap().etag, "e2");
-    store
-        .write(vec![put(c, doc("dev-1", "e3", None), Condition::Always)])
-        .await
-        .unwrap();
+    store.write(vec![put(c, doc("dev-1", "e3", None), Condition::Always)]).await.unwrap();
     assert!(matches!(
         store
             .write(vec![Write::Delete {
@@ -112,22 +65,12 @@ pub async fn conditional_writes(store: &dyn Store) {
         Err(StoreError::PreconditionFailed(_))
     ));
     store
-        .write(vec![Write::Delete {
-            collection: c,
-            id: "Dev-1".into(),
-            condition: Condition::IfMatch("e3".into()),
-        }])
+        .write(vec![Write::Delete { collection: c, id: "Dev-1".into(), condition: Condition::IfMatch("e3".into()) }])
         .await
         .unwrap();
     assert_eq!(store.get(c, "dev-1").await.unwrap(), None);
     assert!(matches!(
-        store
-            .write(vec![Write::Delete {
-                collection: c,
-                id: "dev-1".into(),
-                condition: Condition::Always
-            }])
-            .await,
+        store.write(vec![Write::Delete { collection: c, id: "dev-1".into(), condition: Condition::Always }]).await,
         Err(StoreError::NotFound(_))
     ));
 }
@@ -136,24 +79,13 @@ pub async fn conditional_writes(store: &dyn Store) {
 pub async fn atomic_batches(store: &dyn Store) {
     let r = Collection::Registrations;
     let o = Collection::Operations;
-    store
-        .write(vec![put(r, doc("batch-a", "1", None), Condition::IfAbsent)])
-        .await
-        .unwrap();
+    store.write(vec![put(r, doc("batch-a", "1", None), Condition::IfAbsent)]).await.unwrap();
     let failing = vec![
         put(o, doc("op-1", "x", Some("batch-a")), Condition::IfAbsent),
-        put(
-            r,
-            doc("batch-a", "2", None),
-            Condition::IfMatch("wrong".into()),
-        ),
+        put(r, doc("batch-a", "2", None), Condition::IfMatch("wrong".into())),
     ];
     assert!(store.write(failing).await.is_err());
-    assert_eq!(
-        store.get(o, "op-1").await.unwrap(),
-        None,
-        "first write of a failed batch must not be applied"
-    );
+    assert_eq!(store.get(o, "op-1").await.unwrap(), None, "first write of a failed batch must not be applied");
     assert_eq!(store.get(r, "batch-a").await.unwrap().unwrap().etag, "1");
     let ok = vec![
         put(o, doc("op-1", "x", Some("batch-a")), Condition::IfAbsent),
@@ -169,16 +101,8 @@ pub async fn paging_and_partitions(store: &dyn Store) {
     let c = Collection::EnrollmentGroups;
     let mut writes = Vec::new();
     for i in 0..25 {
-        let partition = if i % 2 == 0 {
-            Some("even")
-        } else {
-            Some("odd")
-        };
-        writes.push(put(
-            c,
-            doc(&format!("G-{i:02}"), "e", partition),
-            Condition::IfAbsent,
-        ));
+        let partition = if i % 2 == 0 { Some("even") } else { Some("odd") };
+        writes.push(put(c, doc(&format!("G-{i:02}"), "e", partition), Condition::IfAbsent));
     }
     store.write(writes).await.unwrap();
     let mut seen = Vec::new();
@@ -202,16 +126,10 @@ pub async fn paging_and_partitions(store: &dyn Store) {
     let page = store.list(c, Some("odd"), None, 12).await.unwrap();
     assert_eq!(page.documents.len(), 12);
     assert_eq!(page.continuation, None);
-    assert!(page
-        .documents
-        .iter()
-        .all(|d| d.partition.as_deref() == Some("odd")));
+    assert!(page.documents.iter().all(|d| d.partition.as_deref() == Some("odd")));
     let page = store.list(c, Some("even"), None, 100).await.unwrap();
     assert_eq!(page.documents.len(), 13);
-    assert!(matches!(
-        store.list(c, None, Some("%%%not-a-token"), 10).await,
-        Err(StoreError::Corrupt(_))
-    ));
+    assert!(matches!(store.list(c, None, Some("%%%not-a-token"), 10).await, Err(StoreError::Corrupt(_))));
 }
 
 /// Records past their expiry are purged; others stay.
@@ -221,13 +139,7 @@ pub async fn expiry(store: &dyn Store) {
     old.expires_at = Some(1_000);
     let mut fresh = doc("op-fresh", "e", None);
     fresh.expires_at = Some(5_000);
-    store
-        .write(vec![
-            put(o, old, Condition::Always),
-            put(o, fresh, Condition::Always),
-        ])
-        .await
-        .unwrap();
+    store.write(vec![put(o, old, Condition::Always), put(o, fresh, Condition::Always)]).await.unwrap();
     assert_eq!(store.purge_expired(2_000).await.unwrap(), 1);
     assert_eq!(store.get(o, "op-old").await.unwrap(), None);
     assert!(store.get(o, "op-fresh").await.unwrap().is_some());
@@ -236,17 +148,7 @@ pub async fn expiry(store: &dyn Store) {
 /// Settings are written once and then read back.
 pub async fn settings(store: &dyn Store) {
     assert_eq!(store.get_setting("id_scope").await.unwrap(), None);
-    assert_eq!(
-        store.init_setting("id_scope", "0ne1").await.unwrap(),
-        "0ne1"
-    );
-    assert_eq!(
-        store.init_setting("id_scope", "0ne2").await.unwrap(),
-        "0ne1",
-        "first value wins"
-    );
-    assert_eq!(
-        store.get_setting("id_scope").await.unwrap().as_deref(),
-        Some("0ne1")
-    );
+    assert_eq!(store.init_setting("id_scope", "0ne1").await.unwrap(), "0ne1");
+    assert_eq!(store.init_setting("id_scope", "0ne2").await.unwrap(), "0ne1", "first value wins");
+    assert_eq!(store.get_setting("id_scope").await.unwrap().as_deref(), Some("0ne1"));
 }

@@ -48,24 +48,16 @@ pub struct SqliteStore {
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
+        f.debug_struct("SqliteStore").field("path", &self.path).finish_non_exhaustive()
     }
 }
 
 fn sql_err(e: rusqlite::Error) -> StoreError {
     match e {
         rusqlite::Error::SqliteFailure(f, ref m)
-            if matches!(
-                f.code,
-                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-            ) =>
+            if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) =>
         {
-            StoreError::Unavailable(format!(
-                "database busy: {}",
-                m.as_deref().unwrap_or("locked")
-            ))
+            StoreError::Unavailable(format!("database busy: {}", m.as_deref().unwrap_or("locked")))
         }
         rusqlite::Error::SqliteFailure(f, ref m) if f.code == rusqlite::ErrorCode::DiskFull => {
             StoreError::Unavailable(format!("disk full: {}", m.as_deref().unwrap_or("")))
@@ -80,27 +72,16 @@ impl SqliteStore {
         let conn = Connection::open(path)
             .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(sql_err)?;
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-            .map_err(sql_err)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(sql_err)?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::Unavailable(format!(
-                "{} cannot use WAL journaling (got {mode})",
-                path.display()
-            )));
+            return Err(StoreError::Unavailable(format!("{} cannot use WAL journaling (got {mode})", path.display())));
         }
         let sync = match synchronous {
             Synchronous::Full => "FULL",
             Synchronous::Normal => "NORMAL",
         };
-        conn.execute_batch(&format!(
-            "PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;"
-        ))
-        .map_err(sql_err)?;
-        let mut store = SqliteStore {
-            conn: Arc::new(Mutex::new(conn)),
-            path: path.to_path_buf(),
-        };
+        conn.execute_batch(&format!("PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;")).map_err(sql_err)?;
+        let mut store = SqliteStore { conn: Arc::new(Mutex::new(conn)), path: path.to_path_buf() };
         store.migrate()?;
         Ok(store)
     }
@@ -108,20 +89,14 @@ impl SqliteStore {
     /// The current schema version.
     pub fn schema_version(&self) -> Result<usize, StoreError> {
         let conn = self.lock();
-        let v: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(sql_err)?;
+        let v: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql_err)?;
         Ok(usize::try_from(v).unwrap_or(0))
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
         let mut conn = self.lock();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql_err)?;
-        let current: i64 = tx
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(sql_err)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
+        let current: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql_err)?;
         let current = usize::try_from(current).unwrap_or(usize::MAX);
         if current > MIGRATIONS.len() {
             return Err(StoreError::Unavailable(format!(
@@ -132,8 +107,7 @@ impl SqliteStore {
         }
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
             tx.execute_batch(sql).map_err(sql_err)?;
-            tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
-                .map_err(sql_err)?;
+            tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1)).map_err(sql_err)?;
             tracing::info!(version = i + 1, "store schema migrated");
         }
         tx.commit().map_err(sql_err)
@@ -174,29 +148,18 @@ fn read_doc(row: &rusqlite::Row<'_>) -> rusqlite::Result<Document> {
     })
 }
 
-fn check(
-    collection: Collection,
-    id: &str,
-    current: Option<&str>,
-    condition: &Condition,
-) -> Result<(), StoreError> {
+fn check(collection: Collection, id: &str, current: Option<&str>, condition: &Condition) -> Result<(), StoreError> {
     let what = || format!("{collection:?} '{id}'");
     match (condition, current) {
         (Condition::Always, _) => Ok(()),
         (Condition::IfAbsent, None) => Ok(()),
-        (Condition::IfAbsent, Some(_)) => Err(StoreError::AlreadyExists(format!(
-            "{} already exists",
-            what()
-        ))),
+        (Condition::IfAbsent, Some(_)) => Err(StoreError::AlreadyExists(format!("{} already exists", what()))),
         (Condition::IfExists, Some(_)) => Ok(()),
-        (Condition::IfExists | Condition::IfMatch(_), None) => Err(StoreError::PreconditionFailed(
-            format!("{} does not exist", what()),
-        )),
+        (Condition::IfExists | Condition::IfMatch(_), None) => {
+            Err(StoreError::PreconditionFailed(format!("{} does not exist", what())))
+        }
         (Condition::IfMatch(want), Some(have)) if want == have => Ok(()),
-        (Condition::IfMatch(_), Some(_)) => Err(StoreError::PreconditionFailed(format!(
-            "{} has another etag",
-            what()
-        ))),
+        (Condition::IfMatch(_), Some(_)) => Err(StoreError::PreconditionFailed(format!("{} has another etag", what()))),
     }
 }
 
@@ -263,20 +226,13 @@ impl Store for SqliteStore {
         continuation: Option<&str>,
         limit: usize,
     ) -> Result<Page, StoreError> {
-        let after = match continuation {
-            Some(c) => Some(
-                B64URL
-                    .decode(c)
-                    .ok()
-                    .and_then(|b| String::from_utf8(b).ok())
-                    .ok_or_else(|| {
-                        StoreError::Corrupt(
-                            "the continuation token was not issued by this server".into(),
-                        )
-                    })?,
-            ),
-            None => None,
-        };
+        let after =
+            match continuation {
+                Some(c) => Some(B64URL.decode(c).ok().and_then(|b| String::from_utf8(b).ok()).ok_or_else(|| {
+                    StoreError::Corrupt("the continuation token was not issued by this server".into())
+                })?),
+                None => None,
+            };
         let partition = partition.map(str::to_string);
         let limit = limit.max(1);
         self.blocking(move |conn| {
@@ -289,7 +245,9 @@ impl Store for SqliteStore {
                 )
                 .map_err(sql_err)?;
             let rows = st
-                .query_map(params![collection.tag(), partition, after, fetch], |r| Ok((read_doc(r)?, r.get::<_, String>(5)?)))
+                .query_map(params![collection.tag(), partition, after, fetch], |r| {
+                    Ok((read_doc(r)?, r.get::<_, String>(5)?))
+                })
                 .map_err(sql_err)?;
             let mut docs = Vec::new();
             for row in rows {
@@ -308,12 +266,9 @@ impl Store for SqliteStore {
 
     async fn purge_expired(&self, now_millis: i64) -> Result<u64, StoreError> {
         self.blocking(move |conn| {
-            conn.execute(
-                "DELETE FROM documents WHERE expires_at IS NOT NULL AND expires_at < ?1",
-                params![now_millis],
-            )
-            .map(|n| n as u64)
-            .map_err(sql_err)
+            conn.execute("DELETE FROM documents WHERE expires_at IS NOT NULL AND expires_at < ?1", params![now_millis])
+                .map(|n| n as u64)
+                .map_err(sql_err)
         })
         .await
     }
@@ -321,13 +276,9 @@ impl Store for SqliteStore {
     async fn get_setting(&self, key: &str) -> Result<Option<String>, StoreError> {
         let key = key.to_string();
         self.blocking(move |conn| {
-            conn.query_row(
-                "SELECT value FROM settings WHERE key = ?1",
-                params![key],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(sql_err)
+            conn.query_row("SELECT value FROM settings WHERE key = ?1", params![key], |r| r.get(0))
+                .optional()
+                .map_err(sql_err)
         })
         .await
     }
@@ -335,20 +286,14 @@ impl Store for SqliteStore {
     async fn init_setting(&self, key: &str, value: &str) -> Result<String, StoreError> {
         let (key, value) = (key.to_string(), value.to_string());
         self.blocking(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(sql_err)?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
             tx.execute(
                 "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
                 params![key, value],
             )
             .map_err(sql_err)?;
             let stored: String = tx
-                .query_row(
-                    "SELECT value FROM settings WHERE key = ?1",
-                    params![key],
-                    |r| r.get(0),
-                )
+                .query_row("SELECT value FROM settings WHERE key = ?1", params![key], |r| r.get(0))
                 .map_err(sql_err)?;
             tx.commit().map_err(sql_err)?;
             Ok(stored)

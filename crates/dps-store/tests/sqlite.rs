@@ -16,13 +16,7 @@ async fn data_survives_reopen() {
     let path = dir.path().join("dps.sqlite");
     {
         let store = SqliteStore::open(&path, Synchronous::Normal).unwrap();
-        let d = Document {
-            id: "x".into(),
-            etag: "1".into(),
-            partition: None,
-            body: "{}".into(),
-            expires_at: None,
-        };
+        let d = Document { id: "x".into(), etag: "1".into(), partition: None, body: "{}".into(), expires_at: None };
         store
             .write(vec![Write::Put {
                 collection: Collection::Enrollments,
@@ -34,15 +28,7 @@ async fn data_survives_reopen() {
     }
     let store = SqliteStore::open(&path, Synchronous::Full).unwrap();
     assert_eq!(store.schema_version().unwrap(), 1);
-    assert_eq!(
-        store
-            .get(Collection::Enrollments, "X")
-            .await
-            .unwrap()
-            .unwrap()
-            .etag,
-        "1"
-    );
+    assert_eq!(store.get(Collection::Enrollments, "X").await.unwrap().unwrap().etag, "1");
 }
 
 #[test]
@@ -53,9 +39,7 @@ fn refuses_a_newer_schema() {
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch("PRAGMA user_version = 99").unwrap();
     drop(conn);
-    let err = SqliteStore::open(&path, Synchronous::Full)
-        .unwrap_err()
-        .to_string();
+    let err = SqliteStore::open(&path, Synchronous::Full).unwrap_err().to_string();
     assert!(err.contains("99") && err.contains("upgrade dps"), "{err}");
 }
 
@@ -63,10 +47,6 @@ fn refuses_a_newer_schema() {
 fn refuses_a_file_that_is_not_a_database() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dps.sqlite");
-    std::fs::write(
-        &path,
-        b"this is not sqlite, just some text that is long enough to be a header",
-    )
-    .unwrap();
+    std::fs::write(&path, b"this is not sqlite, just some text that is long enough to be a header").unwrap();
     assert!(SqliteStore::open(&path, Synchronous::Full).is_err());
 }

@@ -26,10 +26,7 @@ pub struct Dps {
 }
 
 pub fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
 impl Dps {
@@ -90,18 +87,10 @@ impl Dps {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("dps exited early ({status}): {}", self.log());
             }
-            assert!(
-                Instant::now() < deadline,
-                "dps did not start: {}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "dps did not start: {}", self.log());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        self.addr = self.creds["httpsAddress"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap();
+        self.addr = self.creds["httpsAddress"].as_str().unwrap().parse().unwrap();
         let ca = std::fs::read(self.creds["caCertificatePath"].as_str().unwrap()).unwrap();
         self.client = reqwest::Client::builder()
             .use_rustls_tls()
@@ -146,20 +135,12 @@ impl Dps {
 
     fn owner_key(&self) -> Vec<u8> {
         let cs = self.creds["serviceConnectionString"].as_str().unwrap();
-        let key = cs
-            .split(';')
-            .find_map(|p| p.strip_prefix("SharedAccessKey="))
-            .unwrap();
+        let key = cs.split(';').find_map(|p| p.strip_prefix("SharedAccessKey=")).unwrap();
         decode_key(key).unwrap()
     }
 
     pub fn service_token(&self) -> String {
-        build_token(
-            "localhost",
-            &self.owner_key(),
-            now() + 3600,
-            Some("provisioningserviceowner"),
-        )
+        build_token("localhost", &self.owner_key(), now() + 3600, Some("provisioningserviceowner"))
     }
 
     /// A service request with the owner policy.
@@ -172,36 +153,22 @@ impl Dps {
 
     pub async fn put_enrollment(&self, body: Value) -> Value {
         let id = body["registrationId"].as_str().unwrap().to_string();
-        let resp = self
-            .service(reqwest::Method::PUT, &format!("/enrollments/{id}"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let resp = self.service(reqwest::Method::PUT, &format!("/enrollments/{id}")).json(&body).send().await.unwrap();
         assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
         resp.json().await.unwrap()
     }
 
     pub async fn put_group(&self, body: Value) -> Value {
         let id = body["enrollmentGroupId"].as_str().unwrap().to_string();
-        let resp = self
-            .service(reqwest::Method::PUT, &format!("/enrollmentGroups/{id}"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let resp =
+            self.service(reqwest::Method::PUT, &format!("/enrollmentGroups/{id}")).json(&body).send().await.unwrap();
         assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
         resp.json().await.unwrap()
     }
 
     pub fn device_token(&self, registration_id: &str, key_b64: &str) -> String {
         let resource = format!("{}/registrations/{registration_id}", self.scope());
-        build_token(
-            &resource,
-            &decode_key(key_b64).unwrap(),
-            now() + 3600,
-            Some("registration"),
-        )
+        build_token(&resource, &decode_key(key_b64).unwrap(), now() + 3600, Some("registration"))
     }
 
     /// `PUT …/register` with a body; returns (status, headers, JSON).
@@ -211,10 +178,8 @@ impl Dps {
         token: Option<&str>,
         body: Value,
     ) -> (u16, reqwest::header::HeaderMap, Value) {
-        let url = self.url(&format!(
-            "/{}/registrations/{registration_id}/register?api-version=2019-03-31",
-            self.scope()
-        ));
+        let url =
+            self.url(&format!("/{}/registrations/{registration_id}/register?api-version=2019-03-31", self.scope()));
         let mut req = self.client.put(url).json(&body);
         if let Some(t) = token {
             req = req.header("Authorization", t);
@@ -234,10 +199,7 @@ impl Drop for Dps {
 }
 
 pub fn derive(group_key_b64: &str, registration_id: &str) -> String {
-    BASE64.encode(dps_proto::sas::derive_device_key(
-        &decode_key(group_key_b64).unwrap(),
-        registration_id,
-    ))
+    BASE64.encode(dps_proto::sas::derive_device_key(&decode_key(group_key_b64).unwrap(), registration_id))
 }
 
 pub fn key(seed: u8) -> String {

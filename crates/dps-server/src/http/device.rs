@@ -11,11 +11,7 @@ fn credential(call: &Call) -> Credential {
     match call.headers.get(http::header::AUTHORIZATION) {
         // A header that is not visible ASCII cannot be a SAS token; pass it on so the engine
         // answers 401 with its reason.
-        Some(v) => Credential::Sas(
-            v.to_str()
-                .map(str::to_string)
-                .unwrap_or_else(|_| "<not ASCII>".into()),
-        ),
+        Some(v) => Credential::Sas(v.to_str().map(str::to_string).unwrap_or_else(|_| "<not ASCII>".into())),
         None => Credential::None,
     }
 }
@@ -25,23 +21,15 @@ fn with_retry_after(
     reply: &DeviceReply,
 ) -> http::Response<http_body_util::Full<bytes::Bytes>> {
     if let Some(secs) = reply.retry_after {
-        resp.headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from(secs));
+        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
     }
     resp
 }
 
 /// `PUT /{scope}/registrations/{id}/register` → 202.
-pub(crate) async fn register(
-    state: &AppState,
-    call: &Call,
-    scope: String,
-    id: String,
-) -> HttpResult {
+pub(crate) async fn register(state: &AppState, call: &Call, scope: String, id: String) -> HttpResult {
     call.require_api_version()?;
-    let force = call
-        .query_param("forceRegistration")
-        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let force = call.query_param("forceRegistration").is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let request = RegisterRequest {
         id_scope: scope.clone(),
         registration_id: id.clone(),
@@ -50,10 +38,7 @@ pub(crate) async fn register(
         force,
     };
     let reply = state.engine.register(request).await?;
-    let mut resp = with_retry_after(
-        json(StatusCode::ACCEPTED, &reply.operation, &call.request_id),
-        &reply,
-    );
+    let mut resp = with_retry_after(json(StatusCode::ACCEPTED, &reply.operation, &call.request_id), &reply);
     let host = call.header("host").unwrap_or("localhost");
     let location = format!("https://{host}/{scope}/registrations/{id}/register");
     if let Ok(v) = HeaderValue::from_str(&location) {
@@ -71,31 +56,13 @@ pub(crate) async fn operation_status(
     operation: String,
 ) -> HttpResult {
     call.require_api_version()?;
-    let reply = state
-        .engine
-        .operation_status(&scope, &id, &operation, &credential(call))
-        .await?;
-    Ok(with_retry_after(
-        json(
-            status(reply.poll_status()),
-            &reply.operation,
-            &call.request_id,
-        ),
-        &reply,
-    ))
+    let reply = state.engine.operation_status(&scope, &id, &operation, &credential(call)).await?;
+    Ok(with_retry_after(json(status(reply.poll_status()), &reply.operation, &call.request_id), &reply))
 }
 
 /// `POST /{scope}/registrations/{id}` → 200 with the registration state.
-pub(crate) async fn registration_status(
-    state: &AppState,
-    call: &Call,
-    scope: String,
-    id: String,
-) -> HttpResult {
+pub(crate) async fn registration_status(state: &AppState, call: &Call, scope: String, id: String) -> HttpResult {
     call.require_api_version()?;
-    let result = state
-        .engine
-        .registration_status(&scope, &id, &credential(call), &call.body)
-        .await?;
+    let result = state.engine.registration_status(&scope, &id, &credential(call), &call.body).await?;
     Ok(json(StatusCode::OK, &result, &call.request_id))
 }

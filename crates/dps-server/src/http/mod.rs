@@ -41,9 +41,7 @@ pub struct AppState {
 
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AppState")
-            .field("host_names", &self.host_names)
-            .finish_non_exhaustive()
+        f.debug_struct("AppState").field("host_names", &self.host_names).finish_non_exhaustive()
     }
 }
 
@@ -60,10 +58,7 @@ pub(crate) struct Call {
 
 impl Call {
     pub fn query_param(&self, name: &str) -> Option<&str> {
-        self.query
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.query.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -76,9 +71,7 @@ impl Call {
             Some(v) if dps_proto::ids::is_valid_api_version(v) => Ok(()),
             Some(v) => Err(dps_core::Error::bad_request(
                 ErrorCode::INVALID_API_VERSION,
-                format!(
-                    "api-version '{v}' is not of the form YYYY-MM-DD[-preview] (e.g. 2021-10-01)"
-                ),
+                format!("api-version '{v}' is not of the form YYYY-MM-DD[-preview] (e.g. 2021-10-01)"),
             )),
             None => Err(dps_core::Error::bad_request(
                 ErrorCode::INVALID_API_VERSION,
@@ -91,12 +84,7 @@ impl Call {
 fn decode_segments(path: &str) -> Option<Vec<String>> {
     path.split('/')
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            percent_decode_str(s)
-                .decode_utf8()
-                .ok()
-                .map(|c| c.into_owned())
-        })
+        .map(|s| percent_decode_str(s).decode_utf8().ok().map(|c| c.into_owned()))
         .collect()
 }
 
@@ -113,10 +101,7 @@ fn parse_query(q: Option<&str>) -> Vec<(String, String)> {
 }
 
 /// Handles one HTTP request. Never fails: every error becomes a DPS error response.
-pub async fn handle(
-    state: Arc<AppState>,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = Instant::now();
     let request_id = uuid::Uuid::new_v4().to_string();
     let method = req.method().clone();
@@ -134,11 +119,7 @@ pub async fn handle(
     Ok(response)
 }
 
-async fn read_call(
-    state: &AppState,
-    req: Request<Incoming>,
-    request_id: &str,
-) -> Result<Call, dps_core::Error> {
+async fn read_call(state: &AppState, req: Request<Incoming>, request_id: &str) -> Result<Call, dps_core::Error> {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let segments = decode_segments(&path).ok_or_else(|| {
@@ -147,31 +128,19 @@ async fn read_call(
             "the request path is not valid percent-encoded UTF-8",
         )
     })?;
-    let collected = tokio::time::timeout(
-        state.body_read_timeout,
-        Limited::new(body, state.max_body_bytes).collect(),
-    )
-    .await;
+    let collected =
+        tokio::time::timeout(state.body_read_timeout, Limited::new(body, state.max_body_bytes).collect()).await;
     let body = match collected {
         Err(_) => {
             return Err(dps_core::Error::bad_request(
                 ErrorCode::INVALID_REQUEST_BODY,
-                format!(
-                    "the request body did not arrive within {} s",
-                    state.body_read_timeout.as_secs()
-                ),
+                format!("the request body did not arrive within {} s", state.body_read_timeout.as_secs()),
             ))
         }
-        Ok(Err(e))
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             return Err(dps_core::Error::BadRequest {
                 code: ErrorCode::PAYLOAD_TOO_LARGE,
-                message: format!(
-                    "the request body is larger than {} bytes",
-                    state.max_body_bytes
-                ),
+                message: format!("the request body is larger than {} bytes", state.max_body_bytes),
             })
         }
         Ok(Err(e)) => {
@@ -209,19 +178,9 @@ enum Route {
     GroupAttestation(String),
     Registration(String),
     RegistrationQuery(String),
-    DeviceRegister {
-        scope: String,
-        id: String,
-    },
-    DeviceOperation {
-        scope: String,
-        id: String,
-        operation: String,
-    },
-    DeviceStatus {
-        scope: String,
-        id: String,
-    },
+    DeviceRegister { scope: String, id: String },
+    DeviceOperation { scope: String, id: String, operation: String },
+    DeviceStatus { scope: String, id: String },
 }
 
 impl Route {
@@ -244,42 +203,28 @@ fn match_route(method: &Method, s: &[String]) -> Option<Route> {
     let s: Vec<&str> = s.iter().map(String::as_str).collect();
     let route = match s.as_slice() {
         [e] if eq(e, "enrollments") => Route::EnrollmentBulk,
-        [e, q] if eq(e, "enrollments") && eq(q, "query") && method == Method::POST => {
-            Route::EnrollmentQuery
-        }
+        [e, q] if eq(e, "enrollments") && eq(q, "query") && method == Method::POST => Route::EnrollmentQuery,
         [e, id] if eq(e, "enrollments") => Route::Enrollment(id.to_string()),
         [e, id, a] if eq(e, "enrollments") && eq(a, "attestationmechanism") => {
             Route::EnrollmentAttestation(id.to_string())
         }
         [g] if eq(g, "enrollmentgroups") => Route::GroupBulk,
-        [g, q] if eq(g, "enrollmentgroups") && eq(q, "query") && method == Method::POST => {
-            Route::GroupQuery
-        }
+        [g, q] if eq(g, "enrollmentgroups") && eq(q, "query") && method == Method::POST => Route::GroupQuery,
         [g, id] if eq(g, "enrollmentgroups") => Route::Group(id.to_string()),
         [g, id, a] if eq(g, "enrollmentgroups") && eq(a, "attestationmechanism") => {
             Route::GroupAttestation(id.to_string())
         }
         [r, id] if eq(r, "registrations") => Route::Registration(id.to_string()),
-        [r, id, q] if eq(r, "registrations") && eq(q, "query") => {
-            Route::RegistrationQuery(id.to_string())
-        }
+        [r, id, q] if eq(r, "registrations") && eq(q, "query") => Route::RegistrationQuery(id.to_string()),
         [scope, r, id, reg] if eq(r, "registrations") && eq(reg, "register") => {
-            Route::DeviceRegister {
-                scope: scope.to_string(),
-                id: id.to_string(),
-            }
+            Route::DeviceRegister { scope: scope.to_string(), id: id.to_string() }
         }
         [scope, r, id, ops, op] if eq(r, "registrations") && eq(ops, "operations") => {
-            Route::DeviceOperation {
-                scope: scope.to_string(),
-                id: id.to_string(),
-                operation: op.to_string(),
-            }
+            Route::DeviceOperation { scope: scope.to_string(), id: id.to_string(), operation: op.to_string() }
         }
-        [scope, r, id] if eq(r, "registrations") => Route::DeviceStatus {
-            scope: scope.to_string(),
-            id: id.to_string(),
-        },
+        [scope, r, id] if eq(r, "registrations") => {
+            Route::DeviceStatus { scope: scope.to_string(), id: id.to_string() }
+        }
         _ => return None,
     };
     Some(route)
@@ -287,22 +232,14 @@ fn match_route(method: &Method, s: &[String]) -> Option<Route> {
 
 async fn route(state: &AppState, call: Call) -> Response<Full<Bytes>> {
     let Some(route) = match_route(&call.method, &call.segments) else {
-        let err = dps_core::Error::not_found(
-            ErrorCode::ROUTE_NOT_FOUND,
-            format!("no resource at {}", call.path),
-        );
+        let err = dps_core::Error::not_found(ErrorCode::ROUTE_NOT_FOUND, format!("no resource at {}", call.path));
         return error_response(&err, &call.request_id);
     };
     if !route.allowed().contains(&call.method) {
         let allowed: Vec<&str> = route.allowed().iter().map(Method::as_str).collect();
         let err = dps_core::Error::BadRequest {
             code: ErrorCode::METHOD_NOT_ALLOWED,
-            message: format!(
-                "{} is not allowed on {}; allowed: {}",
-                call.method,
-                call.path,
-                allowed.join(", ")
-            ),
+            message: format!("{} is not allowed on {}; allowed: {}", call.method, call.path, allowed.join(", ")),
         };
         let mut resp = error_response(&err, &call.request_id);
         if let Ok(v) = http::HeaderValue::from_str(&allowed.join(", ")) {
@@ -312,20 +249,14 @@ async fn route(state: &AppState, call: Call) -> Response<Full<Bytes>> {
     }
     let result = match route {
         Route::DeviceRegister { scope, id } => device::register(state, &call, scope, id).await,
-        Route::DeviceOperation {
-            scope,
-            id,
-            operation,
-        } => device::operation_status(state, &call, scope, id, operation).await,
-        Route::DeviceStatus { scope, id } => {
-            device::registration_status(state, &call, scope, id).await
+        Route::DeviceOperation { scope, id, operation } => {
+            device::operation_status(state, &call, scope, id, operation).await
         }
+        Route::DeviceStatus { scope, id } => device::registration_status(state, &call, scope, id).await,
         Route::EnrollmentBulk => service::bulk_enrollments(state, &call).await,
         Route::EnrollmentQuery => service::query_enrollments(state, &call).await,
         Route::Enrollment(id) => service::enrollment(state, &call, &id).await,
-        Route::EnrollmentAttestation(id) => {
-            service::enrollment_attestation(state, &call, &id).await
-        }
+        Route::EnrollmentAttestation(id) => service::enrollment_attestation(state, &call, &id).await,
         Route::GroupBulk => service::bulk_groups(state, &call).await,
         Route::GroupQuery => service::query_groups(state, &call).await,
         Route::Group(id) => service::group(state, &call, &id).await,
@@ -355,14 +286,8 @@ mod tests {
         assert!(
             matches!(match_route(&Method::POST, &segs("/enrollmentgroups/g1/attestationmechanism")), Some(Route::GroupAttestation(g)) if g == "g1")
         );
-        assert!(matches!(
-            match_route(&Method::PUT, &segs("/enrollmentGroups/g1")),
-            Some(Route::Group(_))
-        ));
-        assert!(matches!(
-            match_route(&Method::POST, &segs("/enrollments/query")),
-            Some(Route::EnrollmentQuery)
-        ));
+        assert!(matches!(match_route(&Method::PUT, &segs("/enrollmentGroups/g1")), Some(Route::Group(_))));
+        assert!(matches!(match_route(&Method::POST, &segs("/enrollments/query")), Some(Route::EnrollmentQuery)));
         assert!(
             matches!(match_route(&Method::PUT, &segs("/enrollments/query")), Some(Route::Enrollment(id)) if id == "query")
         );
@@ -374,10 +299,7 @@ mod tests {
             match_route(&Method::GET, &segs("/s/registrations/d/operations/5.a.b")),
             Some(Route::DeviceOperation { .. })
         ));
-        assert!(matches!(
-            match_route(&Method::POST, &segs("/s/registrations/d")),
-            Some(Route::DeviceStatus { .. })
-        ));
+        assert!(matches!(match_route(&Method::POST, &segs("/s/registrations/d")), Some(Route::DeviceStatus { .. })));
         assert!(matches!(
             match_route(&Method::POST, &segs("/registrations/g/query")),
             Some(Route::RegistrationQuery(_))

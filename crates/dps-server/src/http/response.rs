@@ -12,24 +12,16 @@ use super::status;
 const JSON: &str = "application/json; charset=utf-8";
 
 /// A JSON response with `x-ms-request-id`.
-pub(crate) fn json<T: Serialize>(
-    code: StatusCode,
-    body: &T,
-    request_id: &str,
-) -> Response<Full<Bytes>> {
+pub(crate) fn json<T: Serialize>(code: StatusCode, body: &T, request_id: &str) -> Response<Full<Bytes>> {
     match serde_json::to_vec(body) {
         Ok(bytes) => {
             let mut resp = Response::new(Full::new(Bytes::from(bytes)));
             *resp.status_mut() = code;
-            resp.headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
+            resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
             set_request_id(&mut resp, request_id);
             resp
         }
-        Err(e) => error_response(
-            &dps_core::Error::Internal(format!("cannot serialise a response: {e}")),
-            request_id,
-        ),
+        Err(e) => error_response(&dps_core::Error::Internal(format!("cannot serialise a response: {e}")), request_id),
     }
 }
 
@@ -68,14 +60,12 @@ pub fn error_response(err: &dps_core::Error, request_id: &str) -> Response<Full<
     let bytes = serde_json::to_vec(&body).unwrap_or_default();
     let mut resp = Response::new(Full::new(Bytes::from(bytes)));
     *resp.status_mut() = status(code.http_status());
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
     if let Ok(v) = HeaderValue::from_str(&code.0.to_string()) {
         resp.headers_mut().insert("x-ms-error-code", v);
     }
     if matches!(err, dps_core::Error::Unavailable(_)) {
-        resp.headers_mut()
-            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
+        resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
     }
     set_request_id(&mut resp, request_id);
     resp

@@ -21,20 +21,20 @@ const REGISTRATION_WRITE: &str = "RegistrationStatusWrite";
 
 /// Checks the service SAS token and that its policy grants every right in `rights`.
 fn authorize(state: &AppState, call: &Call, rights: &[&str]) -> Result<(), Error> {
-    let header = call
-        .header("authorization")
-        .ok_or_else(|| Error::Unauthorized("no Authorization header: send a SharedAccessSignature built from a service connection string".into()))?;
-    let token = SasToken::parse(header)
-        .map_err(|e| Error::Unauthorized(format!("invalid SAS token: {e}")))?;
+    let header = call.header("authorization").ok_or_else(|| {
+        Error::Unauthorized(
+            "no Authorization header: send a SharedAccessSignature built from a service connection string".into(),
+        )
+    })?;
+    let token = SasToken::parse(header).map_err(|e| Error::Unauthorized(format!("invalid SAS token: {e}")))?;
     let now = state.engine.clock().now_secs();
     if token.is_expired(now, state.engine.settings().sas_clock_skew_secs) {
-        return Err(Error::Unauthorized(format!(
-            "the SAS token expired at {} (now {now})",
-            token.expiry
-        )));
+        return Err(Error::Unauthorized(format!("the SAS token expired at {} (now {now})", token.expiry)));
     }
     let name = token.key_name.as_deref().filter(|n| !n.is_empty()).ok_or_else(|| {
-        Error::Unauthorized("the SAS token names no policy (skn); use SharedAccessKeyName from the connection string".into())
+        Error::Unauthorized(
+            "the SAS token names no policy (skn); use SharedAccessKeyName from the connection string".into(),
+        )
     })?;
     let policy = state
         .policies
@@ -51,24 +51,15 @@ fn authorize(state: &AppState, call: &Call, rights: &[&str]) -> Result<(), Error
         )));
     }
     let path = call.path.as_str();
-    if !state
-        .host_names
-        .iter()
-        .any(|h| service_audience_matches(&token.resource, h, path))
-    {
+    if !state.host_names.iter().any(|h| service_audience_matches(&token.resource, h, path)) {
         return Err(Error::Unauthorized(format!(
             "the SAS token audience '{}' is not this service; HostName must be one of: {}",
             token.resource,
             state.host_names.join(", ")
         )));
     }
-    if let Some(missing) = rights
-        .iter()
-        .find(|r| !policy.rights.iter().any(|have| have == *r))
-    {
-        return Err(Error::Unauthorized(format!(
-            "shared access policy '{name}' lacks the {missing} right"
-        )));
+    if let Some(missing) = rights.iter().find(|r| !policy.rights.iter().any(|have| have == *r)) {
+        return Err(Error::Unauthorized(format!("shared access policy '{name}' lacks the {missing} right")));
     }
     Ok(())
 }
@@ -84,9 +75,7 @@ async fn record<R: EnrollmentKind>(state: &AppState, call: &Call, id: &str) -> H
     match call.method {
         Method::PUT => {
             authorize(state, call, &[ENROLLMENT_WRITE])?;
-            let saved: R = engine
-                .put_enrollment_record(id, &call.body, &if_match(call))
-                .await?;
+            let saved: R = engine.put_enrollment_record(id, &call.body, &if_match(call)).await?;
             tracing::info!(kind = R::NOUN, id, "saved");
             Ok(json(StatusCode::OK, &saved, &call.request_id))
         }
@@ -97,9 +86,7 @@ async fn record<R: EnrollmentKind>(state: &AppState, call: &Call, id: &str) -> H
         }
         _ => {
             authorize(state, call, &[ENROLLMENT_WRITE])?;
-            engine
-                .delete_enrollment_record::<R>(id, &if_match(call))
-                .await?;
+            engine.delete_enrollment_record::<R>(id, &if_match(call)).await?;
             tracing::info!(kind = R::NOUN, id, "deleted");
             Ok(empty(StatusCode::NO_CONTENT, &call.request_id))
         }
@@ -139,17 +126,10 @@ fn paging(state: &AppState, call: &Call) -> Result<(usize, Option<String>), Erro
     let size = match call.header("x-ms-max-item-count").map(str::trim) {
         None | Some("") | Some("0") => state.default_page_size,
         Some(v) => v.parse::<usize>().map_err(|_| {
-            Error::bad_request(
-                ErrorCode::INVALID_ARGUMENT,
-                format!("x-ms-max-item-count '{v}' is not a whole number"),
-            )
+            Error::bad_request(ErrorCode::INVALID_ARGUMENT, format!("x-ms-max-item-count '{v}' is not a whole number"))
         })?,
     };
-    let continuation = call
-        .header("x-ms-continuation")
-        .map(str::trim)
-        .filter(|c| !c.is_empty())
-        .map(str::to_string);
+    let continuation = call.header("x-ms-continuation").map(str::trim).filter(|c| !c.is_empty()).map(str::to_string);
     Ok((size, continuation))
 }
 
@@ -159,12 +139,8 @@ fn page_response<T: Serialize>(
     request_id: &str,
 ) -> http::Response<http_body_util::Full<bytes::Bytes>> {
     let mut resp = json(StatusCode::OK, &page.items, request_id);
-    resp.headers_mut()
-        .insert("x-ms-item-type", HeaderValue::from_static(item_type));
-    if let Some(c) = page
-        .continuation
-        .and_then(|c| HeaderValue::from_str(&c).ok())
-    {
+    resp.headers_mut().insert("x-ms-item-type", HeaderValue::from_static(item_type));
+    if let Some(c) = page.continuation.and_then(|c| HeaderValue::from_str(&c).ok()) {
         resp.headers_mut().insert("x-ms-continuation", c);
     }
     resp
@@ -183,18 +159,11 @@ fn query_text(call: &Call) -> Result<String, Error> {
     Ok(spec.query)
 }
 
-async fn query<R: EnrollmentKind>(
-    state: &AppState,
-    call: &Call,
-    item_type: &'static str,
-) -> HttpResult {
+async fn query<R: EnrollmentKind>(state: &AppState, call: &Call, item_type: &'static str) -> HttpResult {
     call.require_api_version()?;
     authorize(state, call, &[ENROLLMENT_READ])?;
     let (size, continuation) = paging(state, call)?;
-    let page = state
-        .engine
-        .query_enrollment_records::<R>(&query_text(call)?, size, continuation.as_deref())
-        .await?;
+    let page = state.engine.query_enrollment_records::<R>(&query_text(call)?, size, continuation.as_deref()).await?;
     Ok(page_response(page, item_type, &call.request_id))
 }
 
@@ -233,27 +202,17 @@ pub(crate) async fn registration(state: &AppState, call: &Call, id: &str) -> Htt
         Ok(json(StatusCode::OK, &r, &call.request_id))
     } else {
         authorize(state, call, &[REGISTRATION_WRITE])?;
-        state
-            .engine
-            .delete_registration_state(id, &if_match(call))
-            .await?;
+        state.engine.delete_registration_state(id, &if_match(call)).await?;
         tracing::info!(registration_id = id, "registration state deleted");
         Ok(empty(StatusCode::NO_CONTENT, &call.request_id))
     }
 }
 
 /// `POST /registrations/{groupId}/query`.
-pub(crate) async fn query_registrations(
-    state: &AppState,
-    call: &Call,
-    group_id: &str,
-) -> HttpResult {
+pub(crate) async fn query_registrations(state: &AppState, call: &Call, group_id: &str) -> HttpResult {
     call.require_api_version()?;
     authorize(state, call, &[REGISTRATION_READ])?;
     let (size, continuation) = paging(state, call)?;
-    let page = state
-        .engine
-        .query_group_registrations(group_id, size, continuation.as_deref())
-        .await?;
+    let page = state.engine.query_group_registrations(group_id, size, continuation.as_deref()).await?;
     Ok(page_response(page, "deviceRegistration", &call.request_id))
 }
