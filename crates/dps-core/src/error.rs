@@ -19,9 +19,6 @@ pub enum Error {
     /// Authentication failed (401002).
     #[error("{0}")]
     Unauthorized(String),
-    /// Authenticated, but the policy lacks a right (403001).
-    #[error("{0}")]
-    Forbidden(String),
     /// Something does not exist (404xxx).
     #[error("{message}")]
     NotFound {
@@ -50,7 +47,6 @@ impl Error {
         match self {
             Error::BadRequest { code, .. } | Error::NotFound { code, .. } => *code,
             Error::Unauthorized(_) => ErrorCode::UNAUTHORIZED,
-            Error::Forbidden(_) => ErrorCode::FORBIDDEN,
             Error::Conflict(_) => ErrorCode::CONFLICT,
             Error::PreconditionFailed(_) => ErrorCode::PRECONDITION_FAILED,
             Error::Unavailable(_) => ErrorCode::SERVICE_UNAVAILABLE,
@@ -79,5 +75,37 @@ impl From<StoreError> for Error {
             StoreError::Corrupt(m) => Error::Internal(format!("corrupt record in the store: {m}")),
             StoreError::Other(m) => Error::Internal(m),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants_map_to_dps_codes() {
+        let cases = [
+            (Error::bad_request(ErrorCode::INVALID_PAYLOAD, "x"), 400003),
+            (Error::Unauthorized("x".into()), 401002),
+            (Error::not_found(ErrorCode::OPERATION_NOT_FOUND, "x"), 404203),
+            (Error::Conflict("x".into()), 409001),
+            (Error::PreconditionFailed("x".into()), 412001),
+            (Error::Unavailable("x".into()), 503001),
+            (Error::Internal("x".into()), 500001),
+        ];
+        for (err, code) in cases {
+            assert_eq!(err.code().0, code, "{err:?}");
+            assert_eq!(u32::from(err.code().http_status()), code / 1000);
+        }
+    }
+
+    #[test]
+    fn store_errors_map_to_retryable_or_internal() {
+        assert_eq!(Error::from(StoreError::Unavailable("disk full".into())).code(), ErrorCode::SERVICE_UNAVAILABLE);
+        assert_eq!(Error::from(StoreError::Corrupt("x".into())).code(), ErrorCode::INTERNAL);
+        assert_eq!(Error::from(StoreError::PreconditionFailed("x".into())).code(), ErrorCode::PRECONDITION_FAILED);
+        assert_eq!(Error::from(StoreError::AlreadyExists("x".into())).code(), ErrorCode::CONFLICT);
+        let msg = Error::from(StoreError::Unavailable("disk full".into())).to_string();
+        assert!(msg.contains("disk full"), "{msg}");
     }
 }

@@ -30,8 +30,6 @@ impl ErrorCode {
     pub const ALLOCATION_FAILED: ErrorCode = ErrorCode(400209);
     /// Authentication failed: bad, expired or mismatched SAS token, unknown key or certificate.
     pub const UNAUTHORIZED: ErrorCode = ErrorCode(401002);
-    /// The caller is authenticated but its policy lacks the right for this operation.
-    pub const FORBIDDEN: ErrorCode = ErrorCode(403001);
     /// The enrollment (or the device's registration) does not exist.
     pub const ENROLLMENT_NOT_FOUND: ErrorCode = ErrorCode(404201);
     /// The device registration state does not exist.
@@ -99,7 +97,6 @@ mod tests {
             (ErrorCode::HUB_NOT_SPECIFIED, 400),
             (ErrorCode::ALLOCATION_FAILED, 400),
             (ErrorCode::UNAUTHORIZED, 401),
-            (ErrorCode::FORBIDDEN, 403),
             (ErrorCode::ENROLLMENT_NOT_FOUND, 404),
             (ErrorCode::REGISTRATION_NOT_FOUND, 404),
             (ErrorCode::OPERATION_NOT_FOUND, 404),

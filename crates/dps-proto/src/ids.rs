@@ -91,7 +91,7 @@ pub fn id_key(id: &str) -> String {
 /// (`2019-03-31`, `2021-10-01`, `2025-07-01-preview`). Any such value is accepted.
 pub fn is_valid_api_version(v: &str) -> bool {
     let b = v.as_bytes();
-    if b.len() < 10 || b.len() > 32 {
+    if !v.is_ascii() || b.len() < 10 || b.len() > 32 {
         return false;
     }
     let date_ok =
@@ -148,7 +148,17 @@ mod tests {
         for ok in ["2019-03-31", "2021-06-01", "2021-10-01", "2021-11-01-preview", "2025-07-01-preview"] {
             assert!(is_valid_api_version(ok), "{ok}");
         }
-        for bad in ["", "2019", "2019-3-31", "latest", "2019-03-31-", "2019-03-31x", "2019-03-31-pre view"] {
+        for bad in [
+            "",
+            "2019",
+            "2019-3-31",
+            "latest",
+            "2019-03-31-",
+            "2019-03-31x",
+            "2019-03-31-pre view",
+            "2019-03-3é-x",
+            "2019-03-31é",
+        ] {
             assert!(!is_valid_api_version(bad), "{bad}");
         }
     }
