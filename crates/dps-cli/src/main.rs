@@ -10,7 +10,11 @@ use dps_server::{Config, Server, DEFAULT_CONFIG};
 
 /// Self-hosted Device Provisioning Service, wire-compatible with Azure IoT Hub DPS.
 #[derive(Debug, Parser)]
-#[command(name = "dps", version, about, long_about = None)]
+#[command(
+    name = "dps",
+    version,
+    about = "Self-hosted Device Provisioning Service, wire-compatible with Azure IoT Hub DPS."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -23,16 +23,9 @@ pub struct DeviceRegistration {
     pub csr: Option<String>,
 }
 
-/// TPM endorsement and storage root keys as sent by a device (base64 TPM2B_PUBLIC).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TpmAttestation {
-    /// Endorsement key.
-    pub endorsement_key: String,
-    /// Storage root key.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub storage_root_key: Option<String>,
-}
+/// TPM endorsement and storage root keys as sent by a device (base64 TPM2B_PUBLIC); the same
+/// shape as an enrollment's TPM attestation.
+pub use crate::service::TpmAttestation;
 
 /// Registration status values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -54,21 +54,19 @@ fn check(kind: &'static str, id: &str, max: usize, punct: &[char], allowed: &'st
 /// Checks a registration ID: 1–128 characters of letters, digits and `- . _ :`, ending with a
 /// letter, digit or `-`. Registration IDs compare case-insensitively (see [`id_key`]).
 pub fn validate_registration_id(id: &str) -> Result<(), IdError> {
-    const KIND: &str = "registration ID";
-    check(KIND, id, MAX_REGISTRATION_ID_LEN, &['-', '.', '_', ':'], "'-', '.', '_', ':'")?;
-    match id.chars().last() {
-        Some(c) if c.is_ascii_alphanumeric() || c == '-' => Ok(()),
-        _ => Err(IdError::BadEnd(KIND)),
-    }
+    check_enrollment_style("registration ID", id)
 }
 
 /// Checks an enrollment group ID with the same grammar as a registration ID.
 pub fn validate_enrollment_group_id(id: &str) -> Result<(), IdError> {
-    const KIND: &str = "enrollment group ID";
-    check(KIND, id, MAX_REGISTRATION_ID_LEN, &['-', '.', '_', ':'], "'-', '.', '_', ':'")?;
+    check_enrollment_style("enrollment group ID", id)
+}
+
+fn check_enrollment_style(kind: &'static str, id: &str) -> Result<(), IdError> {
+    check(kind, id, MAX_REGISTRATION_ID_LEN, &['-', '.', '_', ':'], "'-', '.', '_', ':'")?;
     match id.chars().last() {
         Some(c) if c.is_ascii_alphanumeric() || c == '-' => Ok(()),
-        _ => Err(IdError::BadEnd(KIND)),
+        _ => Err(IdError::BadEnd(kind)),
     }
 }
 
