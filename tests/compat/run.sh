@@ -72,6 +72,10 @@ host_names = ["127.0.0.2"]
 [device]
 assigning_first = true
 retry_after_secs = 1'
+# A custom allocation webhook (Node, plain HTTP) for the custom allocation cases.
+WEBHOOK_PORT=8080 node "$here/node/webhook.js" > "$work/webhook.log" 2>&1 &
+pids+=($!)
+export DPS_WEBHOOK_URL="http://127.0.0.1:8080/api/alloc?code=compat-function-key"
 export DPS_CREDENTIALS="$work/main/data/dev-credentials.json"
 export DPS_STRICT_CREDENTIALS="$work/strict/data/dev-credentials.json"
 cat "$work/main/data/tls/ca.pem" "$work/strict/data/tls/ca.pem" > "$work/ca-bundle.pem"

@@ -168,14 +168,15 @@ async fn allocation_failures_are_reported_as_failed_registrations() {
     assert_eq!(body["registrationState"]["assignedHub"], "hub-3.test");
 
     dps.put_enrollment(json!({"registrationId": "custom-1", "allocationPolicy": "custom",
-        "customAllocationDefinition": {"webhookUrl": "https://example.invalid/alloc", "apiVersion": "2021-10-01"},
+        "customAllocationDefinition": {"webhookUrl": "ftp://example.invalid/alloc", "apiVersion": "2021-10-01"},
         "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key(5), "secondaryKey": key(6)}}}))
         .await;
     let (status, _, body) = dps.register("custom-1", Some(&dps.device_token("custom-1", &key(5))), json!({})).await;
     assert_eq!(status, 202);
     assert_eq!(body["status"], "failed", "{body}");
     assert_eq!(body["registrationState"]["errorCode"], 400209);
-    assert!(body["registrationState"]["errorMessage"].as_str().unwrap().contains("custom allocation"));
+    let msg = body["registrationState"]["errorMessage"].as_str().unwrap();
+    assert!(msg.contains("custom allocation failed") && msg.contains("only http and https"), "{msg}");
 
     // An enrollment may not name a hub that is not linked.
     let resp = dps

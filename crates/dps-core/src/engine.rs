@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 
 use crate::allocation::LinkedHub;
 use crate::clock::{Clock, SystemClock};
+use crate::custom::AllocationHook;
 use crate::error::Error;
 use crate::store::Store;
 
@@ -32,6 +33,12 @@ pub struct EngineSettings {
     pub assigning_first: bool,
     /// `retry-after` seconds sent with `assigning` answers.
     pub retry_after_secs: u32,
+    /// How long a register waits for a custom allocation webhook before it answers
+    /// `assigning` and lets the device poll.
+    pub webhook_inline_wait_ms: u64,
+    /// The webhook call timeout (the hook enforces it); an operation still `assigning` this
+    /// long (plus a margin) after it started is reported `failed`.
+    pub webhook_timeout_secs: u64,
 }
 
 impl Default for EngineSettings {
@@ -45,6 +52,8 @@ impl Default for EngineSettings {
             operation_retention_secs: 24 * 3600,
             assigning_first: false,
             retry_after_secs: 3,
+            webhook_inline_wait_ms: 2000,
+            webhook_timeout_secs: 10,
         }
     }
 }
@@ -57,6 +66,8 @@ pub struct Engine {
     pub(crate) clock: Arc<dyn Clock>,
     /// `{n}.{16 hex}` prefix of operation IDs issued by this process.
     pub(crate) operation_prefix: Arc<str>,
+    /// Custom allocation webhook client.
+    pub(crate) hook: Option<Arc<dyn AllocationHook>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -76,7 +87,13 @@ impl Engine {
         let mut node = [0u8; 8];
         rand::thread_rng().fill_bytes(&mut node);
         let hex: String = node.iter().map(|b| format!("{b:02x}")).collect();
-        Self { store, settings: Arc::new(settings), clock, operation_prefix: Arc::from(format!("5.{hex}")) }
+        Self { store, settings: Arc::new(settings), clock, operation_prefix: Arc::from(format!("5.{hex}")), hook: None }
+    }
+
+    /// Sets the client used for custom allocation webhooks.
+    pub fn with_hook(mut self, hook: Arc<dyn AllocationHook>) -> Self {
+        self.hook = Some(hook);
+        self
     }
 
     /// The settings in force.

@@ -10,6 +10,7 @@
 pub mod allocation;
 pub mod attestation;
 pub mod clock;
+pub mod custom;
 pub mod engine;
 pub mod enrollment;
 pub mod error;

@@ -20,12 +20,15 @@ use dps_proto::service::{
     IndividualEnrollment, ProvisioningStatus,
 };
 use dps_proto::timestamp;
+use dps_proto::webhook::{AllocationRequest, DeviceRuntimeContext};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::allocation::{allocate, candidates, AllocationError};
 use crate::attestation::{verify_group, verify_individual};
+use crate::custom::{check_response, AllocationFailure, Assignment};
 use crate::engine::{parse_body, parse_stored, to_json, Engine};
+use crate::enrollment::EnrollmentKind;
 use crate::enrollment::QueryPage;
 use crate::error::Error;
 use crate::etag::{new_registration_etag, IfMatch};
@@ -219,6 +222,10 @@ pub struct OperationRecord {
     pub device_payload: Option<Value>,
     /// The answer.
     pub result: RegistrationOperationStatus,
+    /// While `assigning`: when the allocation must have finished (Unix ms); past it, a poll
+    /// reports the registration failed (the server stopped during the webhook call).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_millis: Option<i64>,
 }
 
 fn unauthorized(message: impl Into<String>) -> Error {
@@ -373,7 +380,9 @@ impl Engine {
     }
 
     /// Registers a device. Always answers (the transport sends 202) unless the request is
-    /// malformed or unauthenticated.
+    /// malformed or unauthenticated. Custom allocation runs in a task of its own: when the
+    /// webhook answers within `webhook_inline_wait_ms` the device gets the final state, else
+    /// `assigning`, and the task records the result for the device's polls.
     pub async fn register(&self, req: RegisterRequest) -> Result<DeviceReply, Error> {
         self.check_scope_and_id(&req.id_scope, &req.registration_id)?;
         let body = self.parse_registration_body(&req.registration_id, &req.body)?;
@@ -381,49 +390,76 @@ impl Engine {
         let enrollment = self.authenticate(&req.id_scope, &req.registration_id, &req.credential).await?;
         let operation_id = self.new_operation_id();
         let now = self.clock.now_millis();
-        let expires =
-            now.saturating_add(i64::try_from(self.settings.operation_retention_secs).unwrap_or(i64::MAX / 2) * 1000);
+        let pending = Pending { registration_id: req.registration_id, enrollment, operation_id, payload, started: now };
 
-        if enrollment.common().provisioning_status == Some(ProvisioningStatus::Disabled) {
-            tracing::info!(registration_id = %req.registration_id, enrollment = %enrollment.describe(), "registration refused: enrollment disabled");
+        if pending.enrollment.common().provisioning_status == Some(ProvisioningStatus::Disabled) {
+            tracing::info!(registration_id = %pending.registration_id, enrollment = %pending.enrollment.describe(), "registration refused: enrollment disabled");
             let result = RegistrationOperationStatus {
-                operation_id: operation_id.clone(),
+                operation_id: pending.operation_id.clone(),
                 status: RegistrationStatus::Disabled,
                 registration_state: Some(DeviceRegistrationResult::bare(
-                    &req.registration_id,
+                    &pending.registration_id,
                     RegistrationStatus::Disabled,
                 )),
             };
-            let op = OperationRecord {
-                registration_id: req.registration_id.clone(),
-                created_millis: now,
-                device_payload: payload,
-                result,
-            };
-            self.store.write(vec![put_operation(&operation_id, &op, expires)?]).await?;
+            let op = pending.operation(result, None);
+            self.store.write(vec![self.put_operation(&pending.operation_id, &op, Condition::IfAbsent)?]).await?;
             return Ok(self.reply_for_register(op.result));
         }
+        if self.policy_of(&pending.enrollment) != AllocationPolicy::Custom {
+            let result = self.complete(&pending, Condition::IfAbsent).await?;
+            return Ok(self.reply_for_register(result));
+        }
 
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            let current = self.store.get(Collection::Registrations, &req.registration_id).await?;
-            let previous: Option<RegistrationRecord> = match &current {
-                Some(doc) => Some(parse_stored(&doc.body, "registration", &req.registration_id)?),
-                None => None,
-            };
-            let record = self.allocate_record(&req.registration_id, &enrollment, previous.as_ref(), &operation_id, now);
+        // Custom allocation: make the operation queryable first, then call the webhook in a
+        // task that outlives this request if the webhook is slow.
+        let assigning = RegistrationOperationStatus {
+            operation_id: pending.operation_id.clone(),
+            status: RegistrationStatus::Assigning,
+            registration_state: Some(DeviceRegistrationResult::bare(
+                &pending.registration_id,
+                RegistrationStatus::Assigning,
+            )),
+        };
+        let grace = i64::try_from(self.settings.webhook_timeout_secs).unwrap_or(3600).saturating_add(30) * 1000;
+        let op = pending.operation(assigning.clone(), Some(now.saturating_add(grace)));
+        self.store.write(vec![self.put_operation(&pending.operation_id, &op, Condition::IfAbsent)?]).await?;
+        let engine = self.clone();
+        let task = tokio::spawn(async move {
+            let result = engine.complete(&pending, Condition::Always).await;
+            if let Err(e) = &result {
+                tracing::warn!(registration_id = %pending.registration_id, error = %e, "custom allocation could not be recorded");
+            }
+            result
+        });
+        let wait = std::time::Duration::from_millis(self.settings.webhook_inline_wait_ms);
+        match tokio::time::timeout(wait, task).await {
+            Ok(Ok(Ok(result))) => Ok(self.reply_for_register(result)),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(join)) => Err(Error::Internal(format!("custom allocation task failed: {join}"))),
+            Err(_) => Ok(self.reply_for_register(assigning)),
+        }
+    }
+
+    fn policy_of(&self, enrollment: &ResolvedEnrollment) -> AllocationPolicy {
+        enrollment.common().allocation_policy.unwrap_or(self.settings.default_allocation_policy)
+    }
+
+    /// Allocates, then writes the registration state and the final operation atomically
+    /// (retrying the write, not the allocation, when another registration of the same
+    /// device got in between).
+    async fn complete(&self, pending: &Pending, op_condition: Condition) -> Result<RegistrationOperationStatus, Error> {
+        let previous = self.load_registration_doc(&pending.registration_id).await?;
+        let outcome = self.choose(pending, previous.as_ref().map(|(_, r)| r)).await;
+        let mut current = previous;
+        for _ in 0..5 {
+            let record = self.build_record(pending, current.as_ref().map(|(_, r)| r), &outcome);
             let result = RegistrationOperationStatus {
-                operation_id: operation_id.clone(),
+                operation_id: pending.operation_id.clone(),
                 status: record.status,
                 registration_state: Some(record.to_device_result()),
             };
-            let op = OperationRecord {
-                registration_id: req.registration_id.clone(),
-                created_millis: now,
-                device_payload: payload.clone(),
-                result,
-            };
+            let op = pending.operation(result.clone(), None);
             let registration = Document {
                 id: record.registration_id.clone(),
                 etag: record.etag.clone(),
@@ -432,49 +468,129 @@ impl Engine {
                 expires_at: None,
             };
             let condition = match &current {
-                Some(doc) => Condition::IfMatch(doc.etag.clone()),
+                Some((etag, _)) => Condition::IfMatch(etag.clone()),
                 None => Condition::IfAbsent,
             };
             let writes = vec![
                 Write::Put { collection: Collection::Registrations, document: registration, condition },
-                put_operation(&operation_id, &op, expires)?,
+                self.put_operation(&pending.operation_id, &op, op_condition.clone())?,
             ];
             match self.store.write(writes).await {
                 Ok(()) => {
-                    tracing::info!(registration_id = %req.registration_id, enrollment = %enrollment.describe(),
+                    tracing::info!(registration_id = %pending.registration_id, enrollment = %pending.enrollment.describe(),
                         status = ?record.status, hub = record.assigned_hub.as_deref().unwrap_or("-"),
                         error_code = record.error_code.unwrap_or(0), "registration");
-                    return Ok(self.reply_for_register(op.result));
+                    return Ok(result);
                 }
-                Err(StoreError::PreconditionFailed(_) | StoreError::AlreadyExists(_)) if attempts < 5 => continue,
+                Err(StoreError::PreconditionFailed(_) | StoreError::AlreadyExists(_)) => {
+                    current = self.load_registration_doc(&pending.registration_id).await?;
+                }
                 Err(e) => return Err(e.into()),
             }
         }
+        Err(Error::Unavailable(format!(
+            "registration ID '{}' is being registered by several requests at once; retry",
+            pending.registration_id
+        )))
     }
 
-    fn allocate_record(
+    async fn load_registration_doc(
         &self,
         registration_id: &str,
-        enrollment: &ResolvedEnrollment,
+    ) -> Result<Option<(String, RegistrationRecord)>, Error> {
+        match self.store.get(Collection::Registrations, registration_id).await? {
+            Some(doc) => Ok(Some((doc.etag.clone(), parse_stored(&doc.body, "registration", registration_id)?))),
+            None => Ok(None),
+        }
+    }
+
+    /// Chooses the hub: a built-in policy, or the custom allocation webhook.
+    async fn choose(
+        &self,
+        pending: &Pending,
         previous: Option<&RegistrationRecord>,
-        operation_id: &str,
-        now: i64,
-    ) -> RegistrationRecord {
-        let common = enrollment.common();
-        let policy = common.allocation_policy.unwrap_or(self.settings.default_allocation_policy);
-        let chosen =
+    ) -> Result<Assignment, AllocationFailure> {
+        let common = pending.enrollment.common();
+        let policy = self.policy_of(&pending.enrollment);
+        let (candidates, named) =
             candidates(&self.settings.linked_hubs, common.iot_hubs.as_deref(), common.iot_hub_host_name.as_deref())
-                .and_then(|(c, named)| allocate(policy, &c, named, registration_id).map(|h| h.host_name.clone()));
+                .map_err(|e| {
+                    AllocationFailure::no_hub(format!("allocation failed for {}: {e}", pending.enrollment.describe()))
+                })?;
+        if policy != AllocationPolicy::Custom {
+            let hub =
+                allocate(policy, &candidates, named, &pending.registration_id).map_err(|e| AllocationFailure {
+                    code: match e {
+                        AllocationError::Unsupported(_) => ErrorCode::ALLOCATION_FAILED,
+                        _ => ErrorCode::HUB_NOT_SPECIFIED,
+                    },
+                    message: format!("allocation failed for {}: {e}", pending.enrollment.describe()),
+                })?;
+            return Ok(Assignment {
+                hub: hub.host_name.clone(),
+                initial_twin: common.initial_twin.clone(),
+                payload: None,
+            });
+        }
+        let definition = common.custom_allocation_definition.as_ref().ok_or_else(|| {
+            AllocationFailure::failed(format!(
+                "{} uses custom allocation but has no customAllocationDefinition",
+                pending.enrollment.describe()
+            ))
+        })?;
+        let hook = self
+            .hook
+            .as_ref()
+            .ok_or_else(|| AllocationFailure::failed("custom allocation is not configured on this server"))?;
+        let linked_hubs: Vec<String> = candidates.iter().map(|h| h.host_name.clone()).collect();
+        let assigned = previous.filter(|p| p.assigned_hub.is_some());
+        let request = AllocationRequest {
+            individual_enrollment: match &pending.enrollment {
+                ResolvedEnrollment::Individual(e) => serde_json::to_value(webhook_view(e)).ok(),
+                ResolvedEnrollment::Group(_) => None,
+            },
+            enrollment_group: match &pending.enrollment {
+                ResolvedEnrollment::Group(g) => serde_json::to_value(webhook_view(g)).ok(),
+                ResolvedEnrollment::Individual(_) => None,
+            },
+            device_runtime_context: DeviceRuntimeContext {
+                registration_id: pending.registration_id.clone(),
+                current_iot_hub_host_name: assigned.and_then(|p| p.assigned_hub.clone()),
+                current_device_id: assigned.and_then(|p| p.device_id.clone()),
+                symmetric_key: (common.attestation.kind == AttestationType::SymmetricKey)
+                    .then(|| serde_json::json!({})),
+                x509: None,
+                tpm: None,
+                payload: pending.payload.clone(),
+            },
+            linked_hubs: linked_hubs.clone(),
+        };
+        let body = serde_json::to_vec(&request)
+            .map_err(|e| AllocationFailure::failed(format!("cannot serialise the allocation request: {e}")))?;
+        let answer = hook.call(&definition.webhook_url, body).await.map_err(|e| {
+            AllocationFailure::failed(format!("custom allocation failed for {}: {e}", pending.enrollment.describe()))
+        })?;
+        check_response(&answer, &linked_hubs, common.initial_twin.as_ref())
+    }
+
+    fn build_record(
+        &self,
+        pending: &Pending,
+        previous: Option<&RegistrationRecord>,
+        outcome: &Result<Assignment, AllocationFailure>,
+    ) -> RegistrationRecord {
+        let enrollment = &pending.enrollment;
+        let common = enrollment.common();
         let device_id = match enrollment {
-            ResolvedEnrollment::Individual(e) => e.device_id.clone().unwrap_or_else(|| registration_id.to_string()),
-            ResolvedEnrollment::Group(_) => registration_id.to_string(),
+            ResolvedEnrollment::Individual(e) => e.device_id.clone().unwrap_or_else(|| pending.registration_id.clone()),
+            ResolvedEnrollment::Group(_) => pending.registration_id.clone(),
         };
         let mut record = RegistrationRecord {
-            registration_id: previous.map_or_else(|| registration_id.to_string(), |p| p.registration_id.clone()),
+            registration_id: previous.map_or_else(|| pending.registration_id.clone(), |p| p.registration_id.clone()),
             enrollment_group_id: enrollment.group_id().map(str::to_string),
             attestation: common.attestation.kind,
-            created_millis: previous.map_or(now, |p| p.created_millis),
-            updated_millis: now,
+            created_millis: previous.map_or(pending.started, |p| p.created_millis),
+            updated_millis: self.clock.now_millis(),
             status: RegistrationStatus::Assigned,
             substatus: Some(RegistrationSubstatus::InitialAssignment),
             assigned_hub: None,
@@ -483,22 +599,20 @@ impl Engine {
             error_message: None,
             etag: new_registration_etag(),
             payload: None,
-            initial_twin: common.initial_twin.clone(),
-            last_operation_id: operation_id.to_string(),
+            initial_twin: None,
+            last_operation_id: pending.operation_id.clone(),
         };
-        match chosen {
-            Ok(hub) => record.assigned_hub = Some(hub),
-            Err(e) => {
-                let code = match (&e, policy) {
-                    (AllocationError::Unsupported(_), _) | (_, AllocationPolicy::Custom) => {
-                        ErrorCode::ALLOCATION_FAILED
-                    }
-                    _ => ErrorCode::HUB_NOT_SPECIFIED,
-                };
+        match outcome {
+            Ok(a) => {
+                record.assigned_hub = Some(a.hub.clone());
+                record.initial_twin = a.initial_twin.clone();
+                record.payload = a.payload.clone();
+            }
+            Err(failure) => {
                 record.status = RegistrationStatus::Failed;
                 record.substatus = None;
-                record.error_code = Some(code.0);
-                record.error_message = Some(format!("allocation failed for {}: {e}", enrollment.describe()));
+                record.error_code = Some(failure.code.0);
+                record.error_message = Some(failure.message.clone());
                 // Keep the current assignment for later re-registrations.
                 record.assigned_hub = previous.and_then(|p| p.assigned_hub.clone());
                 record.device_id = previous.and_then(|p| p.device_id.clone()).or(record.device_id);
@@ -544,6 +658,22 @@ impl Engine {
         let op: OperationRecord = parse_stored(&doc.body, "operation", operation_id)?;
         if !op.registration_id.eq_ignore_ascii_case(registration_id) {
             return Err(not_found());
+        }
+        let mut op = op;
+        if op.result.status == RegistrationStatus::Assigning
+            && op.deadline_millis.is_some_and(|d| d < self.clock.now_millis())
+        {
+            let mut state = DeviceRegistrationResult::bare(&op.registration_id, RegistrationStatus::Failed);
+            state.error_code = Some(ErrorCode::ALLOCATION_FAILED.0);
+            state.error_message = Some(
+                "custom allocation did not finish (the server stopped while calling the webhook); register again"
+                    .into(),
+            );
+            op.result = RegistrationOperationStatus {
+                operation_id: op.result.operation_id,
+                status: RegistrationStatus::Failed,
+                registration_state: Some(state),
+            };
         }
         let retry_after = (op.result.status == RegistrationStatus::Assigning).then_some(self.settings.retry_after_secs);
         Ok(DeviceReply { operation: op.result, retry_after })
@@ -635,18 +765,55 @@ impl Engine {
     }
 }
 
-fn put_operation(operation_id: &str, op: &OperationRecord, expires_at: i64) -> Result<Write, Error> {
-    Ok(Write::Put {
-        collection: Collection::Operations,
-        document: Document {
-            id: operation_id.to_string(),
-            etag: String::new(),
-            partition: Some(id_key(&op.registration_id)),
-            body: to_json(op)?,
-            expires_at: Some(expires_at),
-        },
-        condition: Condition::IfAbsent,
-    })
+/// A registration between authentication and its final record.
+struct Pending {
+    registration_id: String,
+    enrollment: ResolvedEnrollment,
+    operation_id: String,
+    payload: Option<Value>,
+    started: i64,
+}
+
+impl Pending {
+    fn operation(&self, result: RegistrationOperationStatus, deadline_millis: Option<i64>) -> OperationRecord {
+        OperationRecord {
+            registration_id: self.registration_id.clone(),
+            created_millis: self.started,
+            device_payload: self.payload.clone(),
+            result,
+            deadline_millis,
+        }
+    }
+}
+
+/// An enrollment as a webhook sees it: the service JSON with the attestation reduced to its
+/// type (no keys).
+fn webhook_view<R: EnrollmentKind>(record: &R) -> Value {
+    let mut r = record.clone();
+    let kind = r.common().attestation.kind;
+    let common = r.common_mut();
+    common.attestation.symmetric_key = None;
+    common.attestation.tpm = None;
+    common.attestation.x509 = None;
+    common.attestation.kind = kind;
+    serde_json::to_value(&r).unwrap_or(Value::Null)
+}
+
+impl Engine {
+    fn put_operation(&self, operation_id: &str, op: &OperationRecord, condition: Condition) -> Result<Write, Error> {
+        let retention = i64::try_from(self.settings.operation_retention_secs).unwrap_or(i64::MAX / 2000) * 1000;
+        Ok(Write::Put {
+            collection: Collection::Operations,
+            document: Document {
+                id: operation_id.to_string(),
+                etag: String::new(),
+                partition: Some(id_key(&op.registration_id)),
+                body: to_json(op)?,
+                expires_at: Some(op.created_millis.saturating_add(retention)),
+            },
+            condition,
+        })
+    }
 }
 
 fn json_kind(v: &Value) -> &'static str {

@@ -13,3 +13,4 @@ pub mod ids;
 pub mod sas;
 pub mod service;
 pub mod timestamp;
+pub mod webhook;

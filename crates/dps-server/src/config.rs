@@ -61,6 +61,8 @@ pub struct Config {
     pub allocation: AllocationConfig,
     /// Linked IoT hubs.
     pub hubs: Vec<HubConfig>,
+    /// Per-webhook settings (signature secret, CA, client certificate), by URL prefix.
+    pub webhooks: Vec<WebhookConfig>,
     /// Request limits.
     pub limits: LimitsConfig,
     /// Store.
@@ -137,6 +139,34 @@ pub struct PolicyConfig {
 pub struct AllocationConfig {
     /// Policy for enrollments that set none: hashed, static or geoLatency.
     pub default_policy: AllocationPolicy,
+    /// Whole-call timeout of a custom allocation webhook.
+    pub webhook_timeout_secs: u64,
+    /// How long a register waits for the webhook before answering `assigning`.
+    pub webhook_inline_wait_ms: u64,
+    /// Webhook calls in flight at most; more wait for a free slot (within the timeout).
+    pub webhook_max_in_flight: usize,
+    /// Largest webhook answer.
+    pub webhook_max_response_bytes: usize,
+}
+
+/// `[[webhooks]]`: settings for webhook URLs starting with `url_prefix`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// URL prefix, e.g. `https://alloc.example.net/`; the longest matching prefix applies.
+    pub url_prefix: String,
+    /// Secret for the `x-dps-signature` header (HMAC-SHA256); no header when absent.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// PEM CA bundle to trust for this webhook (in addition to the system roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain to present.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key of the client certificate.
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
 }
 
 /// `[[hubs]]`.
@@ -200,6 +230,7 @@ impl Default for Config {
             service: ServiceConfig::default(),
             allocation: AllocationConfig::default(),
             hubs: Vec::new(),
+            webhooks: Vec::new(),
             limits: LimitsConfig::default(),
             store: StoreConfig::default(),
         }
@@ -238,7 +269,13 @@ impl Default for ServiceConfig {
 
 impl Default for AllocationConfig {
     fn default() -> Self {
-        Self { default_policy: AllocationPolicy::Hashed }
+        Self {
+            default_policy: AllocationPolicy::Hashed,
+            webhook_timeout_secs: 10,
+            webhook_inline_wait_ms: 2000,
+            webhook_max_in_flight: 256,
+            webhook_max_response_bytes: 65_536,
+        }
     }
 }
 
@@ -314,6 +351,33 @@ impl Config {
                 "allocation.default_policy",
                 "custom cannot be the instance default; set it on enrollments".into(),
             ));
+        }
+        let a = &self.allocation;
+        if a.webhook_timeout_secs == 0 || a.webhook_timeout_secs > 300 {
+            return Err(invalid("allocation.webhook_timeout_secs", "must be 1..=300".into()));
+        }
+        if a.webhook_max_in_flight == 0 || a.webhook_max_response_bytes < 1024 {
+            return Err(invalid(
+                "allocation",
+                "webhook_max_in_flight must be ≥ 1 and webhook_max_response_bytes ≥ 1024".into(),
+            ));
+        }
+        for (i, w) in self.webhooks.iter().enumerate() {
+            if !(w.url_prefix.starts_with("https://") || w.url_prefix.starts_with("http://")) {
+                return Err(invalid(
+                    &format!("webhooks[{i}].url_prefix"),
+                    "must start with https:// or http://".into(),
+                ));
+            }
+            if w.client_cert_file.is_some() != w.client_key_file.is_some() {
+                return Err(invalid(
+                    &format!("webhooks[{i}]"),
+                    "set both client_cert_file and client_key_file, or neither".into(),
+                ));
+            }
+            if w.secret.as_deref().is_some_and(|s| s.len() < 16) {
+                return Err(invalid(&format!("webhooks[{i}].secret"), "use at least 16 characters".into()));
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for (i, hub) in self.hubs.iter().enumerate() {

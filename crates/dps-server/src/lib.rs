@@ -10,6 +10,7 @@ pub mod http;
 pub mod listener;
 pub mod server;
 pub mod tls;
+pub mod webhook;
 
 pub use config::{Config, DEFAULT_CONFIG};
 pub use error::ServerError;

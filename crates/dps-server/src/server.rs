@@ -57,8 +57,11 @@ impl Server {
             operation_retention_secs: config.device.operation_retention_secs,
             assigning_first: config.device.assigning_first,
             retry_after_secs: config.device.retry_after_secs,
+            webhook_inline_wait_ms: config.allocation.webhook_inline_wait_ms,
+            webhook_timeout_secs: config.allocation.webhook_timeout_secs,
         };
-        let engine = Engine::new(store.clone(), settings);
+        let webhooks = crate::webhook::WebhookClient::new(&config.allocation, &config.webhooks)?;
+        let engine = Engine::new(store.clone(), settings).with_hook(Arc::new(webhooks));
 
         let addr = config.listen.https;
         let listener = TcpListener::bind(addr).await.map_err(|source| {

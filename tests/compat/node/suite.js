@@ -231,6 +231,23 @@ async function main() {
     await rejects(service.getEnrollmentGroup(grpId), (err) => eq(statusOf(err), 404, 'status'), 'group deleted');
   });
 
+  await test('device http: custom allocation group, the webhook returns a payload to the device', async () => {
+    const gid = `${run}-custom`;
+    const { responseBody: g } = await service.createOrUpdateEnrollmentGroup({
+      enrollmentGroupId: gid,
+      attestation: { type: 'symmetricKey', symmetricKey: {} },
+      allocationPolicy: 'custom',
+      customAllocationDefinition: { webhookUrl: process.env.DPS_WEBHOOK_URL, apiVersion: '2021-10-01' },
+    });
+    eq(g.allocationPolicy, 'custom', 'allocationPolicy stored');
+    const id = `${run}-custom-1`;
+    const r = await register(id, deriveKey(g.attestation.symmetricKey.primaryKey, id), { modelId: 'dtmi:x;1', fw: '1.2.3' });
+    eq(r.status, 'assigned', 'status');
+    eq(r.assignedHub, hubs[hubs.length - 1], 'the webhook chose the last linked hub');
+    eq(r.payload, { echo: { modelId: 'dtmi:x;1', fw: '1.2.3' }, group: gid }, 'registrationState.payload from the webhook');
+    await service.deleteEnrollmentGroup(gid);
+  });
+
   await test('device http: polls the operation when the server answers assigning first', async () => {
     const strict = JSON.parse(fs.readFileSync(process.env.DPS_STRICT_CREDENTIALS, 'utf8'));
     const strictService = ProvisioningServiceClient.fromConnectionString(strict.serviceConnectionString);

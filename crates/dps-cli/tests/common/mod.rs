@@ -2,6 +2,8 @@
 //! directory and talks to it over real TLS, trusting the test CA it generated.
 #![allow(dead_code)]
 
+pub mod webhook;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,0 +1,165 @@
+//! Custom allocation against real HTTP webhooks started by the test.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::webhook::{self, Webhook};
+use common::{key, Dps};
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+
+const SECRET: &str = "a-webhook-secret-of-some-length";
+
+async fn setup() -> (Dps, Webhook) {
+    let hook = webhook::start().await;
+    let config = format!(
+        "[[hubs]]\nhost_name = \"hub-a.test\"\n[[hubs]]\nhost_name = \"hub-b.test\"\n\
+         [allocation]\nwebhook_timeout_secs = 2\nwebhook_inline_wait_ms = 500\n\
+         [[webhooks]]\nurl_prefix = \"http://{}/\"\nsecret = \"{SECRET}\"\n",
+        hook.addr
+    );
+    (Dps::start(&config).await, hook)
+}
+
+async fn enroll_custom(dps: &Dps, id: &str, url: &str) -> String {
+    let k = key(id.len() as u8);
+    dps.put_enrollment(json!({"registrationId": id, "allocationPolicy": "custom",
+        "customAllocationDefinition": {"webhookUrl": url, "apiVersion": "2021-10-01"},
+        "initialTwin": {"tags": {"fromEnrollment": true}},
+        "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": k, "secondaryKey": k}}}))
+        .await;
+    dps.device_token(id, &k)
+}
+
+async fn poll(dps: &Dps, id: &str, token: &str, operation: &str) -> (u16, Value) {
+    let url = dps.url(&format!("/{}/registrations/{id}/operations/{operation}?api-version=2019-03-31", dps.scope()));
+    let resp = dps.client.get(url).header("Authorization", token).send().await.unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn webhook_round_trip_returns_its_payload_and_twin() {
+    let (dps, hook) = setup().await;
+    let token = enroll_custom(&dps, "dev-ok", &hook.url("/ok?code=FUNCTION-KEY")).await;
+    let (status, _, body) =
+        dps.register("dev-ok", Some(&token), json!({"registrationId": "dev-ok", "payload": {"modelId": "m1"}})).await;
+    assert_eq!(status, 202);
+    assert_eq!(body["status"], "assigned", "{body}");
+    let state = &body["registrationState"];
+    assert_eq!(state["assignedHub"], "hub-b.test");
+    assert_eq!(state["payload"], json!({"echo": {"modelId": "m1"}, "hub": "hub-b.test"}));
+
+    // What the webhook received: protocol.md §8.2, no secrets, signed.
+    let got = hook.last("/ok");
+    let req: Value = serde_json::from_slice(&got.body).unwrap();
+    assert_eq!(req["individualEnrollment"]["registrationId"], "dev-ok");
+    assert_eq!(req["individualEnrollment"]["attestation"], json!({"type": "symmetricKey"}), "no keys sent");
+    assert_eq!(req["deviceRuntimeContext"]["registrationId"], "dev-ok");
+    assert_eq!(req["deviceRuntimeContext"]["symmetricKey"], json!({}));
+    assert_eq!(req["deviceRuntimeContext"]["payload"], json!({"modelId": "m1"}));
+    assert!(req["deviceRuntimeContext"].get("currentIotHubHostName").is_none(), "first registration");
+    assert_eq!(req["linkedHubs"], json!(["hub-a.test", "hub-b.test"]));
+    let signature = got.signature.expect("signature header");
+    let (t, v1) = signature.split_once(',').unwrap();
+    let t = t.strip_prefix("t=").unwrap();
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(&got.body);
+    let want: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(v1.strip_prefix("v1=").unwrap(), want, "signature verifies");
+
+    // The service API shows the state; a re-registration tells the webhook the current hub.
+    let rs: Value =
+        dps.service(reqwest::Method::GET, "/registrations/dev-ok").send().await.unwrap().json().await.unwrap();
+    assert_eq!(rs["payload"], state["payload"]);
+    let (_, _, again) = dps.register("dev-ok", Some(&token), json!({})).await;
+    assert_eq!(again["status"], "assigned");
+    let req: Value = serde_json::from_slice(&hook.last("/ok").body).unwrap();
+    assert_eq!(req["deviceRuntimeContext"]["currentIotHubHostName"], "hub-b.test");
+    assert_eq!(req["deviceRuntimeContext"]["currentDeviceId"], "dev-ok");
+    // The function key never reaches the log.
+    assert!(!dps.log().contains("FUNCTION-KEY"), "{}", dps.log());
+
+    // The old name returnData is accepted.
+    let token = enroll_custom(&dps, "dev-legacy", &hook.url("/legacy-return-data")).await;
+    let (_, _, body) = dps.register("dev-legacy", Some(&token), json!({})).await;
+    assert_eq!(body["registrationState"]["payload"], json!({"old": true}), "{body}");
+}
+
+#[tokio::test]
+async fn slow_webhook_makes_the_device_poll_without_blocking_others() {
+    let (dps, hook) = setup().await;
+    let slow = enroll_custom(&dps, "dev-slow", &hook.url("/slow")).await;
+    let fast = enroll_custom(&dps, "dev-fast", &hook.url("/ok")).await;
+    let started = Instant::now();
+    let (status, headers, body) = dps.register("dev-slow", Some(&slow), json!({"payload": {"n": 1}})).await;
+    assert_eq!(status, 202);
+    assert_eq!(body["status"], "assigning", "{body}");
+    assert!(headers.contains_key("retry-after"));
+    assert!(started.elapsed() < Duration::from_millis(1100), "answered after the inline wait, not the webhook");
+    // Another device is not held up by the slow webhook.
+    let (_, _, other) = dps.register("dev-fast", Some(&fast), json!({})).await;
+    assert_eq!(other["status"], "assigned");
+    let op = body["operationId"].as_str().unwrap().to_string();
+    let (code, polled) = poll(&dps, "dev-slow", &slow, &op).await;
+    assert_eq!(code, 202, "still assigning: {polled}");
+    assert_eq!(polled["registrationState"]["registrationId"], "dev-slow", "assigning polls carry the registration ID");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (code, polled) = poll(&dps, "dev-slow", &slow, &op).await;
+    assert_eq!(code, 200, "{polled}");
+    assert_eq!(polled["status"], "assigned");
+    assert_eq!(polled["registrationState"]["payload"]["echo"], json!({"n": 1}));
+}
+
+/// Every failure ends the registration `failed` with a code and a message naming the cause.
+#[tokio::test]
+async fn webhook_failures_say_why() {
+    let (dps, hook) = setup().await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = l.local_addr().unwrap();
+        drop(l);
+        a
+    };
+    let cases = [
+        ("/status-400", 400209, "HTTP 400: bad model: thermostat-9 is not allowed"),
+        ("/invalid-json", 400209, "<html>not json</html>"),
+        ("/no-hub", 400208, "no iotHubHostName"),
+        ("/unlinked", 400208, "'evil.test', which is not in linkedHubs"),
+        ("/payload-array", 400209, "payload must be a JSON object"),
+        ("/huge", 400209, "larger than 65536 bytes"),
+    ];
+    for (i, (path, code, needle)) in cases.iter().enumerate() {
+        let id = format!("dev-fail-{i}");
+        let token = enroll_custom(&dps, &id, &hook.url(path)).await;
+        let (status, _, body) = dps.register(&id, Some(&token), json!({})).await;
+        assert_eq!(status, 202, "{path}");
+        assert_eq!(body["status"], "failed", "{path}: {body}");
+        assert_eq!(body["registrationState"]["errorCode"], *code, "{path}: {body}");
+        let msg = body["registrationState"]["errorMessage"].as_str().unwrap();
+        assert!(msg.contains(needle), "{path}: {msg}");
+    }
+    // Connection refused.
+    let token = enroll_custom(&dps, "dev-refused", &format!("http://{closed}/alloc")).await;
+    let (_, _, body) = dps.register("dev-refused", Some(&token), json!({})).await;
+    assert_eq!(body["status"], "failed", "{body}");
+    assert!(body["registrationState"]["errorMessage"].as_str().unwrap().contains("cannot reach the webhook"), "{body}");
+    // A webhook that never answers: the device polls and learns about the timeout.
+    let token = enroll_custom(&dps, "dev-never", &hook.url("/never")).await;
+    let (_, _, body) = dps.register("dev-never", Some(&token), json!({})).await;
+    assert_eq!(body["status"], "assigning");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let (code, polled) = poll(&dps, "dev-never", &token, body["operationId"].as_str().unwrap()).await;
+    assert_eq!(code, 200, "{polled}");
+    assert_eq!(polled["status"], "failed");
+    assert_eq!(polled["registrationState"]["errorCode"], 400209);
+    assert!(
+        polled["registrationState"]["errorMessage"].as_str().unwrap().contains("did not answer within 2 s"),
+        "{polled}"
+    );
+    // The service API shows the failure too.
+    let rs: Value =
+        dps.service(reqwest::Method::GET, "/registrations/dev-never").send().await.unwrap().json().await.unwrap();
+    assert_eq!(rs["status"], "failed");
+}

@@ -1,0 +1,182 @@
+//! Custom allocation: the webhook port, the request the engine builds and the checks on the
+//! answer (protocol.md §8). Every failure ends the registration `failed` with a message that
+//! names the cause: the status code and the start of the webhook's body, the timeout, the
+//! connection error, or what is wrong with the answer.
+
+use async_trait::async_trait;
+use dps_proto::error::ErrorCode;
+use dps_proto::webhook::AllocationResponse;
+use serde_json::Value;
+
+/// Why a webhook call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HookError {
+    /// A non-2xx answer.
+    #[error("the webhook answered HTTP {status}: {body}")]
+    Status {
+        /// HTTP status.
+        status: u16,
+        /// The start of the body (at most 256 characters).
+        body: String,
+    },
+    /// No complete answer within the timeout.
+    #[error("the webhook did not answer within {0} s")]
+    Timeout(u64),
+    /// Connection refused, DNS failure, TLS failure…
+    #[error("cannot reach the webhook: {0}")]
+    Connect(String),
+    /// The answer exceeds the size limit.
+    #[error("the webhook's answer is larger than {0} bytes")]
+    TooLarge(usize),
+    /// The URL cannot be used.
+    #[error("the webhook URL cannot be used: {0}")]
+    InvalidUrl(String),
+    /// Too many calls in flight.
+    #[error("too many custom allocation calls in flight; try again")]
+    Busy,
+}
+
+/// The port through which the engine calls custom allocation webhooks.
+#[async_trait]
+pub trait AllocationHook: Send + Sync + 'static {
+    /// POSTs the JSON `body` to `url`; returns the body of a 2xx answer.
+    async fn call(&self, url: &str, body: Vec<u8>) -> Result<Vec<u8>, HookError>;
+}
+
+/// A successful allocation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    /// Hub host name (as the linked hub spells it).
+    pub hub: String,
+    /// Initial twin to apply.
+    pub initial_twin: Option<Value>,
+    /// Payload to return to the device.
+    pub payload: Option<Value>,
+}
+
+/// A failed allocation: DPS code and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocationFailure {
+    /// 400208 (no/invalid hub) or 400209 (allocation failed).
+    pub code: ErrorCode,
+    /// What happened.
+    pub message: String,
+}
+
+impl AllocationFailure {
+    pub(crate) fn failed(message: impl Into<String>) -> Self {
+        Self { code: ErrorCode::ALLOCATION_FAILED, message: message.into() }
+    }
+    pub(crate) fn no_hub(message: impl Into<String>) -> Self {
+        Self { code: ErrorCode::HUB_NOT_SPECIFIED, message: message.into() }
+    }
+}
+
+/// Checks a webhook's answer against the hubs it was offered.
+pub fn check_response(
+    body: &[u8],
+    linked_hubs: &[String],
+    enrollment_twin: Option<&Value>,
+) -> Result<Assignment, AllocationFailure> {
+    let response: AllocationResponse = serde_json::from_slice(body).map_err(|e| {
+        AllocationFailure::failed(format!(
+            "custom allocation failed: the webhook's answer is not a valid allocation response ({e}); it starts with: {}",
+            body_start(body)
+        ))
+    })?;
+    let hub = match response.iot_hub_host_name.as_deref().map(str::trim) {
+        Some(h) if !h.is_empty() => h.to_string(),
+        _ => {
+            return Err(AllocationFailure::no_hub(
+                "custom allocation failed: the webhook's answer has no iotHubHostName",
+            ))
+        }
+    };
+    let hub = linked_hubs.iter().find(|l| l.eq_ignore_ascii_case(&hub)).cloned().ok_or_else(|| {
+        AllocationFailure::no_hub(format!(
+            "custom allocation failed: the webhook chose IoT hub '{hub}', which is not in linkedHubs ({})",
+            linked_hubs.join(", ")
+        ))
+    })?;
+    let payload = match response.payload {
+        None | Some(Value::Null) => None,
+        Some(v @ Value::Object(_)) => Some(v),
+        Some(_) => {
+            return Err(AllocationFailure::failed(
+                "custom allocation failed: the webhook's payload must be a JSON object (or absent)",
+            ))
+        }
+    };
+    let initial_twin = match response.initial_twin {
+        None | Some(Value::Null) => enrollment_twin.cloned(),
+        Some(v @ Value::Object(_)) => Some(v),
+        Some(_) => {
+            return Err(AllocationFailure::failed(
+                "custom allocation failed: the webhook's initialTwin must be a JSON object (or absent)",
+            ))
+        }
+    };
+    Ok(Assignment { hub, initial_twin, payload })
+}
+
+/// The first 256 characters of a body, for messages.
+pub fn body_start(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let mut s: String = text.chars().take(256).collect();
+    if text.chars().count() > 256 {
+        s.push('…');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn hubs() -> Vec<String> {
+        vec!["hub-a.test".into(), "hub-b.test".into()]
+    }
+
+    #[test]
+    fn accepts_a_good_answer() {
+        let body = br#"{"iotHubHostName":"HUB-B.test","initialTwin":{"tags":{"x":1}},"payload":{"p":2}}"#;
+        let a = check_response(body, &hubs(), None).unwrap();
+        assert_eq!(a.hub, "hub-b.test");
+        assert_eq!(a.initial_twin, Some(json!({"tags":{"x":1}})));
+        assert_eq!(a.payload, Some(json!({"p":2})));
+        let twin = json!({"tags":{"from":"enrollment"}});
+        let a = check_response(br#"{"iotHubHostName":"hub-a.test"}"#, &hubs(), Some(&twin)).unwrap();
+        assert_eq!(a.initial_twin, Some(twin), "the enrollment's twin when the webhook sends none");
+        assert_eq!(a.payload, None);
+    }
+
+    #[test]
+    fn refuses_bad_answers_with_reasons() {
+        let cases: [(&[u8], ErrorCode, &str); 6] = [
+            (b"<html>oops</html>", ErrorCode::ALLOCATION_FAILED, "<html>oops"),
+            (br#"{"payload":{}}"#, ErrorCode::HUB_NOT_SPECIFIED, "no iotHubHostName"),
+            (br#"{"iotHubHostName":""}"#, ErrorCode::HUB_NOT_SPECIFIED, "no iotHubHostName"),
+            (br#"{"iotHubHostName":"evil.test"}"#, ErrorCode::HUB_NOT_SPECIFIED, "'evil.test'"),
+            (br#"{"iotHubHostName":"hub-a.test","payload":[1]}"#, ErrorCode::ALLOCATION_FAILED, "payload must be"),
+            (
+                br#"{"iotHubHostName":"hub-a.test","initialTwin":"x"}"#,
+                ErrorCode::ALLOCATION_FAILED,
+                "initialTwin must be",
+            ),
+        ];
+        for (body, code, needle) in cases {
+            let e = check_response(body, &hubs(), None).unwrap_err();
+            assert_eq!(e.code, code, "{}", String::from_utf8_lossy(body));
+            assert!(e.message.contains(needle), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn body_start_is_bounded() {
+        assert_eq!(body_start(b"short"), "short");
+        let long = "é".repeat(1000);
+        let s = body_start(long.as_bytes());
+        assert_eq!(s.chars().count(), 257);
+    }
+}
