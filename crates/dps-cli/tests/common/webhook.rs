@@ -31,6 +31,10 @@ impl Webhook {
         format!("http://{}{path}", self.addr)
     }
 
+    pub fn https_url(&self, path: &str) -> String {
+        format!("https://{}{path}", self.addr)
+    }
+
     pub fn last(&self, path: &str) -> Received {
         self.received.lock().unwrap().iter().rev().find(|r| r.path == path).cloned().expect("webhook was called")
     }
@@ -79,6 +83,11 @@ async fn behave(path: &str, body: &[u8]) -> Response<Full<Bytes>> {
 
 /// Starts the webhook on an ephemeral loopback port.
 pub async fn start() -> Webhook {
+    start_with_tls(None).await
+}
+
+/// Starts the webhook, over TLS when an acceptor is given.
+pub async fn start_with_tls(tls: Option<tokio_rustls::TlsAcceptor>) -> Webhook {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let received = Arc::new(Mutex::new(Vec::new()));
@@ -87,6 +96,7 @@ pub async fn start() -> Webhook {
         loop {
             let Ok((stream, _)) = listener.accept().await else { return };
             let log = log.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                     let log = log.clone();
@@ -96,11 +106,20 @@ pub async fn start() -> Webhook {
                             req.headers().get("x-dps-signature").and_then(|v| v.to_str().ok()).map(str::to_string);
                         let body = req.into_body().collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
                         log.lock().unwrap().push(Received { path: path.clone(), signature, body: body.clone() });
-                        Ok::<_, Infallible>(behave(&path, &body).await)
+                        Ok::<_, Infallible>(behave(path.strip_prefix("/secure").unwrap_or(&path), &body).await)
                     }
                 });
-                let _ =
-                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                let http = hyper::server::conn::http1::Builder::new();
+                match tls {
+                    Some(acceptor) => {
+                        if let Ok(stream) = acceptor.accept(stream).await {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                    }
+                    None => {
+                        let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                    }
+                }
             });
         }
     });
