@@ -78,6 +78,22 @@ async fn webhook_round_trip_returns_its_payload_and_twin() {
     let req: Value = serde_json::from_slice(&hook.last("/ok").body).unwrap();
     assert_eq!(req["deviceRuntimeContext"]["currentIotHubHostName"], "hub-b.test");
     assert_eq!(req["deviceRuntimeContext"]["currentDeviceId"], "dev-ok");
+    // "Never reprovision": the webhook is offered only the current hub.
+    let k = key("dev-ok".len() as u8);
+    dps.put_enrollment(json!({"registrationId": "dev-ok", "allocationPolicy": "custom",
+        "customAllocationDefinition": {"webhookUrl": hook.url("/ok?code=FUNCTION-KEY"), "apiVersion": "2021-10-01"},
+        "reprovisionPolicy": {"updateHubAssignment": false, "migrateDeviceData": true},
+        "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": k, "secondaryKey": k}}}))
+        .await;
+    let (_, _, again) = dps.register("dev-ok", Some(&token), json!({"payload": {"modelId": "m2"}})).await;
+    assert_eq!(again["registrationState"]["assignedHub"], "hub-b.test");
+    let req: Value = serde_json::from_slice(&hook.last("/ok").body).unwrap();
+    assert_eq!(req["linkedHubs"], json!(["hub-b.test"]));
+    assert_eq!(
+        again["registrationState"]["payload"]["echo"],
+        json!({"modelId": "m2"}),
+        "payload returned on re-registration too"
+    );
     // The function key never reaches the log.
     assert!(!dps.log().contains("FUNCTION-KEY"), "{}", dps.log());
 

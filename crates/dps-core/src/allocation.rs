@@ -18,6 +18,8 @@ pub struct LinkedHub {
     pub allocation_weight: u32,
     /// Whether the hub takes part when an enrollment names no hubs.
     pub apply_allocation_policy: bool,
+    /// Region the hub is in, for `geoLatency`.
+    pub region: Option<String>,
 }
 
 /// Why no hub could be chosen. Maps to DPS error 400208.
@@ -87,11 +89,13 @@ pub fn linked_names(linked: &[LinkedHub]) -> String {
 }
 
 /// Runs a built-in policy. `custom` is handled by the engine's allocation hook.
+/// `node_region` is the region of the node serving the request, for `geoLatency`.
 pub fn allocate<'a>(
     policy: AllocationPolicy,
     candidates: &[&'a LinkedHub],
     named_by_enrollment: bool,
     registration_id: &str,
+    node_region: Option<&str>,
 ) -> Result<&'a LinkedHub, AllocationError> {
     match policy {
         AllocationPolicy::Static => match (named_by_enrollment, candidates) {
@@ -99,9 +103,20 @@ pub fn allocate<'a>(
             (true, many) => Err(AllocationError::StaticNeedsOneHub(many.len())),
             (false, _) => Err(AllocationError::StaticNeedsOneHub(0)),
         },
-        // Without a latency map, geoLatency uses weighted hashing (docs/allocation.md).
-        AllocationPolicy::Hashed | AllocationPolicy::GeoLatency => {
-            hashed(candidates, registration_id).ok_or(AllocationError::NoCandidates)
+        AllocationPolicy::Hashed => hashed(candidates, registration_id).ok_or(AllocationError::NoCandidates),
+        // A self-hosted server has no latency map: hubs in the serving node's region are the
+        // nearest; among them (or among all, when none is) weighted hashing decides.
+        AllocationPolicy::GeoLatency => {
+            let local: Vec<&LinkedHub> = match node_region {
+                Some(region) => candidates
+                    .iter()
+                    .copied()
+                    .filter(|h| h.region.as_deref().is_some_and(|r| r.eq_ignore_ascii_case(region)))
+                    .collect(),
+                None => Vec::new(),
+            };
+            let pool = if local.is_empty() { candidates } else { &local[..] };
+            hashed(pool, registration_id).ok_or(AllocationError::NoCandidates)
         }
         AllocationPolicy::Custom => {
             Err(AllocationError::Unsupported("custom allocation is not available in this version of dps-rs".into()))
@@ -139,7 +154,7 @@ mod tests {
     use super::*;
 
     fn hub(name: &str, weight: u32, apply: bool) -> LinkedHub {
-        LinkedHub { host_name: name.into(), allocation_weight: weight, apply_allocation_policy: apply }
+        LinkedHub { host_name: name.into(), allocation_weight: weight, apply_allocation_policy: apply, region: None }
     }
 
     #[test]
@@ -211,18 +226,39 @@ mod tests {
     }
 
     #[test]
+    fn geo_latency_prefers_the_node_region() {
+        let mut hubs = [hub("eu-1", 1, true), hub("eu-2", 1, true), hub("us-1", 5, true)];
+        hubs[0].region = Some("westeurope".into());
+        hubs[1].region = Some("WestEurope".into());
+        hubs[2].region = Some("eastus".into());
+        let c: Vec<&LinkedHub> = hubs.iter().collect();
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..200 {
+            let id = format!("d{i}");
+            let h = allocate(AllocationPolicy::GeoLatency, &c, false, &id, Some("westeurope")).unwrap();
+            assert!(h.host_name.starts_with("eu-"), "{}", h.host_name);
+            seen.insert(h.host_name.clone());
+            // No hub in the node's region, or no region configured: weighted hashing over all.
+            let any = allocate(AllocationPolicy::GeoLatency, &c, false, &id, Some("mars")).unwrap();
+            assert_eq!(any, hashed(&c, &id).unwrap());
+            assert_eq!(allocate(AllocationPolicy::GeoLatency, &c, false, &id, None).unwrap(), any);
+        }
+        assert_eq!(seen.len(), 2, "both hubs of the region are used");
+    }
+
+    #[test]
     fn static_needs_exactly_one_named_hub() {
         let hubs = [hub("a", 1, true), hub("b", 1, true)];
         let (c, named) = candidates(&hubs, Some(&["b".to_string()]), None).unwrap();
-        assert_eq!(allocate(AllocationPolicy::Static, &c, named, "d").unwrap().host_name, "b");
+        assert_eq!(allocate(AllocationPolicy::Static, &c, named, "d", None).unwrap().host_name, "b");
         let (c, named) = candidates(&hubs, None, None).unwrap();
         assert_eq!(
-            allocate(AllocationPolicy::Static, &c, named, "d").unwrap_err(),
+            allocate(AllocationPolicy::Static, &c, named, "d", None).unwrap_err(),
             AllocationError::StaticNeedsOneHub(0)
         );
         let (c, named) = candidates(&hubs, Some(&["a".into(), "b".into()]), None).unwrap();
         assert_eq!(
-            allocate(AllocationPolicy::Static, &c, named, "d").unwrap_err(),
+            allocate(AllocationPolicy::Static, &c, named, "d", None).unwrap_err(),
             AllocationError::StaticNeedsOneHub(2)
         );
     }

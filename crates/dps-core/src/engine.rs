@@ -21,6 +21,8 @@ pub struct EngineSettings {
     pub id_scope: String,
     /// Linked IoT hubs.
     pub linked_hubs: Vec<LinkedHub>,
+    /// Region of this node, for `geoLatency`.
+    pub region: Option<String>,
     /// Policy for enrollments that set none (`hashed`, `static` or `geoLatency`).
     pub default_allocation_policy: AllocationPolicy,
     /// Largest device `payload`, in bytes of compact JSON.
@@ -46,6 +48,7 @@ impl Default for EngineSettings {
         Self {
             id_scope: "0ne00000000".into(),
             linked_hubs: Vec::new(),
+            region: None,
             default_allocation_policy: AllocationPolicy::Hashed,
             max_payload_bytes: 64 * 1024,
             sas_clock_skew_secs: 300,

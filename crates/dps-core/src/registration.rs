@@ -17,7 +17,7 @@ use dps_proto::ids::{
 use dps_proto::sas::{device_resource, SasToken};
 use dps_proto::service::{
     AllocationPolicy, AttestationType, DeviceRegistrationState, EnrollmentCommon, EnrollmentGroup,
-    IndividualEnrollment, ProvisioningStatus,
+    IndividualEnrollment, ProvisioningStatus, ReprovisionPolicy,
 };
 use dps_proto::timestamp;
 use dps_proto::webhook::{AllocationRequest, DeviceRuntimeContext};
@@ -161,6 +161,9 @@ pub struct RegistrationRecord {
     /// Initial twin applied at assignment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initial_twin: Option<Value>,
+    /// The first hub the device was ever assigned to (for `reprovisionedToInitialAssignment`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_hub: Option<String>,
     /// Last operation.
     pub last_operation_id: String,
 }
@@ -205,6 +208,7 @@ impl RegistrationRecord {
             last_updated_date_time_utc: d.last_updated_date_time_utc,
             etag: d.etag,
             payload: d.payload,
+            initial_twin: self.initial_twin.clone().filter(|_| self.status == RegistrationStatus::Assigned),
         }
     }
 }
@@ -390,7 +394,14 @@ impl Engine {
         let enrollment = self.authenticate(&req.id_scope, &req.registration_id, &req.credential).await?;
         let operation_id = self.new_operation_id();
         let now = self.clock.now_millis();
-        let pending = Pending { registration_id: req.registration_id, enrollment, operation_id, payload, started: now };
+        let pending = Pending {
+            registration_id: req.registration_id,
+            force: req.force,
+            enrollment,
+            operation_id,
+            payload,
+            started: now,
+        };
 
         if pending.enrollment.common().provisioning_status == Some(ProvisioningStatus::Disabled) {
             tracing::info!(registration_id = %pending.registration_id, enrollment = %pending.enrollment.describe(), "registration refused: enrollment disabled");
@@ -504,7 +515,15 @@ impl Engine {
         }
     }
 
-    /// Chooses the hub: a built-in policy, or the custom allocation webhook.
+    /// The hub the device is assigned to now, unless `forceRegistration` asked for a fresh
+    /// (initial) assignment.
+    fn current_hub<'a>(pending: &Pending, previous: Option<&'a RegistrationRecord>) -> Option<&'a RegistrationRecord> {
+        previous.filter(|p| !pending.force && p.assigned_hub.is_some())
+    }
+
+    /// Chooses the hub: a built-in policy, or the custom allocation webhook. A device that is
+    /// assigned already and whose enrollment says "never reprovision"
+    /// (`updateHubAssignment: false`) stays on its hub; a webhook is then offered only that hub.
     async fn choose(
         &self,
         pending: &Pending,
@@ -512,26 +531,42 @@ impl Engine {
     ) -> Result<Assignment, AllocationFailure> {
         let common = pending.enrollment.common();
         let policy = self.policy_of(&pending.enrollment);
-        let (candidates, named) =
-            candidates(&self.settings.linked_hubs, common.iot_hubs.as_deref(), common.iot_hub_host_name.as_deref())
+        let current = Self::current_hub(pending, previous);
+        let stay = current.filter(|_| !reprovision_policy(common).update_hub_assignment);
+        let linked_hubs: Vec<String> = match stay.and_then(|p| p.assigned_hub.clone()) {
+            Some(hub) if policy != AllocationPolicy::Custom => {
+                return Ok(Assignment { hub, initial_twin: stay.and_then(|p| p.initial_twin.clone()), payload: None })
+            }
+            Some(hub) => vec![hub],
+            None => {
+                let (candidates, named) = candidates(
+                    &self.settings.linked_hubs,
+                    common.iot_hubs.as_deref(),
+                    common.iot_hub_host_name.as_deref(),
+                )
                 .map_err(|e| {
                     AllocationFailure::no_hub(format!("allocation failed for {}: {e}", pending.enrollment.describe()))
                 })?;
-        if policy != AllocationPolicy::Custom {
-            let hub =
-                allocate(policy, &candidates, named, &pending.registration_id).map_err(|e| AllocationFailure {
-                    code: match e {
-                        AllocationError::Unsupported(_) => ErrorCode::ALLOCATION_FAILED,
-                        _ => ErrorCode::HUB_NOT_SPECIFIED,
-                    },
-                    message: format!("allocation failed for {}: {e}", pending.enrollment.describe()),
-                })?;
-            return Ok(Assignment {
-                hub: hub.host_name.clone(),
-                initial_twin: common.initial_twin.clone(),
-                payload: None,
-            });
-        }
+                if policy != AllocationPolicy::Custom {
+                    let region = self.settings.region.as_deref();
+                    let hub = allocate(policy, &candidates, named, &pending.registration_id, region).map_err(|e| {
+                        AllocationFailure {
+                            code: match e {
+                                AllocationError::Unsupported(_) => ErrorCode::ALLOCATION_FAILED,
+                                _ => ErrorCode::HUB_NOT_SPECIFIED,
+                            },
+                            message: format!("allocation failed for {}: {e}", pending.enrollment.describe()),
+                        }
+                    })?;
+                    return Ok(Assignment {
+                        hub: hub.host_name.clone(),
+                        initial_twin: common.initial_twin.clone(),
+                        payload: None,
+                    });
+                }
+                candidates.iter().map(|h| h.host_name.clone()).collect()
+            }
+        };
         let definition = common.custom_allocation_definition.as_ref().ok_or_else(|| {
             AllocationFailure::failed(format!(
                 "{} uses custom allocation but has no customAllocationDefinition",
@@ -542,8 +577,6 @@ impl Engine {
             .hook
             .as_ref()
             .ok_or_else(|| AllocationFailure::failed("custom allocation is not configured on this server"))?;
-        let linked_hubs: Vec<String> = candidates.iter().map(|h| h.host_name.clone()).collect();
-        let assigned = previous.filter(|p| p.assigned_hub.is_some());
         let request = AllocationRequest {
             individual_enrollment: match &pending.enrollment {
                 ResolvedEnrollment::Individual(e) => serde_json::to_value(webhook_view(e)).ok(),
@@ -555,8 +588,8 @@ impl Engine {
             },
             device_runtime_context: DeviceRuntimeContext {
                 registration_id: pending.registration_id.clone(),
-                current_iot_hub_host_name: assigned.and_then(|p| p.assigned_hub.clone()),
-                current_device_id: assigned.and_then(|p| p.device_id.clone()),
+                current_iot_hub_host_name: current.and_then(|p| p.assigned_hub.clone()),
+                current_device_id: current.and_then(|p| p.device_id.clone()),
                 symmetric_key: (common.attestation.kind == AttestationType::SymmetricKey)
                     .then(|| serde_json::json!({})),
                 x509: None,
@@ -573,6 +606,17 @@ impl Engine {
         check_response(&answer, &linked_hubs, common.initial_twin.as_ref())
     }
 
+    /// The new registration record. Re-registrations follow the enrollment's
+    /// `reprovisionPolicy` (protocol.md §10.3):
+    ///
+    /// | current hub | new hub | migrateDeviceData | substatus | twin and device ID |
+    /// |---|---|---|---|---|
+    /// | none | any | – | initialAssignment | from the enrollment / webhook |
+    /// | A | A | true (or never reprovision) | unchanged | kept |
+    /// | A | A | false | deviceDataReset | from the enrollment / webhook |
+    /// | A | B = first hub ever | – | reprovisionedToInitialAssignment | kept if migrating, else reset |
+    /// | A | B | true | deviceDataMigrated | kept |
+    /// | A | B | false | deviceDataReset | from the enrollment / webhook |
     fn build_record(
         &self,
         pending: &Pending,
@@ -581,7 +625,7 @@ impl Engine {
     ) -> RegistrationRecord {
         let enrollment = &pending.enrollment;
         let common = enrollment.common();
-        let device_id = match enrollment {
+        let fresh_device_id = match enrollment {
             ResolvedEnrollment::Individual(e) => e.device_id.clone().unwrap_or_else(|| pending.registration_id.clone()),
             ResolvedEnrollment::Group(_) => pending.registration_id.clone(),
         };
@@ -594,29 +638,64 @@ impl Engine {
             status: RegistrationStatus::Assigned,
             substatus: Some(RegistrationSubstatus::InitialAssignment),
             assigned_hub: None,
-            device_id: Some(device_id),
+            device_id: Some(fresh_device_id.clone()),
             error_code: None,
             error_message: None,
             etag: new_registration_etag(),
             payload: None,
             initial_twin: None,
+            initial_hub: None,
             last_operation_id: pending.operation_id.clone(),
         };
-        match outcome {
-            Ok(a) => {
-                record.assigned_hub = Some(a.hub.clone());
-                record.initial_twin = a.initial_twin.clone();
-                record.payload = a.payload.clone();
-            }
+        let a = match outcome {
+            Ok(a) => a,
             Err(failure) => {
                 record.status = RegistrationStatus::Failed;
                 record.substatus = None;
                 record.error_code = Some(failure.code.0);
                 record.error_message = Some(failure.message.clone());
                 // Keep the current assignment for later re-registrations.
-                record.assigned_hub = previous.and_then(|p| p.assigned_hub.clone());
-                record.device_id = previous.and_then(|p| p.device_id.clone()).or(record.device_id);
-                record.initial_twin = previous.and_then(|p| p.initial_twin.clone());
+                if let Some(p) = previous {
+                    record.assigned_hub = p.assigned_hub.clone();
+                    record.device_id = p.device_id.clone().or(record.device_id);
+                    record.initial_twin = p.initial_twin.clone();
+                    record.initial_hub = p.initial_hub.clone();
+                }
+                return record;
+            }
+        };
+        record.assigned_hub = Some(a.hub.clone());
+        record.payload = a.payload.clone();
+        record.initial_twin = a.initial_twin.clone();
+        let Some(current) = Self::current_hub(pending, previous) else {
+            record.initial_hub = Some(a.hub.clone());
+            return record;
+        };
+        let current_hub = current.assigned_hub.clone().unwrap_or_default();
+        record.initial_hub = current.initial_hub.clone().or_else(|| Some(current_hub.clone()));
+        let rp = reprovision_policy(common);
+        let keep = |record: &mut RegistrationRecord| {
+            record.initial_twin = current.initial_twin.clone();
+            record.device_id = current.device_id.clone().or_else(|| Some(fresh_device_id.clone()));
+        };
+        if a.hub.eq_ignore_ascii_case(&current_hub) {
+            if rp.update_hub_assignment && !rp.migrate_device_data {
+                record.substatus = Some(RegistrationSubstatus::DeviceDataReset);
+            } else {
+                record.substatus = current.substatus.or(Some(RegistrationSubstatus::InitialAssignment));
+                keep(&mut record);
+            }
+        } else {
+            let back_home = record.initial_hub.as_deref().is_some_and(|h| h.eq_ignore_ascii_case(&a.hub));
+            record.substatus = Some(if back_home {
+                RegistrationSubstatus::ReprovisionedToInitialAssignment
+            } else if rp.migrate_device_data {
+                RegistrationSubstatus::DeviceDataMigrated
+            } else {
+                RegistrationSubstatus::DeviceDataReset
+            });
+            if rp.migrate_device_data {
+                keep(&mut record);
             }
         }
         record
@@ -768,6 +847,7 @@ impl Engine {
 /// A registration between authentication and its final record.
 struct Pending {
     registration_id: String,
+    force: bool,
     enrollment: ResolvedEnrollment,
     operation_id: String,
     payload: Option<Value>,
@@ -788,6 +868,14 @@ impl Pending {
 
 /// An enrollment as a webhook sees it: the service JSON with the attestation reduced to its
 /// type (no keys).
+/// The enrollment's reprovision policy; both flags default to true.
+fn reprovision_policy(common: &EnrollmentCommon) -> ReprovisionPolicy {
+    common
+        .reprovision_policy
+        .clone()
+        .unwrap_or(ReprovisionPolicy { update_hub_assignment: true, migrate_device_data: true })
+}
+
 fn webhook_view<R: EnrollmentKind>(record: &R) -> Value {
     let mut r = record.clone();
     let kind = r.common().attestation.kind;

@@ -335,6 +335,10 @@ pub struct DeviceRegistrationState {
     /// Payload returned to the device by custom allocation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<Value>,
+    /// The initial twin applied at the last assignment (a dps-rs extension; clients ignore
+    /// fields they do not know).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_twin: Option<Value>,
 }
 
 /// `QuerySpecification`.

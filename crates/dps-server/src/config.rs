@@ -49,6 +49,8 @@ pub struct Config {
     pub id_scope: Option<String>,
     /// Log filter (`RUST_LOG` syntax); the `RUST_LOG` environment variable wins.
     pub log: String,
+    /// Region of this node, for `geoLatency` allocation.
+    pub region: Option<String>,
     /// Listen addresses.
     pub listen: ListenConfig,
     /// TLS.
@@ -181,6 +183,9 @@ pub struct HubConfig {
     /// Takes part when an enrollment names no hubs.
     #[serde(default = "yes")]
     pub apply_allocation_policy: bool,
+    /// Region the hub is in, for `geoLatency`.
+    #[serde(default)]
+    pub region: Option<String>,
 }
 
 fn one() -> u32 {
@@ -224,6 +229,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./dps-data"),
             id_scope: None,
             log: "info".into(),
+            region: None,
             listen: ListenConfig::default(),
             tls: TlsConfig::default(),
             device: DeviceConfig::default(),
@@ -325,7 +331,12 @@ impl Config {
     /// Linked hubs in force: the configured ones, or the placeholder.
     pub fn linked_hubs(&self) -> Vec<HubConfig> {
         if self.hubs.is_empty() {
-            vec![HubConfig { host_name: PLACEHOLDER_HUB.into(), allocation_weight: 1, apply_allocation_policy: true }]
+            vec![HubConfig {
+                host_name: PLACEHOLDER_HUB.into(),
+                allocation_weight: 1,
+                apply_allocation_policy: true,
+                region: None,
+            }]
         } else {
             self.hubs.clone()
         }

@@ -49,8 +49,10 @@ impl Server {
                     host_name: h.host_name,
                     allocation_weight: h.allocation_weight,
                     apply_allocation_policy: h.apply_allocation_policy,
+                    region: h.region,
                 })
                 .collect(),
+            region: config.region.clone(),
             default_allocation_policy: config.allocation.default_policy,
             max_payload_bytes: config.device.max_payload_bytes,
             sas_clock_skew_secs: config.device.sas_clock_skew_secs,

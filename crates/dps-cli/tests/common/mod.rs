@@ -180,8 +180,21 @@ impl Dps {
         token: Option<&str>,
         body: Value,
     ) -> (u16, reqwest::header::HeaderMap, Value) {
-        let url =
-            self.url(&format!("/{}/registrations/{registration_id}/register?api-version=2019-03-31", self.scope()));
+        self.register_with_query(registration_id, token, body, "").await
+    }
+
+    /// `PUT …/register` with extra query parameters (`&forceRegistration=true`).
+    pub async fn register_with_query(
+        &self,
+        registration_id: &str,
+        token: Option<&str>,
+        body: Value,
+        extra_query: &str,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let url = self.url(&format!(
+            "/{}/registrations/{registration_id}/register?api-version=2019-03-31{extra_query}",
+            self.scope()
+        ));
         let mut req = self.client.put(url).json(&body);
         if let Some(t) = token {
             req = req.header("Authorization", t);
