@@ -56,13 +56,31 @@ start_dps() {
 }
 
 # The main server, as a user would run it, with two linked hubs.
-start_dps main '[listen]
+main_config="$(cat <<'TOML'
+[listen]
 https = "127.0.0.1:443"
 [[hubs]]
 host_name = "hub-a.compat.test"
 [[hubs]]
 host_name = "hub-b.compat.test"
-allocation_weight = 3'
+allocation_weight = 3
+# A built-in rule set for the rules:// cases.
+[[rules]]
+name = "by-model"
+payload_schema = '{"type": "object", "required": ["modelId"], "properties": {"modelId": {"type": "string"}}}'
+[[rules.cases]]
+when = "payload.modelId.startsWith('thermo-')"
+hub = "'hub-a.compat.test'"
+payload = "{'telemetryTopic': 'thermo/' + registrationId, 'group': enrollmentGroupId}"
+[[rules.cases]]
+when = "true"
+# The documented example webhook (examples/allocation-webhook.py) checks signatures.
+[[webhooks]]
+url_prefix = "http://127.0.0.1:8081/"
+secret = "compat-example-webhook-secret"
+TOML
+)"
+start_dps main "$main_config"
 # A second server on another loopback address that answers "assigning" first, so that the
 # device clients' polling path is exercised too.
 start_dps strict '[listen]
@@ -76,6 +94,17 @@ retry_after_secs = 1'
 WEBHOOK_PORT=8080 node "$here/node/webhook.js" > "$work/webhook.log" 2>&1 &
 pids+=($!)
 export DPS_WEBHOOK_URL="http://127.0.0.1:8080/api/alloc?code=compat-function-key"
+# The example webhook of docs/allocation.md, as documented.
+DPS_WEBHOOK_SECRET=compat-example-webhook-secret python3 "$root/examples/allocation-webhook.py" 8081 \
+  > "$work/example-webhook.log" 2>&1 &
+pids+=($!)
+export DPS_EXAMPLE_WEBHOOK_URL="http://127.0.0.1:8081/alloc"
+for port in 8080 8081; do
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    sleep 0.1
+  done
+done
 export DPS_CREDENTIALS="$work/main/data/dev-credentials.json"
 export DPS_STRICT_CREDENTIALS="$work/strict/data/dev-credentials.json"
 cat "$work/main/data/tls/ca.pem" "$work/strict/data/tls/ca.pem" > "$work/ca-bundle.pem"

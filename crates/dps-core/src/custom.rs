@@ -34,6 +34,12 @@ pub enum HookError {
     /// Too many calls in flight.
     #[error("too many custom allocation calls in flight; try again")]
     Busy,
+    /// The device payload was refused (a rule set's JSON Schema); reported as 400003.
+    #[error("{0}")]
+    PayloadRejected(String),
+    /// A built-in rule set could not decide.
+    #[error("{0}")]
+    Rules(String),
 }
 
 /// The port through which the engine calls custom allocation webhooks.

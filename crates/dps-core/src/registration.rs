@@ -26,7 +26,7 @@ use serde_json::Value;
 
 use crate::allocation::{allocate, candidates, AllocationError};
 use crate::attestation::{verify_group, verify_individual};
-use crate::custom::{check_response, AllocationFailure, Assignment};
+use crate::custom::{check_response, AllocationFailure, Assignment, HookError};
 use crate::engine::{parse_body, parse_stored, to_json, Engine};
 use crate::enrollment::EnrollmentKind;
 use crate::enrollment::QueryPage;
@@ -600,8 +600,12 @@ impl Engine {
         };
         let body = serde_json::to_vec(&request)
             .map_err(|e| AllocationFailure::failed(format!("cannot serialise the allocation request: {e}")))?;
-        let answer = hook.call(&definition.webhook_url, body).await.map_err(|e| {
-            AllocationFailure::failed(format!("custom allocation failed for {}: {e}", pending.enrollment.describe()))
+        let answer = hook.call(&definition.webhook_url, body).await.map_err(|e| match e {
+            HookError::PayloadRejected(m) => AllocationFailure { code: ErrorCode::INVALID_PAYLOAD, message: m },
+            e => AllocationFailure::failed(format!(
+                "custom allocation failed for {}: {e}",
+                pending.enrollment.describe()
+            )),
         })?;
         check_response(&answer, &linked_hubs, common.initial_twin.as_ref())
     }

@@ -65,6 +65,8 @@ pub struct Config {
     pub hubs: Vec<HubConfig>,
     /// Per-webhook settings (signature secret, CA, client certificate), by URL prefix.
     pub webhooks: Vec<WebhookConfig>,
+    /// Built-in allocation rule sets, used by `webhookUrl = "rules://<name>"`.
+    pub rules: Vec<RuleSetConfig>,
     /// Request limits.
     pub limits: LimitsConfig,
     /// Store.
@@ -195,6 +197,40 @@ fn yes() -> bool {
     true
 }
 
+/// `[[rules]]`: a built-in allocation rule set.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSetConfig {
+    /// Name; enrollments use it as `webhookUrl = "rules://<name>"`.
+    pub name: String,
+    /// JSON Schema (as JSON text) the device payload must match.
+    #[serde(default)]
+    pub payload_schema: Option<String>,
+    /// The same, from a file.
+    #[serde(default)]
+    pub payload_schema_file: Option<PathBuf>,
+    /// Cases, tried in order.
+    #[serde(default)]
+    pub cases: Vec<RuleCaseConfig>,
+}
+
+/// `[[rules.cases]]`: CEL expressions.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleCaseConfig {
+    /// Boolean: does this case apply?
+    pub when: String,
+    /// String: the hub (weighted hashing among the linked hubs when absent).
+    #[serde(default)]
+    pub hub: Option<String>,
+    /// Map: the payload returned to the device.
+    #[serde(default)]
+    pub payload: Option<String>,
+    /// Map: the initial twin.
+    #[serde(default)]
+    pub initial_twin: Option<String>,
+}
+
 /// `[limits]`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -237,6 +273,7 @@ impl Default for Config {
             allocation: AllocationConfig::default(),
             hubs: Vec::new(),
             webhooks: Vec::new(),
+            rules: Vec::new(),
             limits: LimitsConfig::default(),
             store: StoreConfig::default(),
         }
@@ -390,6 +427,7 @@ impl Config {
                 return Err(invalid(&format!("webhooks[{i}].secret"), "use at least 16 characters".into()));
             }
         }
+        crate::rules::RuleSets::compile(&self.rules, Vec::new())?;
         let mut seen = std::collections::HashSet::new();
         for (i, hub) in self.hubs.iter().enumerate() {
             let name = hub.host_name.trim();
@@ -477,10 +515,25 @@ mod tests {
             ("[tls]\ncert = \"a.pem\"\n", "tls"),
             ("[[service.policies]]\nname = \"p\"\nprimary_key = \"AAAA\"\nrights = []\n", "16 bytes"),
             ("[[service.policies]]\nname = \"p\"\nprimary_key = \"MDEyMzQ1Njc4OWFiY2RlZg==\"\nrights = [\"Admin\"]\n", "unknown right"),
+            ("[[rules]]\nname = \"r\"\n[[rules.cases]]\nwhen = \"payload.(\"\n", "rules[0].cases[0].when"),
+            ("[[rules]]\nname = \"r\"\npayload_schema = \"{\\\"type\\\": 5}\"\n[[rules.cases]]\nwhen = \"true\"\n", "JSON Schema"),
+            ("[[rules]]\nname = \"r\"\n", "rules[0].cases"),
         ] {
             let err = Config::from_toml(text, Path::new("c.toml")).unwrap_err().to_string();
             assert!(err.contains(needle), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn the_commented_rules_example_compiles() {
+        let start = DEFAULT_CONFIG.find("# [[rules]]").unwrap();
+        let block = &DEFAULT_CONFIG[start..];
+        let block = &block[..block.find("\n\n").unwrap_or(block.len())];
+        let text: String = block.lines().map(|l| format!("{}\n", l.strip_prefix("# ").unwrap_or(l))).collect();
+        let config = Config::from_toml(&text, Path::new("example")).unwrap();
+        assert_eq!(config.rules[0].name, "by-model");
+        assert_eq!(config.rules[0].cases.len(), 2);
+        assert!(config.rules[0].payload_schema.is_some());
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod listener;
+pub mod rules;
 pub mod server;
 pub mod tls;
 pub mod webhook;

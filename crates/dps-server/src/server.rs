@@ -63,7 +63,9 @@ impl Server {
             webhook_timeout_secs: config.allocation.webhook_timeout_secs,
         };
         let webhooks = crate::webhook::WebhookClient::new(&config.allocation, &config.webhooks)?;
-        let engine = Engine::new(store.clone(), settings).with_hook(Arc::new(webhooks));
+        let rules = crate::rules::RuleSets::compile(&config.rules, settings.linked_hubs.clone())?;
+        let custom = crate::webhook::CustomAllocator { webhooks, rules };
+        let engine = Engine::new(store.clone(), settings).with_hook(Arc::new(custom));
 
         let addr = config.listen.https;
         let listener = TcpListener::bind(addr).await.map_err(|source| {

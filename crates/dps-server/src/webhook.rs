@@ -132,6 +132,28 @@ impl AllocationHook for WebhookClient {
     }
 }
 
+/// The custom allocation hook of the server: `rules://…` URLs go to the built-in rule sets,
+/// everything else to the webhook client.
+pub struct CustomAllocator {
+    /// Webhook client.
+    pub webhooks: WebhookClient,
+    /// Built-in rule sets.
+    pub rules: crate::rules::RuleSets,
+}
+
+#[async_trait]
+impl AllocationHook for CustomAllocator {
+    async fn call(&self, url: &str, body: Vec<u8>) -> Result<Vec<u8>, HookError> {
+        if !url.get(..crate::rules::SCHEME.len()).is_some_and(|s| s.eq_ignore_ascii_case(crate::rules::SCHEME)) {
+            return self.webhooks.call(url, body).await;
+        }
+        let request: dps_proto::webhook::AllocationRequest = serde_json::from_slice(&body)
+            .map_err(|e| HookError::Rules(format!("cannot read the allocation request: {e}")))?;
+        let response = self.rules.evaluate(&url[crate::rules::SCHEME.len()..], &request)?;
+        serde_json::to_vec(&response).map_err(|e| HookError::Rules(format!("cannot write the rule set's answer: {e}")))
+    }
+}
+
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }

@@ -35,8 +35,9 @@ async function test(name, fn) {
 function assert(cond, msg) {
   if (!cond) throw new Error(`assertion failed: ${msg}`);
 }
+// Deep equality; object key order does not matter (JSON objects are unordered).
 function eq(a, b, msg) {
-  if (JSON.stringify(a) !== JSON.stringify(b)) {
+  if (!require('util').isDeepStrictEqual(a, b)) {
     throw new Error(`${msg}: expected ${JSON.stringify(b)}, got ${JSON.stringify(a)}`);
   }
 }
@@ -65,6 +66,16 @@ function bulk(operation) {
   return new Promise((resolve, reject) => {
     service.runBulkEnrollmentOperation(operation, (err, result) => (err ? reject(err) : resolve({ responseBody: result })));
   });
+}
+// An enrollment group with custom allocation, created through the service SDK.
+async function customGroup(enrollmentGroupId, webhookUrl) {
+  const { responseBody } = await service.createOrUpdateEnrollmentGroup({
+    enrollmentGroupId,
+    attestation: { type: 'symmetricKey', symmetricKey: {} },
+    allocationPolicy: 'custom',
+    customAllocationDefinition: { webhookUrl, apiVersion: '2021-10-01' },
+  });
+  return responseBody;
 }
 function deriveKey(groupKey, registrationId) {
   return crypto.createHmac('sha256', Buffer.from(groupKey, 'base64')).update(registrationId, 'utf8').digest('base64');
@@ -233,18 +244,58 @@ async function main() {
 
   await test('device http: custom allocation group, the webhook returns a payload to the device', async () => {
     const gid = `${run}-custom`;
-    const { responseBody: g } = await service.createOrUpdateEnrollmentGroup({
-      enrollmentGroupId: gid,
-      attestation: { type: 'symmetricKey', symmetricKey: {} },
-      allocationPolicy: 'custom',
-      customAllocationDefinition: { webhookUrl: process.env.DPS_WEBHOOK_URL, apiVersion: '2021-10-01' },
-    });
+    const g = await customGroup(gid, process.env.DPS_WEBHOOK_URL);
     eq(g.allocationPolicy, 'custom', 'allocationPolicy stored');
     const id = `${run}-custom-1`;
     const r = await register(id, deriveKey(g.attestation.symmetricKey.primaryKey, id), { modelId: 'dtmi:x;1', fw: '1.2.3' });
     eq(r.status, 'assigned', 'status');
     eq(r.assignedHub, hubs[hubs.length - 1], 'the webhook chose the last linked hub');
     eq(r.payload, { echo: { modelId: 'dtmi:x;1', fw: '1.2.3' }, group: gid }, 'registrationState.payload from the webhook');
+    await service.deleteEnrollmentGroup(gid);
+  });
+
+  await test('device http: the example webhook of docs/allocation.md, signed requests', async () => {
+    const gid = `${run}-example`;
+    const g = await customGroup(gid, process.env.DPS_EXAMPLE_WEBHOOK_URL);
+    const key = (id) => deriveKey(g.attestation.symmetricKey.primaryKey, id);
+    const id = `${run}-ex-thermo`;
+    const r = await register(id, key(id), { modelId: 'thermostat' });
+    eq(r.status, 'assigned', 'status');
+    eq(r.assignedHub, hubs[0], 'no hub named thermo: the first linked hub');
+    eq(r.payload, { telemetryTopic: `thermostat/${id}` }, 'registrationState.payload from the webhook');
+    const bad = `${run}-ex-nomodel`;
+    await rejects(
+      register(bad, key(bad), { fw: '1.0' }),
+      (e) => {
+        const state = e.result && e.result.registrationState;
+        eq(state && state.errorCode, 400209, 'errorCode');
+        assert(/HTTP 400: .*payload\.modelId \(a string\) is required/.test(state.errorMessage), `errorMessage: ${state.errorMessage}`);
+      },
+      'the webhook refused the payload'
+    );
+    await service.deleteEnrollmentGroup(gid);
+  });
+
+  await test('device http: custom allocation by a built-in rule set (rules://by-model)', async () => {
+    const gid = `${run}-rules`;
+    const g = await customGroup(gid, 'rules://by-model');
+    eq(g.customAllocationDefinition.webhookUrl, 'rules://by-model', 'webhookUrl stored');
+    const key = (id) => deriveKey(g.attestation.symmetricKey.primaryKey, id);
+    const id = `${run}-thermo-1`;
+    const r = await register(id, key(id), { modelId: 'thermo-x2' });
+    eq(r.status, 'assigned', 'status');
+    eq(r.assignedHub, 'hub-a.compat.test', 'the rule chose the hub');
+    eq(r.payload, { telemetryTopic: `thermo/${id}`, group: gid }, 'registrationState.payload from the rule');
+    const bad = `${run}-thermo-bad`;
+    await rejects(
+      register(bad, key(bad), { modelId: 42 }),
+      (e) => {
+        const state = e.result && e.result.registrationState;
+        eq(state && state.errorCode, 400003, 'errorCode');
+        assert(/modelId/.test(state.errorMessage), `errorMessage names the field: ${state.errorMessage}`);
+      },
+      'payload refused by the schema'
+    );
     await service.deleteEnrollmentGroup(gid);
   });
 
