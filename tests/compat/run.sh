@@ -59,6 +59,7 @@ start_dps() {
 main_config="$(cat <<'TOML'
 [listen]
 https = "127.0.0.1:443"
+mqtt = "127.0.0.1:8883"
 [[hubs]]
 host_name = "hub-a.compat.test"
 [[hubs]]
@@ -85,6 +86,7 @@ start_dps main "$main_config"
 # device clients' polling path is exercised too.
 start_dps strict '[listen]
 https = "127.0.0.2:443"
+mqtt = "127.0.0.2:8883"
 [tls]
 host_names = ["127.0.0.2"]
 [device]

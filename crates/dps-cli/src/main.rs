@@ -41,6 +41,9 @@ struct ServeArgs {
     /// HTTPS listen address, e.g. 127.0.0.1:8443; overrides `listen.https`.
     #[arg(long)]
     https_listen: Option<SocketAddr>,
+    /// MQTT-over-TLS listen address, e.g. 127.0.0.1:8883; overrides `listen.mqtt`.
+    #[arg(long)]
+    mqtt_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -124,6 +127,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     if let Some(addr) = args.https_listen {
         config.listen.https = addr;
+    }
+    if let Some(addr) = args.mqtt_listen {
+        config.listen.mqtt = addr;
     }
     init_logging(&config.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

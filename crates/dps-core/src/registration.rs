@@ -247,6 +247,18 @@ impl Engine {
         Ok(())
     }
 
+    /// Checks the ID scope and registration ID grammar, then authenticates the device, as a
+    /// connection-oriented transport does once at connect time (MQTT CONNECT, AMQP SASL).
+    pub async fn authenticate_device(
+        &self,
+        id_scope: &str,
+        registration_id: &str,
+        credential: &Credential,
+    ) -> Result<ResolvedEnrollment, Error> {
+        self.check_scope_and_id(id_scope, registration_id)?;
+        self.authenticate(id_scope, registration_id, credential).await
+    }
+
     /// Authenticates a device and resolves its enrollment: the individual enrollment when
     /// one exists (a disabled one blocks the device even if a group would accept it), else
     /// the first symmetric-key group (by ID) whose derived key validates the token.

@@ -262,6 +262,10 @@ pub struct DevCredentials {
     pub https_address: String,
     /// Port of the HTTPS listener.
     pub https_port: u16,
+    /// Address the MQTT listener is bound to, when MQTT is enabled.
+    pub mqtt_address: Option<String>,
+    /// Port of the MQTT listener, when MQTT is enabled.
+    pub mqtt_port: Option<u16>,
     /// Service connection string for the owner policy (HostName carries the port when it is
     /// not 443).
     pub service_connection_string: Option<String>,
@@ -280,6 +284,7 @@ pub fn dev_credentials(
     policies: &[Policy],
     tls: &TlsFiles,
     https: SocketAddr,
+    mqtt: Option<SocketAddr>,
 ) -> DevCredentials {
     let host = config.tls.host_names[0].clone();
     let host_port = if https.port() == 443 { host.clone() } else { format!("{host}:{}", https.port()) };
@@ -289,6 +294,8 @@ pub fn dev_credentials(
         host_name: host,
         https_address: https.to_string(),
         https_port: https.port(),
+        mqtt_address: mqtt.map(|a| a.to_string()),
+        mqtt_port: mqtt.map(|a| a.port()),
         service_connection_string: owner
             .map(|p| format!("HostName={host_port};SharedAccessKeyName={};SharedAccessKey={}", p.name, p.primary_key)),
         ca_certificate_path: tls.ca.clone(),

@@ -67,6 +67,8 @@ pub struct Config {
     pub webhooks: Vec<WebhookConfig>,
     /// Built-in allocation rule sets, used by `webhookUrl = "rules://<name>"`.
     pub rules: Vec<RuleSetConfig>,
+    /// MQTT device transport.
+    pub mqtt: MqttConfig,
     /// Request limits.
     pub limits: LimitsConfig,
     /// Store.
@@ -77,8 +79,44 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenConfig {
-    /// HTTPS (device runtime API and service API).
+    /// HTTPS (device runtime API and service API; MQTT and AMQP over WebSocket).
     pub https: SocketAddr,
+    /// MQTT over TLS.
+    pub mqtt: SocketAddr,
+}
+
+/// `[mqtt]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Serve MQTT over TLS on `listen.mqtt`.
+    pub enabled: bool,
+    /// Serve MQTT over WebSocket on the HTTPS port.
+    pub websocket: bool,
+    /// Largest MQTT packet accepted, in bytes.
+    pub max_packet_bytes: usize,
+    /// Seconds a new connection has to complete TLS and send CONNECT.
+    pub connect_timeout_secs: u64,
+    /// Idle limit when a client sets keep-alive 0 (otherwise 1.5 × its keep-alive applies).
+    pub idle_timeout_secs: u64,
+    /// Seconds a write may wait for a client that does not read.
+    pub write_timeout_secs: u64,
+    /// Open MQTT connections at most (TCP and WebSocket together).
+    pub max_connections: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            websocket: true,
+            max_packet_bytes: 131_072,
+            connect_timeout_secs: 10,
+            idle_timeout_secs: 1800,
+            write_timeout_secs: 30,
+            max_connections: 50_000,
+        }
+    }
 }
 
 /// `[tls]`.
@@ -274,6 +312,7 @@ impl Default for Config {
             hubs: Vec::new(),
             webhooks: Vec::new(),
             rules: Vec::new(),
+            mqtt: MqttConfig::default(),
             limits: LimitsConfig::default(),
             store: StoreConfig::default(),
         }
@@ -282,7 +321,7 @@ impl Default for Config {
 
 impl Default for ListenConfig {
     fn default() -> Self {
-        Self { https: SocketAddr::from(([0, 0, 0, 0], 443)) }
+        Self { https: SocketAddr::from(([0, 0, 0, 0], 443)), mqtt: SocketAddr::from(([0, 0, 0, 0], 8883)) }
     }
 }
 
@@ -399,6 +438,26 @@ impl Config {
                 "allocation.default_policy",
                 "custom cannot be the instance default; set it on enrollments".into(),
             ));
+        }
+        let m = &self.mqtt;
+        if !(1024..=crate::mqtt::MAX_PACKET_LIMIT).contains(&m.max_packet_bytes) {
+            return Err(invalid(
+                "mqtt.max_packet_bytes",
+                format!("must be 1024..={} (a register carries up to 96 KiB of JSON)", crate::mqtt::MAX_PACKET_LIMIT),
+            ));
+        }
+        if m.connect_timeout_secs == 0
+            || m.idle_timeout_secs == 0
+            || m.write_timeout_secs == 0
+            || m.max_connections == 0
+        {
+            return Err(invalid(
+                "mqtt",
+                "connect_timeout_secs, idle_timeout_secs, write_timeout_secs and max_connections must be ≥ 1".into(),
+            ));
+        }
+        if m.enabled && self.listen.mqtt == self.listen.https && self.listen.https.port() != 0 {
+            return Err(invalid("listen.mqtt", "must differ from listen.https".into()));
         }
         let a = &self.allocation;
         if a.webhook_timeout_secs == 0 || a.webhook_timeout_secs > 300 {

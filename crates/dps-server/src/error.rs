@@ -18,7 +18,7 @@ pub enum ServerError {
     #[error("TLS: {0}")]
     Tls(String),
     /// A listener could not be bound.
-    #[error("cannot listen on {addr}: {source}{hint}")]
+    #[error("cannot listen on {addr}: {source}{hint}; {flag} or the config file sets the address")]
     Bind {
         /// Address.
         addr: std::net::SocketAddr,
@@ -26,5 +26,7 @@ pub enum ServerError {
         source: std::io::Error,
         /// What to do about it.
         hint: &'static str,
+        /// The command-line flag that sets this address.
+        flag: &'static str,
     },
 }

@@ -1,5 +1,5 @@
-//! The dps-rs server: configuration, bootstrap, TLS listener, the device runtime API and the
-//! service API over HTTPS. The binary (`dps serve`) is a thin wrapper around [`Server`].
+//! The dps-rs server: configuration, bootstrap, TLS listeners, the device runtime API over
+//! HTTPS and MQTT (TLS and WebSocket), and the service API over HTTPS. The binary (`dps serve`) is a thin wrapper around [`Server`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -8,10 +8,12 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod listener;
+pub mod mqtt;
 pub mod rules;
 pub mod server;
 pub mod tls;
 pub mod webhook;
+pub mod ws;
 
 pub use config::{Config, DEFAULT_CONFIG};
 pub use error::ServerError;

@@ -1,12 +1,11 @@
 //! The HTTPS listener: accept, TLS handshake with a deadline, HTTP/1.1 with header-size and
-//! header-time limits, a cap on open connections, graceful shutdown.
+//! header-time limits, a cap on open connections, WebSocket upgrades, graceful shutdown.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -25,7 +24,6 @@ pub async fn serve_https(
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
     let handshake_timeout = Duration::from_secs(limits.tls_handshake_timeout_secs);
     let header_timeout = Duration::from_secs(limits.header_read_timeout_secs);
     loop {
@@ -49,7 +47,7 @@ pub async fn serve_https(
         let acceptor = acceptor.clone();
         let state = state.clone();
         let max_buf = limits.max_header_bytes;
-        let watcher = graceful.watcher();
+        let mut stop = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
@@ -63,22 +61,34 @@ pub async fn serve_https(
                     return;
                 }
             };
-            let service = service_fn(move |req| handle(state.clone(), req));
+            let service = service_fn(move |req| handle(state.clone(), peer, req));
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
                 .max_buf_size(max_buf.max(8192))
                 .keep_alive(true);
-            let conn = builder.serve_connection(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(conn).await {
+            // With upgrades: a WebSocket takes the connection over (see crate::ws).
+            let mut conn = std::pin::pin!(builder.serve_connection(TokioIo::new(tls), service).with_upgrades());
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+                    // Finish the request in progress, then close.
+                    conn.as_mut().graceful_shutdown();
+                    conn.as_mut().await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
     }
     drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections closed"),
-        _ = tokio::time::sleep(Duration::from_secs(10)) => tracing::warn!("closing connections still open after 10 s"),
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let drained = tokio::time::timeout(Duration::from_secs(10), slots.acquire_many(all)).await.is_ok();
+    if drained {
+        tracing::info!("all HTTPS connections closed");
+    } else {
+        tracing::warn!("closing HTTPS connections still open after 10 s");
     }
 }

@@ -1,6 +1,7 @@
 //! The server process: bootstrap, store, engine, listeners, background tasks.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use crate::bootstrap::{self, DevCredentials, DEV_CREDENTIALS_FILE};
 use crate::config::Config;
 use crate::error::ServerError;
 use crate::http::AppState;
+use crate::mqtt::MqttContext;
 
 /// A configured server. `Server::new(config).run(shutdown)` is the whole program.
 #[derive(Debug)]
@@ -67,20 +69,14 @@ impl Server {
         let custom = crate::webhook::CustomAllocator { webhooks, rules };
         let engine = Engine::new(store.clone(), settings).with_hook(Arc::new(custom));
 
-        let addr = config.listen.https;
-        let listener = TcpListener::bind(addr).await.map_err(|source| {
-            let hint = match source.kind() {
-                std::io::ErrorKind::PermissionDenied => {
-                    " (ports below 1024 need root or CAP_NET_BIND_SERVICE; or choose another port, e.g. --https-listen 127.0.0.1:8443)"
-                }
-                std::io::ErrorKind::AddrInUse => " (another process is using this port; stop it or choose another with --https-listen)",
-                _ => "",
-            };
-            ServerError::Bind { addr, source, hint }
-        })?;
-        let bound = listener.local_addr().map_err(|source| ServerError::Bind { addr, source, hint: "" })?;
+        let (listener, bound) = bind(config.listen.https, "--https-listen").await?;
+        let mqtt_listener = match config.mqtt.enabled {
+            true => Some(bind(config.listen.mqtt, "--mqtt-listen").await?),
+            false => None,
+        };
+        let mqtt_bound = mqtt_listener.as_ref().map(|(_, a)| *a);
 
-        let creds = bootstrap::dev_credentials(&config, &id_scope, &policies, &tls_files, bound);
+        let creds = bootstrap::dev_credentials(&config, &id_scope, &policies, &tls_files, bound, mqtt_bound);
         let creds_path = data_dir.join(DEV_CREDENTIALS_FILE);
         let creds_json = serde_json::to_vec_pretty(&creds).map_err(|e| ServerError::Bootstrap(e.to_string()))?;
         bootstrap::write_atomic(&creds_path, &creds_json, true)?;
@@ -92,6 +88,8 @@ impl Server {
             );
         }
 
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mqtt = config.mqtt.enabled.then(|| Arc::new(MqttContext::new(engine.clone(), config.mqtt.clone())));
         let state = Arc::new(AppState {
             engine: engine.clone(),
             policies,
@@ -99,23 +97,52 @@ impl Server {
             max_body_bytes: config.limits.max_body_bytes,
             body_read_timeout: Duration::from_secs(config.limits.body_read_timeout_secs),
             default_page_size: config.service.default_page_size,
+            mqtt: mqtt.clone(),
+            stop: stop_rx.clone(),
         });
-        let (stop_tx, stop_rx) = watch::channel(false);
         let purge = tokio::spawn(purge_loop(engine, stop_rx.clone()));
+        let mqtt_task = match (mqtt_listener, mqtt) {
+            (Some((listener, _)), Some(ctx)) => {
+                Some(tokio::spawn(crate::mqtt::serve_tls(listener, tls.clone(), ctx, stop_rx.clone())))
+            }
+            _ => None,
+        };
         let https = tokio::spawn(crate::listener::serve_https(listener, tls, state, config.limits.clone(), stop_rx));
-        tracing::info!(https = %bound, id_scope, "dps serving");
+        tracing::info!(https = %bound, mqtt = ?mqtt_bound, id_scope, "dps serving");
         shutdown.await;
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
         let _ = https.await;
+        if let Some(task) = mqtt_task {
+            let _ = task.await;
+        }
         let _ = purge.await;
         Ok(())
     }
 }
 
+/// Binds a listener; errors say how to fix the usual causes.
+async fn bind(addr: SocketAddr, flag: &'static str) -> Result<(TcpListener, SocketAddr), ServerError> {
+    let listener = TcpListener::bind(addr).await.map_err(|source| {
+        let hint = match source.kind() {
+            std::io::ErrorKind::PermissionDenied => {
+                " (ports below 1024 need root or CAP_NET_BIND_SERVICE; or choose another port)"
+            }
+            std::io::ErrorKind::AddrInUse => " (another process is using this port; stop it or choose another)",
+            _ => "",
+        };
+        ServerError::Bind { addr, source, hint, flag }
+    })?;
+    let bound = listener.local_addr().map_err(|source| ServerError::Bind { addr, source, hint: "", flag })?;
+    Ok((listener, bound))
+}
+
 fn print_banner(creds: &DevCredentials, path: &std::path::Path) {
     println!("dps {} ready", env!("CARGO_PKG_VERSION"));
     println!("  HTTPS listener:     {}", creds.https_address);
+    if let Some(mqtt) = &creds.mqtt_address {
+        println!("  MQTT listener:      {mqtt} (and MQTT over WebSocket on the HTTPS port)");
+    }
     println!("  ID scope:           {}", creds.id_scope);
     if let Some(cs) = &creds.service_connection_string {
         println!("  Service connection: {cs}");

@@ -1,6 +1,7 @@
 // Official Node SDKs against a running dps: the service client (enrollments, groups,
-// registration states, paging, bulk, ETags) and the HTTPS device client (individual key,
-// group-derived key, payload, wrong key, disabled enrollment).
+// registration states, paging, bulk, ETags) and the device client over HTTPS, MQTT and MQTT
+// over WebSocket (individual key, group-derived key, payload, wrong key, disabled enrollment,
+// custom allocation).
 //
 // Run by tests/compat/run.sh with DPS_CREDENTIALS=<data dir>/dev-credentials.json and
 // NODE_EXTRA_CA_CERTS=<test CA>, against a dps listening on port 443.
@@ -11,6 +12,7 @@ const fs = require('fs');
 const { ProvisioningServiceClient } = require('azure-iot-provisioning-service');
 const { ProvisioningDeviceClient } = require('azure-iot-provisioning-device');
 const { Http } = require('azure-iot-provisioning-device-http');
+const { Mqtt, MqttWs } = require('azure-iot-provisioning-device-mqtt');
 const { SymmetricKeySecurityClient } = require('azure-iot-security-symmetric-key');
 
 const creds = JSON.parse(fs.readFileSync(process.env.DPS_CREDENTIALS, 'utf8'));
@@ -54,9 +56,9 @@ function statusOf(e) {
   return (e.response && e.response.statusCode) || (e.responseBody && e.responseBody.statusCode) || e.statusCode;
 }
 
-function register(registrationId, key, payload, target = { host, scope }) {
+function register(registrationId, key, payload, target = { host, scope }, Transport = Http) {
   const security = new SymmetricKeySecurityClient(registrationId, key);
-  const client = ProvisioningDeviceClient.create(target.host, target.scope, new Http(), security);
+  const client = ProvisioningDeviceClient.create(target.host, target.scope, new Transport(), security);
   if (payload !== undefined) client.setProvisioningPayload(payload);
   return client.register();
 }
@@ -299,22 +301,72 @@ async function main() {
     await service.deleteEnrollmentGroup(gid);
   });
 
-  await test('device http: polls the operation when the server answers assigning first', async () => {
-    const strict = JSON.parse(fs.readFileSync(process.env.DPS_STRICT_CREDENTIALS, 'utf8'));
-    const strictService = ProvisioningServiceClient.fromConnectionString(strict.serviceConnectionString);
-    const id = `${run}-strict`;
-    const { responseBody: e } = await strictService.createOrUpdateIndividualEnrollment({
-      registrationId: id,
-      attestation: { type: 'symmetricKey', symmetricKey: {} },
+  for (const [name, Transport] of [['mqtt', Mqtt], ['mqttws', MqttWs]]) {
+    const gid = `${run}-${name}-grp`;
+    let g;
+    await test(`device ${name}: individual key, with and without a payload`, async () => {
+      const id = `${run}-${name}-ind`;
+      const { responseBody: e } = await service.createOrUpdateIndividualEnrollment({
+        registrationId: id,
+        attestation: { type: 'symmetricKey', symmetricKey: {} },
+        initialTwin: { tags: { transport: name } },
+      });
+      const r = await register(id, e.attestation.symmetricKey.primaryKey, undefined, { host, scope }, Transport);
+      eq(r.status, 'assigned', 'status');
+      eq(r.deviceId, id, 'deviceId');
+      assert(hubs.includes(r.assignedHub), `assignedHub ${r.assignedHub}`);
+      const again = await register(id, e.attestation.symmetricKey.secondaryKey, { fw: '2.0' }, { host, scope }, Transport);
+      eq(again.assignedHub, r.assignedHub, 'same hub with the secondary key and a payload');
+      const { responseBody: s } = await service.getDeviceRegistrationState(id);
+      eq(s.status, 'assigned', 'service sees the registration');
+      await service.deleteIndividualEnrollment(id);
     });
-    const started = Date.now();
-    const r = await register(id, e.attestation.symmetricKey.primaryKey, { poll: true }, { host: strict.hostName, scope: strict.idScope });
-    eq(r.status, 'assigned', 'status after polling');
-    eq(r.assignedHub, 'hub.localhost', 'placeholder hub');
-    assert(Date.now() - started >= 900, 'the client waited retry-after (1 s) before polling');
-    const { responseBody: s } = await strictService.getDeviceRegistrationState(id);
-    eq(s.status, 'assigned', 'registration state');
-  });
+    await test(`device ${name}: group-derived key with a payload through a custom allocation webhook`, async () => {
+      g = await customGroup(gid, process.env.DPS_WEBHOOK_URL);
+      const id = `${run}-${name}-member`;
+      const r = await register(id, deriveKey(g.attestation.symmetricKey.primaryKey, id), { modelId: name }, { host, scope }, Transport);
+      eq(r.status, 'assigned', 'status');
+      eq(r.assignedHub, hubs[hubs.length - 1], 'the webhook chose the hub');
+      eq(r.payload, { echo: { modelId: name }, group: gid }, 'registrationState.payload from the webhook');
+    });
+    await test(`device ${name}: wrong key is refused`, async () => {
+      const id = `${run}-${name}-wrong`;
+      await rejects(register(id, crypto.randomBytes(32).toString('base64'), undefined, { host, scope }, Transport), () => {}, 'wrong key');
+    });
+    await test(`device ${name}: disabled enrollment is reported`, async () => {
+      const id = `${run}-${name}-off`;
+      const { responseBody: e } = await service.createOrUpdateIndividualEnrollment({
+        registrationId: id,
+        attestation: { type: 'symmetricKey', symmetricKey: {} },
+        provisioningStatus: 'disabled',
+      });
+      await rejects(register(id, e.attestation.symmetricKey.primaryKey, undefined, { host, scope }, Transport), (err) => {
+        assert(/disabled/i.test(err.message) || (err.result && err.result.status === 'disabled'), `disabled: ${err.message}`);
+      }, 'disabled');
+      await service.deleteIndividualEnrollment(id);
+    });
+    await service.deleteEnrollmentGroup(gid).catch(() => {});
+  }
+
+  for (const [name, Transport] of [['http', Http], ['mqtt', Mqtt], ['mqttws', MqttWs]]) {
+    await test(`device ${name}: polls the operation when the server answers assigning first`, async () => {
+      const strict = JSON.parse(fs.readFileSync(process.env.DPS_STRICT_CREDENTIALS, 'utf8'));
+      const strictService = ProvisioningServiceClient.fromConnectionString(strict.serviceConnectionString);
+      const id = `${run}-strict-${name}`;
+      const { responseBody: e } = await strictService.createOrUpdateIndividualEnrollment({
+        registrationId: id,
+        attestation: { type: 'symmetricKey', symmetricKey: {} },
+      });
+      const started = Date.now();
+      const target = { host: strict.hostName, scope: strict.idScope };
+      const r = await register(id, e.attestation.symmetricKey.primaryKey, { poll: true }, target, Transport);
+      eq(r.status, 'assigned', 'status after polling');
+      eq(r.assignedHub, 'hub.localhost', 'placeholder hub');
+      assert(Date.now() - started >= 900, 'the client waited retry-after (1 s) before polling');
+      const { responseBody: s } = await strictService.getDeviceRegistrationState(id);
+      eq(s.status, 'assigned', 'registration state');
+    });
+  }
 
   console.log(`node: ${passed} passed, ${failed} failed`);
   process.exit(failed === 0 ? 0 : 1);

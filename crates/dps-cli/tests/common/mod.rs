@@ -2,6 +2,7 @@
 //! directory and talks to it over real TLS, trusting the test CA it generated.
 #![allow(dead_code)]
 
+pub mod mqtt;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -59,7 +60,7 @@ impl Dps {
 
     async fn spawn(&mut self) {
         let config = format!(
-            "data_dir = {:?}\nlog = \"info\"\n[listen]\nhttps = \"127.0.0.1:0\"\n{}\n",
+            "data_dir = {:?}\nlog = \"info\"\n[listen]\nhttps = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"\n{}\n",
             self.data_dir().display().to_string(),
             self.config_extra
         );

@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use percent_encoding::percent_decode_str;
 
 use crate::bootstrap::Policy;
-pub use response::error_response;
+pub use response::{error_details, error_response};
 
 /// Shared state of the HTTP handlers.
 pub struct AppState {
@@ -37,6 +37,10 @@ pub struct AppState {
     pub body_read_timeout: Duration,
     /// Page size when a query sends none.
     pub default_page_size: usize,
+    /// MQTT sessions, for MQTT over WebSocket (`None` when MQTT is disabled).
+    pub mqtt: Option<Arc<crate::mqtt::MqttContext>>,
+    /// Turns true when the server stops (ends WebSocket sessions).
+    pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -101,11 +105,21 @@ fn parse_query(q: Option<&str>) -> Vec<(String, String)> {
 }
 
 /// Handles one HTTP request. Never fails: every error becomes a DPS error response.
-pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+/// WebSocket upgrades go to [`crate::ws`].
+pub async fn handle(
+    state: Arc<AppState>,
+    peer: std::net::SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = Instant::now();
     let request_id = uuid::Uuid::new_v4().to_string();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    if crate::ws::is_upgrade(&req) {
+        let response = crate::ws::accept(state.mqtt.as_ref(), req, peer, state.stop.clone(), &request_id);
+        tracing::debug!(%path, status = response.status().as_u16(), request_id, "WebSocket upgrade");
+        return Ok(response);
+    }
     let response = match read_call(&state, req, &request_id).await {
         Ok(call) => route(&state, call).await,
         Err(err) => error_response(&err, &request_id),

@@ -43,20 +43,7 @@ fn set_request_id(resp: &mut Response<Full<Bytes>>, request_id: &str) {
 /// `x-ms-error-code` header. Internal details of 5xx errors are logged, not sent.
 pub fn error_response(err: &dps_core::Error, request_id: &str) -> Response<Full<Bytes>> {
     let code = err.code();
-    let message = match err {
-        dps_core::Error::Internal(detail) => {
-            tracing::error!(request_id, detail, "internal error");
-            format!("internal error; quote tracking ID {request_id} to the operator")
-        }
-        other => other.to_string(),
-    };
-    let body = ErrorDetails {
-        error_code: code,
-        tracking_id: request_id.to_string(),
-        message,
-        timestamp_utc: dps_proto::timestamp::format(time::OffsetDateTime::now_utc()),
-        info: None,
-    };
+    let body = error_details(err, request_id);
     let bytes = serde_json::to_vec(&body).unwrap_or_default();
     let mut resp = Response::new(Full::new(Bytes::from(bytes)));
     *resp.status_mut() = status(code.http_status());
@@ -69,4 +56,22 @@ pub fn error_response(err: &dps_core::Error, request_id: &str) -> Response<Full<
     }
     set_request_id(&mut resp, request_id);
     resp
+}
+
+/// The DPS error body for an error, for any transport. Internal details are logged, not sent.
+pub fn error_details(err: &dps_core::Error, request_id: &str) -> ErrorDetails {
+    let message = match err {
+        dps_core::Error::Internal(detail) => {
+            tracing::error!(request_id, detail, "internal error");
+            format!("internal error; quote tracking ID {request_id} to the operator")
+        }
+        other => other.to_string(),
+    };
+    ErrorDetails {
+        error_code: err.code(),
+        tracking_id: request_id.to_string(),
+        message,
+        timestamp_utc: dps_proto::timestamp::format(time::OffsetDateTime::now_utc()),
+        info: None,
+    }
 }

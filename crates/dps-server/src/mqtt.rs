@@ -1,0 +1,407 @@
+//! The MQTT device transport (protocol.md §4): one session per connection, over TLS on
+//! `listen.mqtt` or over WebSocket on the HTTPS port (see [`crate::ws`]).
+//!
+//! A session authenticates once, at CONNECT (the SAS token in the password), then answers
+//! register and operation-status publishes with the same engine calls as HTTPS. Every
+//! protocol violation closes the connection with a log line saying why; nothing a client
+//! sends can make the server panic or wait forever (CONNECT deadline, keep-alive, write
+//! deadline, packet size limit).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use dps_core::registration::{Credential, RegisterRequest};
+use dps_core::Engine;
+use dps_proto::mqtt::{decode, ConnectReturnCode, DecodeError, Packet, Publish};
+use dps_proto::mqtt_topic::{self, DeviceRequest};
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::MqttConfig;
+
+/// The highest `mqtt.max_packet_bytes` accepted by the config (16 MiB).
+pub const MAX_PACKET_LIMIT: usize = 16 * 1024 * 1024;
+
+/// What every MQTT session shares.
+pub struct MqttContext {
+    /// The engine.
+    pub engine: Engine,
+    /// Settings.
+    pub config: MqttConfig,
+    /// One permit per open MQTT connection (TCP and WebSocket).
+    pub slots: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for MqttContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttContext").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl MqttContext {
+    /// A context with `config.max_connections` slots.
+    pub fn new(engine: Engine, config: MqttConfig) -> Self {
+        let slots = Arc::new(Semaphore::new(config.max_connections));
+        Self { engine, config, slots }
+    }
+
+    /// Takes a connection slot, or `None` when `max_connections` are open.
+    pub fn try_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+}
+
+/// Serves MQTT over TLS on `listener` until `shutdown` turns true; then closes the listener and
+/// gives open sessions up to 10 s to end.
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    ctx: Arc<MqttContext>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    let connect_timeout = Duration::from_secs(ctx.config.connect_timeout_secs);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "MQTT accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Some(permit) = ctx.try_slot() else {
+            tracing::warn!(%peer, max = ctx.config.max_connections, "MQTT connection refused: mqtt.max_connections reached");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let ctx = ctx.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(connect_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "MQTT TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "MQTT TLS handshake timed out");
+                    return;
+                }
+            };
+            run_session(tls, &ctx, peer, "mqtt", stop).await;
+        });
+    }
+    drop(listener);
+    let all = u32::try_from(ctx.config.max_connections).unwrap_or(u32::MAX);
+    let drained = tokio::time::timeout(Duration::from_secs(10), ctx.slots.acquire_many(all)).await.is_ok();
+    if !drained {
+        tracing::warn!("closing MQTT connections still open after 10 s");
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum End {
+    /// The client sent DISCONNECT or closed the connection.
+    Closed,
+    /// The server is stopping.
+    Shutdown,
+    /// The client broke the protocol or a limit; the text says how.
+    Violation(String),
+    /// Reading or writing failed.
+    Io(std::io::Error),
+}
+
+struct Session<'a, S> {
+    stream: S,
+    buf: BytesMut,
+    ctx: &'a MqttContext,
+    peer: SocketAddr,
+    next_packet_id: u16,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
+    /// Reads one packet; `Ok(None)` at a clean end of stream between packets.
+    async fn read_packet(&mut self) -> Result<Option<Packet>, End> {
+        loop {
+            match decode(&self.buf, self.ctx.config.max_packet_bytes) {
+                Ok(Some((packet, used))) => {
+                    self.buf.advance(used);
+                    return Ok(Some(packet));
+                }
+                Ok(None) => {}
+                Err(e @ DecodeError::TooLarge { .. }) => {
+                    return Err(End::Violation(format!("{e} (mqtt.max_packet_bytes)")));
+                }
+                Err(e) => return Err(End::Violation(e.to_string())),
+            }
+            self.buf.reserve(4096);
+            let n = self.stream.read_buf(&mut self.buf).await.map_err(End::Io)?;
+            if n == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(End::Violation("the connection closed in the middle of a packet".into()))
+                };
+            }
+        }
+    }
+
+    async fn write(&mut self, packet: &Packet) -> Result<(), End> {
+        let bytes = packet.encode().map_err(|e| End::Violation(e.to_string()))?;
+        let deadline = Duration::from_secs(self.ctx.config.write_timeout_secs);
+        let write = async {
+            self.stream.write_all(&bytes).await?;
+            self.stream.flush().await
+        };
+        match tokio::time::timeout(deadline, write).await {
+            Ok(r) => r.map_err(End::Io),
+            Err(_) => Err(End::Violation(format!(
+                "the client did not read a response within {} s (mqtt.write_timeout_secs)",
+                deadline.as_secs()
+            ))),
+        }
+    }
+
+    async fn publish_response<T: Serialize>(
+        &mut self,
+        status: u16,
+        rid: &str,
+        retry_after: Option<u64>,
+        body: &T,
+    ) -> Result<(), End> {
+        let payload = serde_json::to_vec(body).map_err(|e| End::Violation(format!("cannot serialise: {e}")))?;
+        let packet_id = self.next_packet_id;
+        self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+        let publish = Publish {
+            dup: false,
+            qos: 1,
+            retain: false,
+            topic: mqtt_topic::response_topic(status, rid, retry_after),
+            packet_id: Some(packet_id),
+            payload,
+        };
+        self.write(&Packet::Publish(publish)).await
+    }
+}
+
+/// The identity a session authenticated with at CONNECT.
+struct Identity {
+    id_scope: String,
+    registration_id: String,
+    credential: Credential,
+}
+
+/// Runs one MQTT session over any byte stream (TLS, or a WebSocket bridged to bytes) until the
+/// client leaves, breaks the protocol or `stop` turns true.
+pub async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    ctx: &MqttContext,
+    peer: SocketAddr,
+    transport: &'static str,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut session = Session { stream, buf: BytesMut::with_capacity(1024), ctx, peer, next_packet_id: 1 };
+    let end = tokio::select! {
+        end = session_body(&mut session, transport) => end,
+        _ = async { let _ = stop.wait_for(|s| *s).await; } => End::Shutdown,
+    };
+    match end {
+        End::Closed | End::Shutdown => tracing::debug!(%peer, transport, "MQTT session ended"),
+        End::Violation(why) => tracing::info!(%peer, transport, reason = %why, "MQTT connection closed"),
+        End::Io(e) => tracing::debug!(%peer, transport, error = %e, "MQTT connection failed"),
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), session.stream.shutdown()).await;
+}
+
+async fn session_body<S: AsyncRead + AsyncWrite + Unpin>(session: &mut Session<'_, S>, transport: &str) -> End {
+    let connect_timeout = Duration::from_secs(session.ctx.config.connect_timeout_secs);
+    let first = match tokio::time::timeout(connect_timeout, session.read_packet()).await {
+        Err(_) => return End::Violation(format!("no CONNECT within {} s", connect_timeout.as_secs())),
+        Ok(Err(end)) => return end,
+        Ok(Ok(None)) => return End::Closed,
+        Ok(Ok(Some(p))) => p,
+    };
+    let Packet::Connect(connect) = first else {
+        return End::Violation(format!("the first packet must be CONNECT, not {}", first.name()));
+    };
+    let keep_alive = connect.keep_alive;
+    let identity = match connect_identity(session.ctx, connect).await {
+        Ok(identity) => identity,
+        Err((code, why)) => {
+            let _ = session.write(&Packet::ConnAck { session_present: false, code }).await;
+            return End::Violation(format!("CONNECT refused ({code:?}): {why}"));
+        }
+    };
+    if let Err(end) =
+        session.write(&Packet::ConnAck { session_present: false, code: ConnectReturnCode::Accepted }).await
+    {
+        return end;
+    }
+    tracing::debug!(peer = %session.peer, transport, registration_id = identity.registration_id, "MQTT connected");
+    let idle = if keep_alive == 0 {
+        Duration::from_secs(session.ctx.config.idle_timeout_secs)
+    } else {
+        Duration::from_millis(u64::from(keep_alive) * 1500)
+    };
+    let mut subscribed = false;
+    loop {
+        let packet = match tokio::time::timeout(idle, session.read_packet()).await {
+            Err(_) => return End::Violation(format!("no packet for {} s (keep-alive {keep_alive} s)", idle.as_secs())),
+            Ok(Err(end)) => return end,
+            Ok(Ok(None)) => return End::Closed,
+            Ok(Ok(Some(p))) => p,
+        };
+        let result = match packet {
+            Packet::Publish(publish) => {
+                if let Some(id) = publish.packet_id {
+                    // PUBACK first, then the response (C# waits for it in that order).
+                    if let Err(end) = session.write(&Packet::PubAck(id)).await {
+                        return end;
+                    }
+                }
+                if !subscribed {
+                    return End::Violation(format!(
+                        "PUBLISH to '{}' before SUBSCRIBE to {}: the response could not be delivered",
+                        publish.topic,
+                        mqtt_topic::RESPONSE_FILTER
+                    ));
+                }
+                handle_request(session, &identity, publish).await
+            }
+            Packet::PubAck(_) => Ok(()),
+            Packet::Subscribe { packet_id, filters } => {
+                let codes: Vec<u8> = filters
+                    .iter()
+                    .map(|(f, _)| {
+                        if f == mqtt_topic::RESPONSE_FILTER {
+                            subscribed = true;
+                            1
+                        } else {
+                            tracing::info!(peer = %session.peer, filter = %f, "MQTT subscription refused: DPS only serves $dps/registrations/res/#");
+                            0x80
+                        }
+                    })
+                    .collect();
+                session.write(&Packet::SubAck { packet_id, return_codes: codes }).await
+            }
+            Packet::Unsubscribe { packet_id, filters } => {
+                if filters.iter().any(|f| f == mqtt_topic::RESPONSE_FILTER) {
+                    subscribed = false;
+                }
+                session.write(&Packet::UnsubAck(packet_id)).await
+            }
+            Packet::PingReq => session.write(&Packet::PingResp).await,
+            Packet::Disconnect => return End::Closed,
+            other => return End::Violation(format!("a client may not send {} here", other.name())),
+        };
+        if let Err(end) = result {
+            return end;
+        }
+    }
+}
+
+/// Checks a CONNECT: protocol level, client ID, user name grammar, SAS token.
+async fn connect_identity(
+    ctx: &MqttContext,
+    connect: dps_proto::mqtt::Connect,
+) -> Result<Identity, (ConnectReturnCode, String)> {
+    if connect.protocol_level != dps_proto::mqtt::PROTOCOL_LEVEL_3_1_1 || connect.protocol_name != "MQTT" {
+        return Err((
+            ConnectReturnCode::UnacceptableProtocolVersion,
+            format!(
+                "protocol '{}' level {}; DPS speaks MQTT 3.1.1 (level 4)",
+                connect.protocol_name.chars().take(16).collect::<String>(),
+                connect.protocol_level
+            ),
+        ));
+    }
+    if connect.client_id.is_empty() {
+        return Err((ConnectReturnCode::IdentifierRejected, "the client ID must be the registration ID".into()));
+    }
+    let Some(username) = connect.username.as_deref() else {
+        return Err((
+            ConnectReturnCode::BadUserNameOrPassword,
+            "no user name; send {idScope}/registrations/{registrationId}/api-version=2019-03-31".into(),
+        ));
+    };
+    let parsed =
+        mqtt_topic::parse_username(username).map_err(|e| (ConnectReturnCode::BadUserNameOrPassword, e.to_string()))?;
+    if !parsed.registration_id.eq_ignore_ascii_case(&connect.client_id) {
+        return Err((
+            ConnectReturnCode::IdentifierRejected,
+            format!(
+                "the client ID '{}' differs from the registration ID '{}' in the user name",
+                connect.client_id.chars().take(128).collect::<String>(),
+                parsed.registration_id
+            ),
+        ));
+    }
+    let credential = match connect.password {
+        None => Credential::None,
+        Some(bytes) => Credential::Sas(
+            String::from_utf8(bytes)
+                .map_err(|_| (ConnectReturnCode::BadUserNameOrPassword, "the password is not UTF-8".to_string()))?,
+        ),
+    };
+    match ctx.engine.authenticate_device(&parsed.id_scope, &parsed.registration_id, &credential).await {
+        Ok(_) => Ok(Identity { id_scope: parsed.id_scope, registration_id: parsed.registration_id, credential }),
+        Err(e @ dps_core::Error::Unavailable(_)) | Err(e @ dps_core::Error::Internal(_)) => {
+            Err((ConnectReturnCode::ServerUnavailable, e.to_string()))
+        }
+        Err(e @ dps_core::Error::BadRequest { .. }) => Err((ConnectReturnCode::IdentifierRejected, e.to_string())),
+        Err(e) => Err((ConnectReturnCode::NotAuthorized, e.to_string())),
+    }
+}
+
+/// Answers a register or operation-status publish with a response publish.
+async fn handle_request<S: AsyncRead + AsyncWrite + Unpin>(
+    session: &mut Session<'_, S>,
+    identity: &Identity,
+    publish: Publish,
+) -> Result<(), End> {
+    let request = mqtt_topic::parse_request_topic(&publish.topic).map_err(|e| End::Violation(e.to_string()))?;
+    let engine = &session.ctx.engine;
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let (rid, outcome) = match request {
+        DeviceRequest::Register { rid } => {
+            let req = RegisterRequest {
+                id_scope: identity.id_scope.clone(),
+                registration_id: identity.registration_id.clone(),
+                credential: identity.credential.clone(),
+                body: publish.payload,
+                force: false,
+            };
+            (rid, engine.register(req).await.map(|reply| (202, reply)))
+        }
+        DeviceRequest::Poll { rid, operation_id } => {
+            let reply = engine
+                .operation_status(&identity.id_scope, &identity.registration_id, &operation_id, &identity.credential)
+                .await;
+            (rid, reply.map(|reply| (reply.poll_status(), reply)))
+        }
+    };
+    match outcome {
+        Ok((status, reply)) => {
+            session.publish_response(status, &rid, reply.retry_after.map(u64::from), &reply.operation).await
+        }
+        Err(err) => {
+            let status = err.code().http_status();
+            let retry_after = matches!(err, dps_core::Error::Unavailable(_)).then_some(5);
+            tracing::debug!(registration_id = identity.registration_id, status, error = %err, "MQTT request failed");
+            let body = crate::http::error_details(&err, &request_id);
+            session.publish_response(status, &rid, retry_after, &body).await
+        }
+    }
+}
