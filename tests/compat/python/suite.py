@@ -1,9 +1,12 @@
-"""Official PyPI service SDK (azure-iot-deviceprovisioning) against a running dps.
+"""Official PyPI SDKs against a running dps: the service SDK (azure-iot-deviceprovisioning)
+and the device SDK (azure-iot-device, MQTT on 8883 and MQTT over WebSocket on 443).
 
 Run by tests/compat/run.sh with DPS_CREDENTIALS=<data dir>/dev-credentials.json. Covers
 enrollments and groups (create with generated keys, get with hidden keys, update with
-If-Match, 412 on a stale ETag, attestation mechanism, query with paging, bulk, delete) and
-registration states (get, query by group, delete) after devices registered over HTTPS.
+If-Match, 412 on a stale ETag, attestation mechanism, query with paging, bulk, delete),
+registration states (get, query by group, delete), and device registration over MQTT and
+WebSocket (individual key, group key, payloads both ways through a webhook, wrong key,
+disabled enrollment).
 """
 
 import base64
@@ -19,6 +22,8 @@ import urllib.parse
 import urllib.request
 
 from azure.core.exceptions import HttpResponseError
+from azure.iot.device import ProvisioningDeviceClient
+from azure.iot.device.exceptions import ClientError, CredentialError
 from azure.iot.deviceprovisioning import DeviceProvisioningClient
 
 CREDS = json.load(open(os.environ["DPS_CREDENTIALS"]))
@@ -28,8 +33,8 @@ RUN = "p%x" % int(time.time() * 1000)
 RESULTS = {"passed": 0, "failed": 0}
 
 
-def test(fn):
-    name = fn.__name__.replace("_", " ")
+def test(fn, name=None):
+    name = name or fn.__name__.replace("_", " ")
     try:
         fn()
         RESULTS["passed"] += 1
@@ -48,21 +53,19 @@ def status_of(call):
     raise AssertionError("expected an HTTP error, got success")
 
 
-def register_device(registration_id, key_b64, payload=None):
-    """Registers over the device REST API exactly as the SDKs do (the Python device SDK
-    speaks only MQTT, which is a later milestone); used to create registration states."""
-    scope = CREDS["idScope"]
-    resource = f"{scope}/registrations/{registration_id}"
-    expiry = str(int(time.time()) + 3600)
-    sr = urllib.parse.quote(resource, safe="")
-    sig = base64.b64encode(hmac.new(base64.b64decode(key_b64), f"{sr}\n{expiry}".encode(), hashlib.sha256).digest())
-    token = f"SharedAccessSignature sr={sr}&sig={urllib.parse.quote(sig, safe='')}&se={expiry}"
-    body = json.dumps({"registrationId": registration_id, "payload": payload}).encode()
-    url = f"https://{CREDS['hostName']}:{CREDS['httpsPort']}/{resource}/register?api-version=2021-10-01"
-    req = urllib.request.Request(url, data=body, method="PUT", headers={"Authorization": token, "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, context=ssl.create_default_context(cafile=CA)) as resp:
-        assert resp.status == 202, resp.status
-        return json.loads(resp.read())
+def register_device(registration_id, key_b64, payload=None, websockets=False):
+    """Registers with the official Python device SDK (MQTT, or MQTT over WebSocket)."""
+    device = ProvisioningDeviceClient.create_from_symmetric_key(
+        provisioning_host=CREDS["hostName"],
+        registration_id=registration_id,
+        id_scope=CREDS["idScope"],
+        symmetric_key=key_b64,
+        websockets=websockets,
+        server_verification_cert=open(CA).read(),
+    )
+    if payload is not None:
+        device.provisioning_payload = payload
+    return device.register()
 
 
 def derive(group_key, registration_id):
@@ -105,9 +108,10 @@ def group_create_and_members_register():
     assert CLIENT.enrollment_group.get_attestation_mechanism(id=GRP)["symmetricKey"]["primaryKey"] == key
     for i in range(3):
         rid = f"{RUN}-m{i}"
-        r = register_device(rid, derive(key, rid), payload={"i": i} if i else None)
-        assert r["status"] == "assigned", r
-        assert r["registrationState"]["assignedHub"] in CREDS["linkedHubs"], r
+        r = register_device(rid, derive(key, rid), payload={"i": i} if i else None, websockets=i == 1)
+        assert r.status == "assigned", r
+        assert r.registration_state.assigned_hub in CREDS["linkedHubs"], r
+        assert r.registration_state.device_id == rid, r
 
 
 @test
@@ -163,6 +167,76 @@ def bad_connection_key_is_refused():
     cs = CREDS["serviceConnectionString"].rsplit("SharedAccessKey=", 1)[0] + "SharedAccessKey=" + base64.b64encode(b"x" * 32).decode()
     bad = DeviceProvisioningClient.from_connection_string(cs, connection_verify=CA)
     assert status_of(lambda: bad.enrollment.get(id=IND)) == 401
+
+
+def individual(rid, **extra):
+    e = CLIENT.enrollment.create_or_update(
+        id=rid, enrollment={"registrationId": rid, "attestation": {"type": "symmetricKey"}, **extra}
+    )
+    return e["attestation"]["symmetricKey"]
+
+
+def device_individual_key_with_and_without_payload(ws, tag):
+    rid = f"{RUN}-{tag}-ind"
+    keys = individual(rid)
+    first = register_device(rid, keys["primaryKey"], websockets=ws)
+    assert first.status == "assigned", first
+    assert first.registration_state.assigned_hub in CREDS["linkedHubs"], first
+    assert first.registration_state.sub_status == "initialAssignment", first
+    again = register_device(rid, keys["secondaryKey"], payload={"fw": "2.0"}, websockets=ws)
+    assert again.registration_state.assigned_hub == first.registration_state.assigned_hub, again
+    CLIENT.enrollment.delete(id=rid)
+
+
+def device_group_key_payload_round_trip_through_a_webhook(ws, tag):
+    gid = f"{RUN}-{tag}-custom"
+    g = CLIENT.enrollment_group.create_or_update(
+        id=gid,
+        enrollment_group={
+            "enrollmentGroupId": gid,
+            "attestation": {"type": "symmetricKey"},
+            "allocationPolicy": "custom",
+            "customAllocationDefinition": {"webhookUrl": os.environ["DPS_WEBHOOK_URL"], "apiVersion": "2021-10-01"},
+        },
+    )
+    rid = f"{RUN}-{tag}-member"
+    r = register_device(rid, derive(g["attestation"]["symmetricKey"]["primaryKey"], rid), {"modelId": tag}, ws)
+    assert r.status == "assigned", r
+    assert r.registration_state.assigned_hub == CREDS["linkedHubs"][-1], r
+    assert json.loads(r.registration_state.response_payload) == {"echo": {"modelId": tag}, "group": gid}, r
+    CLIENT.enrollment_group.delete(id=gid)
+
+
+def device_wrong_key_is_refused(ws, tag):
+    rid = f"{RUN}-{tag}-wrong"
+    try:
+        register_device(rid, base64.b64encode(os.urandom(32)).decode(), websockets=ws)
+    except (CredentialError, ClientError):
+        return
+    raise AssertionError("a wrong key registered")
+
+
+def device_disabled_enrollment_is_reported(ws, tag):
+    rid = f"{RUN}-{tag}-off"
+    keys = individual(rid, provisioningStatus="disabled")
+    try:
+        r = register_device(rid, keys["primaryKey"], websockets=ws)
+    except ClientError as e:
+        assert "disabled" in str(e).lower() or "disabled" in repr(e.__cause__).lower(), e
+    else:
+        assert r.status == "disabled", r
+    CLIENT.enrollment.delete(id=rid)
+
+
+for transport, ws in (("mqtt", False), ("mqtt over websocket", True)):
+    tag = "ws" if ws else "mqtt"
+    for case in (
+        device_individual_key_with_and_without_payload,
+        device_group_key_payload_round_trip_through_a_webhook,
+        device_wrong_key_is_refused,
+        device_disabled_enrollment_is_reported,
+    ):
+        test(lambda case=case, ws=ws, tag=tag: case(ws, tag), f"device {transport}: {case.__name__[7:].replace('_', ' ')}")
 
 
 print(f"python: {RESULTS['passed']} passed, {RESULTS['failed']} failed", flush=True)
