@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints, unit and whole-server tests (cargo), then the
-# official-SDK compatibility suite (npm + PyPI SDKs against a spawned dps on port 443 in a
-# private network namespace). Installs what it needs on first run. Used by CI (.ci/run).
+# The whole test suite: formatting, lints, unit and whole-server tests (cargo), the
+# official-SDK compatibility suite (npm + PyPI SDKs against a spawned dps on ports 443 and 8883
+# in a private network namespace), and a bounded fuzz run of the MQTT codec
+# (DPS_FUZZ_SECS, default 60; 0 skips it). Installs what it needs on first run. Used by CI
+# (.ci/run).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -26,3 +28,8 @@ echo "== cargo test"
 cargo test --workspace --locked
 echo "== official SDK compatibility suite"
 bash tests/compat/run.sh target/debug/dps
+fuzz_secs="${DPS_FUZZ_SECS:-60}"
+if [ "$fuzz_secs" != 0 ]; then
+  echo "== fuzz (${fuzz_secs}s per target)"
+  bash scripts/fuzz.sh "$fuzz_secs"
+fi
