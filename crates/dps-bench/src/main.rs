@@ -1,0 +1,362 @@
+//! `dps-bench`: load generator for a running dps (see BENCHMARKS.md).
+//!
+//! `dps-bench mqtt-hold --credentials <data dir>/dev-credentials.json --connections 10000`
+//! creates an enrollment group through the service API, opens that many MQTT-over-TLS device
+//! connections (CONNECT with a group-derived SAS token, SUBSCRIBE), holds them, checks that
+//! every one still answers PINGREQ, registers through a sample of them, and reports the
+//! times, the failures and the server's resident memory (read from /proc for the pid in the
+//! credentials file, so run it on the server's machine).
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use bytes::BytesMut;
+use clap::{Parser, Subcommand};
+use dps_proto::mqtt::{decode, Connect, ConnectReturnCode, Packet, Publish};
+use dps_proto::sas::{build_token, decode_key, derive_device_key};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio_rustls::client::TlsStream;
+
+#[derive(Parser)]
+#[command(name = "dps-bench", version, about = "Load generator for dps")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Hold many MQTT device connections open, then register through some of them.
+    MqttHold {
+        /// dev-credentials.json of the dps under test.
+        #[arg(long)]
+        credentials: std::path::PathBuf,
+        /// Connections to open and hold.
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        /// Connection attempts in flight at once.
+        #[arg(long, default_value_t = 128)]
+        concurrency: usize,
+        /// Seconds to hold every connection before checking them.
+        #[arg(long, default_value_t = 10)]
+        hold_secs: u64,
+        /// Registrations to run through held connections at the end.
+        #[arg(long, default_value_t = 200)]
+        registrations: usize,
+    },
+}
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+struct Conn {
+    stream: TlsStream<TcpStream>,
+    buf: BytesMut,
+}
+
+impl Conn {
+    async fn send(&mut self, packet: &Packet) -> Result<(), Error> {
+        self.stream.write_all(&packet.encode()?).await?;
+        self.stream.flush().await?;
+        Ok(())
+    }
+
+    async fn recv(&mut self) -> Result<Packet, Error> {
+        loop {
+            if let Some((p, n)) = decode(&self.buf, 1 << 20)? {
+                let _ = self.buf.split_to(n);
+                return Ok(p);
+            }
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                return Err("connection closed".into());
+            }
+        }
+    }
+}
+
+struct Target {
+    scope: String,
+    host: String,
+    mqtt_port: u16,
+    https_port: u16,
+    tls: Arc<rustls::ClientConfig>,
+    group_key: Vec<u8>,
+    group_id: String,
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+async fn open(target: &Target, i: usize) -> Result<Conn, Error> {
+    let id = format!("{}-{i}", target.group_id);
+    let key = derive_device_key(&target.group_key, &id);
+    let token = build_token(&format!("{}/registrations/{id}", target.scope), &key, now() + 7200, Some("registration"));
+    let tcp = TcpStream::connect(("127.0.0.1", target.mqtt_port)).await?;
+    tcp.set_nodelay(true)?;
+    let name = rustls_pki_types::ServerName::try_from(target.host.clone())?;
+    let stream = tokio_rustls::TlsConnector::from(target.tls.clone()).connect(name, tcp).await?;
+    let mut c = Conn { stream, buf: BytesMut::new() };
+    c.send(&Packet::Connect(Connect {
+        protocol_name: "MQTT".into(),
+        protocol_level: 4,
+        clean_session: true,
+        keep_alive: 600,
+        client_id: id.clone(),
+        will: None,
+        username: Some(format!("{}/registrations/{id}/api-version=2019-03-31&ClientVersion=dps-bench", target.scope)),
+        password: Some(token.into_bytes()),
+    }))
+    .await?;
+    match c.recv().await? {
+        Packet::ConnAck { code: ConnectReturnCode::Accepted, .. } => {}
+        other => return Err(format!("CONNECT refused: {other:?}").into()),
+    }
+    c.send(&Packet::Subscribe { packet_id: 1, filters: vec![("$dps/registrations/res/#".into(), 1)] }).await?;
+    match c.recv().await? {
+        Packet::SubAck { return_codes, .. } if return_codes == [1] => Ok(c),
+        other => Err(format!("SUBSCRIBE refused: {other:?}").into()),
+    }
+}
+
+async fn register(c: &mut Conn, rid: u16) -> Result<Value, Error> {
+    c.send(&Packet::Publish(Publish {
+        dup: false,
+        qos: 1,
+        retain: false,
+        topic: format!("$dps/registrations/PUT/iotdps-register/?$rid={rid}"),
+        packet_id: Some(rid),
+        payload: br#"{"payload":{"bench":true}}"#.to_vec(),
+    }))
+    .await?;
+    loop {
+        match c.recv().await? {
+            Packet::PubAck(_) => {}
+            Packet::Publish(p) => {
+                if let Some(id) = p.packet_id {
+                    c.send(&Packet::PubAck(id)).await?;
+                }
+                return Ok(serde_json::from_slice(&p.payload)?);
+            }
+            other => return Err(format!("unexpected {}", other.name()).into()),
+        }
+    }
+}
+
+fn rss_kib(pid: u64) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn mqtt_hold(
+    credentials: &std::path::Path,
+    connections: usize,
+    concurrency: usize,
+    hold_secs: u64,
+    registrations: usize,
+) -> Result<(), Error> {
+    let creds: Value = serde_json::from_slice(&std::fs::read(credentials)?)?;
+    let field = |k: &str| creds[k].as_str().map(str::to_string).ok_or(format!("{k} missing in the credentials file"));
+    let pid = creds["pid"].as_u64().unwrap_or(0);
+    let mut roots = rustls::RootCertStore::empty();
+    {
+        use rustls_pki_types::pem::PemObject;
+        for cert in rustls_pki_types::CertificateDer::pem_file_iter(field("caCertificatePath")?)? {
+            roots.add(cert?)?;
+        }
+    }
+    let tls = Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots.clone()).with_no_client_auth());
+    let group_id = format!("bench-{}", now());
+    let group_key = derive_device_key(b"dps-bench", &group_id);
+    let target = Arc::new(Target {
+        scope: field("idScope")?,
+        host: field("hostName")?,
+        mqtt_port: creds["mqttPort"].as_u64().ok_or("mqttPort missing: is MQTT enabled?")? as u16,
+        https_port: creds["httpsPort"].as_u64().ok_or("httpsPort missing")? as u16,
+        tls,
+        group_key,
+        group_id: group_id.clone(),
+    });
+
+    // The enrollment group, through the service API.
+    let conn_string = field("serviceConnectionString")?;
+    let part = |k: &str| {
+        conn_string.split(';').find_map(|p| p.strip_prefix(&format!("{k}="))).map(str::to_string).ok_or("bad connection string")
+    };
+    let owner_key = decode_key(&part("SharedAccessKey")?)?;
+    let token = build_token(&target.host, &owner_key, now() + 3600, Some(&part("SharedAccessKeyName")?));
+    let http = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(field("caCertificatePath")?)?)?)
+        .resolve(&target.host, ([127, 0, 0, 1], target.https_port).into())
+        .build()?;
+    let key_b64 = BASE64.encode(&target.group_key);
+    let resp = http
+        .put(format!("https://{}:{}/enrollmentGroups/{group_id}?api-version=2021-10-01", target.host, target.https_port))
+        .header("Authorization", token)
+        .json(&serde_json::json!({"enrollmentGroupId": group_id,
+            "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key_b64, "secondaryKey": key_b64}}}))
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        return Err(format!("creating the enrollment group: {} {}", resp.status(), resp.text().await?).into());
+    }
+    let before = rss_kib(pid);
+
+    // Open every connection.
+    let started = Instant::now();
+    let gate = Arc::new(Semaphore::new(concurrency));
+    let mut tasks = Vec::with_capacity(connections);
+    for i in 0..connections {
+        let target = target.clone();
+        let gate = gate.clone();
+        tasks.push(tokio::spawn(async move {
+            let _slot = gate.acquire_owned().await;
+            let t = Instant::now();
+            let c = tokio::time::timeout(Duration::from_secs(60), open(&target, i)).await;
+            (c, t.elapsed())
+        }));
+    }
+    let mut held = Vec::with_capacity(connections);
+    let mut setup = Vec::with_capacity(connections);
+    let mut failures: Vec<String> = Vec::new();
+    for task in tasks {
+        match task.await? {
+            (Ok(Ok(c)), t) => {
+                held.push(c);
+                setup.push(t);
+            }
+            (Ok(Err(e)), _) => failures.push(e.to_string()),
+            (Err(_), _) => failures.push("timed out after 60 s".into()),
+        }
+    }
+    let open_secs = started.elapsed().as_secs_f64();
+    setup.sort();
+    println!(
+        "opened {} of {connections} connections in {open_secs:.1} s ({:.0}/s); CONNECT+SUBSCRIBE p50 {:?} p99 {:?}; {} failed",
+        held.len(),
+        held.len() as f64 / open_secs,
+        percentile(&setup, 0.5),
+        percentile(&setup, 0.99),
+        failures.len()
+    );
+    if let Some(first) = failures.first() {
+        println!("  first failure: {first}");
+    }
+    let during = rss_kib(pid);
+
+    tokio::time::sleep(Duration::from_secs(hold_secs)).await;
+    // Every held connection still answers.
+    let started = Instant::now();
+    let mut alive = 0usize;
+    let mut checks = Vec::new();
+    for mut c in held {
+        checks.push(tokio::spawn(async move {
+            let ok = c.send(&Packet::PingReq).await.is_ok()
+                && matches!(tokio::time::timeout(Duration::from_secs(30), c.recv()).await, Ok(Ok(Packet::PingResp)));
+            (ok, c)
+        }));
+    }
+    let mut held = Vec::new();
+    for check in checks {
+        let (ok, c) = check.await?;
+        if ok {
+            alive += 1;
+            held.push(c);
+        }
+    }
+    println!(
+        "after {hold_secs} s: {alive} of them answered PINGREQ (checked in {:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Registrations through held connections, all at once.
+    let started = Instant::now();
+    let mut regs = Vec::new();
+    for (i, mut c) in held.drain(..registrations.min(alive)).enumerate() {
+        regs.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let r = register(&mut c, (i % 60_000 + 1) as u16).await;
+            (r, t.elapsed(), c)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut assigned = 0;
+    let mut keep = Vec::new();
+    for reg in regs {
+        let (r, t, c) = reg.await?;
+        if let Ok(v) = r {
+            if v["status"] == "assigned" {
+                assigned += 1;
+            }
+        }
+        latencies.push(t);
+        keep.push(c);
+    }
+    latencies.sort();
+    println!(
+        "{assigned} of {} registrations assigned in {:.2} s; latency p50 {:?} p99 {:?} (all started together)",
+        latencies.len(),
+        started.elapsed().as_secs_f64(),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99)
+    );
+    match (before, during, rss_kib(pid)) {
+        (Some(b), Some(d), Some(a)) => println!(
+            "dps resident memory: {} MiB before, {} MiB with the connections open, {} MiB at the end (peak {} MiB)",
+            b.0 / 1024,
+            d.0 / 1024,
+            a.0 / 1024,
+            a.1 / 1024
+        ),
+        _ => println!("dps resident memory: not readable (is dps on this machine, pid {pid}?)"),
+    }
+    drop(keep);
+    drop(held);
+    if failures.is_empty() && alive == connections {
+        Ok(())
+    } else {
+        Err(format!("{} connections failed, {} of {connections} alive", failures.len(), alive).into())
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::MqttHold { credentials, connections, concurrency, hold_secs, registrations } => {
+            runtime.block_on(mqtt_hold(&credentials, connections, concurrency, hold_secs, registrations))
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
