@@ -197,7 +197,11 @@ async fn mqtt_hold(
     // The enrollment group, through the service API.
     let conn_string = field("serviceConnectionString")?;
     let part = |k: &str| {
-        conn_string.split(';').find_map(|p| p.strip_prefix(&format!("{k}="))).map(str::to_string).ok_or("bad connection string")
+        conn_string
+            .split(';')
+            .find_map(|p| p.strip_prefix(&format!("{k}=")))
+            .map(str::to_string)
+            .ok_or("bad connection string")
     };
     let owner_key = decode_key(&part("SharedAccessKey")?)?;
     let token = build_token(&target.host, &owner_key, now() + 3600, Some(&part("SharedAccessKeyName")?));
@@ -209,7 +213,10 @@ async fn mqtt_hold(
         .build()?;
     let key_b64 = BASE64.encode(&target.group_key);
     let resp = http
-        .put(format!("https://{}:{}/enrollmentGroups/{group_id}?api-version=2021-10-01", target.host, target.https_port))
+        .put(format!(
+            "https://{}:{}/enrollmentGroups/{group_id}?api-version=2021-10-01",
+            target.host, target.https_port
+        ))
         .header("Authorization", token)
         .json(&serde_json::json!({"enrollmentGroupId": group_id,
             "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key_b64, "secondaryKey": key_b64}}}))
