@@ -95,7 +95,7 @@ pub struct MqttConfig {
     pub websocket: bool,
     /// Largest MQTT packet accepted, in bytes.
     pub max_packet_bytes: usize,
-    /// Seconds a new connection has to complete TLS and send CONNECT.
+    /// Seconds a new connection has to complete the TLS handshake, and then to send CONNECT.
     pub connect_timeout_secs: u64,
     /// Idle limit when a client sets keep-alive 0 (otherwise 1.5 × its keep-alive applies).
     pub idle_timeout_secs: u64,
