@@ -41,6 +41,9 @@ pub struct EngineSettings {
     /// The webhook call timeout (the hook enforces it); an operation still `assigning` this
     /// long (plus a margin) after it started is reported `failed`.
     pub webhook_timeout_secs: u64,
+    /// X.509 group members must present a chain that reaches a certificate verified in the
+    /// certificate store (as DPS requires); off, a group's signing certificate is trusted as is.
+    pub require_verified_ca: bool,
 }
 
 impl Default for EngineSettings {
@@ -57,6 +60,7 @@ impl Default for EngineSettings {
             retry_after_secs: 3,
             webhook_inline_wait_ms: 2000,
             webhook_timeout_secs: 10,
+            require_verified_ca: true,
         }
     }
 }

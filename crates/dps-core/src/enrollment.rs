@@ -260,8 +260,25 @@ impl Engine {
                 att.x509 = None;
             }
             AttestationType::X509 => {
-                if att.x509.is_none() {
+                let Some(x) = att.x509.as_mut() else {
                     return Err(invalid("X.509 attestation needs attestation.x509"));
+                };
+                for (field, certs) in [
+                    ("clientCertificates", &mut x.client_certificates),
+                    ("signingCertificates", &mut x.signing_certificates),
+                ] {
+                    let Some(certs) = certs.as_mut() else { continue };
+                    for (slot, c) in [("primary", &mut certs.primary), ("secondary", &mut certs.secondary)] {
+                        let Some(c) = c.as_mut() else { continue };
+                        let Some(text) = c.certificate.as_deref() else {
+                            return Err(invalid(format!("attestation.x509.{field}.{slot}.certificate is missing")));
+                        };
+                        let der = crate::x509::decode_certificate_text(text)
+                            .map_err(|e| invalid(format!("attestation.x509.{field}.{slot}.certificate: {e}")))?;
+                        let facts = crate::x509::facts(&der)
+                            .map_err(|e| invalid(format!("attestation.x509.{field}.{slot}.certificate: {e}")))?;
+                        c.info = Some(facts.info());
+                    }
                 }
                 att.symmetric_key = None;
                 att.tpm = None;

@@ -9,6 +9,7 @@
 
 pub mod allocation;
 pub mod attestation;
+pub mod certificates;
 pub mod clock;
 pub mod custom;
 pub mod engine;
@@ -17,6 +18,7 @@ pub mod error;
 pub mod etag;
 pub mod registration;
 pub mod store;
+pub mod x509;
 
 pub use engine::{Engine, EngineSettings};
 pub use error::Error;

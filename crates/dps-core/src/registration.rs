@@ -39,6 +39,8 @@ use crate::store::{Collection, Condition, Document, StoreError, Write};
 pub enum Credential {
     /// A SAS token (HTTP `Authorization`, MQTT password, SASL PLAIN password).
     Sas(String),
+    /// The certificate chain the device presented in the TLS handshake (DER, leaf first).
+    X509(std::sync::Arc<Vec<Vec<u8>>>),
     /// Nothing.
     None,
 }
@@ -47,6 +49,7 @@ impl std::fmt::Debug for Credential {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Credential::Sas(_) => f.write_str("Sas(<redacted>)"),
+            Credential::X509(chain) => write!(f, "X509({} certificates)", chain.len()),
             Credential::None => f.write_str("None"),
         }
     }
@@ -185,7 +188,12 @@ impl RegistrationRecord {
             etag: Some(self.etag.clone()),
             payload: self.payload.clone(),
             tpm: None,
-            x509: None,
+            // protocol.md §7: `{}` or only the group ID (Java validates certificate infos).
+            x509: match (self.attestation, &self.enrollment_group_id) {
+                (AttestationType::X509, Some(g)) => Some(serde_json::json!({ "enrollmentGroupId": g })),
+                (AttestationType::X509, None) => Some(serde_json::json!({})),
+                _ => None,
+            },
             symmetric_key: match (self.attestation, &self.enrollment_group_id) {
                 (AttestationType::SymmetricKey, Some(g)) => Some(serde_json::json!({ "enrollmentGroupId": g })),
                 _ => None,
@@ -270,9 +278,10 @@ impl Engine {
     ) -> Result<ResolvedEnrollment, Error> {
         let text = match credential {
             Credential::Sas(t) => t,
+            Credential::X509(chain) => return self.authenticate_x509(registration_id, chain).await,
             Credential::None => {
                 return Err(unauthorized(
-                    "no credential: send a SAS token signed with the enrollment's symmetric key in the Authorization header",
+                    "no credential: send a SAS token signed with the enrollment's symmetric key (HTTP Authorization header, MQTT password), or a client certificate in the TLS handshake",
                 ))
             }
         };
@@ -406,12 +415,17 @@ impl Engine {
         let enrollment = self.authenticate(&req.id_scope, &req.registration_id, &req.credential).await?;
         let operation_id = self.new_operation_id();
         let now = self.clock.now_millis();
+        let certificate = match &req.credential {
+            Credential::X509(chain) => Some(x509_context(chain)),
+            _ => None,
+        };
         let pending = Pending {
             registration_id: req.registration_id,
             force: req.force,
             enrollment,
             operation_id,
             payload,
+            certificate,
             started: now,
         };
 
@@ -604,7 +618,7 @@ impl Engine {
                 current_device_id: current.and_then(|p| p.device_id.clone()),
                 symmetric_key: (common.attestation.kind == AttestationType::SymmetricKey)
                     .then(|| serde_json::json!({})),
-                x509: None,
+                x509: pending.certificate.clone(),
                 tpm: None,
                 payload: pending.payload.clone(),
             },
@@ -867,7 +881,20 @@ struct Pending {
     enrollment: ResolvedEnrollment,
     operation_id: String,
     payload: Option<Value>,
+    /// `deviceRuntimeContext.x509` for X.509 devices.
+    certificate: Option<Value>,
     started: i64,
+}
+
+/// The webhook's (and the rules') view of an X.509 device: the leaf's `X509CertificateInfo`
+/// and the next certificate in the chain it presented, if any.
+fn x509_context(chain: &[Vec<u8>]) -> Value {
+    let info =
+        |der: Option<&Vec<u8>>| der.and_then(|d| crate::x509::facts(d).ok()).map(|f| f.info()).unwrap_or(Value::Null);
+    serde_json::json!({
+        "certificateInfo": info(chain.first()),
+        "signingCertificateInfo": info(chain.get(1)),
+    })
 }
 
 impl Pending {

@@ -15,12 +15,19 @@ pub enum Collection {
     Registrations,
     /// Registration operations, keyed by operation ID; partition = registration ID key.
     Operations,
+    /// CA certificates of the certificate store, keyed by name.
+    Certificates,
 }
 
 impl Collection {
     /// All collections.
-    pub const ALL: [Collection; 4] =
-        [Collection::Enrollments, Collection::EnrollmentGroups, Collection::Registrations, Collection::Operations];
+    pub const ALL: [Collection; 5] = [
+        Collection::Enrollments,
+        Collection::EnrollmentGroups,
+        Collection::Registrations,
+        Collection::Operations,
+        Collection::Certificates,
+    ];
 
     /// A stable small number for storage.
     pub fn tag(self) -> i64 {
@@ -29,6 +36,7 @@ impl Collection {
             Collection::EnrollmentGroups => 2,
             Collection::Registrations => 3,
             Collection::Operations => 4,
+            Collection::Certificates => 5,
         }
     }
 }

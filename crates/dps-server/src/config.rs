@@ -69,6 +69,8 @@ pub struct Config {
     pub rules: Vec<RuleSetConfig>,
     /// MQTT device transport.
     pub mqtt: MqttConfig,
+    /// X.509 attestation.
+    pub x509: X509Config,
     /// Request limits.
     pub limits: LimitsConfig,
     /// Store.
@@ -83,6 +85,20 @@ pub struct ListenConfig {
     pub https: SocketAddr,
     /// MQTT over TLS.
     pub mqtt: SocketAddr,
+}
+
+/// `[x509]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct X509Config {
+    /// Group members' chains must reach a CA verified in the certificate store.
+    pub require_verified_ca: bool,
+}
+
+impl Default for X509Config {
+    fn default() -> Self {
+        Self { require_verified_ca: true }
+    }
 }
 
 /// `[mqtt]`.
@@ -313,6 +329,7 @@ impl Default for Config {
             webhooks: Vec::new(),
             rules: Vec::new(),
             mqtt: MqttConfig::default(),
+            x509: X509Config::default(),
             limits: LimitsConfig::default(),
             store: StoreConfig::default(),
         }

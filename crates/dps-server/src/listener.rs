@@ -61,7 +61,8 @@ pub async fn serve_https(
                     return;
                 }
             };
-            let service = service_fn(move |req| handle(state.clone(), peer, req));
+            let client_chain = crate::tls::peer_chain(tls.get_ref().1);
+            let service = service_fn(move |req| handle(state.clone(), peer, client_chain.clone(), req));
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())

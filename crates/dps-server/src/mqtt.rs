@@ -1,7 +1,8 @@
 //! The MQTT device transport (protocol.md §4): one session per connection, over TLS on
 //! `listen.mqtt` or over WebSocket on the HTTPS port (see [`crate::ws`]).
 //!
-//! A session authenticates once, at CONNECT (the SAS token in the password), then answers
+//! A session authenticates once, at CONNECT (the SAS token in the password, or the client
+//! certificate of the TLS session when there is no password), then answers
 //! register and operation-status publishes with the same engine calls as HTTPS. Every
 //! protocol violation closes the connection with a log line saying why; nothing a client
 //! sends can make the server panic or wait forever (CONNECT deadline, keep-alive, write
@@ -99,7 +100,8 @@ pub async fn serve_tls(
                     return;
                 }
             };
-            run_session(tls, &ctx, peer, "mqtt", stop).await;
+            let client_chain = crate::tls::peer_chain(tls.get_ref().1);
+            run_session(tls, &ctx, peer, client_chain, "mqtt", stop).await;
         });
     }
     drop(listener);
@@ -209,12 +211,13 @@ pub async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     ctx: &MqttContext,
     peer: SocketAddr,
+    client_chain: Option<Arc<Vec<Vec<u8>>>>,
     transport: &'static str,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut session = Session { stream, buf: BytesMut::with_capacity(1024), ctx, peer, next_packet_id: 1 };
     let end = tokio::select! {
-        end = session_body(&mut session, transport) => end,
+        end = session_body(&mut session, client_chain, transport) => end,
         _ = async { let _ = stop.wait_for(|s| *s).await; } => End::Shutdown,
     };
     match end {
@@ -225,7 +228,11 @@ pub async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
     let _ = tokio::time::timeout(Duration::from_secs(1), session.stream.shutdown()).await;
 }
 
-async fn session_body<S: AsyncRead + AsyncWrite + Unpin>(session: &mut Session<'_, S>, transport: &str) -> End {
+async fn session_body<S: AsyncRead + AsyncWrite + Unpin>(
+    session: &mut Session<'_, S>,
+    client_chain: Option<Arc<Vec<Vec<u8>>>>,
+    transport: &str,
+) -> End {
     let connect_timeout = Duration::from_secs(session.ctx.config.connect_timeout_secs);
     let first = match tokio::time::timeout(connect_timeout, session.read_packet()).await {
         Err(_) => return End::Violation(format!("no CONNECT within {} s", connect_timeout.as_secs())),
@@ -237,7 +244,7 @@ async fn session_body<S: AsyncRead + AsyncWrite + Unpin>(session: &mut Session<'
         return End::Violation(format!("the first packet must be CONNECT, not {}", first.name()));
     };
     let keep_alive = connect.keep_alive;
-    let identity = match connect_identity(session.ctx, connect).await {
+    let identity = match connect_identity(session.ctx, connect, client_chain).await {
         Ok(identity) => identity,
         Err((code, why)) => {
             let _ = session.write(&Packet::ConnAck { session_present: false, code }).await;
@@ -316,6 +323,7 @@ async fn session_body<S: AsyncRead + AsyncWrite + Unpin>(session: &mut Session<'
 async fn connect_identity(
     ctx: &MqttContext,
     connect: dps_proto::mqtt::Connect,
+    client_chain: Option<Arc<Vec<Vec<u8>>>>,
 ) -> Result<Identity, (ConnectReturnCode, String)> {
     if connect.protocol_level != dps_proto::mqtt::PROTOCOL_LEVEL_3_1_1 || connect.protocol_name != "MQTT" {
         return Err((
@@ -349,7 +357,8 @@ async fn connect_identity(
         ));
     }
     let credential = match connect.password {
-        None => Credential::None,
+        // No password: the client certificate of the TLS session (X.509 devices), if any.
+        None => client_chain.map(Credential::X509).unwrap_or(Credential::None),
         Some(bytes) => Credential::Sas(
             String::from_utf8(bytes)
                 .map_err(|_| (ConnectReturnCode::BadUserNameOrPassword, "the password is not UTF-8".to_string()))?,

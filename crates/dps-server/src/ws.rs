@@ -41,6 +41,7 @@ pub fn accept(
     mqtt: Option<&Arc<MqttContext>>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
+    client_chain: Option<Arc<Vec<Vec<u8>>>>,
     stop: watch::Receiver<bool>,
     request_id: &str,
 ) -> Response<Full<Bytes>> {
@@ -90,7 +91,7 @@ pub fn accept(
         let limit = ctx.config.max_packet_bytes + 1024;
         let config = WebSocketConfig::default().max_message_size(Some(limit)).max_frame_size(Some(limit));
         let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-        bridge(ws, &ctx, peer, stop).await;
+        bridge(ws, &ctx, peer, client_chain, stop).await;
     });
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -107,12 +108,17 @@ pub fn accept(
 }
 
 /// Runs an MQTT session over the byte stream carried by the WebSocket's binary messages.
-async fn bridge<S>(ws: WebSocketStream<S>, ctx: &MqttContext, peer: SocketAddr, stop: watch::Receiver<bool>)
-where
+async fn bridge<S>(
+    ws: WebSocketStream<S>,
+    ctx: &MqttContext,
+    peer: SocketAddr,
+    client_chain: Option<Arc<Vec<Vec<u8>>>>,
+    stop: watch::Receiver<bool>,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let (app, pipe) = tokio::io::duplex(64 * 1024);
-    let session = run_session(app, ctx, peer, "mqtt-ws", stop);
+    let session = run_session(app, ctx, peer, client_chain, "mqtt-ws", stop);
     let pump = async move {
         let (mut sink, mut messages) = ws.split();
         let (mut from_session, mut to_session) = tokio::io::split(pipe);

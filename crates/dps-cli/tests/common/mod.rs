@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod mqtt;
+pub mod pki;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -205,6 +206,32 @@ impl Dps {
         let headers = resp.headers().clone();
         let json = resp.json().await.unwrap_or(Value::Null);
         (status, headers, json)
+    }
+}
+
+impl Dps {
+    /// An HTTPS client that presents `chain_pem` (leaf first) with `key_pem`.
+    pub fn client_with_certificate(&self, chain_pem: &str, key_pem: &str) -> reqwest::Client {
+        let ca = std::fs::read(self.creds["caCertificatePath"].as_str().unwrap()).unwrap();
+        let identity = reqwest::Identity::from_pem(format!("{chain_pem}\n{key_pem}").as_bytes()).unwrap();
+        reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .identity(identity)
+            .resolve("localhost", self.addr)
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap()
+    }
+
+    /// `PUT …/register` through a given client, without an Authorization header.
+    pub async fn register_as(&self, client: &reqwest::Client, registration_id: &str, body: Value) -> (u16, Value) {
+        let url =
+            self.url(&format!("/{}/registrations/{registration_id}/register?api-version=2019-03-31", self.scope()));
+        let resp = client.put(url).json(&body).send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
     }
 }
 

@@ -28,13 +28,29 @@ pub struct RawMqtt {
 
 pub const REGISTER: &str = "$dps/registrations/PUT/iotdps-register/?$rid=";
 
+/// A client certificate chain (DER, leaf first) and its key (PKCS#8 DER).
+pub type ClientIdentity = (Vec<Vec<u8>>, Vec<u8>);
+
 async fn tls(dps: &Dps, port: u16) -> TlsStream<TcpStream> {
+    tls_as(dps, port, None).await
+}
+
+async fn tls_as(dps: &Dps, port: u16, identity: Option<&ClientIdentity>) -> TlsStream<TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     let ca = std::fs::read(dps.creds["caCertificatePath"].as_str().unwrap()).unwrap();
     for cert in rustls_pemfile_certs(&ca) {
         roots.add(cert).unwrap();
     }
-    let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((chain, key)) => builder
+            .with_client_auth_cert(
+                chain.iter().map(|c| rustls_pki_types::CertificateDer::from(c.clone())).collect(),
+                rustls_pki_types::PrivateKeyDer::Pkcs8(key.clone().into()),
+            )
+            .unwrap(),
+    };
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
@@ -51,6 +67,12 @@ impl RawMqtt {
     pub async fn tls(dps: &Dps) -> Self {
         let port = dps.creds["mqttPort"].as_u64().unwrap() as u16;
         RawMqtt { transport: Transport::Tls(Box::new(tls(dps, port).await)), buf: BytesMut::new() }
+    }
+
+    /// MQTT over TLS presenting a client certificate chain.
+    pub async fn tls_with_certificate(dps: &Dps, identity: &ClientIdentity) -> Self {
+        let port = dps.creds["mqttPort"].as_u64().unwrap() as u16;
+        RawMqtt { transport: Transport::Tls(Box::new(tls_as(dps, port, Some(identity)).await)), buf: BytesMut::new() }
     }
 
     /// MQTT over WebSocket on the HTTPS port, with the given path and subprotocol.

@@ -12,7 +12,11 @@ fn credential(call: &Call) -> Credential {
         // A header that is not visible ASCII cannot be a SAS token; pass it on so the engine
         // answers 401 with its reason.
         Some(v) => Credential::Sas(v.to_str().map(str::to_string).unwrap_or_else(|_| "<not ASCII>".into())),
-        None => Credential::None,
+        // No token: the client certificate of the TLS session, if any (X.509 devices).
+        None => match &call.client_chain {
+            Some(chain) => Credential::X509(chain.clone()),
+            None => Credential::None,
+        },
     }
 }
 

@@ -58,6 +58,8 @@ pub(crate) struct Call {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub request_id: String,
+    /// The client certificate chain of the TLS session (DER, leaf first).
+    pub client_chain: Option<Arc<Vec<Vec<u8>>>>,
 }
 
 impl Call {
@@ -109,6 +111,7 @@ fn parse_query(q: Option<&str>) -> Vec<(String, String)> {
 pub async fn handle(
     state: Arc<AppState>,
     peer: std::net::SocketAddr,
+    client_chain: Option<Arc<Vec<Vec<u8>>>>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = Instant::now();
@@ -116,12 +119,15 @@ pub async fn handle(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     if crate::ws::is_upgrade(&req) {
-        let response = crate::ws::accept(state.mqtt.as_ref(), req, peer, state.stop.clone(), &request_id);
+        let response = crate::ws::accept(state.mqtt.as_ref(), req, peer, client_chain, state.stop.clone(), &request_id);
         tracing::debug!(%path, status = response.status().as_u16(), request_id, "WebSocket upgrade");
         return Ok(response);
     }
     let response = match read_call(&state, req, &request_id).await {
-        Ok(call) => route(&state, call).await,
+        Ok(mut call) => {
+            call.client_chain = client_chain;
+            route(&state, call).await
+        }
         Err(err) => error_response(&err, &request_id),
     };
     let status = response.status();
@@ -173,6 +179,7 @@ async fn read_call(state: &AppState, req: Request<Incoming>, request_id: &str) -
         headers: parts.headers,
         body,
         request_id: request_id.to_string(),
+        client_chain: None,
     })
 }
 
@@ -192,6 +199,10 @@ enum Route {
     GroupAttestation(String),
     Registration(String),
     RegistrationQuery(String),
+    Certificates,
+    Certificate(String),
+    CertificateVerificationCode(String),
+    CertificateVerify(String),
     DeviceRegister { scope: String, id: String },
     DeviceOperation { scope: String, id: String, operation: String },
     DeviceStatus { scope: String, id: String },
@@ -206,6 +217,9 @@ impl Route {
             Route::EnrollmentAttestation(_) | Route::GroupAttestation(_) => &[Method::POST],
             Route::Registration(_) => &[Method::GET, Method::DELETE],
             Route::RegistrationQuery(_) => &[Method::POST],
+            Route::Certificates => &[Method::GET],
+            Route::Certificate(_) => &[Method::PUT, Method::GET, Method::DELETE],
+            Route::CertificateVerificationCode(_) | Route::CertificateVerify(_) => &[Method::POST],
             Route::DeviceRegister { .. } => &[Method::PUT],
             Route::DeviceOperation { .. } => &[Method::GET],
             Route::DeviceStatus { .. } => &[Method::POST],
@@ -230,6 +244,12 @@ fn match_route(method: &Method, s: &[String]) -> Option<Route> {
         }
         [r, id] if eq(r, "registrations") => Route::Registration(id.to_string()),
         [r, id, q] if eq(r, "registrations") && eq(q, "query") => Route::RegistrationQuery(id.to_string()),
+        [c] if eq(c, "certificates") => Route::Certificates,
+        [c, name] if eq(c, "certificates") => Route::Certificate(name.to_string()),
+        [c, name, v] if eq(c, "certificates") && eq(v, "generateverificationcode") => {
+            Route::CertificateVerificationCode(name.to_string())
+        }
+        [c, name, v] if eq(c, "certificates") && eq(v, "verify") => Route::CertificateVerify(name.to_string()),
         [scope, r, id, reg] if eq(r, "registrations") && eq(reg, "register") => {
             Route::DeviceRegister { scope: scope.to_string(), id: id.to_string() }
         }
@@ -277,6 +297,10 @@ async fn route(state: &AppState, call: Call) -> Response<Full<Bytes>> {
         Route::GroupAttestation(id) => service::group_attestation(state, &call, &id).await,
         Route::Registration(id) => service::registration(state, &call, &id).await,
         Route::RegistrationQuery(id) => service::query_registrations(state, &call, &id).await,
+        Route::Certificates => service::list_certificates(state, &call).await,
+        Route::Certificate(name) => service::certificate(state, &call, &name).await,
+        Route::CertificateVerificationCode(name) => service::certificate_verification_code(state, &call, &name).await,
+        Route::CertificateVerify(name) => service::certificate_verify(state, &call, &name).await,
     };
     result.unwrap_or_else(|err| error_response(&err, &call.request_id))
 }

@@ -18,6 +18,7 @@ const ENROLLMENT_READ: &str = "EnrollmentRead";
 const ENROLLMENT_WRITE: &str = "EnrollmentWrite";
 const REGISTRATION_READ: &str = "RegistrationStatusRead";
 const REGISTRATION_WRITE: &str = "RegistrationStatusWrite";
+const SERVICE_CONFIG: &str = "ServiceConfig";
 
 /// Checks the service SAS token and that its policy grants every right in `rights`.
 fn authorize(state: &AppState, call: &Call, rights: &[&str]) -> Result<(), Error> {
@@ -215,4 +216,45 @@ pub(crate) async fn query_registrations(state: &AppState, call: &Call, group_id:
     let (size, continuation) = paging(state, call)?;
     let page = state.engine.query_group_registrations(group_id, size, continuation.as_deref()).await?;
     Ok(page_response(page, "deviceRegistration", &call.request_id))
+}
+
+/// `GET /certificates` (our extension: DPS keeps CA certificates in its management plane).
+pub(crate) async fn list_certificates(state: &AppState, call: &Call) -> HttpResult {
+    call.require_api_version()?;
+    authorize(state, call, &[SERVICE_CONFIG])?;
+    let list = state.engine.list_certificates().await?;
+    Ok(json(StatusCode::OK, &serde_json::json!({ "value": list }), &call.request_id))
+}
+
+/// `PUT|GET|DELETE /certificates/{name}`.
+pub(crate) async fn certificate(state: &AppState, call: &Call, name: &str) -> HttpResult {
+    call.require_api_version()?;
+    authorize(state, call, &[SERVICE_CONFIG])?;
+    match call.method {
+        Method::GET => Ok(json(StatusCode::OK, &state.engine.get_certificate(name).await?, &call.request_id)),
+        Method::PUT => {
+            let c = state.engine.put_certificate(name, &call.body, &if_match(call)).await?;
+            Ok(json(StatusCode::OK, &c, &call.request_id))
+        }
+        _ => {
+            state.engine.delete_certificate(name, &if_match(call)).await?;
+            Ok(empty(StatusCode::NO_CONTENT, &call.request_id))
+        }
+    }
+}
+
+/// `POST /certificates/{name}/generateVerificationCode`.
+pub(crate) async fn certificate_verification_code(state: &AppState, call: &Call, name: &str) -> HttpResult {
+    call.require_api_version()?;
+    authorize(state, call, &[SERVICE_CONFIG])?;
+    let c = state.engine.generate_verification_code(name, &if_match(call)).await?;
+    Ok(json(StatusCode::OK, &c, &call.request_id))
+}
+
+/// `POST /certificates/{name}/verify` with `{"certificate": "<PEM>"}`.
+pub(crate) async fn certificate_verify(state: &AppState, call: &Call, name: &str) -> HttpResult {
+    call.require_api_version()?;
+    authorize(state, call, &[SERVICE_CONFIG])?;
+    let c = state.engine.verify_certificate(name, &if_match(call), &call.body).await?;
+    Ok(json(StatusCode::OK, &c, &call.request_id))
 }

@@ -1,0 +1,59 @@
+//! A test PKI generated with rcgen: roots, intermediates and device certificates.
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
+
+/// A certificate with its key.
+pub struct Issued {
+    pub cert: rcgen::Certificate,
+    pub key: KeyPair,
+}
+
+impl Issued {
+    pub fn pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    pub fn der(&self) -> Vec<u8> {
+        self.cert.der().to_vec()
+    }
+}
+
+fn params(cn: &str, days: (i64, i64)) -> CertificateParams {
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now + time::Duration::days(days.0);
+    p.not_after = now + time::Duration::days(days.1);
+    p
+}
+
+/// A CA (self-signed when `issuer` is `None`).
+pub fn ca(cn: &str, issuer: Option<&Issued>) -> Issued {
+    let mut p = params(cn, (-1, 365));
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let key = KeyPair::generate().unwrap();
+    let cert = match issuer {
+        Some(i) => p.signed_by(&key, &i.cert, &i.key).unwrap(),
+        None => p.self_signed(&key).unwrap(),
+    };
+    Issued { cert, key }
+}
+
+/// A device certificate valid from `days.0` to `days.1` days from now (self-signed when
+/// `issuer` is `None`).
+pub fn device(cn: &str, issuer: Option<&Issued>, days: (i64, i64)) -> Issued {
+    let mut p = params(cn, days);
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate().unwrap();
+    let cert = match issuer {
+        Some(i) => p.signed_by(&key, &i.cert, &i.key).unwrap(),
+        None => p.self_signed(&key).unwrap(),
+    };
+    Issued { cert, key }
+}
+
+/// A proof-of-possession certificate: subject CN = the verification code, signed by the CA.
+pub fn verification(code: &str, ca: &Issued) -> Issued {
+    device(code, Some(ca), (-1, 2))
+}
