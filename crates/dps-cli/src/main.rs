@@ -28,6 +28,60 @@ enum Command {
     /// Configuration helpers.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// The certificate store: CA certificates that X.509 enrollment groups chain to, verified
+    /// by proof of possession (works on the data directory, with or without a running server).
+    Cert(CertArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CertArgs {
+    /// TOML configuration file (for data_dir and the store file).
+    #[arg(long, short, env = "DPS_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Data directory; overrides `data_dir` in the config.
+    #[arg(long, env = "DPS_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    action: CertCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCommand {
+    /// Upload a CA certificate (PEM or base64 DER file).
+    Add {
+        /// Name to store it under (letters, digits, '-', '_', '.').
+        name: String,
+        /// The certificate file.
+        file: PathBuf,
+        /// Mark it verified now, without proof of possession (you vouch for it).
+        #[arg(long)]
+        verified: bool,
+    },
+    /// List the certificates (JSON).
+    List,
+    /// Show one certificate (JSON).
+    Show {
+        /// Name.
+        name: String,
+    },
+    /// Issue a verification code: sign a certificate with this subject CN using the CA's key,
+    /// then run `dps cert verify`.
+    VerificationCode {
+        /// Name.
+        name: String,
+    },
+    /// Prove possession of the CA's key with a certificate whose subject CN is the code.
+    Verify {
+        /// Name.
+        name: String,
+        /// The verification certificate file.
+        file: PathBuf,
+    },
+    /// Remove a certificate.
+    Remove {
+        /// Name.
+        name: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -108,6 +162,64 @@ fn main() -> ExitCode {
             }
         },
         Command::Serve(args) => serve(args),
+        Command::Cert(args) => cert(args),
+    }
+}
+
+fn load_config(path: Option<&PathBuf>) -> Result<Config, String> {
+    match path {
+        Some(p) => Config::load(p).map_err(|e| e.to_string()),
+        None => Ok(Config::default()),
+    }
+}
+
+fn cert(args: CertArgs) -> ExitCode {
+    use dps_server::admin::CertAction;
+    let mut config = match load_config(args.config.as_ref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    let read =
+        |file: &PathBuf| std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()));
+    let action = match args.action {
+        CertCommand::Add { name, file, verified } => {
+            read(&file).map(|certificate| CertAction::Add { name, certificate, verified })
+        }
+        CertCommand::List => Ok(CertAction::List),
+        CertCommand::Show { name } => Ok(CertAction::Show { name }),
+        CertCommand::VerificationCode { name } => Ok(CertAction::VerificationCode { name }),
+        CertCommand::Verify { name, file } => read(&file).map(|certificate| CertAction::Verify { name, certificate }),
+        CertCommand::Remove { name } => Ok(CertAction::Remove { name }),
+    };
+    let action = match action {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dps_server::admin::cert(&config, action)) {
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

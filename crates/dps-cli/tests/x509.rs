@@ -208,3 +208,56 @@ async fn x509_over_mqtt() {
         assert!(log.contains(needle), "log lacks '{needle}'");
     }
 }
+
+/// `dps cert` works on the data directory of a running server.
+#[tokio::test]
+async fn the_cert_cli_uploads_and_proves_a_ca() {
+    let dps = Dps::start("").await;
+    let root = ca("CLI Root", None);
+    let inter = ca("CLI Intermediate", Some(&root));
+    dps.put_group(json!({"enrollmentGroupId": "cli-group", "attestation": {"type": "x509",
+        "x509": {"signingCertificates": {"primary": {"certificate": inter.pem()}}}}}))
+        .await;
+    let member = device("cli-member", Some(&inter), (-1, 30));
+    let (status, _) = register(&dps, &member, &inter.pem(), "cli-member").await;
+    assert_eq!(status, 401, "not verified yet");
+
+    let files = tempfile::tempdir().unwrap();
+    let ca_file = files.path().join("inter.pem");
+    std::fs::write(&ca_file, inter.pem()).unwrap();
+    let dps_cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dps"))
+            .args(["cert", "--data-dir"])
+            .arg(dps.data_dir())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = dps_cli(&["add", "cli-inter", ca_file.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("\"isVerified\": false"), "{out}");
+    let (code, out, err) = dps_cli(&["verification-code", "cli-inter"]);
+    assert_eq!(code, Some(0), "{err}");
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    let code_text = shown["properties"]["verificationCode"].as_str().unwrap();
+    let proof = files.path().join("proof.pem");
+    std::fs::write(&proof, verification(code_text, &inter).pem()).unwrap();
+    let (code, out, err) = dps_cli(&["verify", "cli-inter", proof.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("\"isVerified\": true"), "{out}");
+    let (status, body) = register(&dps, &member, &inter.pem(), "cli-member").await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["status"], "assigned");
+    // Errors name the problem and exit non-zero.
+    let (code, _, err) = dps_cli(&["show", "nope"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no certificate named 'nope'"), "{err}");
+    let (code, _, err) = dps_cli(&["add", "x", "/nonexistent.pem"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("cannot read /nonexistent.pem"), "{err}");
+}
