@@ -107,6 +107,37 @@ for port in 8080 8081; do
     sleep 0.1
   done
 done
+# A test PKI (openssl): root and intermediate CAs, device certificates (leaf + intermediate
+# chains) for the X.509 cases, and a self-signed device for an individual enrollment. The root
+# is put in the certificate store as verified, as an operator would with `dps cert add`.
+pki="$work/pki"
+mkdir -p "$pki"
+ca_ext='basicConstraints=critical,CA:TRUE
+keyUsage=critical,keyCertSign,cRLSign,digitalSignature'
+leaf_ext='basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature
+extendedKeyUsage=clientAuth'
+newkey() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
+newkey "$pki/root.key"
+openssl req -x509 -new -key "$pki/root.key" -subj "/CN=Compat Test Root" -days 30 \
+  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" -out "$pki/root.pem" 2>/dev/null
+issue() { # issue NAME CN ISSUER EXT
+  newkey "$pki/$1.key"
+  openssl req -new -key "$pki/$1.key" -subj "/CN=$2" -out "$pki/$1.csr" 2>/dev/null
+  openssl x509 -req -in "$pki/$1.csr" -CA "$pki/$3.pem" -CAkey "$pki/$3.key" -CAcreateserial -days 30 \
+    -extfile <(printf '%s\n' "$4") -out "$pki/$1.pem" 2>/dev/null
+}
+issue inter "Compat Test Intermediate" root "$ca_ext"
+for id in compat-x509-node-http compat-x509-node-mqtt compat-x509-node-mqttws compat-x509-py-mqtt compat-x509-py-ws; do
+  issue "$id" "$id" inter "$leaf_ext"
+  cat "$pki/$id.pem" "$pki/inter.pem" > "$pki/$id.chain.pem"
+done
+newkey "$pki/compat-x509-solo.key"
+openssl req -x509 -new -key "$pki/compat-x509-solo.key" -subj "/CN=compat-x509-solo" -days 30 \
+  -addext "extendedKeyUsage=clientAuth" -out "$pki/compat-x509-solo.pem" 2>/dev/null
+cp "$pki/compat-x509-solo.pem" "$pki/compat-x509-solo.chain.pem"
+"$dps" cert add compat-root "$pki/root.pem" --verified --data-dir "$work/main/data" > /dev/null
+export DPS_PKI="$pki"
 export DPS_CREDENTIALS="$work/main/data/dev-credentials.json"
 export DPS_STRICT_CREDENTIALS="$work/strict/data/dev-credentials.json"
 cat "$work/main/data/tls/ca.pem" "$work/strict/data/tls/ca.pem" > "$work/ca-bundle.pem"

@@ -14,6 +14,7 @@ const { ProvisioningDeviceClient } = require('azure-iot-provisioning-device');
 const { Http } = require('azure-iot-provisioning-device-http');
 const { Mqtt, MqttWs } = require('azure-iot-provisioning-device-mqtt');
 const { SymmetricKeySecurityClient } = require('azure-iot-security-symmetric-key');
+const { X509Security } = require('azure-iot-security-x509');
 
 const creds = JSON.parse(fs.readFileSync(process.env.DPS_CREDENTIALS, 'utf8'));
 const host = creds.hostName;
@@ -347,6 +348,49 @@ async function main() {
     });
     await service.deleteEnrollmentGroup(gid).catch(() => {});
   }
+
+  // X.509: a group on the root CA (verified in the certificate store by run.sh), members with
+  // leaf + intermediate chains; an individual enrollment pinning a self-signed certificate.
+  const pki = (f) => fs.readFileSync(`${process.env.DPS_PKI}/${f}`, 'utf8');
+  const x509Group = `${run}-x509`;
+  await test('service: X.509 enrollment group and individual enrollment', async () => {
+    const { responseBody: g } = await service.createOrUpdateEnrollmentGroup({
+      enrollmentGroupId: x509Group,
+      attestation: { type: 'x509', x509: { signingCertificates: { primary: { certificate: pki('root.pem') } } } },
+    });
+    eq(g.attestation.type, 'x509', 'type');
+    eq(g.attestation.x509.signingCertificates.primary.info.subjectName, 'CN=Compat Test Root', 'certificate info');
+    await service.createOrUpdateIndividualEnrollment({
+      registrationId: 'compat-x509-solo',
+      attestation: { type: 'x509', x509: { clientCertificates: { primary: { certificate: pki('compat-x509-solo.pem') } } } },
+    });
+  });
+  const x509Register = (id, Transport, payload) => {
+    const security = new X509Security(id, { cert: pki(`${id}.chain.pem`), key: pki(`${id}.key`) });
+    const client = ProvisioningDeviceClient.create(host, scope, new Transport(), security);
+    if (payload !== undefined) client.setProvisioningPayload(payload);
+    return client.register();
+  };
+  for (const [name, Transport] of [['http', Http], ['mqtt', Mqtt], ['mqttws', MqttWs]]) {
+    await test(`device ${name}: X.509 group member with a chain, with a payload`, async () => {
+      const id = `compat-x509-node-${name}`;
+      const r = await x509Register(id, Transport, { modelId: 'x509' });
+      eq(r.status, 'assigned', 'status');
+      eq(r.deviceId, id, 'deviceId');
+      assert(hubs.includes(r.assignedHub), `assignedHub ${r.assignedHub}`);
+      eq(r.x509, { enrollmentGroupId: x509Group }, 'registrationState.x509');
+    });
+  }
+  await test('device http: X.509 individual enrollment, self-signed', async () => {
+    const r = await x509Register('compat-x509-solo', Http);
+    eq(r.status, 'assigned', 'status');
+    eq(r.x509, {}, 'registrationState.x509');
+  });
+  await test('device mqtt: X.509 certificate whose CN is not the registration ID is refused', async () => {
+    const security = new X509Security('compat-x509-someone-else', { cert: pki('compat-x509-node-mqtt.chain.pem'), key: pki('compat-x509-node-mqtt.key') });
+    const client = ProvisioningDeviceClient.create(host, scope, new Mqtt(), security);
+    await rejects(client.register(), () => {}, 'wrong CN');
+  });
 
   for (const [name, Transport] of [['http', Http], ['mqtt', Mqtt], ['mqttws', MqttWs]]) {
     await test(`device ${name}: polls the operation when the server answers assigning first`, async () => {

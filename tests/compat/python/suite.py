@@ -22,7 +22,7 @@ import urllib.parse
 import urllib.request
 
 from azure.core.exceptions import HttpResponseError
-from azure.iot.device import ProvisioningDeviceClient
+from azure.iot.device import X509, ProvisioningDeviceClient
 from azure.iot.device.exceptions import ClientError, CredentialError
 from azure.iot.deviceprovisioning import DeviceProvisioningClient
 
@@ -228,6 +228,36 @@ def device_disabled_enrollment_is_reported(ws, tag):
     CLIENT.enrollment.delete(id=rid)
 
 
+def device_x509_group_member_through_ca_references(ws, tag):
+    """A group that references the verified root of the certificate store by name (caReferences),
+    created with the service SDK; the member presents leaf + intermediate."""
+    gid = f"{RUN}-x509-{tag}"
+    g = CLIENT.enrollment_group.create_or_update(
+        id=gid,
+        enrollment_group={
+            "enrollmentGroupId": gid,
+            "attestation": {"type": "x509", "x509": {"caReferences": {"primary": "compat-root"}}},
+        },
+    )
+    assert g["attestation"]["x509"]["caReferences"]["primary"] == "compat-root", g
+    rid = "compat-x509-py-ws" if ws else "compat-x509-py-mqtt"
+    pki = os.environ["DPS_PKI"]
+    device = ProvisioningDeviceClient.create_from_x509_certificate(
+        provisioning_host=CREDS["hostName"],
+        registration_id=rid,
+        id_scope=CREDS["idScope"],
+        x509=X509(cert_file=f"{pki}/{rid}.chain.pem", key_file=f"{pki}/{rid}.key"),
+        websockets=ws,
+        server_verification_cert=open(CA).read(),
+    )
+    device.provisioning_payload = {"modelId": "x509"}
+    r = device.register()
+    assert r.status == "assigned", r
+    assert r.registration_state.device_id == rid, r
+    assert r.registration_state.assigned_hub in CREDS["linkedHubs"], r
+    CLIENT.enrollment_group.delete(id=gid)
+
+
 for transport, ws in (("mqtt", False), ("mqtt over websocket", True)):
     tag = "ws" if ws else "mqtt"
     for case in (
@@ -235,6 +265,7 @@ for transport, ws in (("mqtt", False), ("mqtt over websocket", True)):
         device_group_key_payload_round_trip_through_a_webhook,
         device_wrong_key_is_refused,
         device_disabled_enrollment_is_reported,
+        device_x509_group_member_through_ca_references,
     ):
         test(lambda case=case, ws=ws, tag=tag: case(ws, tag), f"device {transport}: {case.__name__[7:].replace('_', ' ')}")
 
