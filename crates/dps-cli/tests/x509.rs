@@ -177,11 +177,18 @@ async fn individual_and_group_x509_over_https() {
 
 #[tokio::test]
 async fn x509_over_mqtt() {
-    let dps = Dps::start("[x509]\nrequire_verified_ca = false\n").await;
+    // A rule set that allocates by the certificate's issuer.
+    let dps = Dps::start(
+        "[x509]\nrequire_verified_ca = false\n[[hubs]]\nhost_name = \"hub-a.test\"\n[[hubs]]\nhost_name = \"hub-b.test\"\n\
+         [[rules]]\nname = \"by-issuer\"\n[[rules.cases]]\nwhen = \"certificate.certificateInfo.issuerName == 'CN=MQTT Intermediate'\"\n\
+         hub = \"'hub-b.test'\"\npayload = \"{'issuer': certificate.certificateInfo.issuerName, 'next': certificate.signingCertificateInfo.subjectName}\"\n",
+    )
+    .await;
     let root = ca("MQTT Root", None);
     let inter = ca("MQTT Intermediate", Some(&root));
     dps.put_group(json!({"enrollmentGroupId": "mqtt-x509", "attestation": {"type": "x509",
-        "x509": {"signingCertificates": {"primary": {"certificate": root.pem()}}}}}))
+        "x509": {"signingCertificates": {"primary": {"certificate": root.pem()}}}},
+        "allocationPolicy": "custom", "customAllocationDefinition": {"webhookUrl": "rules://by-issuer", "apiVersion": "2021-10-01"}}))
         .await;
     let identity = |leaf: &Issued| (vec![leaf.der(), inter.der()], leaf.key.serialize_der());
 
@@ -193,6 +200,11 @@ async fn x509_over_mqtt() {
     assert_eq!(topic, "$dps/registrations/res/202/?$rid=1");
     assert_eq!(body["status"], "assigned", "{body}");
     assert_eq!(body["registrationState"]["x509"], json!({"enrollmentGroupId": "mqtt-x509"}));
+    assert_eq!(body["registrationState"]["assignedHub"], "hub-b.test", "the rule saw the certificate");
+    assert_eq!(
+        body["registrationState"]["payload"],
+        json!({"issuer": "CN=MQTT Intermediate", "next": "CN=MQTT Intermediate"})
+    );
 
     for (leaf, id) in [
         (device("mqtt-x509-old", Some(&inter), (-30, -1)), "mqtt-x509-old"),

@@ -150,6 +150,16 @@ impl CertificateFacts {
     }
 }
 
+/// Checks that `cert` is signed by `issuer`'s key and valid at `now` (proof of possession:
+/// any X.509 version, no path rules).
+pub fn verify_signed_by(cert: &[u8], issuer: &[u8], now: i64) -> Result<(), X509Error> {
+    let (_, c) = X509Certificate::from_der(cert).map_err(|e| X509Error::Parse(e.to_string()))?;
+    let (_, i) = X509Certificate::from_der(issuer).map_err(|e| X509Error::Parse(e.to_string()))?;
+    c.verify_signature(Some(i.public_key()))
+        .map_err(|_| X509Error::Chain("its signature does not verify with the CA's public key".into()))?;
+    facts(cert)?.check_time(now, "verification certificate")
+}
+
 /// Validates that `leaf` chains to `anchor` through any of `intermediates`, at `now`, for TLS
 /// client authentication: signatures, validity periods, CA basic constraints and path length,
 /// key usage (an extended key usage, when present, must allow client authentication).
