@@ -97,6 +97,9 @@ async fn individual_and_group_x509_over_https() {
     let (status, body) = register(&dps, &member, &pki.inter.pem(), "x509-member-1").await;
     assert_eq!(status, 401, "{body}");
     assert!(body["message"].as_str().unwrap().contains("no certificate in the chain is verified"), "{body}");
+    let member_identity = (vec![member.der(), pki.inter.der()], member.key.serialize_der());
+    let mut c = RawMqtt::tls_with_certificate(&dps, &member_identity).await;
+    assert_eq!(c.connect(connect_packet(&dps, "x509-member-1", None)).await, 5, "MQTT: CA not verified");
     upload_and_prove(&dps, "test-root", &pki.root).await;
     let (status, body) = register(&dps, &member, &pki.inter.pem(), "x509-member-1").await;
     assert_eq!(status, 202, "{body}");
@@ -150,6 +153,12 @@ async fn individual_and_group_x509_over_https() {
         .await;
     let (status, body) = register(&dps, &member, &pki.inter.pem(), "x509-member-1").await;
     assert_eq!(status, 202, "{body}");
+    assert_eq!(body["status"], "disabled", "{body}");
+    // Over MQTT too: connected, then told `disabled`.
+    let mut c = RawMqtt::tls_with_certificate(&dps, &member_identity).await;
+    assert_eq!(c.connect(connect_packet(&dps, "x509-member-1", None)).await, 0);
+    c.subscribe().await;
+    let (_, body) = c.request(&format!("{REGISTER}1"), b"", Some(1)).await;
     assert_eq!(body["status"], "disabled", "{body}");
 
     // The certificate store lists what it holds; bad uploads say why.
@@ -208,6 +217,7 @@ async fn x509_over_mqtt() {
 
     for (leaf, id) in [
         (device("mqtt-x509-old", Some(&inter), (-30, -1)), "mqtt-x509-old"),
+        (device("mqtt-x509-future", Some(&inter), (2, 30)), "mqtt-x509-future"),
         (device("mqtt-x509-cn", Some(&inter), (-1, 30)), "mqtt-x509-other"),
         (device("mqtt-x509-self", None, (-1, 30)), "mqtt-x509-self"),
     ] {
@@ -216,7 +226,7 @@ async fn x509_over_mqtt() {
         c.expect_closed(id).await;
     }
     let log = dps.log();
-    for needle in ["expired", "differs from the registration ID", "X.509 authentication refused"] {
+    for needle in ["expired", "not valid yet", "differs from the registration ID", "X.509 authentication refused"] {
         assert!(log.contains(needle), "log lacks '{needle}'");
     }
 }
