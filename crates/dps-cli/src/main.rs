@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod device;
+
 use clap::{Parser, Subcommand};
 use dps_server::{Config, Server, DEFAULT_CONFIG};
 
@@ -31,6 +33,17 @@ enum Command {
     /// The certificate store: CA certificates that X.509 enrollment groups chain to, verified
     /// by proof of possession (works on the data directory, with or without a running server).
     Cert(CertArgs),
+    /// Provision this machine as a device (a DPS client; IoT Edge style config supported).
+    #[command(subcommand)]
+    Device(DeviceCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCommand {
+    /// Register, or print the cached assignment from an earlier registration.
+    Register(Box<device::DeviceArgs>),
+    /// Register again (re-reads the payload file), replacing the cached assignment.
+    Reprovision(Box<device::DeviceArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -163,6 +176,8 @@ fn main() -> ExitCode {
         },
         Command::Serve(args) => serve(args),
         Command::Cert(args) => cert(args),
+        Command::Device(DeviceCommand::Register(args)) => device::run(*args, false),
+        Command::Device(DeviceCommand::Reprovision(args)) => device::run(*args, true),
     }
 }
 
