@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod bench;
 mod device;
 
 use clap::{Parser, Subcommand};
@@ -36,6 +37,13 @@ enum Command {
     /// Provision this machine as a device (a DPS client; IoT Edge style config supported).
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Benchmark: N simulated devices register against a dps (started here, or --target) with
+    /// C in flight, then against a fixed-answer ceiling server; throughput, latency, errors by
+    /// code, server memory. See BENCHMARKS.md.
+    Bench(Box<bench::BenchArgs>),
+    /// The ceiling server of dps bench (started by it).
+    #[command(hide = true)]
+    BenchCeiling(bench::CeilingArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -178,6 +186,8 @@ fn main() -> ExitCode {
         Command::Cert(args) => cert(args),
         Command::Device(DeviceCommand::Register(args)) => device::run(*args, false),
         Command::Device(DeviceCommand::Reprovision(args)) => device::run(*args, true),
+        Command::Bench(args) => bench::run(*args),
+        Command::BenchCeiling(args) => bench::ceiling(args),
     }
 }
 

@@ -1,0 +1,138 @@
+//! The ceiling: the least a server can do for the bench's requests on the same TLS settings
+//! as dps (the same certificate and key, `dps_server::tls::server_config`). HTTPS: hyper
+//! HTTP/1.1 with keep-alive answering every request with a fixed `202` and an `assigned`
+//! operation, body read but not parsed. MQTT: CONNACK, SUBACK, PUBACK and a fixed `200`
+//! response, no authentication, no store. Run in a process of its own, like dps (`dps
+//! bench-ceiling`), so both get the same share of the machine.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use dps_proto::mqtt::{decode, ConnectReturnCode, Packet, Publish};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::BenchError;
+
+/// The fixed answer: what dps sends for an assigned device, give or take the IDs.
+pub const FIXED_OPERATION: &str = r#"{"operationId":"4.0000000000000000.00000000-0000-0000-0000-000000000000","status":"assigned","registrationState":{"registrationId":"ceiling","createdDateTimeUtc":"2026-01-01T00:00:00.0000000Z","assignedHub":"hub-1.bench.localhost","deviceId":"ceiling","status":"assigned","substatus":"initialAssignment","lastUpdatedDateTimeUtc":"2026-01-01T00:00:00.0000000Z","etag":"IjAwMDAwMDAwLTAwMDAtMDAwMC0wMDAwLTAwMDAwMDAwMDAwMCI="}}"#;
+
+/// Binds both ceiling listeners on loopback (free ports) and serves them until the process
+/// ends. Calls `ready` with the HTTPS and MQTT addresses once bound.
+pub async fn serve(cert: &Path, key: &Path, ready: impl FnOnce(SocketAddr, SocketAddr)) -> Result<(), BenchError> {
+    let tls = dps_server::tls::server_config(cert, key).map_err(|e| BenchError::Setup(e.to_string()))?;
+    let acceptor = TlsAcceptor::from(tls);
+    let https = TcpListener::bind(("127.0.0.1", 0)).await.map_err(BenchError::io("cannot bind the ceiling"))?;
+    let mqtt = TcpListener::bind(("127.0.0.1", 0)).await.map_err(BenchError::io("cannot bind the ceiling"))?;
+    ready(
+        https.local_addr().map_err(BenchError::io("ceiling address"))?,
+        mqtt.local_addr().map_err(BenchError::io("ceiling address"))?,
+    );
+    let https_task = tokio::spawn(accept_loop(https, acceptor.clone(), false));
+    let mqtt_task = tokio::spawn(accept_loop(mqtt, acceptor, true));
+    let _ = tokio::join!(https_task, mqtt_task);
+    Ok(())
+}
+
+type Stream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, mqtt: bool) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) if mqtt => serve_mqtt(stream).await,
+                Ok(Ok(stream)) => serve_https(stream).await,
+                _ => {}
+            }
+        });
+    }
+}
+
+async fn serve_https(stream: Stream) {
+    {
+        let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+            let _ = req.into_body().collect().await;
+            Ok::<_, Infallible>(
+                hyper::Response::builder()
+                    .status(202)
+                    .header("content-type", "application/json; charset=utf-8")
+                    .header("retry-after", "3")
+                    .body(Full::new(Bytes::from_static(FIXED_OPERATION.as_bytes())))
+                    .unwrap_or_default(),
+            )
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    }
+}
+
+async fn serve_mqtt(mut stream: Stream) {
+    {
+        let mut buf = BytesMut::with_capacity(4096);
+        let mut next_id: u16 = 1;
+        loop {
+            let packet = match decode(&buf, 1 << 20) {
+                Ok(Some((p, n))) => {
+                    let _ = buf.split_to(n);
+                    p
+                }
+                Ok(None) => match stream.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => continue,
+                },
+                Err(_) => return,
+            };
+            let replies = match packet {
+                Packet::Connect(_) => {
+                    vec![Packet::ConnAck { session_present: false, code: ConnectReturnCode::Accepted }]
+                }
+                Packet::Subscribe { packet_id, filters } => {
+                    vec![Packet::SubAck { packet_id, return_codes: filters.iter().map(|_| 1).collect() }]
+                }
+                Packet::Publish(p) => {
+                    let rid = p.topic.split("$rid=").nth(1).unwrap_or("0").split('&').next().unwrap_or("0").to_string();
+                    next_id = next_id.checked_add(1).unwrap_or(1);
+                    let mut out = Vec::new();
+                    if let Some(id) = p.packet_id {
+                        out.push(Packet::PubAck(id));
+                    }
+                    out.push(Packet::Publish(Publish {
+                        dup: false,
+                        qos: 1,
+                        retain: false,
+                        topic: format!("$dps/registrations/res/200/?$rid={rid}"),
+                        packet_id: Some(next_id),
+                        payload: FIXED_OPERATION.as_bytes().to_vec(),
+                    }));
+                    out
+                }
+                Packet::PingReq => vec![Packet::PingResp],
+                Packet::Disconnect => return,
+                _ => Vec::new(),
+            };
+            for reply in replies {
+                let Ok(bytes) = reply.encode() else { return };
+                if stream.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+            if stream.flush().await.is_err() {
+                return;
+            }
+        }
+    }
+}

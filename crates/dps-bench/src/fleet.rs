@@ -1,0 +1,557 @@
+//! A fleet run: setup through the service API, then N devices with C in flight against dps
+//! and, when asked, the same against the ceiling server.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dps_proto::sas::{build_token, derive_device_key, device_resource};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde_json::{json, Value};
+
+use crate::client::{client_tls, https_register_fresh, mqtt_register, Device, DeviceAuth, Failure, HttpsConn};
+use crate::report::{BenchReport, Latency, Memory, PhaseReport};
+use crate::setup::{allocation_fields, merge, symmetric_key_attestation, ServiceClient};
+use crate::target::Target;
+use crate::BenchError;
+
+/// How devices reach the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// HTTPS; each of the C clients keeps its connection open and registers device after device.
+    Https,
+    /// HTTPS; a new TCP + TLS connection (full handshake) for every device.
+    HttpsNewConn,
+    /// MQTT over TLS; a new connection (full handshake, CONNECT, SUBSCRIBE) for every device.
+    Mqtt,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Https => "https",
+            Transport::HttpsNewConn => "https-new-conn",
+            Transport::Mqtt => "mqtt",
+        }
+    }
+}
+
+/// How devices attest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Attestation {
+    /// An individual enrollment per device (symmetric key), created in bulk first.
+    Individual,
+    /// One enrollment group (symmetric key); devices use keys derived from it.
+    Group,
+    /// One X.509 enrollment group on a bench CA uploaded as verified; a certificate per device.
+    X509,
+}
+
+impl Attestation {
+    fn name(self) -> &'static str {
+        match self {
+            Attestation::Individual => "individual",
+            Attestation::Group => "group",
+            Attestation::X509 => "x509",
+        }
+    }
+}
+
+/// How devices are allocated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Allocation {
+    /// The server's default policy (hashed).
+    Hashed,
+    /// Custom allocation through the bench's own webhook (plain HTTP on loopback).
+    Webhook,
+    /// Custom allocation through a built-in rule set of the server (`rules://<name>`).
+    Rules(String),
+}
+
+impl std::str::FromStr for Allocation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "hashed" => Ok(Allocation::Hashed),
+            "webhook" => Ok(Allocation::Webhook),
+            "rules" => Ok(Allocation::Rules("bench".into())),
+            _ => match s.strip_prefix("rules:") {
+                Some(name) if !name.is_empty() => Ok(Allocation::Rules(name.trim_start_matches("//").to_string())),
+                _ => Err(format!("'{s}': expected hashed, webhook, rules or rules:<name>")),
+            },
+        }
+    }
+}
+
+/// Progress display.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Nothing.
+    Quiet,
+    /// A progress bar (terminal).
+    Bar,
+    /// A plain line every few seconds (logs, CI).
+    Lines,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    /// Devices to register.
+    pub devices: usize,
+    /// Devices in flight at once (HTTPS keep-alive: connections).
+    pub concurrency: usize,
+    /// Transport.
+    pub transport: Transport,
+    /// Attestation.
+    pub attestation: Attestation,
+    /// Allocation.
+    pub allocation: Allocation,
+    /// Registration payload size in bytes; 0 sends none.
+    pub payload_bytes: usize,
+    /// Open-loop rate (devices started per second); `None` runs flat out.
+    pub rate: Option<f64>,
+    /// Registration ID prefix (a fresh one gives first registrations).
+    pub id_prefix: String,
+    /// Per-device time limit.
+    pub device_timeout: Duration,
+    /// Parallel bulk operations while creating individual enrollments.
+    pub setup_parallel: usize,
+    /// Progress display.
+    pub progress: Progress,
+}
+
+impl FleetOptions {
+    /// Checks the option combination.
+    pub fn validate(&self) -> Result<(), BenchError> {
+        if self.devices == 0 || self.concurrency == 0 {
+            return Err(BenchError::Input("--devices and --concurrency must be at least 1".into()));
+        }
+        if self.attestation == Attestation::X509 && self.transport == Transport::Https {
+            return Err(BenchError::Input(
+                "X.509 devices present their own certificate in the TLS handshake, so they cannot share kept-alive connections: use --transport https-new-conn or mqtt".into(),
+            ));
+        }
+        if self.attestation == Attestation::X509 && self.devices > 200_000 {
+            return Err(BenchError::Input(
+                "--attestation x509 makes a certificate per device up front: at most 200000 devices".into(),
+            ));
+        }
+        if let Some(r) = self.rate {
+            if !(r.is_finite() && r > 0.0) {
+                return Err(BenchError::Input("--rate must be a positive number of devices per second".into()));
+            }
+        }
+        if self.payload_bytes > 60_000 {
+            return Err(BenchError::Input(
+                "--payload-bytes: at most 60000 (the server's default limit is 65536)".into(),
+            ));
+        }
+        if !self.id_prefix.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-._:".contains(c)) {
+            return Err(BenchError::Input("--id-prefix: lower-case letters, digits and '-._:' only".into()));
+        }
+        Ok(())
+    }
+}
+
+/// A default registration ID prefix, unique per second: `bench-<unix time>-`.
+pub fn default_prefix() -> String {
+    format!("bench-{}-", SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
+}
+
+/// Turns device numbers into devices.
+enum Credentials {
+    Individual { secret: Vec<u8> },
+    Group { key: Vec<u8> },
+    X509 { configs: Vec<Arc<rustls::ClientConfig>> },
+}
+
+struct Fleet {
+    opts: FleetOptions,
+    credentials: Credentials,
+    /// Expected in `registrationState.payload` of custom allocations.
+    check_payload: bool,
+    plain_tls: Arc<rustls::ClientConfig>,
+}
+
+impl Fleet {
+    fn registration_id(&self, i: usize) -> String {
+        format!("{}{i}", self.opts.id_prefix)
+    }
+
+    fn device(&self, target: &Target, i: usize) -> Device {
+        let registration_id = self.registration_id(i);
+        let expiry = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) + 3600;
+        let resource = device_resource(&target.id_scope, &registration_id);
+        let auth = match &self.credentials {
+            Credentials::Individual { secret } => {
+                let key = derive_device_key(secret, &registration_id);
+                DeviceAuth::Sas(build_token(&resource, &key, expiry, Some("registration")))
+            }
+            Credentials::Group { key } => {
+                let key = derive_device_key(key, &registration_id);
+                DeviceAuth::Sas(build_token(&resource, &key, expiry, Some("registration")))
+            }
+            Credentials::X509 { configs } => DeviceAuth::X509(configs[i % configs.len()].clone()),
+        };
+        let payload = (self.opts.payload_bytes > 0).then(|| {
+            let base = json!({"modelId": "bench-thermostat", "serial": i, "pad": ""});
+            let pad = self.opts.payload_bytes.saturating_sub(base.to_string().len());
+            json!({"modelId": "bench-thermostat", "serial": i, "pad": "x".repeat(pad)})
+        });
+        Device { registration_id, auth, payload }
+    }
+
+    fn check(&self, state: &Value) -> Result<(), Failure> {
+        if self.check_payload && !state["payload"].is_object() {
+            return Err(Failure {
+                key: "custom allocation payload missing".into(),
+                detail: format!("registrationState has no payload object: {state}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<u32>,
+    errors: BTreeMap<String, u64>,
+    examples: BTreeMap<String, String>,
+    assigned: usize,
+}
+
+async fn worker(
+    fleet: Arc<Fleet>,
+    target: Arc<Target>,
+    next: Arc<AtomicUsize>,
+    done: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    t0: Instant,
+) -> Tally {
+    let mut tally = Tally::default();
+    let mut conn: Option<HttpsConn> = None;
+    loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= fleet.opts.devices {
+            return tally;
+        }
+        let scheduled = match fleet.opts.rate {
+            Some(rate) => {
+                let at = t0 + Duration::from_secs_f64(i as f64 / rate);
+                tokio::time::sleep_until(at.into()).await;
+                at
+            }
+            None => Instant::now(),
+        };
+        let device = fleet.device(&target, i);
+        let attempt = async {
+            match fleet.opts.transport {
+                Transport::Https => {
+                    if conn.as_ref().is_none_or(|c| !c.is_open()) {
+                        conn = Some(HttpsConn::open(&target, &fleet.plain_tls).await?);
+                    }
+                    match conn.as_mut() {
+                        Some(c) => c.register(&target, &device).await,
+                        None => Err(Failure { key: "no connection".into(), detail: String::new() }),
+                    }
+                }
+                Transport::HttpsNewConn => https_register_fresh(&target, &fleet.plain_tls, &device).await,
+                Transport::Mqtt => mqtt_register(&target, &fleet.plain_tls, &device).await,
+            }
+        };
+        let outcome = match tokio::time::timeout(fleet.opts.device_timeout, attempt).await {
+            Ok(r) => r.and_then(|state| fleet.check(&state)),
+            Err(_) => {
+                conn = None;
+                Err(Failure {
+                    key: "timeout".into(),
+                    detail: format!("no final answer within {:?}", fleet.opts.device_timeout),
+                })
+            }
+        };
+        let micros = u32::try_from(scheduled.elapsed().as_micros()).unwrap_or(u32::MAX);
+        match outcome {
+            Ok(()) => {
+                tally.assigned += 1;
+                tally.latencies.push(micros);
+            }
+            Err(f) => {
+                if fleet.opts.transport == Transport::Https {
+                    conn = None;
+                }
+                *tally.errors.entry(f.key.clone()).or_default() += 1;
+                tally.examples.entry(f.key).or_insert(f.detail);
+                failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        done.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn progress_task(
+    label: &'static str,
+    total: usize,
+    mode: Progress,
+    done: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let bar = (mode == Progress::Bar).then(|| {
+            let bar = indicatif::ProgressBar::new(total as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {per_sec} {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar.set_prefix(label);
+            bar
+        });
+        let tick = if mode == Progress::Lines { Duration::from_secs(5) } else { Duration::from_millis(200) };
+        while !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(tick).await;
+            let (d, f) = (done.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+            match (&bar, mode) {
+                (Some(bar), _) => {
+                    bar.set_position(d as u64);
+                    bar.set_message(if f > 0 { format!("{f} failed") } else { String::new() });
+                }
+                (None, Progress::Lines) if !stop.load(Ordering::Relaxed) => {
+                    let rate = d as f64 / started.elapsed().as_secs_f64().max(1e-3);
+                    eprintln!("{label}: {d}/{total} done, {rate:.0}/s, {f} failed");
+                }
+                _ => {}
+            }
+        }
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+    })
+}
+
+async fn phase(fleet: &Arc<Fleet>, target: &Target, label: &'static str) -> Result<PhaseReport, BenchError> {
+    let target = Arc::new(target.clone());
+    let (next, done, failed) =
+        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress =
+        progress_task(label, fleet.opts.devices, fleet.opts.progress, done.clone(), failed.clone(), stop.clone());
+    let t0 = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..fleet.opts.concurrency.min(fleet.opts.devices) {
+        tasks.spawn(worker(fleet.clone(), target.clone(), next.clone(), done.clone(), failed.clone(), t0));
+    }
+    let mut total = Tally::default();
+    while let Some(r) = tasks.join_next().await {
+        let t = r.map_err(|e| BenchError::Setup(format!("a bench worker failed: {e}")))?;
+        total.latencies.extend(t.latencies);
+        total.assigned += t.assigned;
+        for (k, n) in t.errors {
+            *total.errors.entry(k).or_default() += n;
+        }
+        for (k, v) in t.examples {
+            total.examples.entry(k).or_insert(v);
+        }
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let _ = progress.await;
+    Ok(PhaseReport {
+        devices: fleet.opts.devices,
+        assigned: total.assigned,
+        errors: total.errors,
+        error_examples: total.examples,
+        seconds,
+        per_second: total.assigned as f64 / seconds.max(1e-9),
+        latency_ms: Latency::of(&mut total.latencies),
+    })
+}
+
+fn bench_ca() -> Result<(rcgen::Certificate, rcgen::KeyPair), BenchError> {
+    let err = |e: rcgen::Error| BenchError::Setup(format!("bench CA: {e}"));
+    let key = rcgen::KeyPair::generate().map_err(err)?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, "dps-bench CA");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+    params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(30);
+    let cert = params.self_signed(&key).map_err(err)?;
+    Ok((cert, key))
+}
+
+fn device_certificate(
+    ca: &rcgen::Certificate,
+    ca_key: &rcgen::KeyPair,
+    registration_id: &str,
+) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), BenchError> {
+    let err = |e: rcgen::Error| BenchError::Setup(format!("device certificate: {e}"));
+    let key = rcgen::KeyPair::generate().map_err(err)?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, registration_id);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(30);
+    let cert = params.signed_by(&key, ca, ca_key).map_err(err)?;
+    Ok((cert.der().clone(), PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))))
+}
+
+/// Runs the fleet against `target` and, when given, against the ceiling server (the same
+/// target with the ceiling's addresses). The webhook of `Allocation::Webhook` runs in this
+/// process.
+pub async fn run(target: &Target, ceiling: Option<&Target>, opts: FleetOptions) -> Result<BenchReport, BenchError> {
+    opts.validate()?;
+    if opts.transport == Transport::Mqtt && target.mqtt_addr.is_none() {
+        return Err(BenchError::Input("the server has no MQTT listener (mqtt.enabled = false?)".into()));
+    }
+    let setup_started = Instant::now();
+    let service = ServiceClient::new(target)?;
+    let webhook_url = match &opts.allocation {
+        Allocation::Hashed => None,
+        Allocation::Webhook => Some(crate::webhook::start().await?),
+        Allocation::Rules(name) => Some(format!("rules://{name}")),
+    };
+    let alloc = allocation_fields(webhook_url.as_deref());
+    let group_id = format!("{}group", opts.id_prefix);
+    let alpn: &[&[u8]] = if opts.transport == Transport::Mqtt { &[] } else { &[b"http/1.1"] };
+    let mut enrollments_created = 0;
+    let credentials = match opts.attestation {
+        Attestation::Group => {
+            let key = derive_device_key(b"dps-bench group", &group_id);
+            service
+                .put_group(
+                    &group_id,
+                    merge(
+                        json!({"enrollmentGroupId": group_id, "attestation": symmetric_key_attestation(&key)}),
+                        alloc,
+                    ),
+                )
+                .await?;
+            Credentials::Group { key }
+        }
+        Attestation::Individual => {
+            let secret = derive_device_key(b"dps-bench individual", &opts.id_prefix);
+            let (secret2, prefix) = (secret.clone(), opts.id_prefix.clone());
+            let make = Arc::new(move |i: usize| {
+                let id = format!("{prefix}{i}");
+                let key = derive_device_key(&secret2, &id);
+                merge(json!({"registrationId": id, "attestation": symmetric_key_attestation(&key)}), alloc.clone())
+            });
+            let shown = Arc::new(Mutex::new(Instant::now()));
+            let (total, mode) = (opts.devices, opts.progress);
+            let progress = Arc::new(move |n: usize| {
+                if mode == Progress::Quiet {
+                    return;
+                }
+                if let Ok(mut last) = shown.lock() {
+                    if last.elapsed() > Duration::from_secs(5) || n == total {
+                        *last = Instant::now();
+                        eprintln!("setup: {n}/{total} individual enrollments created");
+                    }
+                }
+            });
+            service.create_individual_enrollments(opts.devices, opts.setup_parallel, make, progress).await?;
+            enrollments_created = opts.devices;
+            Credentials::Individual { secret }
+        }
+        Attestation::X509 => {
+            let (ca, ca_key) = bench_ca()?;
+            let ca_name = format!("{}ca", opts.id_prefix).replace(['.', ':'], "-");
+            service.put_verified_certificate(&ca_name, &ca.pem()).await?;
+            service
+                .put_group(
+                    &group_id,
+                    merge(
+                        json!({"enrollmentGroupId": group_id, "attestation": {"type": "x509", "x509": {"caReferences": {"primary": ca_name}}}}),
+                        alloc,
+                    ),
+                )
+                .await?;
+            let mut configs = Vec::with_capacity(opts.devices);
+            for i in 0..opts.devices {
+                let (leaf, key) = device_certificate(&ca, &ca_key, &format!("{}{i}", opts.id_prefix))?;
+                let chain = vec![leaf, ca.der().clone()];
+                configs.push(
+                    client_tls(target.roots.clone(), Some((chain, key)), alpn, false).map_err(BenchError::Setup)?,
+                );
+            }
+            Credentials::X509 { configs }
+        }
+    };
+    let setup_seconds = setup_started.elapsed().as_secs_f64();
+    let resume = opts.transport == Transport::Https;
+    let plain_tls = client_tls(target.roots.clone(), None, alpn, resume).map_err(BenchError::Setup)?;
+    let fleet = Arc::new(Fleet { opts: opts.clone(), credentials, check_payload: webhook_url.is_some(), plain_tls });
+
+    // dps, with its memory sampled.
+    let before = target.memory_kib();
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (target, sampling) = (target.clone(), sampling.clone());
+        tokio::spawn(async move {
+            let mut peak = 0u64;
+            while sampling.load(Ordering::Relaxed) {
+                if let Some((rss, _)) = target.memory_kib() {
+                    peak = peak.max(rss);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            peak
+        })
+    };
+    let dps = phase(&fleet, target, "dps").await?;
+    sampling.store(false, Ordering::Relaxed);
+    let peak = sampler.await.unwrap_or(0);
+    let after = target.memory_kib();
+    let mib = |k: u64| k as f64 / 1024.0;
+    let server_memory = match (before, after) {
+        (Some(b), Some(a)) => Some(Memory {
+            rss_before_mib: mib(b.0),
+            rss_peak_during_mib: mib(peak.max(a.0)),
+            rss_after_mib: mib(a.0),
+            hwm_mib: mib(a.1),
+        }),
+        _ => None,
+    };
+
+    // The ceiling: same devices, same TLS, fixed answers.
+    let ceiling_report = match ceiling {
+        Some(c) => {
+            let ceiling_fleet = Arc::new(Fleet {
+                opts: fleet.opts.clone(),
+                credentials: match &fleet.credentials {
+                    Credentials::Individual { secret } => Credentials::Individual { secret: secret.clone() },
+                    Credentials::Group { key } => Credentials::Group { key: key.clone() },
+                    Credentials::X509 { configs } => Credentials::X509 { configs: configs.clone() },
+                },
+                check_payload: false,
+                plain_tls: fleet.plain_tls.clone(),
+            });
+            Some(phase(&ceiling_fleet, c, "ceiling").await?)
+        }
+        None => None,
+    };
+    let ratio = ceiling_report.as_ref().filter(|c| c.per_second > 0.0).map(|c| dps.per_second / c.per_second);
+    Ok(BenchReport {
+        transport: opts.transport.name().into(),
+        attestation: opts.attestation.name().into(),
+        allocation: match &opts.allocation {
+            Allocation::Hashed => "hashed".into(),
+            Allocation::Webhook => "webhook".into(),
+            Allocation::Rules(n) => format!("rules://{n}"),
+        },
+        payload_bytes: opts.payload_bytes,
+        devices: opts.devices,
+        concurrency: opts.concurrency,
+        rate: opts.rate,
+        setup_seconds,
+        enrollments_created,
+        dps,
+        ceiling: ceiling_report,
+        ratio_to_ceiling: ratio,
+        server_memory,
+        cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    })
+}

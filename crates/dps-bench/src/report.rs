@@ -1,0 +1,169 @@
+//! What a run measured, as JSON (`--json`) and as text.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+/// Latency percentiles, in milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Slowest.
+    pub max: f64,
+}
+
+impl Latency {
+    /// Percentiles of `micros` (sorted in place).
+    pub fn of(micros: &mut [u32]) -> Latency {
+        micros.sort_unstable();
+        let at = |p: f64| {
+            if micros.is_empty() {
+                return 0.0;
+            }
+            let i = ((micros.len() as f64 - 1.0) * p).round() as usize;
+            f64::from(micros[i.min(micros.len() - 1)]) / 1000.0
+        };
+        Latency { p50: at(0.5), p90: at(0.9), p99: at(0.99), max: at(1.0) }
+    }
+}
+
+/// One measured phase: the devices against dps, or the same against the ceiling server.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PhaseReport {
+    /// Devices attempted.
+    pub devices: usize,
+    /// Devices that ended `assigned` (and, with custom allocation, got the payload back).
+    pub assigned: usize,
+    /// Failures by kind: DPS error code, HTTP status, I/O error kind.
+    pub errors: BTreeMap<String, u64>,
+    /// The first message of each failure kind.
+    pub error_examples: BTreeMap<String, String>,
+    /// Wall-clock time of the phase, seconds.
+    pub seconds: f64,
+    /// Assigned devices per second.
+    pub per_second: f64,
+    /// Per-device latency (from the device's scheduled start to its final answer).
+    pub latency_ms: Latency,
+}
+
+/// Server memory figures, MiB.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Memory {
+    /// Resident before the measured phase.
+    pub rss_before_mib: f64,
+    /// Highest resident size sampled during the phase.
+    pub rss_peak_during_mib: f64,
+    /// Resident after it.
+    pub rss_after_mib: f64,
+    /// The process's high-water mark (VmHWM) at the end.
+    pub hwm_mib: f64,
+}
+
+/// The whole report of one `dps bench` run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BenchReport {
+    /// `https`, `https-new-conn` or `mqtt`.
+    pub transport: String,
+    /// `individual`, `group` or `x509`.
+    pub attestation: String,
+    /// `hashed`, `webhook` or `rules://<name>`.
+    pub allocation: String,
+    /// Registration payload size, bytes (0: none).
+    pub payload_bytes: usize,
+    /// Devices registered.
+    pub devices: usize,
+    /// Devices in flight at once.
+    pub concurrency: usize,
+    /// Target rate, devices per second (open loop), when set.
+    pub rate: Option<f64>,
+    /// Time spent creating enrollments and certificates before the run, seconds.
+    pub setup_seconds: f64,
+    /// Individual enrollments created for the run.
+    pub enrollments_created: usize,
+    /// The run against dps.
+    pub dps: PhaseReport,
+    /// The same run against the ceiling server, when measured.
+    pub ceiling: Option<PhaseReport>,
+    /// dps's throughput as a share of the ceiling's.
+    pub ratio_to_ceiling: Option<f64>,
+    /// dps memory, when its process is on this machine.
+    pub server_memory: Option<Memory>,
+    /// CPU cores of this machine.
+    pub cores: usize,
+}
+
+fn phase_text(out: &mut String, name: &str, p: &PhaseReport) {
+    let _ = writeln!(
+        out,
+        "{name:<8} {}/{} assigned in {:.2} s: {:.0}/s; latency ms p50 {:.1} p90 {:.1} p99 {:.1} max {:.1}",
+        p.assigned,
+        p.devices,
+        p.seconds,
+        p.per_second,
+        p.latency_ms.p50,
+        p.latency_ms.p90,
+        p.latency_ms.p99,
+        p.latency_ms.max
+    );
+    for (k, n) in &p.errors {
+        let _ = writeln!(
+            out,
+            "         {n} failed: {k} (first: {})",
+            p.error_examples.get(k).map(String::as_str).unwrap_or("")
+        );
+    }
+}
+
+impl BenchReport {
+    /// The report as text lines.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{} devices over {}, {} attestation, {} allocation, payload {} bytes, {} in flight{}; {} cores",
+            self.devices,
+            self.transport,
+            self.attestation,
+            self.allocation,
+            self.payload_bytes,
+            self.concurrency,
+            self.rate.map(|r| format!(", at {r:.0}/s")).unwrap_or_default(),
+            self.cores
+        );
+        if self.enrollments_created > 0 || self.setup_seconds > 0.5 {
+            let _ = writeln!(
+                out,
+                "setup    {} enrollments created in {:.1} s",
+                self.enrollments_created, self.setup_seconds
+            );
+        }
+        phase_text(&mut out, "dps", &self.dps);
+        if let Some(c) = &self.ceiling {
+            phase_text(&mut out, "ceiling", c);
+        }
+        if let Some(r) = self.ratio_to_ceiling {
+            let _ = writeln!(out, "ratio    dps does {:.0}% of the ceiling's throughput", r * 100.0);
+        }
+        if let Some(m) = &self.server_memory {
+            let _ = writeln!(
+                out,
+                "memory   dps RSS {:.0} MiB before, {:.0} MiB peak during, {:.0} MiB after (high-water mark {:.0} MiB)",
+                m.rss_before_mib, m.rss_peak_during_mib, m.rss_after_mib, m.hwm_mib
+            );
+        }
+        out
+    }
+
+    /// Whether every device of every phase was assigned.
+    pub fn is_clean(&self) -> bool {
+        self.dps.errors.is_empty()
+            && self.dps.assigned == self.dps.devices
+            && self.ceiling.as_ref().is_none_or(|c| c.errors.is_empty() && c.assigned == c.devices)
+    }
+}

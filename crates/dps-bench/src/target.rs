@@ -1,0 +1,236 @@
+//! The dps under test: read from its `dev-credentials.json`, or started by the bench.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dps_proto::sas::decode_key;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use serde_json::Value;
+
+use crate::BenchError;
+
+/// Where and how to reach a dps.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// ID scope.
+    pub id_scope: String,
+    /// Host name in the server certificate (connections go to 127.0.0.1 or `address`).
+    pub host: String,
+    /// IP address of the HTTPS listener.
+    pub https_addr: std::net::SocketAddr,
+    /// MQTT listener, when enabled.
+    pub mqtt_addr: Option<std::net::SocketAddr>,
+    /// Roots that verify the server certificate.
+    pub roots: Arc<rustls::RootCertStore>,
+    /// CA certificate file.
+    pub ca_path: PathBuf,
+    /// Owner policy name and key for the service API.
+    pub policy: (String, Vec<u8>),
+    /// Server process ID (for its memory figures), when on this machine.
+    pub pid: Option<u32>,
+    /// The server's certificate and key files, when they sit in the data directory (the
+    /// ceiling server reuses them).
+    pub server_tls: Option<(PathBuf, PathBuf)>,
+    /// Linked hubs.
+    pub linked_hubs: Vec<String>,
+}
+
+fn loopback(addr: &str) -> Result<std::net::SocketAddr, BenchError> {
+    let mut a: std::net::SocketAddr =
+        addr.parse().map_err(|_| BenchError::Setup(format!("'{addr}' is not a socket address")))?;
+    if a.ip().is_unspecified() {
+        a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    Ok(a)
+}
+
+impl Target {
+    /// Reads a server's `dev-credentials.json`.
+    pub fn from_credentials(path: &Path) -> Result<Target, BenchError> {
+        let text = std::fs::read(path).map_err(BenchError::io(format!("cannot read {}", path.display())))?;
+        let v: Value = serde_json::from_slice(&text)
+            .map_err(|e| BenchError::Setup(format!("{} is not JSON: {e}", path.display())))?;
+        let field = |k: &str| {
+            v[k].as_str()
+                .map(str::to_string)
+                .ok_or_else(|| BenchError::Setup(format!("{} has no '{k}'", path.display())))
+        };
+        let conn = field("serviceConnectionString")?;
+        let part = |k: &str| {
+            conn.split(';')
+                .find_map(|p| p.strip_prefix(&format!("{k}=")))
+                .map(str::to_string)
+                .ok_or_else(|| BenchError::Setup(format!("the service connection string has no {k}")))
+        };
+        let key = decode_key(&part("SharedAccessKey")?)
+            .map_err(|e| BenchError::Setup(format!("the service connection string's key: {e}")))?;
+        let ca_path = PathBuf::from(field("caCertificatePath")?);
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(&ca_path)
+            .map_err(|e| BenchError::Setup(format!("cannot read {}: {e}", ca_path.display())))?;
+        for cert in certs {
+            let cert = cert.map_err(|e| BenchError::Setup(format!("{}: {e}", ca_path.display())))?;
+            roots.add(cert).map_err(|e| BenchError::Setup(format!("{}: {e}", ca_path.display())))?;
+        }
+        let server_tls = ca_path.parent().map(|d| (d.join("server.pem"), d.join("server-key.pem")));
+        let server_tls = server_tls.filter(|(c, k)| c.exists() && k.exists());
+        Ok(Target {
+            id_scope: field("idScope")?,
+            host: field("hostName")?,
+            https_addr: loopback(&field("httpsAddress")?)?,
+            mqtt_addr: v["mqttAddress"].as_str().map(loopback).transpose()?,
+            roots: Arc::new(roots),
+            ca_path,
+            policy: (part("SharedAccessKeyName")?, key),
+            pid: v["pid"].as_u64().and_then(|p| u32::try_from(p).ok()),
+            server_tls,
+            linked_hubs: v["linkedHubs"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|h| h.as_str().map(str::to_string)).collect())
+                .unwrap_or_default(),
+        })
+    }
+
+    /// Resident and peak resident memory of the server process, in KiB.
+    pub fn memory_kib(&self) -> Option<(u64, u64)> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid?)).ok()?;
+        let field = |name: &str| {
+            status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        };
+        Some((field("VmRSS:")?, field("VmHWM:")?))
+    }
+}
+
+/// A dps started by the bench; stopped (SIGTERM, then kill) when dropped.
+#[derive(Debug)]
+pub struct SpawnedServer {
+    child: Child,
+    /// The server's data directory.
+    pub data_dir: PathBuf,
+    /// How to reach it.
+    pub target: Target,
+}
+
+/// The config a bench server runs with: loopback listeners on free ports, the durable store
+/// (`synchronous = "full"`), three linked hubs and the `bench` rule set.
+pub fn server_config(data_dir: &Path) -> String {
+    format!(
+        r#"data_dir = "{}"
+log = "warn"
+
+[listen]
+https = "127.0.0.1:0"
+mqtt = "127.0.0.1:0"
+
+[store]
+synchronous = "full"
+
+[limits]
+max_connections = 100000
+
+[[rules]]
+name = "bench"
+[[rules.cases]]
+when = "true"
+payload = "{{'registrationId': registrationId, 'model': payload == null ? 'none' : string(payload.modelId)}}"
+
+[[hubs]]
+host_name = "hub-1.bench.localhost"
+[[hubs]]
+host_name = "hub-2.bench.localhost"
+[[hubs]]
+host_name = "hub-3.bench.localhost"
+"#,
+        data_dir.display().to_string().replace('\\', "\\\\").replace('"', "\\\"")
+    )
+}
+
+impl SpawnedServer {
+    /// Starts `dps serve` (the binary at `dps_exe`) on `data_dir` with [`server_config`], and
+    /// waits until it has written its credentials.
+    pub fn start(dps_exe: &Path, data_dir: &Path) -> Result<SpawnedServer, BenchError> {
+        std::fs::create_dir_all(data_dir).map_err(BenchError::io(format!("cannot create {}", data_dir.display())))?;
+        let data_dir =
+            data_dir.canonicalize().map_err(BenchError::io(format!("cannot resolve {}", data_dir.display())))?;
+        let config = data_dir.join("bench-dps.toml");
+        std::fs::write(&config, server_config(&data_dir))
+            .map_err(BenchError::io(format!("cannot write {}", config.display())))?;
+        let log = data_dir.join("bench-dps.log");
+        let log_file =
+            std::fs::File::create(&log).map_err(BenchError::io(format!("cannot create {}", log.display())))?;
+        let child = Command::new(dps_exe)
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .map_err(BenchError::io(format!("cannot start {}", dps_exe.display())))?;
+        let mut server = SpawnedServer { child, data_dir: data_dir.clone(), target: placeholder_target() };
+        let creds = data_dir.join("dev-credentials.json");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = server.child.try_wait().map_err(BenchError::io("waiting for dps"))? {
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(BenchError::Setup(format!("dps exited ({status}) at start: {}", tail.trim())));
+            }
+            // The file of an earlier server on the same directory does not count.
+            if let Ok(t) = Target::from_credentials(&creds) {
+                if t.pid == Some(server.child.id()) {
+                    server.target = t;
+                    return Ok(server);
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(BenchError::Setup(format!(
+                    "dps did not write {} within 120 s (log: {})",
+                    creds.display(),
+                    log.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn placeholder_target() -> Target {
+    Target {
+        id_scope: String::new(),
+        host: String::new(),
+        https_addr: ([127, 0, 0, 1], 0).into(),
+        mqtt_addr: None,
+        roots: Arc::new(rustls::RootCertStore::empty()),
+        ca_path: PathBuf::new(),
+        policy: (String::new(), Vec::new()),
+        pid: None,
+        server_tls: None,
+        linked_hubs: Vec::new(),
+    }
+}
+
+/// Stops a child process: SIGTERM, a grace period, then SIGKILL.
+pub(crate) fn stop_child(child: &mut Child, grace: Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+impl Drop for SpawnedServer {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,244 @@
+//! `dps bench` and the hidden `dps bench-ceiling`.
+
+use std::io::BufRead as _;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Duration;
+
+use dps_bench::fleet::{default_prefix, Progress};
+use dps_bench::target::SpawnedServer;
+use dps_bench::{Allocation, Attestation, BenchError, FleetOptions, Target, Transport};
+
+/// `dps bench` options.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Run against the dps whose dev-credentials.json this is (it must be on this machine for
+    /// its memory figures and the ceiling). Without it, dps bench starts a dps of its own.
+    #[arg(long, value_name = "FILE")]
+    target: Option<PathBuf>,
+    /// Data directory for the dps that dps bench starts (kept, and reused by later runs: a way
+    /// to measure against a large store). Default: a temporary directory, removed afterwards.
+    #[arg(long, conflicts_with = "target")]
+    data_dir: Option<PathBuf>,
+    /// Devices to register.
+    #[arg(long, short = 'n', default_value_t = 1000)]
+    devices: usize,
+    /// Devices in flight at once (for https: kept-alive connections).
+    #[arg(long, short = 'c', default_value_t = 64)]
+    concurrency: usize,
+    /// How devices connect.
+    #[arg(long, value_enum, default_value = "https")]
+    transport: Transport,
+    /// How devices attest (individual enrollments are created in bulk first).
+    #[arg(long, value_enum, default_value = "group")]
+    attestation: Attestation,
+    /// Allocation: hashed (the default policy), webhook (a webhook in this process), rules
+    /// (the rule set "bench" of the dps bench starts) or rules:<name>.
+    #[arg(long, default_value = "hashed")]
+    allocation: Allocation,
+    /// Send a registration payload of about this many bytes (0: none).
+    #[arg(long, default_value_t = 0)]
+    payload_bytes: usize,
+    /// Start devices at this rate (per second) instead of as fast as they finish; latency is
+    /// then counted from each device's scheduled start.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Skip the ceiling run (the same devices against a fixed-answer hyper + rustls server).
+    #[arg(long)]
+    no_ceiling: bool,
+    /// Registration ID prefix; default bench-<unix time>- (new devices each run).
+    #[arg(long)]
+    id_prefix: Option<String>,
+    /// Seconds one device may take before it counts as failed.
+    #[arg(long, default_value_t = 60)]
+    device_timeout_secs: u64,
+    /// Bulk operations in flight while creating individual enrollments.
+    #[arg(long, default_value_t = 8)]
+    setup_parallel: usize,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `dps bench-ceiling` options (started by dps bench).
+#[derive(Debug, clap::Args)]
+pub struct CeilingArgs {
+    /// Server certificate chain (PEM).
+    #[arg(long)]
+    cert: PathBuf,
+    /// Server key (PEM).
+    #[arg(long)]
+    key: PathBuf,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+/// Serves the ceiling until stdin closes; prints `{"https": addr, "mqtt": addr}` when ready.
+pub fn ceiling(args: CeilingArgs) -> ExitCode {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Ends when the parent closes our stdin (or dies).
+    std::thread::spawn(|| {
+        let mut sink = String::new();
+        while std::io::stdin().lock().read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {}
+        std::process::exit(0);
+    });
+    let result = rt.block_on(dps_bench::ceiling::serve(&args.cert, &args.key, |https, mqtt| {
+        println!("{}", serde_json::json!({"https": https.to_string(), "mqtt": mqtt.to_string()}));
+    }));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A ceiling server process; stopped when dropped.
+struct CeilingProcess {
+    child: std::process::Child,
+}
+
+impl Drop for CeilingProcess {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_ceiling(target: &Target) -> Result<Option<(CeilingProcess, Target)>, BenchError> {
+    let Some((cert, key)) = &target.server_tls else {
+        eprintln!("note: the server's certificate and key are not in its data directory; no ceiling run");
+        return Ok(None);
+    };
+    let exe = std::env::current_exe().map_err(BenchError::io("cannot find the dps binary"))?;
+    let mut child = Command::new(exe)
+        .arg("bench-ceiling")
+        .arg("--cert")
+        .arg(cert)
+        .arg("--key")
+        .arg(key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(BenchError::io("cannot start the ceiling server"))?;
+    let stdout = child.stdout.take();
+    let process = CeilingProcess { child };
+    let mut line = String::new();
+    if let Some(out) = stdout {
+        std::io::BufReader::new(out).read_line(&mut line).map_err(BenchError::io("reading the ceiling's address"))?;
+    }
+    let v: serde_json::Value = serde_json::from_str(&line)
+        .map_err(|_| BenchError::Setup(format!("the ceiling server did not start (said {line:?})")))?;
+    let addr = |k: &str| {
+        v[k].as_str()
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| BenchError::Setup(format!("the ceiling server gave no {k} address")))
+    };
+    let mut c = target.clone();
+    c.https_addr = addr("https")?;
+    c.mqtt_addr = Some(addr("mqtt")?);
+    c.pid = None;
+    Ok(Some((process, c)))
+}
+
+/// Runs `dps bench`.
+pub fn run(args: BenchArgs) -> ExitCode {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let progress = if args.json {
+        Progress::Quiet
+    } else if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        Progress::Bar
+    } else {
+        Progress::Lines
+    };
+    let opts = FleetOptions {
+        devices: args.devices,
+        concurrency: args.concurrency,
+        transport: args.transport,
+        attestation: args.attestation,
+        allocation: args.allocation.clone(),
+        payload_bytes: args.payload_bytes,
+        rate: args.rate,
+        id_prefix: args.id_prefix.clone().unwrap_or_else(default_prefix),
+        device_timeout: Duration::from_secs(args.device_timeout_secs.max(1)),
+        setup_parallel: args.setup_parallel.max(1),
+        progress,
+    };
+    if let Err(e) = opts.validate() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    match execute(&args, opts) {
+        Ok(report) => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+            } else {
+                print!("{}", report.to_text());
+            }
+            if report.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(BenchError::Input(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(args: &BenchArgs, opts: FleetOptions) -> Result<dps_bench::BenchReport, BenchError> {
+    // A dps of our own unless --target: in --data-dir, or in a temporary directory.
+    let mut temp = None;
+    let server = match &args.target {
+        Some(_) => None,
+        None => {
+            let dir = match &args.data_dir {
+                Some(d) => d.clone(),
+                None => {
+                    let t = tempfile::Builder::new()
+                        .prefix("dps-bench-")
+                        .tempdir()
+                        .map_err(BenchError::io("cannot create a temporary directory"))?;
+                    let p = t.path().to_path_buf();
+                    temp = Some(t);
+                    p
+                }
+            };
+            let exe = std::env::current_exe().map_err(BenchError::io("cannot find the dps binary"))?;
+            Some(SpawnedServer::start(&exe, &dir)?)
+        }
+    };
+    let target = match (&server, &args.target) {
+        (Some(s), _) => s.target.clone(),
+        (None, Some(path)) => Target::from_credentials(path)?,
+        (None, None) => return Err(BenchError::Input("no target".into())),
+    };
+    let ceiling = if args.no_ceiling { None } else { start_ceiling(&target)? };
+    let rt = runtime().map_err(BenchError::Setup)?;
+    let report = rt.block_on(dps_bench::run(&target, ceiling.as_ref().map(|(_, t)| t), opts));
+    drop(ceiling);
+    drop(server);
+    drop(temp);
+    report
+}
