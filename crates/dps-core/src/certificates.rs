@@ -354,15 +354,9 @@ impl Engine {
         let intermediates: Vec<Vec<u8>> = chain.iter().skip(1).cloned().collect();
         let mut best: Option<(usize, EnrollmentGroup)> = None;
         let mut reasons: Vec<String> = Vec::new();
-        let mut continuation: Option<String> = None;
-        loop {
-            let page = self
-                .store
-                .list(Collection::EnrollmentGroups, None, continuation.as_deref(), 500)
-                .await
-                .map_err(|e| e.to_string())?;
-            for doc in &page.documents {
-                let Ok(g) = parse_stored::<EnrollmentGroup>(&doc.body, "enrollment group", &doc.id) else { continue };
+        let groups = self.enrollment_groups().await.map_err(|e| e.to_string())?;
+        {
+            for g in groups.iter() {
                 let Some(x) =
                     g.common.attestation.x509.as_ref().filter(|_| g.common.attestation.kind == AttestationType::X509)
                 else {
@@ -408,10 +402,6 @@ impl Engine {
                     }
                     best = Some((position, g.clone()));
                 }
-            }
-            match page.continuation {
-                Some(c) => continuation = Some(c),
-                None => break,
             }
         }
         match best {

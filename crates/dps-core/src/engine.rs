@@ -12,7 +12,8 @@ use crate::allocation::LinkedHub;
 use crate::clock::{Clock, SystemClock};
 use crate::custom::AllocationHook;
 use crate::error::Error;
-use crate::store::Store;
+use crate::store::{Collection, Store};
+use dps_proto::service::EnrollmentGroup;
 
 /// Engine settings, from the server configuration.
 #[derive(Debug, Clone)]
@@ -75,6 +76,16 @@ pub struct Engine {
     pub(crate) operation_prefix: Arc<str>,
     /// Custom allocation webhook client.
     pub(crate) hook: Option<Arc<dyn AllocationHook>>,
+    /// Parsed enrollment groups, read once per store version of the collection.
+    pub(crate) groups: Arc<GroupCache>,
+}
+
+/// The enrollment groups as last read, and the store version they were read at. Every
+/// symmetric-key and X.509 group registration looks at every group; this spares reading and
+/// parsing them each time. Only used when the store reports versions.
+#[derive(Default)]
+pub(crate) struct GroupCache {
+    cached: std::sync::Mutex<Option<(u64, Arc<Vec<EnrollmentGroup>>)>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -94,7 +105,14 @@ impl Engine {
         let mut node = [0u8; 8];
         rand::thread_rng().fill_bytes(&mut node);
         let hex: String = node.iter().map(|b| format!("{b:02x}")).collect();
-        Self { store, settings: Arc::new(settings), clock, operation_prefix: Arc::from(format!("5.{hex}")), hook: None }
+        Self {
+            store,
+            settings: Arc::new(settings),
+            clock,
+            operation_prefix: Arc::from(format!("5.{hex}")),
+            hook: None,
+            groups: Arc::default(),
+        }
     }
 
     /// Sets the client used for custom allocation webhooks.
@@ -116,6 +134,39 @@ impl Engine {
     /// The clock.
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.clock
+    }
+
+    /// Every enrollment group, in ID order: from the cache when the store's version of the
+    /// collection has not moved since it was filled.
+    pub(crate) async fn enrollment_groups(&self) -> Result<Arc<Vec<EnrollmentGroup>>, Error> {
+        // The version is read before the groups: a write that lands while they are read
+        // moves it past what the cache records, so the next call reads again.
+        let version = self.store.version(Collection::EnrollmentGroups);
+        if let Some(v) = version {
+            let cached = self.groups.cached.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, groups)) = cached.as_ref() {
+                if *at == v {
+                    return Ok(groups.clone());
+                }
+            }
+        }
+        let mut groups = Vec::new();
+        let mut continuation: Option<String> = None;
+        loop {
+            let page = self.store.list(Collection::EnrollmentGroups, None, continuation.as_deref(), 500).await?;
+            for doc in &page.documents {
+                groups.push(parse_stored::<EnrollmentGroup>(&doc.body, "enrollment group", &doc.id)?);
+            }
+            match page.continuation {
+                Some(c) => continuation = Some(c),
+                None => break,
+            }
+        }
+        let groups = Arc::new(groups);
+        if let Some(v) = version {
+            *self.groups.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((v, groups.clone()));
+        }
+        Ok(groups)
     }
 
     /// Deletes expired operations; returns how many.

@@ -334,25 +334,18 @@ impl Engine {
     }
 
     async fn find_group_for(&self, token: &SasToken, registration_id: &str) -> Result<Option<EnrollmentGroup>, Error> {
-        let mut continuation: Option<String> = None;
-        loop {
-            let page = self.store.list(Collection::EnrollmentGroups, None, continuation.as_deref(), 500).await?;
-            for doc in &page.documents {
-                let g: EnrollmentGroup = parse_stored(&doc.body, "enrollment group", &doc.id)?;
-                if g.common.attestation.kind != AttestationType::SymmetricKey {
-                    continue;
-                }
-                if let Some(sk) = &g.common.attestation.symmetric_key {
-                    if verify_group(token, sk, registration_id).is_some() {
-                        return Ok(Some(g));
-                    }
-                }
-            }
-            match page.continuation {
-                Some(c) => continuation = Some(c),
-                None => return Ok(None),
-            }
-        }
+        let groups = self.enrollment_groups().await?;
+        Ok(groups
+            .iter()
+            .filter(|g| g.common.attestation.kind == AttestationType::SymmetricKey)
+            .find(|g| {
+                g.common
+                    .attestation
+                    .symmetric_key
+                    .as_ref()
+                    .is_some_and(|sk| verify_group(token, sk, registration_id).is_some())
+            })
+            .cloned())
     }
 
     fn check_payload(&self, payload: Option<Value>) -> Result<Option<Value>, Error> {

@@ -152,4 +152,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Stores `value` under `key` unless a value is already there; returns the stored value.
     async fn init_setting(&self, key: &str, value: &str) -> Result<String, StoreError>;
+
+    /// A number that changes whenever a write through this store commits to `collection`,
+    /// so that callers may cache what they read from it; `None` (the default) when the
+    /// implementation cannot tell, and nothing may be cached.
+    fn version(&self, collection: Collection) -> Option<u64> {
+        let _ = collection;
+        None
+    }
 }

@@ -21,6 +21,7 @@ fn put(c: Collection, d: Document, condition: Condition) -> Write {
 pub async fn run_all(store: &dyn Store) {
     conditional_writes(store).await;
     atomic_batches(store).await;
+    concurrent_batches(store).await;
     paging_and_partitions(store).await;
     expiry(store).await;
     settings(store).await;
@@ -94,6 +95,43 @@ pub async fn atomic_batches(store: &dyn Store) {
     store.write(ok).await.unwrap();
     assert!(store.get(o, "op-1").await.unwrap().is_some());
     assert_eq!(store.get(r, "batch-a").await.unwrap().unwrap().etag, "2");
+}
+
+/// Many batches at once, as registrations arrive (a backend may commit them together): each
+/// succeeds or fails on its own, a failed one leaves nothing behind, and the collection
+/// version (when the backend keeps one) moves with every committed write.
+pub async fn concurrent_batches(store: &dyn Store) {
+    let r = Collection::Registrations;
+    let o = Collection::Operations;
+    let before = store.version(o);
+    // 64 batches race for one registration ID: exactly one wins, the others leave no operation.
+    let attempts = (0..64).map(|i| {
+        store.write(vec![
+            put(o, doc(&format!("race-op-{i}"), "x", Some("race")), Condition::IfAbsent),
+            put(r, doc("race", &format!("{i}"), None), Condition::IfAbsent),
+        ])
+    });
+    let results = futures_util::future::join_all(attempts).await;
+    let winners: Vec<usize> = results.iter().enumerate().filter(|(_, r)| r.is_ok()).map(|(i, _)| i).collect();
+    assert_eq!(winners.len(), 1, "exactly one of the racing batches must win: {results:?}");
+    for (i, result) in results.iter().enumerate() {
+        let op = store.get(o, &format!("race-op-{i}")).await.unwrap();
+        match result {
+            Ok(()) => assert!(op.is_some(), "the winner's operation must be stored"),
+            Err(StoreError::AlreadyExists(_)) => assert_eq!(op, None, "a losing batch must leave nothing"),
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert_eq!(store.get(r, "race").await.unwrap().unwrap().etag, winners[0].to_string());
+    // Independent batches all commit.
+    let puts = (0..64).map(|i| store.write(vec![put(o, doc(&format!("many-{i}"), "1", None), Condition::IfAbsent)]));
+    assert!(futures_util::future::join_all(puts).await.iter().all(Result::is_ok));
+    for i in 0..64 {
+        assert!(store.get(o, &format!("many-{i}")).await.unwrap().is_some());
+    }
+    if let (Some(b), Some(a)) = (before, store.version(o)) {
+        assert!(a >= b + 65, "the version must move with each committed write ({b} -> {a})");
+    }
 }
 
 /// Key-ordered pages with continuation tokens, partition filters, bad tokens.

@@ -1,7 +1,8 @@
 //! The embedded SQLite store.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -39,16 +40,53 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;",
 ];
 
+/// Most registrations' writes committed in one transaction (one fsync).
+const MAX_BATCH: usize = 512;
+/// Read connections (WAL readers run beside the writer).
+const READERS: usize = 4;
+
+/// One request to the writer thread.
+enum Job {
+    /// An atomic batch of writes; committed together with the other batches waiting.
+    Write { writes: Vec<Write>, reply: tokio::sync::oneshot::Sender<Result<(), StoreError>> },
+    /// Anything else that writes (settings, purges): run alone on the writer connection.
+    Exclusive(Box<dyn FnOnce(&mut Connection) + Send>),
+}
+
 /// The embedded SQLite store. Cheap to clone.
+///
+/// One writer thread owns the only writing connection and commits every write request that
+/// is waiting when it starts a transaction in that one transaction, each request inside a
+/// savepoint of its own (a failed condition rolls back just that request): one fsync for many
+/// registrations ("group commit"). Nobody hears of a write before its transaction committed.
+/// Reads use a small pool of read connections, which WAL lets run beside the writer.
 #[derive(Clone)]
 pub struct SqliteStore {
-    conn: Arc<Mutex<Connection>>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     path: PathBuf,
+    readers: Vec<Mutex<Connection>>,
+    next_reader: AtomicUsize,
+    writer: Option<mpsc::Sender<Job>>,
+    writer_thread: Option<std::thread::JoinHandle<()>>,
+    versions: Arc<[AtomicU64; 8]>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer thread after the jobs already sent.
+        self.writer = None;
+        if let Some(t) = self.writer_thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("SqliteStore").field("path", &self.inner.path).finish_non_exhaustive()
     }
 }
 
@@ -66,12 +104,17 @@ fn sql_err(e: rusqlite::Error) -> StoreError {
     }
 }
 
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn =
+        Connection::open(path).map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(sql_err)?;
+    Ok(conn)
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and applies migrations.
     pub fn open(path: &Path, synchronous: Synchronous) -> Result<Self, StoreError> {
-        let conn = Connection::open(path)
-            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
-        conn.busy_timeout(Duration::from_secs(5)).map_err(sql_err)?;
+        let mut conn = open_connection(path)?;
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(sql_err)?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::Unavailable(format!("{} cannot use WAL journaling (got {mode})", path.display())));
@@ -81,57 +124,218 @@ impl SqliteStore {
             Synchronous::Normal => "NORMAL",
         };
         conn.execute_batch(&format!("PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;")).map_err(sql_err)?;
-        let mut store = SqliteStore { conn: Arc::new(Mutex::new(conn)), path: path.to_path_buf() };
-        store.migrate()?;
-        Ok(store)
+        migrate(&mut conn, path)?;
+        let mut readers = Vec::with_capacity(READERS);
+        for _ in 0..READERS {
+            let r = open_connection(path)?;
+            r.execute_batch("PRAGMA query_only = 1;").map_err(sql_err)?;
+            readers.push(Mutex::new(r));
+        }
+        let versions: Arc<[AtomicU64; 8]> = Arc::new(Default::default());
+        let (tx, rx) = mpsc::channel();
+        let thread_versions = versions.clone();
+        let writer_thread = std::thread::Builder::new()
+            .name("dps-store-writer".into())
+            .spawn(move || writer_loop(conn, rx, &thread_versions))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the store writer thread: {e}")))?;
+        Ok(SqliteStore {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                readers,
+                next_reader: AtomicUsize::new(0),
+                writer: Some(tx),
+                writer_thread: Some(writer_thread),
+                versions,
+            }),
+        })
     }
 
     /// The current schema version.
     pub fn schema_version(&self) -> Result<usize, StoreError> {
-        let conn = self.lock();
+        let conn = self.reader();
         let v: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql_err)?;
         Ok(usize::try_from(v).unwrap_or(0))
     }
 
-    fn migrate(&mut self) -> Result<(), StoreError> {
-        let mut conn = self.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
-        let current: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql_err)?;
-        let current = usize::try_from(current).unwrap_or(usize::MAX);
-        if current > MIGRATIONS.len() {
-            return Err(StoreError::Unavailable(format!(
-                "{} has schema version {current}, newer than this dps understands ({}); upgrade dps",
-                self.path.display(),
-                MIGRATIONS.len()
-            )));
+    /// A free read connection, else the next one in turn.
+    fn reader(&self) -> MutexGuard<'_, Connection> {
+        let readers = &self.inner.readers;
+        let start = self.inner.next_reader.fetch_add(1, Ordering::Relaxed);
+        for i in 0..readers.len() {
+            match readers[(start + i) % readers.len()].try_lock() {
+                Ok(guard) => return guard,
+                Err(std::sync::TryLockError::Poisoned(p)) => return p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
         }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
-            tx.execute_batch(sql).map_err(sql_err)?;
-            tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1)).map_err(sql_err)?;
-            tracing::info!(version = i + 1, "store schema migrated");
-        }
-        tx.commit().map_err(sql_err)
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock left no open transaction behind (rusqlite rolls
         // back on drop), so the connection is still usable.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        readers[start % readers.len()].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || f(&this.reader()))
+            .await
+            .map_err(|e| StoreError::Other(format!("store task failed: {e}")))?
+    }
+
+    fn send(&self, job: Job) -> Result<(), StoreError> {
+        self.inner
+            .writer
+            .as_ref()
+            .and_then(|w| w.send(job).ok())
+            .ok_or_else(|| StoreError::Unavailable("the store's writer thread has stopped".into()))
+    }
+
+    /// Runs `f` alone on the writer connection.
+    async fn exclusive<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = this.lock();
-            f(&mut conn)
-        })
-        .await
-        .map_err(|e| StoreError::Other(format!("store task failed: {e}")))?
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(Job::Exclusive(Box::new(move |conn| {
+            let _ = tx.send(f(conn));
+        })))?;
+        rx.await.map_err(|_| StoreError::Unavailable("the store's writer thread has stopped".into()))?
     }
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
+    let current: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql_err)?;
+    let current = usize::try_from(current).unwrap_or(usize::MAX);
+    if current > MIGRATIONS.len() {
+        return Err(StoreError::Unavailable(format!(
+            "{} has schema version {current}, newer than this dps understands ({}); upgrade dps",
+            path.display(),
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        tx.execute_batch(sql).map_err(sql_err)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1)).map_err(sql_err)?;
+        tracing::info!(version = i + 1, "store schema migrated");
+    }
+    tx.commit().map_err(sql_err)
+}
+
+type Reply = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
+
+/// The writer thread: takes every write request waiting (up to [`MAX_BATCH`]), commits them in
+/// one transaction, then answers each.
+fn writer_loop(mut conn: Connection, jobs: mpsc::Receiver<Job>, versions: &[AtomicU64; 8]) {
+    while let Ok(job) = jobs.recv() {
+        let mut batch: Vec<(Vec<Write>, Reply)> = Vec::new();
+        let mut after = None;
+        match job {
+            Job::Write { writes, reply } => batch.push((writes, reply)),
+            Job::Exclusive(f) => {
+                f(&mut conn);
+                continue;
+            }
+        }
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(Job::Write { writes, reply }) => batch.push((writes, reply)),
+                Ok(Job::Exclusive(f)) => {
+                    after = Some(f);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        commit_batch(&mut conn, batch, versions);
+        if let Some(f) = after {
+            f(&mut conn);
+        }
+    }
+}
+
+fn commit_batch(conn: &mut Connection, batch: Vec<(Vec<Write>, Reply)>, versions: &[AtomicU64; 8]) {
+    let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(batch.len());
+    let committed = (|| {
+        let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
+        for (writes, _) in &batch {
+            let sp = tx.savepoint().map_err(sql_err)?;
+            let r = apply(&sp, writes);
+            if r.is_ok() {
+                sp.commit().map_err(sql_err)?;
+            }
+            // Dropping an uncommitted savepoint rolls it back.
+            results.push(r);
+        }
+        tx.commit().map_err(sql_err)
+    })();
+    match committed {
+        Ok(()) => {
+            for ((writes, _), r) in batch.iter().zip(&results) {
+                if r.is_ok() {
+                    for w in writes {
+                        let c = match w {
+                            Write::Put { collection, .. } | Write::Delete { collection, .. } => *collection,
+                        };
+                        if let Some(v) = usize::try_from(c.tag()).ok().and_then(|i| versions.get(i)) {
+                            v.fetch_add(1, Ordering::Release);
+                        }
+                    }
+                }
+            }
+            for ((_, reply), r) in batch.into_iter().zip(results) {
+                let _ = reply.send(r);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, requests = batch.len(), "store transaction failed; nothing of it was written");
+            for (_, reply) in batch {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// Checks the conditions and applies one request's writes (inside its savepoint).
+fn apply(tx: &Connection, writes: &[Write]) -> Result<(), StoreError> {
+    for w in writes {
+        let (collection, id, condition) = match w {
+            Write::Put { collection, document, condition } => (*collection, document.id.as_str(), condition),
+            Write::Delete { collection, id, condition } => (*collection, id.as_str(), condition),
+        };
+        let key = key_of(id);
+        let current: Option<String> = tx
+            .prepare_cached("SELECT etag FROM documents WHERE collection = ?1 AND key = ?2")
+            .and_then(|mut st| st.query_row(params![collection.tag(), key], |r| r.get(0)).optional())
+            .map_err(sql_err)?;
+        check(collection, id, current.as_deref(), condition)?;
+        match w {
+            Write::Put { document: d, .. } => {
+                tx.prepare_cached(
+                    "INSERT INTO documents (collection, key, id, etag, partition, body, expires_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT (collection, key) DO UPDATE SET id = excluded.id, etag = excluded.etag,
+                       partition = excluded.partition, body = excluded.body, expires_at = excluded.expires_at",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![collection.tag(), key, d.id, d.etag, d.partition, d.body, d.expires_at])
+                })
+                .map_err(sql_err)?;
+            }
+            Write::Delete { .. } => {
+                if current.is_none() {
+                    return Err(StoreError::NotFound(format!("{collection:?} '{id}' does not exist")));
+                }
+                tx.prepare_cached("DELETE FROM documents WHERE collection = ?1 AND key = ?2")
+                    .and_then(|mut st| st.execute(params![collection.tag(), key]))
+                    .map_err(sql_err)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn key_of(id: &str) -> String {
@@ -167,7 +371,7 @@ fn check(collection: Collection, id: &str, current: Option<&str>, condition: &Co
 impl Store for SqliteStore {
     async fn get(&self, collection: Collection, id: &str) -> Result<Option<Document>, StoreError> {
         let key = key_of(id);
-        self.blocking(move |conn| {
+        self.read(move |conn| {
             conn.prepare_cached(
                 "SELECT id, etag, partition, body, expires_at FROM documents WHERE collection = ?1 AND key = ?2",
             )
@@ -178,45 +382,12 @@ impl Store for SqliteStore {
     }
 
     async fn write(&self, writes: Vec<Write>) -> Result<(), StoreError> {
-        self.blocking(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
-            for w in &writes {
-                let (collection, id, condition) = match w {
-                    Write::Put { collection, document, condition } => (*collection, document.id.as_str(), condition),
-                    Write::Delete { collection, id, condition } => (*collection, id.as_str(), condition),
-                };
-                let key = key_of(id);
-                let current: Option<String> = tx
-                    .prepare_cached("SELECT etag FROM documents WHERE collection = ?1 AND key = ?2")
-                    .and_then(|mut st| st.query_row(params![collection.tag(), key], |r| r.get(0)).optional())
-                    .map_err(sql_err)?;
-                check(collection, id, current.as_deref(), condition)?;
-                match w {
-                    Write::Put { document: d, .. } => {
-                        tx.prepare_cached(
-                            "INSERT INTO documents (collection, key, id, etag, partition, body, expires_at)
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                             ON CONFLICT (collection, key) DO UPDATE SET id = excluded.id, etag = excluded.etag,
-                               partition = excluded.partition, body = excluded.body, expires_at = excluded.expires_at",
-                        )
-                        .and_then(|mut st| {
-                            st.execute(params![collection.tag(), key, d.id, d.etag, d.partition, d.body, d.expires_at])
-                        })
-                        .map_err(sql_err)?;
-                    }
-                    Write::Delete { .. } => {
-                        if current.is_none() {
-                            return Err(StoreError::NotFound(format!("{collection:?} '{id}' does not exist")));
-                        }
-                        tx.prepare_cached("DELETE FROM documents WHERE collection = ?1 AND key = ?2")
-                            .and_then(|mut st| st.execute(params![collection.tag(), key]))
-                            .map_err(sql_err)?;
-                    }
-                }
-            }
-            tx.commit().map_err(sql_err)
-        })
-        .await
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.send(Job::Write { writes, reply })?;
+        answer.await.map_err(|_| StoreError::Unavailable("the store's writer thread has stopped".into()))?
     }
 
     async fn list(
@@ -235,7 +406,7 @@ impl Store for SqliteStore {
             };
         let partition = partition.map(str::to_string);
         let limit = limit.max(1);
-        self.blocking(move |conn| {
+        self.read(move |conn| {
             let fetch = i64::try_from(limit).unwrap_or(i64::MAX - 1) + 1;
             let mut st = conn
                 .prepare_cached(
@@ -265,7 +436,7 @@ impl Store for SqliteStore {
     }
 
     async fn purge_expired(&self, now_millis: i64) -> Result<u64, StoreError> {
-        self.blocking(move |conn| {
+        self.exclusive(move |conn| {
             conn.execute("DELETE FROM documents WHERE expires_at IS NOT NULL AND expires_at < ?1", params![now_millis])
                 .map(|n| n as u64)
                 .map_err(sql_err)
@@ -275,7 +446,7 @@ impl Store for SqliteStore {
 
     async fn get_setting(&self, key: &str) -> Result<Option<String>, StoreError> {
         let key = key.to_string();
-        self.blocking(move |conn| {
+        self.read(move |conn| {
             conn.query_row("SELECT value FROM settings WHERE key = ?1", params![key], |r| r.get(0))
                 .optional()
                 .map_err(sql_err)
@@ -285,7 +456,7 @@ impl Store for SqliteStore {
 
     async fn init_setting(&self, key: &str, value: &str) -> Result<String, StoreError> {
         let (key, value) = (key.to_string(), value.to_string());
-        self.blocking(move |conn| {
+        self.exclusive(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
             tx.execute(
                 "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
@@ -299,5 +470,10 @@ impl Store for SqliteStore {
             Ok(stored)
         })
         .await
+    }
+
+    fn version(&self, collection: Collection) -> Option<u64> {
+        let i = usize::try_from(collection.tag()).ok()?;
+        self.inner.versions.get(i).map(|v| v.load(Ordering::Acquire))
     }
 }
