@@ -394,7 +394,9 @@ impl Engine {
     }
 
     fn new_operation_id(&self) -> String {
-        format!("{}.{}", self.operation_prefix, uuid::Uuid::new_v4())
+        // UUIDv7: time-ordered, so new operations land at the end of the store's index
+        // instead of on a random page each (far fewer pages written per commit).
+        format!("{}.{}", self.operation_prefix, uuid::Uuid::now_v7())
     }
 
     /// Registers a device. Always answers (the transport sends 202) unless the request is
@@ -931,7 +933,8 @@ impl Engine {
             document: Document {
                 id: operation_id.to_string(),
                 etag: String::new(),
-                partition: Some(id_key(&op.registration_id)),
+                // Never listed by registration: no partition, no secondary index entry.
+                partition: None,
                 body: to_json(op)?,
                 expires_at: Some(op.created_millis.saturating_add(retention)),
             },

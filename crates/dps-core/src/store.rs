@@ -13,7 +13,7 @@ pub enum Collection {
     EnrollmentGroups,
     /// Device registration states, keyed by registration ID; partition = group ID key.
     Registrations,
-    /// Registration operations, keyed by operation ID; partition = registration ID key.
+    /// Registration operations, keyed by operation ID (time-ordered); no partition.
     Operations,
     /// CA certificates of the certificate store, keyed by name.
     Certificates,

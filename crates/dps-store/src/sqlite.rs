@@ -370,15 +370,15 @@ fn check(collection: Collection, id: &str, current: Option<&str>, condition: &Co
 #[async_trait]
 impl Store for SqliteStore {
     async fn get(&self, collection: Collection, id: &str) -> Result<Option<Document>, StoreError> {
+        // A point read by primary key takes microseconds: it runs here, on the caller's
+        // thread, rather than paying for a hand-off to the blocking pool (listings do that).
         let key = key_of(id);
-        self.read(move |conn| {
-            conn.prepare_cached(
-                "SELECT id, etag, partition, body, expires_at FROM documents WHERE collection = ?1 AND key = ?2",
-            )
-            .and_then(|mut st| st.query_row(params![collection.tag(), key], read_doc).optional())
-            .map_err(sql_err)
-        })
-        .await
+        let conn = self.reader();
+        conn.prepare_cached(
+            "SELECT id, etag, partition, body, expires_at FROM documents WHERE collection = ?1 AND key = ?2",
+        )
+        .and_then(|mut st| st.query_row(params![collection.tag(), key], read_doc).optional())
+        .map_err(sql_err)
     }
 
     async fn write(&self, writes: Vec<Write>) -> Result<(), StoreError> {
