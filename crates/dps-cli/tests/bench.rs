@@ -1,0 +1,105 @@
+//! `dps bench` smoke runs: a few hundred devices over each transport (and each attestation
+//! and allocation kind) against a dps the bench starts, checking that the report is produced
+//! and error-free. Speed is not asserted here; BENCHMARKS.md has the figures.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn bench(data_dir: &std::path::Path, args: &[&str]) -> (i32, Value, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dps"))
+        .arg("bench")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--json")
+        .args(args)
+        .output()
+        .expect("run dps bench");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let report = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out.status.code().unwrap_or(-1), report, stderr)
+}
+
+fn assert_clean(report: &Value, devices: u64, transport: &str, stderr: &str) {
+    assert_eq!(report["transport"], transport, "{report:#} {stderr}");
+    for phase in ["dps", "ceiling"] {
+        let p = &report[phase];
+        assert_eq!(p["devices"], devices, "{phase}: {report:#}");
+        assert_eq!(p["assigned"], devices, "{phase}: every device must be assigned: {report:#} {stderr}");
+        assert_eq!(p["errors"], serde_json::json!({}), "{phase}: {report:#}");
+        assert!(p["per_second"].as_f64().unwrap() > 0.0, "{report:#}");
+        let l = &p["latency_ms"];
+        assert!(l["p50"].as_f64().unwrap() > 0.0 && l["p50"].as_f64() <= l["p99"].as_f64(), "{report:#}");
+        assert!(l["p99"].as_f64() <= l["max"].as_f64(), "{report:#}");
+    }
+    assert!(report["ratio_to_ceiling"].as_f64().unwrap() > 0.0, "{report:#}");
+    let mem = &report["server_memory"];
+    assert!(mem["rss_after_mib"].as_f64().unwrap() > 1.0, "server memory must be read: {report:#}");
+}
+
+#[test]
+fn bench_smoke_runs_every_transport_without_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+
+    let (code, r, err) = bench(&data, &["-n", "300", "-c", "16", "--transport", "https"]);
+    assert_eq!(code, 0, "{err}");
+    assert_clean(&r, 300, "https", &err);
+    assert_eq!(r["attestation"], "group");
+
+    // Individual enrollments created in bulk first; the webhook's payload comes back.
+    let (code, r, err) = bench(
+        &data,
+        &[
+            "-n",
+            "200",
+            "-c",
+            "16",
+            "--transport",
+            "https-new-conn",
+            "--attestation",
+            "individual",
+            "--allocation",
+            "webhook",
+            "--payload-bytes",
+            "300",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_clean(&r, 200, "https-new-conn", &err);
+    assert_eq!(r["enrollments_created"], 200, "{r:#}");
+    assert_eq!(r["allocation"], "webhook");
+
+    let (code, r, err) = bench(
+        &data,
+        &["-n", "300", "-c", "16", "--transport", "mqtt", "--allocation", "rules", "--payload-bytes", "100"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_clean(&r, 300, "mqtt", &err);
+    assert_eq!(r["allocation"], "rules://bench");
+
+    let (code, r, err) = bench(&data, &["-n", "100", "-c", "8", "--transport", "mqtt", "--attestation", "x509"]);
+    assert_eq!(code, 0, "{err}");
+    assert_clean(&r, 100, "mqtt", &err);
+    assert_eq!(r["attestation"], "x509");
+
+    // An open-loop run at a set rate reports it.
+    let (code, r, err) = bench(&data, &["-n", "200", "-c", "16", "--rate", "400", "--no-ceiling"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(r["rate"], 400.0);
+    assert!(r["dps"]["seconds"].as_f64().unwrap() >= 0.45, "200 devices at 400/s take half a second: {r:#}");
+    assert!(r["ceiling"].is_null());
+}
+
+#[test]
+fn bench_refuses_impossible_combinations_before_starting_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("never-created");
+    let (code, _, err) = bench(&data, &["--attestation", "x509", "--transport", "https"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("https-new-conn or mqtt"), "{err}");
+    let (code, _, err) = bench(&data, &["--allocation", "round-robin"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("expected hashed, webhook, rules"), "{err}");
+    assert!(!data.exists(), "nothing may be started for a refused run");
+}
