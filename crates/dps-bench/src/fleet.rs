@@ -553,5 +553,6 @@ pub async fn run(target: &Target, ceiling: Option<&Target>, opts: FleetOptions) 
         ratio_to_ceiling: ratio,
         server_memory,
         cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        server_key: target.server_key.clone(),
     })
 }

@@ -96,6 +96,8 @@ pub struct BenchReport {
     pub server_memory: Option<Memory>,
     /// CPU cores of this machine.
     pub cores: usize,
+    /// Key algorithm of the server certificate, when known.
+    pub server_key: Option<String>,
 }
 
 fn phase_text(out: &mut String, name: &str, p: &PhaseReport) {
@@ -126,7 +128,7 @@ impl BenchReport {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{} devices over {}, {} attestation, {} allocation, payload {} bytes, {} in flight{}; {} cores",
+            "{} devices over {}, {} attestation, {} allocation, payload {} bytes, {} in flight{}; {} cores{}",
             self.devices,
             self.transport,
             self.attestation,
@@ -134,7 +136,8 @@ impl BenchReport {
             self.payload_bytes,
             self.concurrency,
             self.rate.map(|r| format!(", at {r:.0}/s")).unwrap_or_default(),
-            self.cores
+            self.cores,
+            self.server_key.as_deref().map(|k| format!("; server key {k}")).unwrap_or_default()
         );
         if self.enrollments_created > 0 || self.setup_seconds > 0.5 {
             let _ = writeln!(

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dps_proto::sas::decode_key;
+pub use dps_server::config::GeneratedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use serde_json::Value;
@@ -36,6 +37,32 @@ pub struct Target {
     pub server_tls: Option<(PathBuf, PathBuf)>,
     /// Linked hubs.
     pub linked_hubs: Vec<String>,
+    /// Key algorithm of the server certificate (`rsa-2048`, `ecdsa-p256`, ...), when its
+    /// file is on this machine.
+    pub server_key: Option<String>,
+}
+
+/// The key algorithm of the first certificate in a PEM file: `rsa-<bits>` or `ecdsa-<curve>`.
+fn key_algorithm(cert: &Path) -> Option<String> {
+    use x509_parser::public_key::PublicKey;
+    let pem = std::fs::read(cert).ok()?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    let spki = cert.public_key();
+    match spki.parsed().ok()? {
+        PublicKey::RSA(rsa) => Some(format!("rsa-{}", rsa.key_size())),
+        PublicKey::EC(_) => {
+            let curve = spki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok());
+            let name = match curve.map(|o| o.to_id_string()).as_deref() {
+                Some("1.2.840.10045.3.1.7") => "p256".to_string(),
+                Some("1.3.132.0.34") => "p384".to_string(),
+                Some(other) => other.to_string(),
+                None => "unknown".to_string(),
+            };
+            Some(format!("ecdsa-{name}"))
+        }
+        _ => Some(cert.public_key().algorithm.algorithm.to_id_string()),
+    }
 }
 
 fn loopback(addr: &str) -> Result<std::net::SocketAddr, BenchError> {
@@ -77,6 +104,7 @@ impl Target {
         }
         let server_tls = ca_path.parent().map(|d| (d.join("server.pem"), d.join("server-key.pem")));
         let server_tls = server_tls.filter(|(c, k)| c.exists() && k.exists());
+        let server_key = server_tls.as_ref().and_then(|(cert, _)| key_algorithm(cert));
         Ok(Target {
             id_scope: field("idScope")?,
             host: field("hostName")?,
@@ -87,6 +115,7 @@ impl Target {
             policy: (part("SharedAccessKeyName")?, key),
             pid: v["pid"].as_u64().and_then(|p| u32::try_from(p).ok()),
             server_tls,
+            server_key,
             linked_hubs: v["linkedHubs"]
                 .as_array()
                 .map(|a| a.iter().filter_map(|h| h.as_str().map(str::to_string)).collect())
@@ -116,10 +145,13 @@ pub struct SpawnedServer {
 
 /// The config a bench server runs with: loopback listeners on free ports, the durable store
 /// (`synchronous = "full"`), three linked hubs and the `bench` rule set.
-pub fn server_config(data_dir: &Path) -> String {
+pub fn server_config(data_dir: &Path, server_key: GeneratedKey) -> String {
     format!(
         r#"data_dir = "{}"
 log = "warn"
+
+[tls]
+generated_key = "{}"
 
 [listen]
 https = "127.0.0.1:0"
@@ -144,19 +176,20 @@ host_name = "hub-2.bench.localhost"
 [[hubs]]
 host_name = "hub-3.bench.localhost"
 "#,
-        data_dir.display().to_string().replace('\\', "\\\\").replace('"', "\\\"")
+        data_dir.display().to_string().replace('\\', "\\\\").replace('"', "\\\""),
+        server_key.as_str()
     )
 }
 
 impl SpawnedServer {
     /// Starts `dps serve` (the binary at `dps_exe`) on `data_dir` with [`server_config`], and
     /// waits until it has written its credentials.
-    pub fn start(dps_exe: &Path, data_dir: &Path) -> Result<SpawnedServer, BenchError> {
+    pub fn start(dps_exe: &Path, data_dir: &Path, server_key: GeneratedKey) -> Result<SpawnedServer, BenchError> {
         std::fs::create_dir_all(data_dir).map_err(BenchError::io(format!("cannot create {}", data_dir.display())))?;
         let data_dir =
             data_dir.canonicalize().map_err(BenchError::io(format!("cannot resolve {}", data_dir.display())))?;
         let config = data_dir.join("bench-dps.toml");
-        std::fs::write(&config, server_config(&data_dir))
+        std::fs::write(&config, server_config(&data_dir, server_key))
             .map_err(BenchError::io(format!("cannot write {}", config.display())))?;
         let log = data_dir.join("bench-dps.log");
         let log_file =
@@ -208,6 +241,7 @@ fn placeholder_target() -> Target {
         policy: (String::new(), Vec::new()),
         pid: None,
         server_tls: None,
+        server_key: None,
         linked_hubs: Vec::new(),
     }
 }

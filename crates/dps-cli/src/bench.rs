@@ -20,6 +20,10 @@ pub struct BenchArgs {
     /// to measure against a large store). Default: a temporary directory, removed afterwards.
     #[arg(long, conflicts_with = "target")]
     data_dir: Option<PathBuf>,
+    /// Key type of the server certificate of the dps that dps bench starts (tls.generated_key):
+    /// the TLS handshake's cost, which bounds new connections per second, depends on it.
+    #[arg(long, value_enum, default_value = "rsa-2048", conflicts_with = "target")]
+    server_key: ServerKey,
     /// Devices to register.
     #[arg(long, short = 'n', default_value_t = 1000)]
     devices: usize,
@@ -58,6 +62,26 @@ pub struct BenchArgs {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
+}
+
+/// `--server-key` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ServerKey {
+    /// RSA 2048 (the default of dps serve).
+    #[value(name = "rsa-2048")]
+    Rsa2048,
+    /// ECDSA P-256.
+    #[value(name = "ecdsa-p256")]
+    EcdsaP256,
+}
+
+impl From<ServerKey> for dps_bench::target::GeneratedKey {
+    fn from(k: ServerKey) -> Self {
+        match k {
+            ServerKey::Rsa2048 => Self::Rsa2048,
+            ServerKey::EcdsaP256 => Self::EcdsaP256,
+        }
+    }
 }
 
 /// `dps bench-ceiling` options (started by dps bench).
@@ -226,7 +250,7 @@ fn execute(args: &BenchArgs, opts: FleetOptions) -> Result<dps_bench::BenchRepor
                 }
             };
             let exe = std::env::current_exe().map_err(BenchError::io("cannot find the dps binary"))?;
-            Some(SpawnedServer::start(&exe, &dir)?)
+            Some(SpawnedServer::start(&exe, &dir, args.server_key.into())?)
         }
     };
     let target = match (&server, &args.target) {

@@ -46,6 +46,7 @@ fn bench_smoke_runs_every_transport_without_errors() {
     assert_eq!(code, 0, "{err}");
     assert_clean(&r, 300, "https", &err);
     assert_eq!(r["attestation"], "group");
+    assert_eq!(r["server_key"], "rsa-2048", "the default server key: {r:#}");
 
     // Individual enrollments created in bulk first; the webhook's payload comes back.
     let (code, r, err) = bench(
@@ -78,10 +79,19 @@ fn bench_smoke_runs_every_transport_without_errors() {
     assert_clean(&r, 300, "mqtt", &err);
     assert_eq!(r["allocation"], "rules://bench");
 
+    // tls.generated_key = "ecdsa-p256": the same data directory's certificate is re-issued
+    // with an ECDSA key, and every device (and the ceiling, on the same files) handshakes.
+    let (code, r, err) =
+        bench(&data, &["-n", "200", "-c", "16", "--transport", "https-new-conn", "--server-key", "ecdsa-p256"]);
+    assert_eq!(code, 0, "{err}");
+    assert_clean(&r, 200, "https-new-conn", &err);
+    assert_eq!(r["server_key"], "ecdsa-p256", "{r:#}");
+
     let (code, r, err) = bench(&data, &["-n", "100", "-c", "8", "--transport", "mqtt", "--attestation", "x509"]);
     assert_eq!(code, 0, "{err}");
     assert_clean(&r, 100, "mqtt", &err);
     assert_eq!(r["attestation"], "x509");
+    assert_eq!(r["server_key"], "rsa-2048", "back to the default key: re-issued again: {r:#}");
 
     // An open-loop run at a set rate reports it.
     let (code, r, err) = bench(&data, &["-n", "200", "-c", "16", "--rate", "400", "--no-ceiling"]);

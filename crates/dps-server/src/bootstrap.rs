@@ -21,7 +21,7 @@ use rustls_pki_types::PrivatePkcs8KeyDer;
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
-use crate::config::{Config, RIGHTS};
+use crate::config::{Config, GeneratedKey, RIGHTS};
 use crate::error::ServerError;
 
 /// Name of the generated owner policy.
@@ -159,7 +159,9 @@ pub fn ensure_tls(config: &Config, data_dir: &Path) -> Result<TlsFiles, ServerEr
     let cert_path = dir.join("server.pem");
     let key_path = dir.join("server-key.pem");
     let hosts_path = dir.join("server-hosts.txt");
+    let key_type_path = dir.join("server-key-type.txt");
     let hosts = config.tls.host_names.join("\n");
+    let key_type = config.tls.generated_key.as_str();
 
     let (ca_key, ca_pem) = if ca_cert_path.exists() && ca_key_path.exists() {
         let key_pem =
@@ -177,17 +179,31 @@ pub fn ensure_tls(config: &Config, data_dir: &Path) -> Result<TlsFiles, ServerEr
         (key, cert.pem())
     };
     let current_hosts = std::fs::read_to_string(&hosts_path).unwrap_or_default();
-    if !(cert_path.exists() && key_path.exists() && current_hosts == hosts) {
-        tracing::info!(path = %cert_path.display(), hosts = ?config.tls.host_names, "issuing a server certificate from the test CA");
+    // Data directories from before tls.generated_key have no file: their key is RSA.
+    let current_key_type =
+        std::fs::read_to_string(&key_type_path).unwrap_or_else(|_| GeneratedKey::Rsa2048.as_str().to_string());
+    if !(cert_path.exists() && key_path.exists() && current_hosts == hosts && current_key_type == key_type) {
+        tracing::info!(path = %cert_path.display(), hosts = ?config.tls.host_names, key = key_type, "issuing a server certificate from the test CA");
         // Same DN and key as the stored CA: certificates it signs chain to the stored CA file.
         let issuer = ca_params(&ca_key)?.self_signed(&ca_key).map_err(rc_err)?;
-        let (server_key, server_key_pem) = rsa_key_pair()?;
+        let (server_key, server_key_pem) = match config.tls.generated_key {
+            GeneratedKey::Rsa2048 => rsa_key_pair()?,
+            GeneratedKey::EcdsaP256 => {
+                let pair = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(rc_err)?;
+                let pem = pair.serialize_pem();
+                (pair, pem)
+            }
+        };
         let mut params = CertificateParams::new(config.tls.host_names.clone()).map_err(rc_err)?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, config.tls.host_names[0].clone());
         params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.key_usages = match config.tls.generated_key {
+            // RSA key exchange (TLS 1.2 RSA suites) encrypts to the key.
+            GeneratedKey::Rsa2048 => vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment],
+            GeneratedKey::EcdsaP256 => vec![KeyUsagePurpose::DigitalSignature],
+        };
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
         params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(825);
@@ -196,6 +212,7 @@ pub fn ensure_tls(config: &Config, data_dir: &Path) -> Result<TlsFiles, ServerEr
         write_atomic(&key_path, server_key_pem.as_bytes(), true)?;
         write_atomic(&cert_path, chain.as_bytes(), false)?;
         write_atomic(&hosts_path, hosts.as_bytes(), false)?;
+        write_atomic(&key_type_path, key_type.as_bytes(), false)?;
     }
     Ok(TlsFiles { cert: cert_path, key: key_path, ca: Some(ca_cert_path) })
 }

@@ -146,6 +146,31 @@ pub struct TlsConfig {
     /// Names in the generated server certificate, and the host names service SAS
     /// audiences may name.
     pub host_names: Vec<String>,
+    /// Key type of the generated server certificate.
+    pub generated_key: GeneratedKey,
+}
+
+/// Key type of the generated server certificate (`tls.generated_key`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum GeneratedKey {
+    /// RSA 2048: the widest client support (embedded TLS stacks with RSA-only suites).
+    #[default]
+    #[serde(rename = "rsa-2048")]
+    Rsa2048,
+    /// ECDSA P-256: a several times cheaper handshake for the server; clients need
+    /// ECDHE-ECDSA suites (TLS 1.2) or ECDSA signatures (TLS 1.3).
+    #[serde(rename = "ecdsa-p256")]
+    EcdsaP256,
+}
+
+impl GeneratedKey {
+    /// The setting's value as written in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GeneratedKey::Rsa2048 => "rsa-2048",
+            GeneratedKey::EcdsaP256 => "ecdsa-p256",
+        }
+    }
 }
 
 /// `[device]`.
@@ -344,7 +369,12 @@ impl Default for ListenConfig {
 
 impl Default for TlsConfig {
     fn default() -> Self {
-        Self { cert: None, key: None, host_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()] }
+        Self {
+            cert: None,
+            key: None,
+            host_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            generated_key: GeneratedKey::Rsa2048,
+        }
     }
 }
 
@@ -589,6 +619,7 @@ mod tests {
             ("id_scope = \"bad scope\"\n", "id_scope"),
             ("[store]\nsynchronous = \"off\"\n", "synchronous"),
             ("[tls]\ncert = \"a.pem\"\n", "tls"),
+            ("[tls]\ngenerated_key = \"rsa\"\n", "ecdsa-p256"),
             ("[[service.policies]]\nname = \"p\"\nprimary_key = \"AAAA\"\nrights = []\n", "16 bytes"),
             ("[[service.policies]]\nname = \"p\"\nprimary_key = \"MDEyMzQ1Njc4OWFiY2RlZg==\"\nrights = [\"Admin\"]\n", "unknown right"),
             ("[[rules]]\nname = \"r\"\n[[rules.cases]]\nwhen = \"payload.(\"\n", "rules[0].cases[0].when"),
