@@ -229,9 +229,9 @@ async fn worker(
     done: Arc<AtomicUsize>,
     failed: Arc<AtomicUsize>,
     t0: Instant,
+    mut conn: Option<HttpsConn>,
 ) -> Tally {
     let mut tally = Tally::default();
-    let mut conn: Option<HttpsConn> = None;
     loop {
         let i = next.fetch_add(1, Ordering::Relaxed);
         if i >= fleet.opts.devices {
@@ -338,10 +338,25 @@ async fn phase(fleet: &Arc<Fleet>, target: &Target, label: &'static str) -> Resu
     let stop = Arc::new(AtomicBool::new(false));
     let progress =
         progress_task(label, fleet.opts.devices, fleet.opts.progress, done.clone(), failed.clone(), stop.clone());
+    let workers = fleet.opts.concurrency.min(fleet.opts.devices);
+    // Keep-alive HTTPS measures registrations over open connections: the connections are
+    // opened before the clock starts (a worker whose connection failed opens one itself).
+    let mut conns: Vec<Option<HttpsConn>> = Vec::with_capacity(workers);
+    if fleet.opts.transport == Transport::Https {
+        let mut opening = tokio::task::JoinSet::new();
+        for _ in 0..workers {
+            let (target, tls, limit) = (target.clone(), fleet.plain_tls.clone(), fleet.opts.device_timeout);
+            opening.spawn(async move { tokio::time::timeout(limit, HttpsConn::open(&target, &tls)).await.ok()?.ok() });
+        }
+        while let Some(c) = opening.join_next().await {
+            conns.push(c.ok().flatten());
+        }
+    }
+    conns.resize_with(workers, || None);
     let t0 = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..fleet.opts.concurrency.min(fleet.opts.devices) {
-        tasks.spawn(worker(fleet.clone(), target.clone(), next.clone(), done.clone(), failed.clone(), t0));
+    for conn in conns {
+        tasks.spawn(worker(fleet.clone(), target.clone(), next.clone(), done.clone(), failed.clone(), t0, conn));
     }
     let mut total = Tally::default();
     while let Some(r) = tasks.join_next().await {
