@@ -11,7 +11,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{json, Value};
 
 use crate::client::{client_tls, https_register_fresh, mqtt_register, Device, DeviceAuth, Failure, HttpsConn};
-use crate::report::{BenchReport, Latency, Memory, PhaseReport};
+use crate::report::{BenchReport, Cpu, Latency, Memory, PhaseReport};
 use crate::setup::{allocation_fields, merge, symmetric_key_attestation, ServiceClient};
 use crate::target::Target;
 use crate::BenchError;
@@ -502,6 +502,7 @@ pub async fn run(target: &Target, ceiling: Option<&Target>, opts: FleetOptions) 
 
     // dps, with its memory sampled.
     let before = target.memory_kib();
+    let cpu_before = (target.cpu_seconds(), crate::target::process_cpu_seconds("/proc/self/stat"));
     let sampling = Arc::new(AtomicBool::new(true));
     let sampler = {
         let (target, sampling) = (target.clone(), sampling.clone());
@@ -517,6 +518,14 @@ pub async fn run(target: &Target, ceiling: Option<&Target>, opts: FleetOptions) 
         })
     };
     let dps = phase(&fleet, target, "dps").await?;
+    let cpu = match (cpu_before, target.cpu_seconds(), crate::target::process_cpu_seconds("/proc/self/stat")) {
+        ((Some(d0), Some(b0)), Some(d1), Some(b1)) => Some(Cpu {
+            dps_seconds: d1 - d0,
+            dps_us_per_device: (d1 - d0) * 1e6 / dps.assigned.max(1) as f64,
+            bench_seconds: b1 - b0,
+        }),
+        _ => None,
+    };
     sampling.store(false, Ordering::Relaxed);
     let peak = sampler.await.unwrap_or(0);
     let after = target.memory_kib();
@@ -567,6 +576,7 @@ pub async fn run(target: &Target, ceiling: Option<&Target>, opts: FleetOptions) 
         ceiling: ceiling_report,
         ratio_to_ceiling: ratio,
         server_memory,
+        cpu,
         cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         server_key: target.server_key.clone(),
     })

@@ -52,6 +52,17 @@ pub struct PhaseReport {
     pub latency_ms: Latency,
 }
 
+/// CPU time used during the dps phase (user + system).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Cpu {
+    /// Seconds of CPU the dps process used.
+    pub dps_seconds: f64,
+    /// dps CPU per assigned device, microseconds.
+    pub dps_us_per_device: f64,
+    /// Seconds of CPU the load generator (this process) used.
+    pub bench_seconds: f64,
+}
+
 /// Server memory figures, MiB.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Memory {
@@ -94,6 +105,8 @@ pub struct BenchReport {
     pub ratio_to_ceiling: Option<f64>,
     /// dps memory, when its process is on this machine.
     pub server_memory: Option<Memory>,
+    /// CPU time used during the dps phase, when dps runs on this machine.
+    pub cpu: Option<Cpu>,
     /// CPU cores of this machine.
     pub cores: usize,
     /// Key algorithm of the server certificate, when known.
@@ -152,6 +165,13 @@ impl BenchReport {
         }
         if let Some(r) = self.ratio_to_ceiling {
             let _ = writeln!(out, "ratio    dps does {:.0}% of the ceiling's throughput", r * 100.0);
+        }
+        if let Some(c) = &self.cpu {
+            let _ = writeln!(
+                out,
+                "cpu      dps {:.1} s ({:.0} µs per device), load generator {:.1} s",
+                c.dps_seconds, c.dps_us_per_device, c.bench_seconds
+            );
         }
         if let Some(m) = &self.server_memory {
             let _ = writeln!(

@@ -42,6 +42,18 @@ pub struct Target {
     pub server_key: Option<String>,
 }
 
+/// User + system CPU seconds from a `/proc/<pid>/stat` file (fields 14 and 15, in the
+/// kernel's fixed 100 Hz `USER_HZ` ticks).
+pub fn process_cpu_seconds(stat_path: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
+    // The command name (field 2) may hold spaces: fields are counted after its ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
 /// The key algorithm of the first certificate in a PEM file: `rsa-<bits>` or `ecdsa-<curve>`.
 fn key_algorithm(cert: &Path) -> Option<String> {
     use x509_parser::public_key::PublicKey;
@@ -121,6 +133,12 @@ impl Target {
                 .map(|a| a.iter().filter_map(|h| h.as_str().map(str::to_string)).collect())
                 .unwrap_or_default(),
         })
+    }
+
+    /// CPU time (user + system, seconds) the server process has used so far, when it runs on
+    /// this machine.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        process_cpu_seconds(&format!("/proc/{}/stat", self.pid?))
     }
 
     /// Resident and peak resident memory of the server process, in KiB.

@@ -35,6 +35,9 @@ fn assert_clean(report: &Value, devices: u64, transport: &str, stderr: &str) {
     assert!(report["ratio_to_ceiling"].as_f64().unwrap() > 0.0, "{report:#}");
     let mem = &report["server_memory"];
     assert!(mem["rss_after_mib"].as_f64().unwrap() > 1.0, "server memory must be read: {report:#}");
+    let cpu = &report["cpu"];
+    assert!(cpu["dps_seconds"].as_f64().unwrap() > 0.0, "server CPU must be read: {report:#}");
+    assert!(cpu["dps_us_per_device"].as_f64().unwrap() > 0.0, "{report:#}");
 }
 
 #[test]
