@@ -155,9 +155,12 @@ impl FleetOptions {
     }
 }
 
-/// A default registration ID prefix, unique per second: `bench-<unix time>-`.
+/// A default registration ID prefix, new for every run: `bench-<unix time in ms>-<pid>-`
+/// (two runs in the same second must not share devices: one may have created individual
+/// enrollments for IDs the other registers with group keys).
 pub fn default_prefix() -> String {
-    format!("bench-{}-", SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    format!("bench-{ms}-{}-", std::process::id())
 }
 
 /// Turns device numbers into devices.

@@ -50,7 +50,7 @@ pub struct BenchArgs {
     /// Skip the ceiling run (the same devices against a fixed-answer hyper + rustls server).
     #[arg(long)]
     no_ceiling: bool,
-    /// Registration ID prefix; default bench-<unix time>- (new devices each run).
+    /// Registration ID prefix; default bench-<unix time in ms>-<pid>- (new devices each run).
     #[arg(long)]
     id_prefix: Option<String>,
     /// Seconds one device may take before it counts as failed.

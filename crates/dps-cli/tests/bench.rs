@@ -46,7 +46,7 @@ fn bench_smoke_runs_every_transport_without_errors() {
     let data = dir.path().join("data");
 
     let (code, r, err) = bench(&data, &["-n", "300", "-c", "16", "--transport", "https"]);
-    assert_eq!(code, 0, "{err}");
+    assert_eq!(code, 0, "{err} {r}");
     assert_clean(&r, 300, "https", &err);
     assert_eq!(r["attestation"], "group");
     assert_eq!(r["server_key"], "rsa-2048", "the default server key: {r:#}");
@@ -69,7 +69,7 @@ fn bench_smoke_runs_every_transport_without_errors() {
             "300",
         ],
     );
-    assert_eq!(code, 0, "{err}");
+    assert_eq!(code, 0, "{err} {r}");
     assert_clean(&r, 200, "https-new-conn", &err);
     assert_eq!(r["enrollments_created"], 200, "{r:#}");
     assert_eq!(r["allocation"], "webhook");
@@ -78,7 +78,7 @@ fn bench_smoke_runs_every_transport_without_errors() {
         &data,
         &["-n", "300", "-c", "16", "--transport", "mqtt", "--allocation", "rules", "--payload-bytes", "100"],
     );
-    assert_eq!(code, 0, "{err}");
+    assert_eq!(code, 0, "{err} {r}");
     assert_clean(&r, 300, "mqtt", &err);
     assert_eq!(r["allocation"], "rules://bench");
 
@@ -86,19 +86,19 @@ fn bench_smoke_runs_every_transport_without_errors() {
     // with an ECDSA key, and every device (and the ceiling, on the same files) handshakes.
     let (code, r, err) =
         bench(&data, &["-n", "200", "-c", "16", "--transport", "https-new-conn", "--server-key", "ecdsa-p256"]);
-    assert_eq!(code, 0, "{err}");
+    assert_eq!(code, 0, "{err} {r}");
     assert_clean(&r, 200, "https-new-conn", &err);
     assert_eq!(r["server_key"], "ecdsa-p256", "{r:#}");
 
     let (code, r, err) = bench(&data, &["-n", "100", "-c", "8", "--transport", "mqtt", "--attestation", "x509"]);
-    assert_eq!(code, 0, "{err}");
+    assert_eq!(code, 0, "{err} {r}");
     assert_clean(&r, 100, "mqtt", &err);
     assert_eq!(r["attestation"], "x509");
     assert_eq!(r["server_key"], "rsa-2048", "back to the default key: re-issued again: {r:#}");
 
     // An open-loop run at a set rate reports it.
     let (code, r, err) = bench(&data, &["-n", "200", "-c", "16", "--rate", "400", "--no-ceiling"]);
-    assert_eq!(code, 0, "{err}");
+    assert_eq!(code, 0, "{err} {r}");
     assert_eq!(r["rate"], 400.0);
     assert!(r["dps"]["seconds"].as_f64().unwrap() >= 0.45, "200 devices at 400/s take half a second: {r:#}");
     assert!(r["ceiling"].is_null());

@@ -16,6 +16,11 @@ const SCHEMA: &str = r#"{
 fn rules_config(schema_path: &std::path::Path) -> String {
     format!(
         r#"
+# Rule sets are evaluated inside the request: even with no inline wait for webhooks, the
+# register answer carries the final state.
+[allocation]
+webhook_inline_wait_ms = 0
+
 [[hubs]]
 host_name = "hub-a.test"
 [[hubs]]

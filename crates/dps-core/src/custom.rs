@@ -47,6 +47,13 @@ pub enum HookError {
 pub trait AllocationHook: Send + Sync + 'static {
     /// POSTs the JSON `body` to `url`; returns the body of a 2xx answer.
     async fn call(&self, url: &str, body: Vec<u8>) -> Result<Vec<u8>, HookError>;
+
+    /// Whether `call` answers `url` in this process without waiting on I/O (a built-in rule
+    /// set). The engine then allocates inside the request and writes the registration once,
+    /// instead of first recording an `assigning` operation for a possibly slow webhook.
+    fn answers_inline(&self, _url: &str) -> bool {
+        false
+    }
 }
 
 /// A successful allocation.

@@ -438,7 +438,12 @@ impl Engine {
             self.store.write(vec![self.put_operation(&pending.operation_id, &op, Condition::IfAbsent)?]).await?;
             return Ok(self.reply_for_register(op.result));
         }
-        if self.policy_of(&pending.enrollment) != AllocationPolicy::Custom {
+        // Built-in policies and in-process rule sets finish here: one write.
+        let inline = || {
+            let definition = pending.enrollment.common().custom_allocation_definition.as_ref();
+            self.hook.as_ref().zip(definition).is_some_and(|(hook, d)| hook.answers_inline(&d.webhook_url))
+        };
+        if self.policy_of(&pending.enrollment) != AllocationPolicy::Custom || inline() {
             let result = self.complete(&pending, Condition::IfAbsent).await?;
             return Ok(self.reply_for_register(result));
         }

@@ -144,7 +144,7 @@ pub struct CustomAllocator {
 #[async_trait]
 impl AllocationHook for CustomAllocator {
     async fn call(&self, url: &str, body: Vec<u8>) -> Result<Vec<u8>, HookError> {
-        if !url.get(..crate::rules::SCHEME.len()).is_some_and(|s| s.eq_ignore_ascii_case(crate::rules::SCHEME)) {
+        if !is_rules_url(url) {
             return self.webhooks.call(url, body).await;
         }
         let request: dps_proto::webhook::AllocationRequest = serde_json::from_slice(&body)
@@ -152,6 +152,15 @@ impl AllocationHook for CustomAllocator {
         let response = self.rules.evaluate(&url[crate::rules::SCHEME.len()..], &request)?;
         serde_json::to_vec(&response).map_err(|e| HookError::Rules(format!("cannot write the rule set's answer: {e}")))
     }
+
+    fn answers_inline(&self, url: &str) -> bool {
+        is_rules_url(url)
+    }
+}
+
+/// Whether a custom allocation URL names a built-in rule set (`rules://<name>`).
+fn is_rules_url(url: &str) -> bool {
+    url.get(..crate::rules::SCHEME.len()).is_some_and(|s| s.eq_ignore_ascii_case(crate::rules::SCHEME))
 }
 
 fn unix_now() -> u64 {
