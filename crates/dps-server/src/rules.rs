@@ -17,6 +17,10 @@ use serde_json::Value;
 
 use crate::config::{ConfigError, RuleSetConfig};
 
+/// The variables a rule's expressions can read (docs/allocation.md).
+const VARIABLES: [&str; 7] =
+    ["registrationId", "payload", "enrollment", "enrollmentGroupId", "linkedHubs", "currentHub", "certificate"];
+
 /// The URL scheme that names a rule set.
 pub const SCHEME: &str = "rules://";
 
@@ -35,13 +39,24 @@ struct Case {
 struct RuleSet {
     schema: Option<jsonschema::Validator>,
     cases: Vec<Case>,
+    /// The variables its expressions read: only these are converted to CEL per device.
+    variables: std::collections::HashSet<String>,
 }
 
 /// The compiled rule sets of a configuration.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct RuleSets {
     sets: Arc<HashMap<String, RuleSet>>,
     hubs: Arc<Vec<LinkedHub>>,
+    /// CEL's standard functions, built once (building them per evaluation cost more than the
+    /// evaluation itself).
+    env: Arc<cel::Env>,
+}
+
+impl Default for RuleSets {
+    fn default() -> Self {
+        Self { sets: Arc::default(), hubs: Arc::default(), env: Arc::new(cel::Env::stdlib()) }
+    }
 }
 
 impl std::fmt::Debug for RuleSets {
@@ -111,9 +126,15 @@ impl RuleSets {
                     initial_twin: opt("initial_twin", &c.initial_twin)?,
                 });
             }
-            sets.insert(key, RuleSet { schema, cases });
+            let variables = cases
+                .iter()
+                .flat_map(|c| [Some(&c.when), c.hub.as_ref(), c.payload.as_ref(), c.initial_twin.as_ref()])
+                .flatten()
+                .flat_map(|e| e.program.references().variables().into_iter().map(str::to_string).collect::<Vec<_>>())
+                .collect();
+            sets.insert(key, RuleSet { schema, cases, variables });
         }
-        Ok(Self { sets: Arc::new(sets), hubs: Arc::new(hubs) })
+        Ok(Self { sets: Arc::new(sets), hubs: Arc::new(hubs), env: Arc::new(cel::Env::stdlib()) })
     }
 
     /// True when a rule set of this name exists.
@@ -152,25 +173,36 @@ impl RuleSets {
                 )));
             }
         }
-        let enrollment = request.individual_enrollment.clone().or_else(|| request.enrollment_group.clone());
-        let group_id = request
-            .enrollment_group
-            .as_ref()
-            .and_then(|g| g.get("enrollmentGroupId"))
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
-        let mut context = Context::default();
-        let vars: [(&str, Value); 7] = [
-            ("registrationId", Value::String(ctx.registration_id.clone())),
-            ("payload", payload),
-            ("enrollment", enrollment.unwrap_or(Value::Null)),
-            ("enrollmentGroupId", Value::String(group_id)),
-            ("linkedHubs", Value::from(request.linked_hubs.clone())),
-            ("currentHub", Value::String(ctx.current_iot_hub_host_name.clone().unwrap_or_default())),
-            ("certificate", ctx.x509.clone().unwrap_or_else(|| serde_json::json!({}))),
-        ];
-        for (name, value) in vars {
+        let mut context = Context::with_env(self.env.clone());
+        let variable = |name: &str| -> Value {
+            match name {
+                "registrationId" => Value::String(ctx.registration_id.clone()),
+                "enrollment" => request
+                    .individual_enrollment
+                    .clone()
+                    .or_else(|| request.enrollment_group.clone())
+                    .unwrap_or_default(),
+                "enrollmentGroupId" => Value::String(
+                    request
+                        .enrollment_group
+                        .as_ref()
+                        .and_then(|g| g.get("enrollmentGroupId"))
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string(),
+                ),
+                "linkedHubs" => Value::from(request.linked_hubs.clone()),
+                "currentHub" => Value::String(ctx.current_iot_hub_host_name.clone().unwrap_or_default()),
+                "certificate" => ctx.x509.clone().unwrap_or_else(|| serde_json::json!({})),
+                _ => Value::Null,
+            }
+        };
+        // Only what the set's expressions read is converted (the enrollment can be large).
+        for name in VARIABLES {
+            if !set.variables.contains(name) {
+                continue;
+            }
+            let value = if name == "payload" { payload.clone() } else { variable(name) };
             context.add_variable_from_value(name, to_cel(&value));
         }
         for (j, case) in set.cases.iter().enumerate() {
@@ -332,6 +364,48 @@ mod tests {
         let r = rules.evaluate("rules://BY-MODEL", &request(Some(json!({"modelId": "lamp"})))).unwrap();
         assert!(matches!(r.iot_hub_host_name.as_deref(), Some("hub-a" | "hub-b")));
         assert_eq!(r.payload, None);
+    }
+
+    #[test]
+    fn every_variable_is_readable_and_only_read_ones_are_converted() {
+        let all = RuleSets::compile(
+            &[RuleSetConfig {
+                name: "all".into(),
+                payload_schema: None,
+                payload_schema_file: None,
+                cases: vec![case(
+                    "registrationId == 'dev-7' && currentHub == '' && size(certificate) == 0",
+                    Some("linkedHubs[1]"),
+                    Some("{'e': enrollment.enrollmentGroupId, 'g': enrollmentGroupId, 'p': payload.n, 'l': size(linkedHubs), 'x': [1, 2].map(x, x * 2)}"),
+                )],
+            }],
+            vec![],
+        )
+        .unwrap();
+        let set = &all.sets["all"];
+        let mut read: Vec<&str> = set.variables.iter().map(String::as_str).collect();
+        read.sort();
+        // `x` is the comprehension's own variable, not one of ours: it is never set.
+        assert_eq!(
+            read,
+            [
+                "certificate",
+                "currentHub",
+                "enrollment",
+                "enrollmentGroupId",
+                "linkedHubs",
+                "payload",
+                "registrationId",
+                "x"
+            ]
+        );
+        let r = all.evaluate("rules://all", &request(Some(json!({"n": 5})))).unwrap();
+        assert_eq!(r.iot_hub_host_name.as_deref(), Some("hub-b"));
+        assert_eq!(r.payload, Some(json!({"e": "g1", "g": "g1", "l": 2, "p": 5, "x": [2, 4]})));
+        // by-model reads neither the enrollment nor the certificate.
+        let set = &by_model().sets["by-model"];
+        assert!(!set.variables.contains("enrollment") && !set.variables.contains("certificate"));
+        assert!(set.variables.contains("payload") && set.variables.contains("registrationId"));
     }
 
     #[test]
