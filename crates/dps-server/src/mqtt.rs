@@ -364,7 +364,7 @@ async fn connect_identity(
                 .map_err(|_| (ConnectReturnCode::BadUserNameOrPassword, "the password is not UTF-8".to_string()))?,
         ),
     };
-    match ctx.engine.authenticate_device(&parsed.id_scope, &parsed.registration_id, &credential).await {
+    match Box::pin(ctx.engine.authenticate_device(&parsed.id_scope, &parsed.registration_id, &credential)).await {
         Ok(_) => Ok(Identity { id_scope: parsed.id_scope, registration_id: parsed.registration_id, credential }),
         Err(e @ dps_core::Error::Unavailable(_)) | Err(e @ dps_core::Error::Internal(_)) => {
             Err((ConnectReturnCode::ServerUnavailable, e.to_string()))
@@ -392,12 +392,18 @@ async fn handle_request<S: AsyncRead + AsyncWrite + Unpin>(
                 body: publish.payload,
                 force: false,
             };
-            (rid, engine.register(req).await.map(|reply| (202, reply)))
+            // Boxed: the engine's futures are large, and inline they would make every held
+            // connection's task that large while it idles (BENCHMARKS.md).
+            (rid, Box::pin(engine.register(req)).await.map(|reply| (202, reply)))
         }
         DeviceRequest::Poll { rid, operation_id } => {
-            let reply = engine
-                .operation_status(&identity.id_scope, &identity.registration_id, &operation_id, &identity.credential)
-                .await;
+            let reply = Box::pin(engine.operation_status(
+                &identity.id_scope,
+                &identity.registration_id,
+                &operation_id,
+                &identity.credential,
+            ))
+            .await;
             (rid, reply.map(|reply| (reply.poll_status(), reply)))
         }
     };
