@@ -83,12 +83,14 @@ TOML
 )"
 start_dps main "$main_config"
 # A second server on another loopback address that answers "assigning" first, so that the
-# device clients' polling path is exercised too.
+# device clients' polling path is exercised too, with an ECDSA server certificate (the main
+# server's is RSA, the default).
 start_dps strict '[listen]
 https = "127.0.0.2:443"
 mqtt = "127.0.0.2:8883"
 [tls]
 host_names = ["127.0.0.2"]
+generated_key = "ecdsa-p256"
 [device]
 assigning_first = true
 retry_after_secs = 1'

@@ -53,15 +53,15 @@ def status_of(call):
     raise AssertionError("expected an HTTP error, got success")
 
 
-def register_device(registration_id, key_b64, payload=None, websockets=False):
+def register_device(registration_id, key_b64, payload=None, websockets=False, creds=CREDS):
     """Registers with the official Python device SDK (MQTT, or MQTT over WebSocket)."""
     device = ProvisioningDeviceClient.create_from_symmetric_key(
-        provisioning_host=CREDS["hostName"],
+        provisioning_host=creds["hostName"],
         registration_id=registration_id,
-        id_scope=CREDS["idScope"],
+        id_scope=creds["idScope"],
         symmetric_key=key_b64,
         websockets=websockets,
-        server_verification_cert=open(CA).read(),
+        server_verification_cert=open(creds["caCertificatePath"]).read(),
     )
     if payload is not None:
         device.provisioning_payload = payload
@@ -258,6 +258,23 @@ def device_x509_group_member_through_ca_references(ws, tag):
     CLIENT.enrollment_group.delete(id=gid)
 
 
+def device_polls_a_server_that_answers_assigning_first_with_an_ecdsa_certificate(ws, tag):
+    """The second server of run.sh: assigning first (retry-after 1 s) and an ECDSA P-256
+    certificate, which the SDK's TLS 1.2 must negotiate (ECDHE-ECDSA)."""
+    strict = json.load(open(os.environ["DPS_STRICT_CREDENTIALS"]))
+    service = DeviceProvisioningClient.from_connection_string(
+        strict["serviceConnectionString"], connection_verify=strict["caCertificatePath"]
+    )
+    rid = f"{RUN}-strict-{tag}"
+    e = service.enrollment.create_or_update(
+        id=rid, enrollment={"registrationId": rid, "attestation": {"type": "symmetricKey"}}
+    )
+    r = register_device(rid, e["attestation"]["symmetricKey"]["primaryKey"], websockets=ws, creds=strict)
+    assert r.status == "assigned", r
+    assert r.registration_state.assigned_hub == "hub.localhost", r
+    assert service.device_registration_state.get(id=rid)["status"] == "assigned"
+
+
 for transport, ws in (("mqtt", False), ("mqtt over websocket", True)):
     tag = "ws" if ws else "mqtt"
     for case in (
@@ -266,6 +283,7 @@ for transport, ws in (("mqtt", False), ("mqtt over websocket", True)):
         device_wrong_key_is_refused,
         device_disabled_enrollment_is_reported,
         device_x509_group_member_through_ca_references,
+        device_polls_a_server_that_answers_assigning_first_with_an_ecdsa_certificate,
     ):
         test(lambda case=case, ws=ws, tag=tag: case(ws, tag), f"device {transport}: {case.__name__[7:].replace('_', ' ')}")
 
