@@ -151,6 +151,10 @@ impl FleetOptions {
         if !self.id_prefix.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-._:".contains(c)) {
             return Err(BenchError::Input("--id-prefix: lower-case letters, digits and '-._:' only".into()));
         }
+        // Registration IDs are at most 128 characters; the device number follows the prefix.
+        if self.id_prefix.len() > 100 {
+            return Err(BenchError::Input("--id-prefix: at most 100 characters".into()));
+        }
         Ok(())
     }
 }

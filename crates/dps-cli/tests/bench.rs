@@ -114,5 +114,9 @@ fn bench_refuses_impossible_combinations_before_starting_anything() {
     let (code, _, err) = bench(&data, &["--allocation", "round-robin"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("expected hashed, webhook, rules"), "{err}");
+    let long = "a".repeat(101);
+    let (code, _, err) = bench(&data, &["--id-prefix", &long]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("at most 100 characters"), "{err}");
     assert!(!data.exists(), "nothing may be started for a refused run");
 }
