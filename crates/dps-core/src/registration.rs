@@ -448,8 +448,10 @@ impl Engine {
             return Ok(self.reply_for_register(result));
         }
 
-        // Custom allocation: make the operation queryable first, then call the webhook in a
-        // task that outlives this request if the webhook is slow.
+        // A webhook: call it in a task that outlives this request if the webhook is slow. A
+        // webhook that answers within `webhook_inline_wait_ms` costs one write (the final
+        // state); a slower one makes the operation queryable as `assigning` first, and the task
+        // overwrites it when the webhook answers. Nothing is answered before it is written.
         let assigning = RegistrationOperationStatus {
             operation_id: pending.operation_id.clone(),
             status: RegistrationStatus::Assigning,
@@ -459,10 +461,10 @@ impl Engine {
             )),
         };
         let grace = i64::try_from(self.settings.webhook_timeout_secs).unwrap_or(3600).saturating_add(30) * 1000;
-        let op = pending.operation(assigning.clone(), Some(now.saturating_add(grace)));
-        self.store.write(vec![self.put_operation(&pending.operation_id, &op, Condition::IfAbsent)?]).await?;
+        let assigning_op = pending.operation(assigning.clone(), Some(now.saturating_add(grace)));
+        let assigning_write = self.put_operation(&pending.operation_id, &assigning_op, Condition::IfAbsent)?;
         let engine = self.clone();
-        let task = tokio::spawn(async move {
+        let mut task = tokio::spawn(async move {
             let result = engine.complete(&pending, Condition::Always).await;
             if let Err(e) = &result {
                 tracing::warn!(registration_id = %pending.registration_id, error = %e, "custom allocation could not be recorded");
@@ -470,11 +472,19 @@ impl Engine {
             result
         });
         let wait = std::time::Duration::from_millis(self.settings.webhook_inline_wait_ms);
-        match tokio::time::timeout(wait, task).await {
-            Ok(Ok(Ok(result))) => Ok(self.reply_for_register(result)),
-            Ok(Ok(Err(e))) => Err(e),
-            Ok(Err(join)) => Err(Error::Internal(format!("custom allocation task failed: {join}"))),
-            Err(_) => Ok(self.reply_for_register(assigning)),
+        let joined = match tokio::time::timeout(wait, &mut task).await {
+            Ok(joined) => joined,
+            Err(_) => match self.store.write(vec![assigning_write]).await {
+                Ok(()) => return Ok(self.reply_for_register(assigning)),
+                // The task recorded the final state in the meantime: answer with it.
+                Err(StoreError::AlreadyExists(_)) => task.await,
+                Err(e) => return Err(e.into()),
+            },
+        };
+        match joined {
+            Ok(Ok(result)) => Ok(self.reply_for_register(result)),
+            Ok(Err(e)) => Err(e),
+            Err(join) => Err(Error::Internal(format!("custom allocation task failed: {join}"))),
         }
     }
 
