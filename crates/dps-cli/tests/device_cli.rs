@@ -1,11 +1,13 @@
 //! `dps device register|reprovision` end to end: an IoT Edge style config file with a payload
-//! file, against a spawned dps whose custom allocation webhook echoes the payload.
+//! file, against a spawned dps whose custom allocation webhook echoes the payload; and an X.509
+//! identity from the config.
 
 mod common;
 
 use std::path::Path;
 use std::process::Command;
 
+use common::pki;
 use common::webhook;
 use common::{key, Dps};
 use serde_json::{json, Value};
@@ -140,4 +142,86 @@ state_file = "state.json"
     );
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("unauthorized"), "{err}");
+}
+
+/// `dps device register` with an X.509 identity from an IoT Edge style config: a group member
+/// (leaf + intermediate chain) over MQTT and HTTPS, and a certificate whose CN is not the
+/// registration ID refused with the service's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x509_identity_from_the_config() {
+    let dps = Dps::start("[x509]\nrequire_verified_ca = false\n[[hubs]]\nhost_name = \"hub-x.test\"\n").await;
+    let root = pki::ca("CLI Root", None);
+    let inter = pki::ca("CLI Intermediate", Some(&root));
+    dps.put_group(json!({"enrollmentGroupId": "cli-x509", "attestation": {"type": "x509",
+        "x509": {"signingCertificates": {"primary": {"certificate": root.pem()}}}}}))
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let leaf = pki::device("cli-x509-1", Some(&inter), (-1, 30));
+    std::fs::write(d.join("chain.pem"), format!("{}{}", leaf.pem(), inter.pem())).unwrap();
+    std::fs::write(d.join("key.pem"), leaf.key.serialize_pem()).unwrap();
+    let other = pki::device("someone-else", Some(&inter), (-1, 30));
+    std::fs::write(d.join("other-chain.pem"), format!("{}{}", other.pem(), inter.pem())).unwrap();
+    std::fs::write(d.join("other-key.pem"), other.key.serialize_pem()).unwrap();
+    let config = |registration_id: &str, cert: &str, key: &str, state: &str| {
+        format!(
+            r#"trust_bundle_cert = "file://{ca}"
+
+[provisioning]
+source = "dps"
+global_endpoint = "https://localhost:{port}"
+id_scope = "{scope}"
+
+[provisioning.attestation]
+method = "x509"
+registration_id = "{registration_id}"
+identity_cert = "file://{dir}/{cert}"
+identity_pk = "file://{dir}/{key}"
+
+[dps_device]
+transport = "mqtt"
+mqtt_port = {mqtt}
+state_file = "{state}"
+"#,
+            ca = dps.creds["caCertificatePath"].as_str().unwrap(),
+            port = dps.addr.port(),
+            scope = dps.scope(),
+            dir = d.display(),
+            mqtt = dps.creds["mqttPort"],
+        )
+    };
+    std::fs::write(d.join("x509.toml"), config("cli-x509-1", "chain.pem", "key.pem", "x509-state.json")).unwrap();
+
+    let (code, out, err) = run(&["device", "register", "--config", "x509.toml", "--json"], d);
+    assert_eq!(code, Some(0), "{err}");
+    let first: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(first["registrationState"]["status"], "assigned", "{first}");
+    assert_eq!(first["registrationState"]["assignedHub"], "hub-x.test");
+    assert_eq!(first["registrationState"]["x509"], json!({"enrollmentGroupId": "cli-x509"}));
+    let rs: Value =
+        dps.service(reqwest::Method::GET, "/registrations/cli-x509-1").send().await.unwrap().json().await.unwrap();
+    assert_eq!(rs["status"], "assigned", "{rs}");
+
+    // Over HTTPS too (the certificate goes in the TLS handshake either way).
+    let (code, out, err) =
+        run(&["device", "reprovision", "--config", "x509.toml", "--transport", "https", "--json"], d);
+    assert_eq!(code, Some(0), "{err}");
+    let again: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(again["registrationState"]["status"], "assigned", "{again}");
+    assert_eq!(again["cached"], false);
+
+    // A certificate for another name: exit 1 with the service's reason.
+    std::fs::write(d.join("other.toml"), config("cli-x509-2", "other-chain.pem", "other-key.pem", "other-state.json"))
+        .unwrap();
+    let (code, _, err) = run(&["device", "register", "--config", "other.toml", "--transport", "https"], d);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("subject CN 'someone-else' differs from the registration ID 'cli-x509-2'"), "{err}");
+    assert!(!d.join("other-state.json").exists(), "nothing cached for a refused device");
+
+    // A key that does not belong to the certificate: one line, exit 2, nothing sent.
+    std::fs::write(d.join("mismatch.toml"), config("cli-x509-1", "chain.pem", "other-key.pem", "m.json")).unwrap();
+    let (code, _, err) = run(&["device", "register", "--config", "mismatch.toml"], d);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.starts_with("error: ") && err.contains("certificate and key do not fit together"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
 }
