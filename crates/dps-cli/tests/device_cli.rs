@@ -21,6 +21,21 @@ fn run(args: &[&str], cwd: &Path) -> (Option<i32>, String, String) {
     )
 }
 
+/// An IoT Edge style config for `dps`'s test server: the trust bundle and the `[provisioning]`
+/// endpoint and scope filled in; `{dir}` and `{mqtt}` in `rest` become the test directory and
+/// the server's MQTT port.
+fn edge_config(dps: &Dps, dir: &Path, head: &str, provisioning_extra: &str, rest: &str) -> String {
+    let rest = rest.replace("{dir}", &dir.display().to_string()).replace("{mqtt}", &dps.creds["mqttPort"].to_string());
+    let extra = provisioning_extra.replace("{dir}", &dir.display().to_string());
+    format!(
+        "{head}trust_bundle_cert = \"file://{ca}\"\n\n[provisioning]\nsource = \"dps\"\n\
+         global_endpoint = \"https://localhost:{port}\"\nid_scope = \"{scope}\"\n{extra}\n{rest}",
+        ca = dps.creds["caCertificatePath"].as_str().unwrap(),
+        port = dps.addr.port(),
+        scope = dps.scope(),
+    )
+}
+
 // Multi-threaded: the webhook keeps answering while a test thread waits for the CLI.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn iot_edge_style_config_with_a_payload_file() {
@@ -35,21 +50,15 @@ async fn iot_edge_style_config_with_a_payload_file() {
     let d = dir.path();
     std::fs::write(d.join("payload.json"), r#"{"modelId": "edge-1", "site": "plant-3"}"#).unwrap();
     std::fs::write(d.join("group.key"), &group_key).unwrap();
-    let config = format!(
-        r#"# An IoT Edge config.toml, plus the [dps_device] table of dps.
-hostname = "edge-device-1"
-trust_bundle_cert = "file://{ca}"
-
-[provisioning]
-source = "dps"
-global_endpoint = "https://localhost:{port}"
-id_scope = "{scope}"
-payload = {{ uri = "file://{dir}/payload.json" }}
-
-[provisioning.attestation]
+    let config = edge_config(
+        &dps,
+        d,
+        "# An IoT Edge config.toml, plus the [dps_device] table of dps.\nhostname = \"edge-device-1\"\n",
+        "payload = { uri = \"file://{dir}/payload.json\" }\n",
+        r#"[provisioning.attestation]
 method = "symmetric_key"
 registration_id = "edge-device-1"
-symmetric_key = {{ uri = "file://{dir}/group.key" }}
+symmetric_key = { uri = "file://{dir}/group.key" }
 
 [aziot_keys]
 # other IoT Edge sections are ignored
@@ -60,11 +69,6 @@ transport = "mqtt"
 mqtt_port = {mqtt}
 state_file = "state.json"
 "#,
-        ca = dps.creds["caCertificatePath"].as_str().unwrap(),
-        port = dps.addr.port(),
-        scope = dps.scope(),
-        dir = d.display(),
-        mqtt = dps.creds["mqttPort"],
     );
     std::fs::write(d.join("config.toml"), config).unwrap();
     let calls = || hook.received.lock().unwrap().len();
@@ -164,30 +168,24 @@ async fn x509_identity_from_the_config() {
     std::fs::write(d.join("other-chain.pem"), format!("{}{}", other.pem(), inter.pem())).unwrap();
     std::fs::write(d.join("other-key.pem"), other.key.serialize_pem()).unwrap();
     let config = |registration_id: &str, cert: &str, key: &str, state: &str| {
-        format!(
-            r#"trust_bundle_cert = "file://{ca}"
-
-[provisioning]
-source = "dps"
-global_endpoint = "https://localhost:{port}"
-id_scope = "{scope}"
-
-[provisioning.attestation]
+        edge_config(
+            &dps,
+            d,
+            "",
+            "",
+            &format!(
+                r#"[provisioning.attestation]
 method = "x509"
 registration_id = "{registration_id}"
-identity_cert = "file://{dir}/{cert}"
-identity_pk = "file://{dir}/{key}"
+identity_cert = "file://{{dir}}/{cert}"
+identity_pk = "file://{{dir}}/{key}"
 
 [dps_device]
 transport = "mqtt"
-mqtt_port = {mqtt}
+mqtt_port = {{mqtt}}
 state_file = "{state}"
-"#,
-            ca = dps.creds["caCertificatePath"].as_str().unwrap(),
-            port = dps.addr.port(),
-            scope = dps.scope(),
-            dir = d.display(),
-            mqtt = dps.creds["mqttPort"],
+"#
+            ),
         )
     };
     std::fs::write(d.join("x509.toml"), config("cli-x509-1", "chain.pem", "key.pem", "x509-state.json")).unwrap();
