@@ -128,3 +128,43 @@ async fn failures_disabled_polling_and_timeouts() {
     cfg.max_attempts = 2;
     assert!(matches!(DeviceClient::new(cfg).unwrap().register().await, Err(DeviceError::Transport(_))));
 }
+
+/// A device that starts while the service is down retries (refused connections are
+/// transient) and registers once the service is back; with too few attempts it gives up with
+/// a transport error instead.
+#[tokio::test]
+async fn retries_until_the_service_is_back() {
+    let mut dps = Dps::start("").await;
+    let k = key(64);
+    for id in ["retry-https", "retry-mqtt", "retry-gives-up"] {
+        dps.put_enrollment(json!({"registrationId": id, "attestation": {"type": "symmetricKey",
+            "symmetricKey": {"primaryKey": k, "secondaryKey": k}}}))
+            .await;
+    }
+    dps.pin_ports();
+    dps.kill9();
+
+    // Down for good as far as this device is concerned: two attempts, then a transport error.
+    let mut cfg = config(&dps, "retry-gives-up", DeviceCredential::SymmetricKey(k.clone()), Transport::Https);
+    cfg.max_attempts = 2;
+    let err = DeviceClient::new(cfg).unwrap().register().await.unwrap_err();
+    assert!(matches!(err, DeviceError::Transport(_)), "{err:?}");
+
+    let started = std::time::Instant::now();
+    let devices: Vec<_> = [("retry-https", Transport::Https), ("retry-mqtt", Transport::Mqtt)]
+        .into_iter()
+        .map(|(id, transport)| {
+            let mut cfg = config(&dps, id, DeviceCredential::SymmetricKey(k.clone()), transport);
+            cfg.max_attempts = 10;
+            tokio::spawn(async move { DeviceClient::new(cfg).unwrap().register().await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    dps.restart().await;
+    for (device, id) in devices.into_iter().zip(["retry-https", "retry-mqtt"]) {
+        let r = device.await.unwrap().unwrap_or_else(|e| panic!("{id}: {e}"));
+        assert_eq!(r.state.device_id.as_deref(), Some(id));
+        assert_eq!(r.state.assigned_hub.as_deref(), Some("hub.localhost"));
+    }
+    assert!(started.elapsed() >= Duration::from_millis(1500), "they registered only after the restart");
+}

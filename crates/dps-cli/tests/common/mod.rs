@@ -24,6 +24,7 @@ pub struct Dps {
     pub dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
     config_extra: String,
+    listen: String,
     pub creds: Value,
     pub addr: SocketAddr,
     pub client: reqwest::Client,
@@ -43,6 +44,7 @@ impl Dps {
             dir,
             _tmp: Some(tmp),
             config_extra: config_extra.to_string(),
+            listen: "https = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"".into(),
             creds: Value::Null,
             addr: "127.0.0.1:1".parse().unwrap(),
             client: reqwest::Client::new(),
@@ -61,8 +63,9 @@ impl Dps {
 
     async fn spawn(&mut self) {
         let config = format!(
-            "data_dir = {:?}\nlog = \"info\"\n[listen]\nhttps = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"\n{}\n",
+            "data_dir = {:?}\nlog = \"info\"\n[listen]\n{}\n{}\n",
             self.data_dir().display().to_string(),
+            self.listen,
             self.config_extra
         );
         std::fs::write(self.config_path(), config).unwrap();
@@ -121,6 +124,16 @@ impl Dps {
     /// Changes the extra config used by the next restart.
     pub fn set_config_extra(&mut self, extra: &str) {
         self.config_extra = extra.to_string();
+    }
+
+    /// Makes later restarts listen on the ports the server has now (devices configured
+    /// with them reach the restarted server).
+    pub fn pin_ports(&mut self) {
+        self.listen = format!(
+            "https = \"{}\"\nmqtt = \"{}\"",
+            self.creds["httpsAddress"].as_str().unwrap(),
+            self.creds["mqttAddress"].as_str().unwrap()
+        );
     }
 
     /// Starts the same configuration and data directory again.
