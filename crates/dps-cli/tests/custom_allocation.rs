@@ -128,6 +128,31 @@ async fn slow_webhook_makes_the_device_poll_without_blocking_others() {
     assert_eq!(polled["registrationState"]["payload"]["echo"], json!({"n": 1}));
 }
 
+/// dps killed while a slow webhook's device was answered `assigning`: the operation survives
+/// the restart, and once the webhook timeout plus 30 s have passed a poll reports it `failed`
+/// (register again) instead of `assigning` forever. Takes about 33 s.
+#[tokio::test]
+async fn a_server_killed_during_a_webhook_call_fails_the_operation_after_the_grace_period() {
+    let (mut dps, hook) = setup().await;
+    let token = enroll_custom(&dps, "dev-crash", &hook.url("/never")).await;
+    let started = Instant::now();
+    let (status, _, body) = dps.register("dev-crash", Some(&token), json!({})).await;
+    assert_eq!((status, body["status"].as_str()), (202, Some("assigning")), "{body}");
+    let op = body["operationId"].as_str().unwrap().to_string();
+    dps.restart().await; // SIGKILL, then the same data directory
+    let (code, polled) = poll(&dps, "dev-crash", &token, &op).await;
+    assert_eq!(code, 202, "acknowledged as assigning, still assigning after the crash: {polled}");
+    // webhook_timeout_secs = 2, plus 30 s.
+    let grace = Duration::from_secs(32);
+    tokio::time::sleep(grace.saturating_sub(started.elapsed()) + Duration::from_millis(500)).await;
+    let (code, polled) = poll(&dps, "dev-crash", &token, &op).await;
+    assert_eq!(code, 200, "{polled}");
+    assert_eq!(polled["status"], "failed", "{polled}");
+    assert_eq!(polled["registrationState"]["errorCode"], 400209, "{polled}");
+    let message = polled["registrationState"]["errorMessage"].as_str().unwrap_or_default();
+    assert!(message.contains("the server stopped while calling the webhook"), "{polled}");
+}
+
 /// Every failure ends the registration `failed` with a code and a message naming the cause.
 #[tokio::test]
 async fn webhook_failures_say_why() {
