@@ -308,3 +308,48 @@ async fn keep_alive_and_connection_limit_are_enforced() {
     drop(b);
     assert!(dps.log().contains("mqtt.max_connections reached"));
 }
+
+/// A client that sends but never reads: once its receive buffer and the server's send buffer
+/// are full, the server's write waits; after mqtt.write_timeout_secs it closes that
+/// connection (and only that one) instead of holding it forever.
+#[tokio::test]
+async fn a_client_that_never_reads_is_closed_after_the_write_timeout() {
+    let dps = Dps::start("[mqtt]\nwrite_timeout_secs = 1\n").await;
+    let token = enroll(&dps, "mq-slow-reader", 9, json!({})).await;
+    let mut c = RawMqtt::tls(&dps).await;
+    assert_eq!(c.connect(connect_packet(&dps, "mq-slow-reader", Some(&token))).await, 0);
+    // PINGREQs (2 bytes each, answered by 2-byte PINGRESPs) until our own writes stall: the
+    // server has stopped reading because its writes to us are stuck.
+    let pings = [0xC0u8, 0x00].repeat(32 * 1024);
+    let started = Instant::now();
+    let mut stalled = false;
+    while started.elapsed() < Duration::from_secs(60) {
+        if tokio::time::timeout(Duration::from_secs(2), c.send_raw(&pings)).await.is_err() {
+            stalled = true;
+            break;
+        }
+    }
+    assert!(stalled, "writes never stalled: the server must have stopped answering");
+    // The write deadline (1 s) passes; the server closes. Reading drains the PINGRESPs it had
+    // sent, then finds the end of the stream.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let drained = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut answers = 0u64;
+        while let Some(p) = c.recv().await {
+            assert_eq!(p, Packet::PingResp);
+            answers += 1;
+        }
+        answers
+    })
+    .await
+    .expect("the server closed the connection");
+    assert!(drained > 1000, "the server answered until its writes stalled ({drained})");
+    assert!(
+        dps.log().contains("the client did not read a response within 1 s (mqtt.write_timeout_secs)"),
+        "{}",
+        dps.log()
+    );
+    // Other devices are served as before.
+    let mut other = RawMqtt::tls(&dps).await;
+    assert_eq!(other.connect(connect_packet(&dps, "mq-slow-reader", Some(&token))).await, 0);
+}
