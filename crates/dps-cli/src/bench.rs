@@ -6,7 +6,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
 
 use dps_bench::fleet::{default_prefix, Progress};
-use dps_bench::target::SpawnedServer;
+use dps_bench::target::{GeneratedKey, SpawnedServer};
 use dps_bench::{Allocation, Attestation, BenchError, FleetOptions, Target, Transport};
 
 /// `dps bench` options.
@@ -21,9 +21,10 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with = "target")]
     data_dir: Option<PathBuf>,
     /// Key type of the server certificate of the dps that dps bench starts (tls.generated_key):
-    /// the TLS handshake's cost, which bounds new connections per second, depends on it.
-    #[arg(long, value_enum, default_value = "rsa-2048", conflicts_with = "target")]
-    server_key: ServerKey,
+    /// rsa-2048 or ecdsa-p256. The TLS handshake's cost, which bounds new connections per
+    /// second, depends on it.
+    #[arg(long, default_value = "rsa-2048", conflicts_with = "target")]
+    server_key: GeneratedKey,
     /// Devices to register.
     #[arg(long, short = 'n', default_value_t = 1000)]
     devices: usize,
@@ -62,26 +63,6 @@ pub struct BenchArgs {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
-}
-
-/// `--server-key` values.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum ServerKey {
-    /// RSA 2048 (the default of dps serve).
-    #[value(name = "rsa-2048")]
-    Rsa2048,
-    /// ECDSA P-256.
-    #[value(name = "ecdsa-p256")]
-    EcdsaP256,
-}
-
-impl From<ServerKey> for dps_bench::target::GeneratedKey {
-    fn from(k: ServerKey) -> Self {
-        match k {
-            ServerKey::Rsa2048 => Self::Rsa2048,
-            ServerKey::EcdsaP256 => Self::EcdsaP256,
-        }
-    }
 }
 
 /// `dps bench-ceiling` options (started by dps bench).
@@ -250,7 +231,7 @@ fn execute(args: &BenchArgs, opts: FleetOptions) -> Result<dps_bench::BenchRepor
                 }
             };
             let exe = std::env::current_exe().map_err(BenchError::io("cannot find the dps binary"))?;
-            Some(SpawnedServer::start(&exe, &dir, args.server_key.into())?)
+            Some(SpawnedServer::start(&exe, &dir, args.server_key)?)
         }
     };
     let target = match (&server, &args.target) {

@@ -152,24 +152,45 @@ pub struct TlsConfig {
 
 /// Key type of the generated server certificate (`tls.generated_key`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(try_from = "String")]
 pub enum GeneratedKey {
     /// RSA 2048: the widest client support (embedded TLS stacks with RSA-only suites).
     #[default]
-    #[serde(rename = "rsa-2048")]
     Rsa2048,
     /// ECDSA P-256: a several times cheaper handshake for the server; clients need
     /// ECDHE-ECDSA suites (TLS 1.2) or ECDSA signatures (TLS 1.3).
-    #[serde(rename = "ecdsa-p256")]
     EcdsaP256,
 }
 
 impl GeneratedKey {
+    /// Every key type.
+    pub const ALL: [GeneratedKey; 2] = [GeneratedKey::Rsa2048, GeneratedKey::EcdsaP256];
+
     /// The setting's value as written in the config file.
     pub fn as_str(self) -> &'static str {
         match self {
             GeneratedKey::Rsa2048 => "rsa-2048",
             GeneratedKey::EcdsaP256 => "ecdsa-p256",
         }
+    }
+}
+
+impl std::str::FromStr for GeneratedKey {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|k| k.as_str()).collect();
+            format!("unknown key type '{s}': expected {}", names.join(" or "))
+        })
+    }
+}
+
+impl TryFrom<String> for GeneratedKey {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
     }
 }
 
