@@ -25,8 +25,14 @@ async fn first_start_creates_credentials_and_restart_reuses_them() {
     assert_eq!(file_mode(&data.join("tls/server-key.pem")), 0o600);
     assert_eq!(file_mode(&data.join("dev-credentials.json")), 0o600);
     let ca_before = std::fs::read(data.join("tls/ca.pem")).unwrap();
+    let server_cert_before = std::fs::read(data.join("tls/server.pem")).unwrap();
     assert_eq!(first["linkedHubs"], json!(["hub.localhost"]), "placeholder hub without [[hubs]]");
     dps.restart().await;
+    assert_eq!(
+        std::fs::read(data.join("tls/server.pem")).unwrap(),
+        server_cert_before,
+        "the server certificate is reused"
+    );
     assert_eq!(dps.creds["idScope"], first["idScope"]);
     let policy =
         |v: &serde_json::Value| v["serviceConnectionString"].as_str().unwrap().split_once(';').unwrap().1.to_string();
@@ -46,6 +52,18 @@ async fn first_start_creates_credentials_and_restart_reuses_them() {
     let resp =
         dps.service(Method::POST, "/enrollments/query").json(&json!({"query": "SELECT *"})).send().await.unwrap();
     assert_eq!(resp.status(), 200, "the re-issued certificate chains to the stored CA");
+
+    // So does changing tls.generated_key; the ECDSA certificate is then kept across restarts.
+    let rsa_cert = std::fs::read(data.join("tls/server.pem")).unwrap();
+    dps.set_config_extra("[tls]\nhost_names = [\"localhost\", \"dps.example.test\"]\ngenerated_key = \"ecdsa-p256\"\n");
+    dps.restart().await;
+    let ecdsa_cert = std::fs::read(data.join("tls/server.pem")).unwrap();
+    assert_ne!(ecdsa_cert, rsa_cert, "re-issued with the new key type");
+    dps.restart().await;
+    assert_eq!(std::fs::read(data.join("tls/server.pem")).unwrap(), ecdsa_cert, "and reused");
+    let resp =
+        dps.service(Method::POST, "/enrollments/query").json(&json!({"query": "SELECT *"})).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "the ECDSA certificate chains to the stored CA");
 }
 
 #[tokio::test]

@@ -116,6 +116,37 @@ fn rsa_key_pair() -> Result<(KeyPair, String), ServerError> {
     Ok((pair, pem))
 }
 
+/// A new server key, its PEM, and the key usages its certificate needs.
+fn new_server_key(kind: GeneratedKey) -> Result<(KeyPair, String, Vec<KeyUsagePurpose>), ServerError> {
+    match kind {
+        GeneratedKey::Rsa2048 => {
+            let (pair, pem) = rsa_key_pair()?;
+            // RSA key exchange (TLS 1.2 RSA suites) encrypts to the key.
+            Ok((pair, pem, vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment]))
+        }
+        GeneratedKey::EcdsaP256 => {
+            let pair = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(rc_err)?;
+            let pem = pair.serialize_pem();
+            Ok((pair, pem, vec![KeyUsagePurpose::DigitalSignature]))
+        }
+    }
+}
+
+/// The key type of the stored server key; `None` when it is missing, unreadable or of a
+/// type dps does not generate.
+fn stored_key_type(key_path: &Path) -> Option<GeneratedKey> {
+    let pem = std::fs::read_to_string(key_path).ok()?;
+    let pair = KeyPair::from_pem(&pem).ok()?;
+    let algorithm = pair.algorithm();
+    if algorithm == &rcgen::PKCS_ECDSA_P256_SHA256 {
+        Some(GeneratedKey::EcdsaP256)
+    } else if algorithm == &rcgen::PKCS_RSA_SHA256 {
+        Some(GeneratedKey::Rsa2048)
+    } else {
+        None
+    }
+}
+
 fn load_key_pair(pem: &str) -> Result<KeyPair, ServerError> {
     let der = rustls_pki_types::pem::PemObject::from_pem_slice(pem.as_bytes())
         .map_err(|e| ServerError::Bootstrap(format!("cannot read the test CA key: {e}")))?;
@@ -159,9 +190,8 @@ pub fn ensure_tls(config: &Config, data_dir: &Path) -> Result<TlsFiles, ServerEr
     let cert_path = dir.join("server.pem");
     let key_path = dir.join("server-key.pem");
     let hosts_path = dir.join("server-hosts.txt");
-    let key_type_path = dir.join("server-key-type.txt");
     let hosts = config.tls.host_names.join("\n");
-    let key_type = config.tls.generated_key.as_str();
+    let key_type = config.tls.generated_key;
 
     let (ca_key, ca_pem) = if ca_cert_path.exists() && ca_key_path.exists() {
         let key_pem =
@@ -179,31 +209,17 @@ pub fn ensure_tls(config: &Config, data_dir: &Path) -> Result<TlsFiles, ServerEr
         (key, cert.pem())
     };
     let current_hosts = std::fs::read_to_string(&hosts_path).unwrap_or_default();
-    // Data directories from before tls.generated_key have no file: their key is RSA.
-    let current_key_type =
-        std::fs::read_to_string(&key_type_path).unwrap_or_else(|_| GeneratedKey::Rsa2048.as_str().to_string());
-    if !(cert_path.exists() && key_path.exists() && current_hosts == hosts && current_key_type == key_type) {
-        tracing::info!(path = %cert_path.display(), hosts = ?config.tls.host_names, key = key_type, "issuing a server certificate from the test CA");
+    if !(cert_path.exists() && stored_key_type(&key_path) == Some(key_type) && current_hosts == hosts) {
+        tracing::info!(path = %cert_path.display(), hosts = ?config.tls.host_names, key = key_type.as_str(), "issuing a server certificate from the test CA");
         // Same DN and key as the stored CA: certificates it signs chain to the stored CA file.
         let issuer = ca_params(&ca_key)?.self_signed(&ca_key).map_err(rc_err)?;
-        let (server_key, server_key_pem) = match config.tls.generated_key {
-            GeneratedKey::Rsa2048 => rsa_key_pair()?,
-            GeneratedKey::EcdsaP256 => {
-                let pair = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(rc_err)?;
-                let pem = pair.serialize_pem();
-                (pair, pem)
-            }
-        };
+        let (server_key, server_key_pem, key_usages) = new_server_key(key_type)?;
         let mut params = CertificateParams::new(config.tls.host_names.clone()).map_err(rc_err)?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, config.tls.host_names[0].clone());
         params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = match config.tls.generated_key {
-            // RSA key exchange (TLS 1.2 RSA suites) encrypts to the key.
-            GeneratedKey::Rsa2048 => vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment],
-            GeneratedKey::EcdsaP256 => vec![KeyUsagePurpose::DigitalSignature],
-        };
+        params.key_usages = key_usages;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
         params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(825);
@@ -212,7 +228,6 @@ pub fn ensure_tls(config: &Config, data_dir: &Path) -> Result<TlsFiles, ServerEr
         write_atomic(&key_path, server_key_pem.as_bytes(), true)?;
         write_atomic(&cert_path, chain.as_bytes(), false)?;
         write_atomic(&hosts_path, hosts.as_bytes(), false)?;
-        write_atomic(&key_type_path, key_type.as_bytes(), false)?;
     }
     Ok(TlsFiles { cert: cert_path, key: key_path, ca: Some(ca_cert_path) })
 }
