@@ -17,9 +17,24 @@ use serde_json::Value;
 
 use crate::config::{ConfigError, RuleSetConfig};
 
+/// Reads one variable for a device: from the allocation request and the device payload.
+type Variable = fn(&AllocationRequest, &Value) -> Value;
+
 /// The variables a rule's expressions can read (docs/allocation.md).
-const VARIABLES: [&str; 7] =
-    ["registrationId", "payload", "enrollment", "enrollmentGroupId", "linkedHubs", "currentHub", "certificate"];
+const VARIABLES: [(&str, Variable); 7] = [
+    ("registrationId", |r, _| Value::String(r.device_runtime_context.registration_id.clone())),
+    ("payload", |_, payload| payload.clone()),
+    ("enrollment", |r, _| r.individual_enrollment.clone().or_else(|| r.enrollment_group.clone()).unwrap_or_default()),
+    ("enrollmentGroupId", |r, _| {
+        let group = r.enrollment_group.as_ref().and_then(|g| g.get("enrollmentGroupId"));
+        Value::String(group.and_then(Value::as_str).unwrap_or_default().to_string())
+    }),
+    ("linkedHubs", |r, _| Value::from(r.linked_hubs.clone())),
+    ("currentHub", |r, _| {
+        Value::String(r.device_runtime_context.current_iot_hub_host_name.clone().unwrap_or_default())
+    }),
+    ("certificate", |r, _| r.device_runtime_context.x509.clone().unwrap_or_else(|| serde_json::json!({}))),
+];
 
 /// The URL scheme that names a rule set.
 pub const SCHEME: &str = "rules://";
@@ -51,12 +66,6 @@ pub struct RuleSets {
     /// CEL's standard functions, built once (building them per evaluation cost more than the
     /// evaluation itself).
     env: Arc<cel::Env>,
-}
-
-impl Default for RuleSets {
-    fn default() -> Self {
-        Self { sets: Arc::default(), hubs: Arc::default(), env: Arc::new(cel::Env::stdlib()) }
-    }
 }
 
 impl std::fmt::Debug for RuleSets {
@@ -174,36 +183,11 @@ impl RuleSets {
             }
         }
         let mut context = Context::with_env(self.env.clone());
-        let variable = |name: &str| -> Value {
-            match name {
-                "registrationId" => Value::String(ctx.registration_id.clone()),
-                "enrollment" => request
-                    .individual_enrollment
-                    .clone()
-                    .or_else(|| request.enrollment_group.clone())
-                    .unwrap_or_default(),
-                "enrollmentGroupId" => Value::String(
-                    request
-                        .enrollment_group
-                        .as_ref()
-                        .and_then(|g| g.get("enrollmentGroupId"))
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_string(),
-                ),
-                "linkedHubs" => Value::from(request.linked_hubs.clone()),
-                "currentHub" => Value::String(ctx.current_iot_hub_host_name.clone().unwrap_or_default()),
-                "certificate" => ctx.x509.clone().unwrap_or_else(|| serde_json::json!({})),
-                _ => Value::Null,
-            }
-        };
         // Only what the set's expressions read is converted (the enrollment can be large).
-        for name in VARIABLES {
-            if !set.variables.contains(name) {
-                continue;
+        for (name, read) in VARIABLES {
+            if set.variables.contains(name) {
+                context.add_variable_from_value(name, to_cel(&read(request, &payload)));
             }
-            let value = if name == "payload" { payload.clone() } else { variable(name) };
-            context.add_variable_from_value(name, to_cel(&value));
         }
         for (j, case) in set.cases.iter().enumerate() {
             // A `when` that cannot be evaluated (e.g. a missing payload field) does not match.
