@@ -5,7 +5,7 @@
 
 use async_trait::async_trait;
 use dps_proto::error::ErrorCode;
-use dps_proto::webhook::AllocationResponse;
+use dps_proto::webhook::{AllocationRequest, AllocationResponse};
 use serde_json::Value;
 
 /// Why a webhook call failed.
@@ -40,13 +40,17 @@ pub enum HookError {
     /// A built-in rule set could not decide.
     #[error("{0}")]
     Rules(String),
+    /// The request could not be written as JSON.
+    #[error("cannot serialise the allocation request: {0}")]
+    Request(String),
 }
 
 /// The port through which the engine calls custom allocation webhooks.
 #[async_trait]
 pub trait AllocationHook: Send + Sync + 'static {
-    /// POSTs the JSON `body` to `url`; returns the body of a 2xx answer.
-    async fn call(&self, url: &str, body: Vec<u8>) -> Result<Vec<u8>, HookError>;
+    /// Sends the allocation request to `url` (as JSON, for a webhook); returns the body of a
+    /// 2xx answer.
+    async fn call(&self, url: &str, request: &AllocationRequest) -> Result<Vec<u8>, HookError>;
 
     /// Whether `call` answers `url` in this process without waiting on I/O (a built-in rule
     /// set). The engine then allocates inside the request and writes the registration once,

@@ -634,9 +634,7 @@ impl Engine {
             },
             linked_hubs: linked_hubs.clone(),
         };
-        let body = serde_json::to_vec(&request)
-            .map_err(|e| AllocationFailure::failed(format!("cannot serialise the allocation request: {e}")))?;
-        let answer = hook.call(&definition.webhook_url, body).await.map_err(|e| match e {
+        let answer = hook.call(&definition.webhook_url, &request).await.map_err(|e| match e {
             HookError::PayloadRejected(m) => AllocationFailure { code: ErrorCode::INVALID_PAYLOAD, message: m },
             e => AllocationFailure::failed(format!(
                 "custom allocation failed for {}: {e}",

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use dps_core::custom::{body_start, AllocationHook, HookError};
+use dps_proto::webhook::AllocationRequest;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::sync::Semaphore;
@@ -118,7 +119,8 @@ impl WebhookClient {
 
 #[async_trait]
 impl AllocationHook for WebhookClient {
-    async fn call(&self, url: &str, body: Vec<u8>) -> Result<Vec<u8>, HookError> {
+    async fn call(&self, url: &str, request: &AllocationRequest) -> Result<Vec<u8>, HookError> {
+        let body = serde_json::to_vec(request).map_err(|e| HookError::Request(e.to_string()))?;
         let started = std::time::Instant::now();
         let result = match tokio::time::timeout(self.timeout, self.post(url, body)).await {
             Ok(r) => r,
@@ -143,13 +145,11 @@ pub struct CustomAllocator {
 
 #[async_trait]
 impl AllocationHook for CustomAllocator {
-    async fn call(&self, url: &str, body: Vec<u8>) -> Result<Vec<u8>, HookError> {
+    async fn call(&self, url: &str, request: &AllocationRequest) -> Result<Vec<u8>, HookError> {
         if !is_rules_url(url) {
-            return self.webhooks.call(url, body).await;
+            return self.webhooks.call(url, request).await;
         }
-        let request: dps_proto::webhook::AllocationRequest = serde_json::from_slice(&body)
-            .map_err(|e| HookError::Rules(format!("cannot read the allocation request: {e}")))?;
-        let response = self.rules.evaluate(&url[crate::rules::SCHEME.len()..], &request)?;
+        let response = self.rules.evaluate(&url[crate::rules::SCHEME.len()..], request)?;
         serde_json::to_vec(&response).map_err(|e| HookError::Rules(format!("cannot write the rule set's answer: {e}")))
     }
 
