@@ -73,7 +73,7 @@ fn key_algorithm(cert: &Path) -> Option<String> {
             };
             Some(format!("ecdsa-{name}"))
         }
-        _ => Some(cert.public_key().algorithm.algorithm.to_id_string()),
+        _ => Some(spki.algorithm.algorithm.to_id_string()),
     }
 }
 
@@ -284,5 +284,23 @@ pub(crate) fn stop_child(child: &mut Child, grace: Duration) {
 impl Drop for SpawnedServer {
     fn drop(&mut self) {
         stop_child(&mut self.child, Duration::from_secs(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::process_cpu_seconds;
+
+    #[test]
+    fn cpu_seconds_are_read_after_the_command_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stat");
+        // A command name with spaces and a ')' of its own; utime 250 and stime 50 ticks.
+        let fields = "S 1 1 1 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 4 0 100 1000 200";
+        std::fs::write(&path, format!("4242 (dps (worker) x) {fields}\n")).unwrap();
+        assert_eq!(process_cpu_seconds(path.to_str().unwrap()), Some(3.0));
+        std::fs::write(&path, "4242 (dps) S 1\n").unwrap();
+        assert_eq!(process_cpu_seconds(path.to_str().unwrap()), None, "too few fields");
+        assert_eq!(process_cpu_seconds("/nonexistent/stat"), None);
     }
 }
