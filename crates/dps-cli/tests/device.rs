@@ -150,7 +150,6 @@ async fn retries_until_the_service_is_back() {
     let err = DeviceClient::new(cfg).unwrap().register().await.unwrap_err();
     assert!(matches!(err, DeviceError::Transport(_)), "{err:?}");
 
-    let started = std::time::Instant::now();
     let devices: Vec<_> = [("retry-https", Transport::Https), ("retry-mqtt", Transport::Mqtt)]
         .into_iter()
         .map(|(id, transport)| {
@@ -160,11 +159,11 @@ async fn retries_until_the_service_is_back() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(devices.iter().all(|d| !d.is_finished()), "still retrying while the service is down");
     dps.restart().await;
     for (device, id) in devices.into_iter().zip(["retry-https", "retry-mqtt"]) {
         let r = device.await.unwrap().unwrap_or_else(|e| panic!("{id}: {e}"));
         assert_eq!(r.state.device_id.as_deref(), Some(id));
         assert_eq!(r.state.assigned_hub.as_deref(), Some("hub.localhost"));
     }
-    assert!(started.elapsed() >= Duration::from_millis(1500), "they registered only after the restart");
 }
