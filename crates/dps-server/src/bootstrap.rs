@@ -178,7 +178,7 @@ fn rc_err(e: rcgen::Error) -> ServerError {
 
 /// Makes sure a server certificate exists: the configured one, or a generated one signed by
 /// a test CA in `<data_dir>/tls`. The generated certificate is re-issued (by the same CA)
-/// when `tls.host_names` changes.
+/// when `tls.host_names` or `tls.generated_key` changes.
 pub fn ensure_tls(config: &Config, data_dir: &Path) -> Result<TlsFiles, ServerError> {
     if let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) {
         return Ok(TlsFiles { cert: cert.clone(), key: key.clone(), ca: None });
