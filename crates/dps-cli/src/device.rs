@@ -36,7 +36,7 @@ pub struct DeviceArgs {
     /// Private key file (PEM) for --cert.
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
-    /// JSON file whose object is sent as the registration payload.
+    /// JSON file whose content (any JSON value) is sent as the registration payload.
     #[arg(long)]
     payload_file: Option<PathBuf>,
     /// CA certificate (PEM) to trust instead of the system roots.
@@ -128,15 +128,12 @@ fn read_text(path: &Path, what: &str) -> Result<String, InputError> {
     std::fs::read_to_string(path).map_err(|e| InputError(format!("{what} {}: {e}", path.display())))
 }
 
-/// The payload file: a JSON object.
-fn read_payload(path: &Path) -> Result<Value, InputError> {
+/// The payload file: any JSON value, sent as it is (`null`: no payload).
+fn read_payload(path: &Path) -> Result<Option<Value>, InputError> {
     let text = read_text(path, "payload file")?;
     let v: Value = serde_json::from_str(&text)
         .map_err(|e| InputError(format!("payload file {}: not JSON: {e}", path.display())))?;
-    if !v.is_object() {
-        return Err(InputError(format!("payload file {}: the payload must be a JSON object", path.display())));
-    }
-    Ok(v)
+    Ok(Some(v).filter(|v| !v.is_null()))
 }
 
 fn key_from_file(path: &Path) -> Result<String, InputError> {
@@ -272,7 +269,7 @@ fn resolve(args: &DeviceArgs) -> Result<Resolved, InputError> {
     };
     let payload_path =
         args.payload_file.clone().or_else(|| prov.and_then(|p| p.payload.as_ref()).map(|u| file_path(&u.uri, &base)));
-    let payload = payload_path.as_deref().map(read_payload).transpose()?;
+    let payload = payload_path.as_deref().map(read_payload).transpose()?.flatten();
     let ca_path = args.ca.clone().or_else(|| file.trust_bundle_cert.as_deref().map(|u| file_path(u, &base)));
     let trusted_ca_pem = ca_path.as_deref().map(|p| read_text(p, "CA file")).transpose()?;
     let transport = match args.transport.as_deref().or(file.dps_device.transport.as_deref()).unwrap_or("https") {

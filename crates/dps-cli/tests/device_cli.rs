@@ -100,13 +100,20 @@ state_file = "state.json"
     let saved: Value = serde_json::from_str(&std::fs::read_to_string(d.join("state.json")).unwrap()).unwrap();
     assert_eq!(saved["registrationState"]["payload"]["echo"], json!({"modelId": "edge-2"}), "state updated");
 
+    // Any JSON value is a payload (protocol.md §14): an array goes to the webhook unchanged.
+    std::fs::write(d.join("array.json"), "[1, \"two\"]").unwrap();
+    let (code, out, err) =
+        run(&["device", "reprovision", "--config", "config.toml", "--payload-file", "array.json", "--json"], d);
+    assert_eq!(code, Some(0), "{err}");
+    let arr: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(arr["registrationState"]["payload"]["echo"], json!([1, "two"]));
+    assert_eq!(calls(), 3);
+
     // Bad input: one line naming the file, exit 2, nothing sent.
-    std::fs::write(d.join("array.json"), "[1, 2]").unwrap();
     std::fs::write(d.join("broken.json"), "{\"modelId\": ").unwrap();
     std::fs::write(d.join("broken.toml"), "[provisioning\nsource = ").unwrap();
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 4] = [
         (&["--payload-file", "missing.json"], "payload file missing.json"),
-        (&["--payload-file", "array.json"], "payload file array.json: the payload must be a JSON object"),
         (&["--payload-file", "broken.json"], "payload file broken.json: not JSON"),
         (&["--config", "broken.toml"], "config file broken.toml"),
         (&["--config", "nowhere.toml"], "config file nowhere.toml"),
@@ -122,7 +129,7 @@ state_file = "state.json"
         assert!(err.starts_with("error: ") && err.contains(needle), "{extra:?}: {err}");
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
     }
-    assert_eq!(calls(), 2, "nothing sent for bad input");
+    assert_eq!(calls(), 3, "nothing sent for bad input");
 
     // Flags alone, with a wrong key: exit 1 and the service's reason.
     let (code, _, err) = run(

@@ -95,10 +95,11 @@ async fn same_results_as_https() {
     assert_eq!(topic, "$dps/registrations/res/200/?$rid=2");
     assert_eq!(polled["status"], "assigned");
     // Errors travel as the status in the topic with the DPS error body.
-    let (topic, err) = c.request(&format!("{REGISTER}3"), br#"{"payload":[1,2]}"#, Some(3)).await;
+    let oversized = format!(r#"{{"payload":"{}"}}"#, "x".repeat(70_000));
+    let (topic, err) = c.request(&format!("{REGISTER}3"), oversized.as_bytes(), Some(3)).await;
     assert_eq!(topic, "$dps/registrations/res/400/?$rid=3");
     assert_eq!(err["errorCode"], 400003, "{err}");
-    assert!(err["message"].as_str().unwrap().contains("JSON object"), "{err}");
+    assert!(err["message"].as_str().unwrap().contains("the limit is 65536 bytes"), "{err}");
     let (topic, err) = c.request(&format!("{POLL}4&operationId=4.0000000000000000.nope"), b"", Some(4)).await;
     assert_eq!(topic, "$dps/registrations/res/404/?$rid=4");
     assert_eq!(err["errorCode"], 404203, "{err}");

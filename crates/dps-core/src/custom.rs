@@ -115,15 +115,8 @@ pub fn check_response(
             linked_hubs.join(", ")
         ))
     })?;
-    let payload = match response.payload {
-        None | Some(Value::Null) => None,
-        Some(v @ Value::Object(_)) => Some(v),
-        Some(_) => {
-            return Err(AllocationFailure::failed(
-                "custom allocation failed: the webhook's payload must be a JSON object (or absent)",
-            ))
-        }
-    };
+    // Any JSON value goes back to the device unchanged; `null` means none.
+    let payload = response.payload.filter(|v| !v.is_null());
     let initial_twin = match response.initial_twin {
         None | Some(Value::Null) => enrollment_twin.cloned(),
         Some(v @ Value::Object(_)) => Some(v),
@@ -170,12 +163,11 @@ mod tests {
 
     #[test]
     fn refuses_bad_answers_with_reasons() {
-        let cases: [(&[u8], ErrorCode, &str); 6] = [
+        let cases: [(&[u8], ErrorCode, &str); 5] = [
             (b"<html>oops</html>", ErrorCode::ALLOCATION_FAILED, "<html>oops"),
             (br#"{"payload":{}}"#, ErrorCode::HUB_NOT_SPECIFIED, "no iotHubHostName"),
             (br#"{"iotHubHostName":""}"#, ErrorCode::HUB_NOT_SPECIFIED, "no iotHubHostName"),
             (br#"{"iotHubHostName":"evil.test"}"#, ErrorCode::HUB_NOT_SPECIFIED, "'evil.test'"),
-            (br#"{"iotHubHostName":"hub-a.test","payload":[1]}"#, ErrorCode::ALLOCATION_FAILED, "payload must be"),
             (
                 br#"{"iotHubHostName":"hub-a.test","initialTwin":"x"}"#,
                 ErrorCode::ALLOCATION_FAILED,
@@ -187,6 +179,16 @@ mod tests {
             assert_eq!(e.code, code, "{}", String::from_utf8_lossy(body));
             assert!(e.message.contains(needle), "{}", e.message);
         }
+    }
+
+    #[test]
+    fn any_json_payload_comes_back_unchanged() {
+        for payload in [json!("{\"a\":1}"), json!([1, "two"]), json!(42), json!(false), json!({"p": null})] {
+            let body = serde_json::to_vec(&json!({"iotHubHostName": "hub-a.test", "payload": payload})).unwrap();
+            assert_eq!(check_response(&body, &hubs(), None).unwrap().payload, Some(payload));
+        }
+        let a = check_response(br#"{"iotHubHostName":"hub-a.test","payload":null}"#, &hubs(), None).unwrap();
+        assert_eq!(a.payload, None, "null is no payload");
     }
 
     #[test]

@@ -98,7 +98,7 @@ pub struct ClientConfig {
     pub transport: Transport,
     /// PEM of a CA to trust instead of the system roots (a self-hosted server's test CA).
     pub trusted_ca_pem: Option<String>,
-    /// Registration payload (a JSON object).
+    /// Registration payload: any JSON value, sent unchanged (`None` or `null`: no payload).
     pub payload: Option<Value>,
     /// Bound on the whole registration, polls and retries included.
     pub timeout: Duration,
@@ -129,7 +129,7 @@ impl ClientConfig {
 /// Why a registration did not succeed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum DeviceError {
-    /// The configuration cannot work (bad key, unreadable certificate, payload not an object).
+    /// The configuration cannot work (bad key, unreadable certificate).
     #[error("configuration: {0}")]
     Config(String),
     /// The service refused the credential (HTTP 401, MQTT CONNACK 4 or 5).
@@ -293,11 +293,6 @@ impl DeviceClient {
         if config.registration_id.is_empty() || config.id_scope.is_empty() || config.host.is_empty() {
             return Err(DeviceError::Config("host, ID scope and registration ID are required".into()));
         }
-        if let Some(p) = &config.payload {
-            if !p.is_object() {
-                return Err(DeviceError::Config("the payload must be a JSON object".into()));
-            }
-        }
         let mut roots = rustls::RootCertStore::empty();
         match &config.trusted_ca_pem {
             Some(pem) => {
@@ -346,7 +341,7 @@ impl DeviceClient {
             None => builder.with_no_client_auth(),
         };
         let mut body = serde_json::json!({ "registrationId": config.registration_id });
-        if let Some(p) = &config.payload {
+        if let Some(p) = config.payload.as_ref().filter(|p| !p.is_null()) {
             body["payload"] = p.clone();
         }
         let body = serde_json::to_vec(&body).map_err(|e| DeviceError::Config(e.to_string()))?;
@@ -445,9 +440,6 @@ mod tests {
             DeviceClient::new(cfg(DeviceCredential::SymmetricKey("not base64!".into()))),
             Err(DeviceError::Config(_))
         ));
-        let mut c = cfg(DeviceCredential::SymmetricKey("AAAA".into()));
-        c.payload = Some(serde_json::json!([1]));
-        assert!(matches!(DeviceClient::new(c), Err(DeviceError::Config(m)) if m.contains("JSON object")));
         let c = cfg(DeviceCredential::X509 { chain_pem: "nothing".into(), key_pem: "nothing".into() });
         assert!(matches!(DeviceClient::new(c), Err(DeviceError::Config(_))));
     }

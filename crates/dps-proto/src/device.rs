@@ -15,7 +15,8 @@ pub struct DeviceRegistration {
     /// TPM keys (TPM attestation only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm: Option<TpmAttestation>,
-    /// Device payload for custom allocation. `null` means absent.
+    /// Device payload for custom allocation: any JSON value, passed on unchanged. `null`
+    /// means absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<Value>,
     /// Certificate signing request (2025-07-01-preview); not supported yet.

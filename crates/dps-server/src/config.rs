@@ -323,7 +323,7 @@ pub struct RuleCaseConfig {
     /// String: the hub (weighted hashing among the linked hubs when absent).
     #[serde(default)]
     pub hub: Option<String>,
-    /// Map: the payload returned to the device.
+    /// Any value: the payload returned to the device.
     #[serde(default)]
     pub payload: Option<String>,
     /// Map: the initial twin.

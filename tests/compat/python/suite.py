@@ -204,6 +204,13 @@ def device_group_key_payload_round_trip_through_a_webhook(ws, tag):
     assert r.status == "assigned", r
     assert r.registration_state.assigned_hub == CREDS["linkedHubs"][-1], r
     assert json.loads(r.registration_state.response_payload) == {"echo": {"modelId": tag}, "group": gid}, r
+    # A string payload (what `az iot device registration create --payload` sends) goes to the
+    # webhook as a JSON string, unchanged (protocol.md §14).
+    rid = f"{RUN}-{tag}-strpay"
+    text = json.dumps({"modelId": tag})
+    r = register_device(rid, derive(g["attestation"]["symmetricKey"]["primaryKey"], rid), text, ws)
+    assert r.status == "assigned", r
+    assert json.loads(r.registration_state.response_payload) == {"echo": text, "group": gid}, r
     CLIENT.enrollment_group.delete(id=gid)
 
 

@@ -73,6 +73,11 @@ async fn behave(path: &str, body: &[u8]) -> Response<Full<Bytes>> {
         "/no-hub" => reply(200, r#"{"payload":{"a":1}}"#),
         "/unlinked" => reply(200, r#"{"iotHubHostName":"evil.test"}"#),
         "/payload-array" => reply(200, json!({"iotHubHostName": last_hub, "payload": [1, 2]}).to_string()),
+        // The device payload back as it came, whatever JSON value it is.
+        "/payload-verbatim" => reply(
+            200,
+            json!({"iotHubHostName": last_hub, "payload": req["deviceRuntimeContext"]["payload"]}).to_string(),
+        ),
         "/huge" => reply(
             200,
             format!(r#"{{"iotHubHostName":{last_hub},"payload":{{"x":"{}"}}}}"#, "a".repeat(2 * 1024 * 1024)),
