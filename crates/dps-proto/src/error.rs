@@ -22,8 +22,6 @@ impl ErrorCode {
     pub const INVALID_ARGUMENT: ErrorCode = ErrorCode(400004);
     /// The `api-version` query parameter is missing or malformed.
     pub const INVALID_API_VERSION: ErrorCode = ErrorCode(400005);
-    /// A query the service does not support.
-    pub const INVALID_QUERY: ErrorCode = ErrorCode(400006);
     /// Assignment failed: no IoT hub could be chosen (C SDK: hub not specified).
     pub const HUB_NOT_SPECIFIED: ErrorCode = ErrorCode(400208);
     /// Allocation failed (custom allocation or policy error).

@@ -344,7 +344,9 @@ pub struct DeviceRegistrationState {
 /// `QuerySpecification`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QuerySpecification {
-    /// SQL-like query text, e.g. `SELECT * FROM enrollments`.
+    /// SQL-like query text, e.g. `SELECT * FROM enrollments`; not interpreted (Azure returns
+    /// every enrollment or group whatever it says).
+    #[serde(default)]
     pub query: String,
 }
 
