@@ -1,7 +1,7 @@
 //! Service API over HTTPS (protocol.md §9): SAS policies and rights, enrollments, groups,
 //! registration states, queries with paging, bulk operations.
 
-use dps_core::enrollment::{EnrollmentKind, QueryPage};
+use dps_core::enrollment::{without_secrets, EnrollmentKind, QueryPage};
 use dps_core::etag::IfMatch;
 use dps_core::Error;
 use dps_proto::error::ErrorCode;
@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use super::response::{empty, json};
 use super::{AppState, Call, HttpResult};
+use crate::bootstrap::Policy;
 
 const ENROLLMENT_READ: &str = "EnrollmentRead";
 const ENROLLMENT_WRITE: &str = "EnrollmentWrite";
@@ -20,8 +21,9 @@ const REGISTRATION_READ: &str = "RegistrationStatusRead";
 const REGISTRATION_WRITE: &str = "RegistrationStatusWrite";
 const SERVICE_CONFIG: &str = "ServiceConfig";
 
-/// Checks the service SAS token and that its policy grants every right in `rights`.
-fn authorize(state: &AppState, call: &Call, rights: &[&str]) -> Result<(), Error> {
+/// Checks the service SAS token and that its policy grants every right in `rights`; returns
+/// the policy, so that a handler can leave out what the caller may not read.
+fn authorize<'s>(state: &'s AppState, call: &Call, rights: &[&str]) -> Result<&'s Policy, Error> {
     let header = call.header("authorization").ok_or_else(|| {
         Error::Unauthorized(
             "no Authorization header: send a SharedAccessSignature built from a service connection string".into(),
@@ -62,7 +64,11 @@ fn authorize(state: &AppState, call: &Call, rights: &[&str]) -> Result<(), Error
     if let Some(missing) = rights.iter().find(|r| !policy.rights.iter().any(|have| have == *r)) {
         return Err(Error::Unauthorized(format!("shared access policy '{name}' lacks the {missing} right")));
     }
-    Ok(())
+    Ok(policy)
+}
+
+fn grants(policy: &Policy, right: &str) -> bool {
+    policy.rights.iter().any(|r| r == right)
 }
 
 fn if_match(call: &Call) -> IfMatch {
@@ -75,9 +81,15 @@ async fn record<R: EnrollmentKind>(state: &AppState, call: &Call, id: &str) -> H
     let engine = &state.engine;
     match call.method {
         Method::PUT => {
-            authorize(state, call, &[ENROLLMENT_WRITE])?;
-            let saved: R = engine.put_enrollment_record(id, &call.body, &if_match(call)).await?;
+            let policy = authorize(state, call, &[ENROLLMENT_WRITE])?;
+            let mut saved: R = engine.put_enrollment_record(id, &call.body, &if_match(call)).await?;
             tracing::info!(kind = R::NOUN, id, "saved");
+            // The stored record carries the keys (generated or kept); a caller that may not
+            // read enrollments does not get them back (a group key derives every member's key).
+            if !grants(policy, ENROLLMENT_READ) {
+                let hidden = without_secrets(&saved.common().attestation);
+                saved.common_mut().attestation = hidden;
+            }
             Ok(json(StatusCode::OK, &saved, &call.request_id))
         }
         Method::GET => {
