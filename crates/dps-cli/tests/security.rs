@@ -143,3 +143,90 @@ async fn keys_reach_only_callers_that_may_read_enrollments() {
         assert_eq!(a["symmetricKey"]["primaryKey"], key(11), "{name}");
     }
 }
+
+/// Request parsing: one Authorization header, object bodies only, field names instead of Rust
+/// type names, no repeated keys in either API, no TPM enrollments before TPM is served, and an
+/// oversized Content-Length refused at once.
+#[tokio::test]
+async fn requests_are_parsed_strictly() {
+    let dps = Dps::start("").await;
+    let k = key(1);
+    dps.put_enrollment(json!({"registrationId": "d", "attestation": {"type": "symmetricKey",
+        "symmetricKey": {"primaryKey": k, "secondaryKey": k}}}))
+        .await;
+    let token = dps.device_token("d", &k);
+    let register = |body: &'static str| {
+        dps.client
+            .put(dps.url(&format!("/{}/registrations/d/register?api-version=2021-10-01", dps.scope())))
+            .header("Authorization", &token)
+            .header("content-type", "application/json")
+            .body(body)
+    };
+    let expect = |status: u16, code: u32, needle: &'static str| {
+        move |(s, body): (u16, Value)| {
+            assert_eq!((s, body["errorCode"].as_u64()), (status, Some(u64::from(code))), "{body}");
+            let message = body["message"].as_str().unwrap();
+            assert!(message.contains(needle), "{message}");
+            for rust in ["struct", "TpmAttestation", "DeviceRegistration", "IndividualEnrollment", "enum "] {
+                assert!(!message.contains(rust), "a Rust type name in: {message}");
+            }
+        }
+    };
+    async fn send(req: reqwest::RequestBuilder) -> (u16, Value) {
+        let resp = req.send().await.unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap_or(Value::Null))
+    }
+    // Two Authorization headers: 400, whichever one is valid.
+    let twice = register("{}").header("Authorization", "SharedAccessSignature sr=x&sig=y&se=1");
+    expect(400, 400004, "2 Authorization headers")(send(twice).await);
+    let svc = dps.service(Method::GET, "/enrollments/d").header("Authorization", dps.service_token());
+    expect(400, 400004, "2 Authorization headers")(send(svc).await);
+    // A body that is an array is not read by position.
+    expect(400, 400001, "must be a JSON object, not an array")(send(register(r#"["d", null, {"a": 1}]"#)).await);
+    // Shape errors name the field and the JSON kind.
+    expect(400, 400001, "tpm: invalid type: string \"x\", expected a JSON object")(
+        send(register(r#"{"tpm": "x"}"#)).await,
+    );
+    // Repeated keys, at the top and inside the payload, in the device API...
+    expect(400, 400001, "\"registrationId\" appears twice")(
+        send(register(r#"{"registrationId": "d", "registrationId": "e"}"#)).await,
+    );
+    expect(400, 400001, "\"a\" appears twice")(send(register(r#"{"payload": {"a": 1, "a": 2}}"#)).await);
+    // ...and in the service API (which kept the last one before).
+    let dup = r#"{"registrationId": "dup", "attestation": {"type": "x509"}, "attestation": {"type": "symmetricKey"}}"#;
+    let req = dps.service(Method::PUT, "/enrollments/dup").header("content-type", "application/json").body(dup);
+    expect(400, 400001, "\"attestation\" appears twice")(send(req).await);
+    let req = dps.service(Method::POST, "/enrollments").header("content-type", "application/json").body(
+        r#"{"mode": "create", "enrollments": [{"registrationId": "b", "registrationId": "c", "attestation": {"type": "symmetricKey"}}]}"#,
+    );
+    expect(400, 400001, "\"registrationId\" appears twice")(send(req).await);
+    let req = dps
+        .service(Method::PUT, "/enrollments/shape")
+        .json(&json!({"attestation": {"type": "symmetricKey", "symmetricKey": []}}));
+    expect(400, 400001, "attestation.symmetricKey: invalid type: array, expected a JSON object")(send(req).await);
+    let resp = dps.service(Method::GET, "/enrollments/dup").send().await.unwrap();
+    assert_eq!(resp.status(), 404, "nothing stored");
+    // TPM enrollments are refused until TPM attestation is served.
+    let tpm = json!({"registrationId": "t", "attestation": {"type": "tpm", "tpm": {"endorsementKey": "AToAAQAL"}}});
+    let req = dps.service(Method::PUT, "/enrollments/t").json(&tpm);
+    expect(400, 400004, "TPM attestation is not served")(send(req).await);
+
+    // A Content-Length over the limit gets 413 at once, without waiting for the body.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = common::mqtt::tls(&dps, dps.addr.port()).await;
+    let head = format!(
+        "PUT /{}/registrations/d/register?api-version=2021-10-01 HTTP/1.1\r\nHost: localhost\r\nAuthorization: {token}\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\n\r\n{{",
+        dps.scope()
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), tls.read(&mut answer))
+        .await
+        .expect("an answer before the body read timeout")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer[..n]);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("413001"), "{text}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}

@@ -175,11 +175,15 @@ impl Engine {
     }
 }
 
-/// Parses a JSON request body into `T`, with a 400 that quotes serde's reason.
+/// Parses a JSON request body into `T` strictly (one object, no repeated keys; see
+/// [`dps_proto::json`]), with a 400 that names the field and what was expected.
 pub(crate) fn parse_body<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, Error> {
-    serde_json::from_slice(body).map_err(|e| {
-        Error::bad_request(ErrorCode::INVALID_REQUEST_BODY, format!("the request body is not a valid {what}: {e}"))
-    })
+    dps_proto::json::parse(body).map_err(|e| body_error(what, e))
+}
+
+/// The 400 for a request body that cannot be used.
+pub(crate) fn body_error(what: &str, e: dps_proto::json::JsonError) -> Error {
+    Error::bad_request(ErrorCode::INVALID_REQUEST_BODY, format!("the request body is not a valid {what}: {e}"))
 }
 
 /// Parses a stored JSON document; a failure means the store holds something we did not write.

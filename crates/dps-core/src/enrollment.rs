@@ -18,7 +18,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::allocation::{find_linked, linked_names};
-use crate::engine::{parse_body, parse_stored, to_json, Engine};
+use crate::engine::{body_error, parse_body, parse_stored, to_json, Engine};
 use crate::error::Error;
 use crate::etag::{new_enrollment_etag, IfMatch};
 use crate::store::{Collection, Condition, Document, Page, StoreError, Write};
@@ -238,12 +238,11 @@ impl Engine {
                 att.x509 = None;
             }
             AttestationType::Tpm => {
-                let ok = att.tpm.as_ref().is_some_and(|t| !t.endorsement_key.trim().is_empty());
-                if !ok {
-                    return Err(invalid("TPM attestation needs attestation.tpm.endorsementKey"));
-                }
-                att.symmetric_key = None;
-                att.x509 = None;
+                // Refused until devices can attest with it: an accepted enrollment that no
+                // device can ever use would only mislead.
+                return Err(invalid(
+                    "TPM attestation is not served by this version of dps yet; enroll the device with symmetricKey or x509",
+                ));
             }
             AttestationType::X509 => {
                 let Some(x) = att.x509.as_mut() else {
@@ -328,8 +327,8 @@ impl Engine {
         body: &[u8],
         if_match: &IfMatch,
     ) -> Result<R, Error> {
-        let value: Value = parse_body(body, &format!("{} (JSON)", R::NOUN))?;
-        self.put_enrollment_value::<R>(path_id, value, if_match, false).await
+        let value = dps_proto::json::parse_object(body).map_err(|e| body_error(&format!("{} (JSON)", R::NOUN), e))?;
+        self.put_enrollment_value::<R>(path_id, Value::Object(value), if_match, false).await
     }
 
     async fn put_enrollment_value<R: EnrollmentKind>(
@@ -356,12 +355,7 @@ impl Engine {
                 )))
             }
         }
-        let parsed: R = serde_json::from_value(value).map_err(|e| {
-            Error::bad_request(
-                ErrorCode::INVALID_REQUEST_BODY,
-                format!("the request body is not a valid {}: {e}", R::NOUN),
-            )
-        })?;
+        let parsed: R = dps_proto::json::from_value(value).map_err(|e| body_error(R::NOUN, e))?;
         // Optimistic concurrency: retry a few times if another writer got in between, unless
         // the client asked for a specific version.
         let mut attempts = 0;

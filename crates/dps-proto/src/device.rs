@@ -13,7 +13,7 @@ pub struct DeviceRegistration {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registration_id: Option<String>,
     /// TPM keys (TPM attestation only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::json::optional_object")]
     pub tpm: Option<TpmAttestation>,
     /// Device payload for custom allocation: any JSON value, passed on unchanged. `null`
     /// means absent.

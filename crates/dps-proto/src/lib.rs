@@ -10,6 +10,7 @@
 pub mod device;
 pub mod error;
 pub mod ids;
+pub mod json;
 pub mod mqtt;
 pub mod mqtt_topic;
 pub mod sas;

@@ -108,13 +108,13 @@ pub struct AttestationMechanism {
     #[serde(rename = "type")]
     pub kind: AttestationType,
     /// TPM keys.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::json::optional_object")]
     pub tpm: Option<TpmAttestation>,
     /// X.509 certificates.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::json::optional_object")]
     pub x509: Option<X509Attestation>,
     /// Symmetric keys.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::json::optional_object")]
     pub symmetric_key: Option<SymmetricKeyAttestation>,
 }
 
@@ -147,13 +147,13 @@ pub struct SymmetricKeyAttestation {
 #[serde(rename_all = "camelCase")]
 pub struct X509Attestation {
     /// Device (leaf) certificates, for individual enrollments.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::json::optional_object")]
     pub client_certificates: Option<X509Certificates>,
     /// Signing (intermediate or root) certificates, for groups.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::json::optional_object")]
     pub signing_certificates: Option<X509Certificates>,
     /// Names of verified service-level CA certificates.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::json::optional_object")]
     pub ca_references: Option<X509CaReferences>,
 }
 
@@ -162,10 +162,10 @@ pub struct X509Attestation {
 #[serde(rename_all = "camelCase")]
 pub struct X509Certificates {
     /// Primary.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::json::optional_object")]
     pub primary: Option<X509CertificateWithInfo>,
     /// Secondary.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::json::optional_object")]
     pub secondary: Option<X509CertificateWithInfo>,
 }
 
@@ -228,14 +228,19 @@ pub struct CustomAllocationDefinition {
     pub api_version: String,
 }
 
+fn attestation<'de, D: serde::Deserializer<'de>>(d: D) -> Result<AttestationMechanism, D::Error> {
+    crate::json::object_named(d, "attestation")
+}
+
 /// The fields individual enrollments and groups share.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EnrollmentCommon {
     /// Attestation mechanism.
+    #[serde(deserialize_with = "attestation")]
     pub attestation: AttestationMechanism,
     /// Capabilities.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::json::optional_object")]
     pub capabilities: Option<DeviceCapabilities>,
     /// Legacy single hub.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -250,7 +255,7 @@ pub struct EnrollmentCommon {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provisioning_status: Option<ProvisioningStatus>,
     /// Re-registration behaviour.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::json::optional_object")]
     pub reprovision_policy: Option<ReprovisionPolicy>,
     /// Created (read-only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -265,7 +270,7 @@ pub struct EnrollmentCommon {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iot_hubs: Option<Vec<String>>,
     /// Custom allocation webhook.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "crate::json::optional_object")]
     pub custom_allocation_definition: Option<CustomAllocationDefinition>,
 }
 

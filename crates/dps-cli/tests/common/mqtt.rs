@@ -31,7 +31,8 @@ pub const REGISTER: &str = "$dps/registrations/PUT/iotdps-register/?$rid=";
 /// A client certificate chain (DER, leaf first) and its key (PKCS#8 DER).
 pub type ClientIdentity = (Vec<Vec<u8>>, Vec<u8>);
 
-async fn tls(dps: &Dps, port: u16) -> TlsStream<TcpStream> {
+/// A TLS connection to one of the server's ports, trusting its test CA.
+pub async fn tls(dps: &Dps, port: u16) -> TlsStream<TcpStream> {
     tls_as(dps, port, None).await
 }
 

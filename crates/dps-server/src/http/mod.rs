@@ -148,6 +148,19 @@ async fn read_call(state: &AppState, req: Request<Incoming>, request_id: &str) -
             "the request path is not valid percent-encoded UTF-8",
         )
     })?;
+    // One credential per request: a proxy in front may check another header than we do.
+    let authorizations = parts.headers.get_all(http::header::AUTHORIZATION).iter().count();
+    if authorizations > 1 {
+        return Err(dps_core::Error::bad_request(
+            ErrorCode::INVALID_ARGUMENT,
+            format!("the request carries {authorizations} Authorization headers; send exactly one"),
+        ));
+    }
+    // A declared length over the limit is refused at once, before waiting for the body.
+    let declared = parts.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > state.max_body_bytes as u64) {
+        return Err(too_large(state.max_body_bytes));
+    }
     let collected =
         tokio::time::timeout(state.body_read_timeout, Limited::new(body, state.max_body_bytes).collect()).await;
     let body = match collected {
@@ -158,10 +171,7 @@ async fn read_call(state: &AppState, req: Request<Incoming>, request_id: &str) -
             ))
         }
         Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            return Err(dps_core::Error::BadRequest {
-                code: ErrorCode::PAYLOAD_TOO_LARGE,
-                message: format!("the request body is larger than {} bytes", state.max_body_bytes),
-            })
+            return Err(too_large(state.max_body_bytes))
         }
         Ok(Err(e)) => {
             return Err(dps_core::Error::bad_request(
@@ -181,6 +191,13 @@ async fn read_call(state: &AppState, req: Request<Incoming>, request_id: &str) -
         request_id: request_id.to_string(),
         client_chain: None,
     })
+}
+
+fn too_large(limit: usize) -> dps_core::Error {
+    dps_core::Error::BadRequest {
+        code: ErrorCode::PAYLOAD_TOO_LARGE,
+        message: format!("the request body is larger than {limit} bytes (limits.max_body_bytes)"),
+    }
 }
 
 fn eq(a: &str, b: &str) -> bool {

@@ -166,7 +166,7 @@ fn check_query_body(call: &Call) -> Result<(), Error> {
     if call.body.iter().all(u8::is_ascii_whitespace) {
         return Ok(());
     }
-    serde_json::from_slice::<QuerySpecification>(&call.body).map(drop).map_err(|e| {
+    dps_proto::json::parse::<QuerySpecification>(&call.body).map(drop).map_err(|e| {
         Error::bad_request(
             ErrorCode::INVALID_REQUEST_BODY,
             format!("the body must be a query specification {{\"query\": \"SELECT * ...\"}}: {e}"),
