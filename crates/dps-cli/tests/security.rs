@@ -230,3 +230,38 @@ async fn requests_are_parsed_strictly() {
     assert!(text.contains("413001"), "{text}");
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
+
+/// An existing data directory is checked at start: writable by others → refused; readable by
+/// others → a warning; store files readable by others are made owner-only.
+#[tokio::test]
+async fn data_directory_modes_are_checked_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let chmod =
+        |p: &std::path::Path, mode: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    let mut dps = Dps::start("").await;
+    let data = dps.data_dir();
+    dps.kill9();
+    // Readable by others (as dps before this version made it): starts, warns, tightens the files.
+    chmod(&data, 0o755);
+    chmod(&data.join("dps.sqlite"), 0o644);
+    dps.restart().await;
+    let log = dps.log();
+    assert!(log.contains("the data directory can be read by group or others"), "{log}");
+    assert!(log.contains("store file was readable by others; made owner-only"), "{log}");
+    assert_eq!(common::file_mode(&data.join("dps.sqlite")), 0o600);
+    assert_eq!(common::file_mode(&data), 0o755, "the directory is the operator's to change");
+    let resp = dps.service(Method::POST, "/enrollments/query").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    dps.kill9();
+    // Writable by others: refused with what to do.
+    chmod(&data, 0o777);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dps"))
+        .args(["serve", "--config"])
+        .arg(dps.dir.join("dps.toml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("is writable by group or others (mode 0777)") && err.contains("chmod 700"), "{err}");
+    chmod(&data, 0o700);
+}

@@ -24,6 +24,12 @@ async fn first_start_creates_credentials_and_restart_reuses_them() {
     assert_eq!(file_mode(&data.join("tls/ca-key.pem")), 0o600);
     assert_eq!(file_mode(&data.join("tls/server-key.pem")), 0o600);
     assert_eq!(file_mode(&data.join("dev-credentials.json")), 0o600);
+    // The data directory and the store hold every key: owner-only.
+    assert_eq!(file_mode(&data), 0o700, "data directory");
+    assert_eq!(file_mode(&data.join("tls")), 0o700, "tls directory");
+    for f in ["dps.sqlite", "dps.sqlite-wal", "dps.sqlite-shm"] {
+        assert_eq!(file_mode(&data.join(f)), 0o600, "{f}");
+    }
     let ca_before = std::fs::read(data.join("tls/ca.pem")).unwrap();
     let server_cert_before = std::fs::read(data.join("tls/server.pem")).unwrap();
     assert_eq!(first["linkedHubs"], json!(["hub.localhost"]), "placeholder hub without [[hubs]]");

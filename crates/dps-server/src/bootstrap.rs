@@ -71,10 +71,45 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError
     move |e| ServerError::Bootstrap(format!("{what}: {e}"))
 }
 
-/// Creates the data directory if needed and returns its absolute path.
+/// Creates the data directory (owner-only, 0700) if needed, checks an existing one, and
+/// returns its absolute path. The directory holds every key: one that others may write to is
+/// refused (they could replace the store or the TLS key); one that others may read or list is
+/// used with a warning that says how to fix it.
 pub fn prepare_data_dir(dir: &Path) -> Result<PathBuf, ServerError> {
-    std::fs::create_dir_all(dir).map_err(io_err(format!("cannot create data directory {}", dir.display())))?;
-    std::fs::canonicalize(dir).map_err(io_err(format!("cannot resolve data directory {}", dir.display())))
+    let existed = dir.exists();
+    create_private_dir(dir).map_err(io_err(format!("cannot create data directory {}", dir.display())))?;
+    let dir = std::fs::canonicalize(dir).map_err(io_err(format!("cannot resolve data directory {}", dir.display())))?;
+    #[cfg(unix)]
+    if existed {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(&dir).map_err(io_err(format!("cannot read {}", dir.display())))?;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o022 != 0 {
+            return Err(ServerError::Bootstrap(format!(
+                "data directory {} is writable by group or others (mode {mode:04o}): they could replace the store or the TLS key; run `chmod 700 {}`",
+                dir.display(),
+                dir.display()
+            )));
+        }
+        if mode & 0o077 != 0 {
+            tracing::warn!(dir = %dir.display(), mode = format!("{mode:04o}"), "the data directory can be read by group or others; it holds every key: run `chmod 700` on it");
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = existed;
+    Ok(dir)
+}
+
+/// `create_dir_all`, with mode 0700 for the directories it creates.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir)
 }
 
 /// Writes a file atomically: temporary file in the same directory, fsync, rename.
@@ -184,7 +219,7 @@ pub fn ensure_tls(config: &Config, data_dir: &Path) -> Result<TlsFiles, ServerEr
         return Ok(TlsFiles { cert: cert.clone(), key: key.clone(), ca: None });
     }
     let dir = data_dir.join("tls");
-    std::fs::create_dir_all(&dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
+    create_private_dir(&dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
     let ca_cert_path = dir.join("ca.pem");
     let ca_key_path = dir.join("ca-key.pem");
     let cert_path = dir.join("server.pem");

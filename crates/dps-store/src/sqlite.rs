@@ -104,6 +104,43 @@ fn sql_err(e: rusqlite::Error) -> StoreError {
     }
 }
 
+/// Creates the database file with mode 0600, or takes group and other permissions away from an
+/// existing one and its `-wal` / `-shm` companions.
+#[cfg(unix)]
+fn make_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let unavailable = |e: std::io::Error| StoreError::Unavailable(format!("cannot prepare {}: {e}", path.display()));
+    if !path.exists() {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(unavailable)?;
+    }
+    let mut names = vec![path.to_path_buf()];
+    for suffix in ["-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        names.push(name.into());
+    }
+    for file in names {
+        let Ok(meta) = std::fs::metadata(&file) else { continue };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode & 0o700)).map_err(unavailable)?;
+            tracing::warn!(file = %file.display(), was = format!("{mode:04o}"), "store file was readable by others; made owner-only (it holds every key)");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn make_private(_path: &Path) -> Result<(), StoreError> {
+    Ok(())
+}
+
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let conn =
         Connection::open(path).map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
@@ -112,8 +149,11 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database at `path` and applies migrations.
+    /// Opens (creating if needed) the database at `path` and applies migrations. The file
+    /// holds every key: it is created owner-only (0600), and SQLite gives its `-wal` and
+    /// `-shm` files the same mode; an existing file readable by others is made owner-only.
     pub fn open(path: &Path, synchronous: Synchronous) -> Result<Self, StoreError> {
+        make_private(path)?;
         let mut conn = open_connection(path)?;
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(sql_err)?;
         if !mode.eq_ignore_ascii_case("wal") {
