@@ -265,3 +265,89 @@ async fn data_directory_modes_are_checked_at_start() {
     assert!(err.contains("is writable by group or others (mode 0777)") && err.contains("chmod 700"), "{err}");
     chmod(&data, 0o700);
 }
+
+/// Service API authentication failures are logged, rate-limited, with the policy name and the
+/// source address and never the token.
+#[tokio::test]
+async fn service_authentication_failures_are_logged_without_the_token() {
+    let dps = Dps::start("").await;
+    let forged = dps_proto::sas::build_token("localhost", &[7u8; 32], now() + 600, Some("provisioningserviceowner"));
+    let signature = forged.split("sig=").nth(1).unwrap().split('&').next().unwrap().to_string();
+    for _ in 0..100 {
+        let resp = dps
+            .client
+            .get(dps.url(&format!("/enrollments/x?{}", common::API)))
+            .header("Authorization", &forged)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401);
+    }
+    let log = dps.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("service API authentication failed")).collect();
+    assert!(!lines.is_empty(), "{log}");
+    assert!(lines.len() <= 20, "rate-limited: {} lines", lines.len());
+    assert!(
+        lines[0].contains("source=127.0.0.1") && lines[0].contains("policy=\"provisioningserviceowner\""),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[0].contains("does not match policy"), "the reason: {}", lines[0]);
+    assert!(!log.contains(&signature) && !log.contains("SharedAccessSignature sr="), "no token in the log");
+}
+
+/// `dps serve` prints the owner key on stdout only when it was just created (or to a terminal),
+/// so it does not land in journald or a container log at every start.
+#[tokio::test]
+async fn the_owner_key_is_printed_only_on_the_first_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("dps.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[listen]\nhttps = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"\n",
+            dir.path().join("data").display().to_string()
+        ),
+    )
+    .unwrap();
+    let creds = dir.path().join("data/dev-credentials.json");
+    let start = |n: usize| {
+        let out = std::fs::File::create(dir.path().join(format!("out-{n}"))).unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dps"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdout(out)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let done = std::fs::read_to_string(&creds)
+                .ok()
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                .is_some_and(|v| v["pid"] == child.id());
+            let printed = std::fs::read_to_string(dir.path().join(format!("out-{n}"))).unwrap_or_default();
+            if done && printed.contains("Credentials file") {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "dps did not start");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        std::fs::read_to_string(dir.path().join(format!("out-{n}"))).unwrap()
+    };
+    let first = start(1);
+    let key = serde_json::from_str::<Value>(&std::fs::read_to_string(&creds).unwrap()).unwrap()
+        ["serviceConnectionString"]
+        .as_str()
+        .unwrap()
+        .split("SharedAccessKey=")
+        .nth(1)
+        .unwrap()
+        .to_string();
+    assert!(first.contains(&key), "first start prints the connection string: {first}");
+    let second = start(2);
+    assert!(!second.contains(&key) && !second.contains("SharedAccessKey"), "{second}");
+    assert!(second.contains("dev-credentials.json"), "points to the file: {second}");
+}

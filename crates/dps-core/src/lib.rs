@@ -16,6 +16,7 @@ pub mod engine;
 pub mod enrollment;
 pub mod error;
 pub mod etag;
+pub mod log_limit;
 pub mod registration;
 pub mod store;
 pub mod x509;

@@ -288,8 +288,10 @@ pub async fn ensure_id_scope(config: &Config, store: &dyn Store) -> Result<Strin
     Ok(store.init_setting("id_scope", &generate_id_scope()).await?)
 }
 
-/// The policies in force: configured ones plus the generated owner policy (kept in the store).
-pub async fn ensure_policies(config: &Config, store: &dyn Store) -> Result<Vec<Policy>, ServerError> {
+/// The policies in force: configured ones plus the generated owner policy (kept in the store),
+/// and whether the owner policy's keys were created just now (first start).
+pub async fn ensure_policies(config: &Config, store: &dyn Store) -> Result<(Vec<Policy>, bool), ServerError> {
+    let mut created = false;
     let mut policies: Vec<Policy> = config
         .service
         .policies
@@ -305,6 +307,7 @@ pub async fn ensure_policies(config: &Config, store: &dyn Store) -> Result<Vec<P
         let fresh = serde_json::to_string(&StoredKeys { primary_key: random_key(), secondary_key: random_key() })
             .map_err(|e| ServerError::Bootstrap(e.to_string()))?;
         let stored = store.init_setting(&format!("policy.{OWNER_POLICY}"), &fresh).await?;
+        created = stored == fresh;
         let keys: StoredKeys = serde_json::from_str(&stored)
             .map_err(|e| ServerError::Bootstrap(format!("stored policy {OWNER_POLICY} cannot be read: {e}")))?;
         policies.push(Policy {
@@ -314,7 +317,7 @@ pub async fn ensure_policies(config: &Config, store: &dyn Store) -> Result<Vec<P
             rights: RIGHTS.iter().map(|r| r.to_string()).collect(),
         });
     }
-    Ok(policies)
+    Ok((policies, created))
 }
 
 /// What `dev-credentials.json` holds.

@@ -40,7 +40,7 @@ impl Server {
         let tls_files = bootstrap::ensure_tls(&config, &data_dir)?;
         let tls = crate::tls::server_config(&tls_files.cert, &tls_files.key)?;
         let id_scope = bootstrap::ensure_id_scope(&config, store.as_ref()).await?;
-        let policies = bootstrap::ensure_policies(&config, store.as_ref()).await?;
+        let (policies, owner_created) = bootstrap::ensure_policies(&config, store.as_ref()).await?;
 
         let settings = EngineSettings {
             id_scope: id_scope.clone(),
@@ -81,7 +81,10 @@ impl Server {
         let creds_path = data_dir.join(DEV_CREDENTIALS_FILE);
         let creds_json = serde_json::to_vec_pretty(&creds).map_err(|e| ServerError::Bootstrap(e.to_string()))?;
         bootstrap::write_atomic(&creds_path, &creds_json, true)?;
-        print_banner(&creds, &creds_path);
+        // The connection string carries the owner key: only on the first start or to a
+        // terminal, never again into journald or a container log.
+        let show_secret = owner_created || std::io::IsTerminal::is_terminal(&std::io::stdout());
+        print_banner(&creds, &creds_path, show_secret);
         if config.hubs.is_empty() {
             tracing::warn!(
                 hub = crate::config::PLACEHOLDER_HUB,
@@ -138,15 +141,19 @@ async fn bind(addr: SocketAddr, flag: &'static str) -> Result<(TcpListener, Sock
     Ok((listener, bound))
 }
 
-fn print_banner(creds: &DevCredentials, path: &std::path::Path) {
+fn print_banner(creds: &DevCredentials, path: &std::path::Path, show_secret: bool) {
     println!("dps {} ready", env!("CARGO_PKG_VERSION"));
     println!("  HTTPS listener:     {}", creds.https_address);
     if let Some(mqtt) = &creds.mqtt_address {
         println!("  MQTT listener:      {mqtt} (and MQTT over WebSocket on the HTTPS port)");
     }
     println!("  ID scope:           {}", creds.id_scope);
-    if let Some(cs) = &creds.service_connection_string {
-        println!("  Service connection: {cs}");
+    match &creds.service_connection_string {
+        Some(cs) if show_secret => println!("  Service connection: {cs}"),
+        Some(_) => {
+            println!("  Service connection: in {} (printed only on the first start, or to a terminal)", path.display())
+        }
+        None => {}
     }
     if let Some(ca) = &creds.ca_certificate_path {
         println!("  Trust this CA:      {}", ca.display());

@@ -60,6 +60,8 @@ pub(crate) struct Call {
     pub request_id: String,
     /// The client certificate chain of the TLS session (DER, leaf first).
     pub client_chain: Option<Arc<Vec<Vec<u8>>>>,
+    /// The client's address.
+    pub peer: std::net::SocketAddr,
 }
 
 impl Call {
@@ -123,7 +125,7 @@ pub async fn handle(
         tracing::debug!(%path, status = response.status().as_u16(), request_id, "WebSocket upgrade");
         return Ok(response);
     }
-    let response = match read_call(&state, req, &request_id).await {
+    let response = match read_call(&state, req, &request_id, peer).await {
         Ok(mut call) => {
             call.client_chain = client_chain;
             route(&state, call).await
@@ -139,7 +141,12 @@ pub async fn handle(
     Ok(response)
 }
 
-async fn read_call(state: &AppState, req: Request<Incoming>, request_id: &str) -> Result<Call, dps_core::Error> {
+async fn read_call(
+    state: &AppState,
+    req: Request<Incoming>,
+    request_id: &str,
+    peer: std::net::SocketAddr,
+) -> Result<Call, dps_core::Error> {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let segments = decode_segments(&path).ok_or_else(|| {
@@ -190,6 +197,7 @@ async fn read_call(state: &AppState, req: Request<Incoming>, request_id: &str) -
         body,
         request_id: request_id.to_string(),
         client_chain: None,
+        peer,
     })
 }
 

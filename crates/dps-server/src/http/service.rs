@@ -22,8 +22,23 @@ const REGISTRATION_WRITE: &str = "RegistrationStatusWrite";
 const SERVICE_CONFIG: &str = "ServiceConfig";
 
 /// Checks the service SAS token and that its policy grants every right in `rights`; returns
-/// the policy, so that a handler can leave out what the caller may not read.
+/// the policy, so that a handler can leave out what the caller may not read. Failures are
+/// logged (rate-limited) with the policy the token names and the source address, never the
+/// token.
 fn authorize<'s>(state: &'s AppState, call: &Call, rights: &[&str]) -> Result<&'s Policy, Error> {
+    check_service_token(state, call, rights).inspect_err(|e| {
+        let policy = call
+            .header("authorization")
+            .and_then(|h| SasToken::parse(h).ok())
+            .and_then(|t| t.key_name)
+            .map(|n| n.chars().take(64).collect::<String>())
+            .unwrap_or_default();
+        dps_core::warn_limited!("service-auth", source = %call.peer.ip(), policy, method = %call.method,
+            path = %call.path, request_id = call.request_id, reason = %e, "service API authentication failed");
+    })
+}
+
+fn check_service_token<'s>(state: &'s AppState, call: &Call, rights: &[&str]) -> Result<&'s Policy, Error> {
     let header = call.header("authorization").ok_or_else(|| {
         Error::Unauthorized(
             "no Authorization header: send a SharedAccessSignature built from a service connection string".into(),
