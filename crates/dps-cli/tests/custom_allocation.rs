@@ -186,7 +186,9 @@ async fn any_json_payload_passes_through_unchanged() {
     assert_eq!((status, body["errorCode"].as_u64()), (400, Some(400003)), "{body}");
 }
 
-/// Every failure ends the registration `failed` with a code and a message naming the cause.
+/// Every failure ends the registration `failed` with a code and a message naming the cause
+/// class; what the webhook said goes to the log under the operation ID, and to the device only
+/// with `allocation.expose_webhook_errors`.
 #[tokio::test]
 async fn webhook_failures_say_why() {
     let (dps, hook) = setup().await;
@@ -196,28 +198,70 @@ async fn webhook_failures_say_why() {
         drop(l);
         a
     };
+    // (path, code, what the device is told, what only the operator sees)
     let cases = [
-        ("/status-400", 400209, "HTTP 400: bad model: thermostat-9 is not allowed"),
-        ("/invalid-json", 400209, "<html>not json</html>"),
-        ("/no-hub", 400208, "no iotHubHostName"),
-        ("/unlinked", 400208, "'evil.test', which is not in linkedHubs"),
-        ("/huge", 400209, "larger than 65536 bytes"),
+        (
+            "/status-400".to_string(),
+            400209,
+            "the webhook answered HTTP 400",
+            Some("bad model: thermostat-9 is not allowed"),
+        ),
+        ("/invalid-json".into(), 400209, "not a valid allocation response", Some("<html>not json</html>")),
+        ("/no-hub".into(), 400208, "no iotHubHostName", None),
+        (
+            "/unlinked".into(),
+            400208,
+            "chose an IoT hub that is not linked",
+            Some("'evil.test', which is not in linkedHubs"),
+        ),
+        ("/huge".into(), 400209, "larger than 65536 bytes", None),
+        (
+            format!("http://{closed}/alloc"),
+            400209,
+            "the webhook could not be reached",
+            Some("cannot reach the webhook"),
+        ),
     ];
-    for (i, (path, code, needle)) in cases.iter().enumerate() {
+    let mut failed = Vec::new();
+    for (i, (path, code, public, detail)) in cases.iter().enumerate() {
         let id = format!("dev-fail-{i}");
-        let token = enroll_custom(&dps, &id, &hook.url(path)).await;
+        let url = if path.starts_with('/') { hook.url(path) } else { path.clone() };
+        let token = enroll_custom(&dps, &id, &url).await;
         let (status, _, body) = dps.register(&id, Some(&token), json!({})).await;
         assert_eq!(status, 202, "{path}");
         assert_eq!(body["status"], "failed", "{path}: {body}");
         assert_eq!(body["registrationState"]["errorCode"], *code, "{path}: {body}");
-        let msg = body["registrationState"]["errorMessage"].as_str().unwrap();
-        assert!(msg.contains(needle), "{path}: {msg}");
+        let msg = body["registrationState"]["errorMessage"].as_str().unwrap().to_string();
+        assert!(msg.contains(public), "{path}: {msg}");
+        let operation = body["operationId"].as_str().unwrap().to_string();
+        if let Some(detail) = detail {
+            assert!(!msg.contains(detail), "the device is not told what the webhook said: {msg}");
+            assert!(msg.contains(&operation), "the message names the operation to look up: {msg}");
+            failed.push((operation, *detail));
+        }
     }
-    // Connection refused.
-    let token = enroll_custom(&dps, "dev-refused", &format!("http://{closed}/alloc")).await;
-    let (_, _, body) = dps.register("dev-refused", Some(&token), json!({})).await;
-    assert_eq!(body["status"], "failed", "{body}");
-    assert!(body["registrationState"]["errorMessage"].as_str().unwrap().contains("cannot reach the webhook"), "{body}");
+    let log = dps.log();
+    for (operation, detail) in &failed {
+        assert!(
+            log.lines().any(|l| l.contains("custom allocation failed") && l.contains(operation) && l.contains(detail)),
+            "the log has '{detail}' under {operation}"
+        );
+    }
+    // A development instance shows devices the webhook's own words.
+    let mut dev = Dps::start(
+        "[[hubs]]\nhost_name = \"hub-a.test\"\n[[hubs]]\nhost_name = \"hub-b.test\"\n[allocation]\nexpose_webhook_errors = true\n",
+    )
+    .await;
+    for (i, (path, _, _, detail)) in cases.iter().enumerate() {
+        let Some(detail) = detail else { continue };
+        let id = format!("dev-open-{i}");
+        let url = if path.starts_with('/') { hook.url(path) } else { path.clone() };
+        let token = enroll_custom(&dev, &id, &url).await;
+        let (_, _, body) = dev.register(&id, Some(&token), json!({})).await;
+        let msg = body["registrationState"]["errorMessage"].as_str().unwrap();
+        assert!(msg.contains(detail), "{path}: {msg}");
+    }
+    dev.kill9();
     // A webhook that never answers: the device polls and learns about the timeout.
     let token = enroll_custom(&dps, "dev-never", &hook.url("/never")).await;
     let (_, _, body) = dps.register("dev-never", Some(&token), json!({})).await;

@@ -150,19 +150,21 @@ async fn bad_payloads_and_bad_answers_fail_with_a_reason() {
             assert!(msg.contains("by-model"), "names the rule set: {msg}");
         }
     }
-    // A rule set that the config does not define.
+    // A rule set that the config does not define is refused when the enrollment is written.
     let k = key(9);
-    s.dps
-        .put_enrollment(json!({"registrationId": "dev-unknown", "allocationPolicy": "custom",
+    let resp = s
+        .dps
+        .service(reqwest::Method::PUT, "/enrollments/dev-unknown")
+        .json(&json!({"registrationId": "dev-unknown", "allocationPolicy": "custom",
             "customAllocationDefinition": {"webhookUrl": "rules://by-modle", "apiVersion": "2021-10-01"},
             "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": k, "secondaryKey": k}}}))
-        .await;
-    let token = s.dps.device_token("dev-unknown", &k);
-    let (_, _, body) = s.dps.register("dev-unknown", Some(&token), json!({})).await;
-    assert_eq!(body["status"], "failed", "{body}");
-    assert_eq!(body["registrationState"]["errorCode"], 400209);
-    let msg = body["registrationState"]["errorMessage"].as_str().unwrap();
-    assert!(msg.contains("'by-modle'") && msg.contains("by-model"), "{msg}");
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["errorCode"], 400004, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("no rule set named 'by-modle'"), "{body}");
 }
 
 #[test]

@@ -351,3 +351,83 @@ async fn the_owner_key_is_printed_only_on_the_first_start() {
     assert!(!second.contains(&key) && !second.contains("SharedAccessKey"), "{second}");
     assert!(second.contains("dev-credentials.json"), "points to the file: {second}");
 }
+
+async fn put_custom(dps: &Dps, id: &str, url: &str) -> (u16, Value) {
+    let k = key(9);
+    let resp = dps
+        .service(Method::PUT, &format!("/enrollments/{id}"))
+        .json(&json!({"registrationId": id, "allocationPolicy": "custom",
+            "customAllocationDefinition": {"webhookUrl": url, "apiVersion": "2021-10-01"},
+            "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": k, "secondaryKey": k}}}))
+        .send()
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap())
+}
+
+/// Webhook URLs are checked when the enrollment is written, and the address policy applies to
+/// the resolved address at call time.
+#[tokio::test]
+async fn webhook_urls_cannot_reach_internal_addresses() {
+    let hook = common::webhook::start().await;
+    let port = hook.addr.port();
+    let dps = Dps::start("[[rules]]\nname = \"by-model\"\n[[rules.cases]]\nwhen = \"true\"\n").await;
+    // Refused at write, with the reason: schemes, syntax, unknown rule sets, and (default
+    // policy) link-local and metadata addresses in any spelling.
+    for (url, needle) in [
+        ("file:///etc/passwd", "only http:// and https://"),
+        ("ftp://alloc.example/x", "only http:// and https://"),
+        ("alloc.example/x", "relative URL without a base"),
+        ("http://", "empty host"),
+        ("rules://nope", "no rule set named 'nope'"),
+        ("http://169.254.169.254/latest/meta-data/", "169.254.169.254"),
+        ("http://[fd00:ec2::254]/", "fd00:ec2::254"),
+        ("http://[::ffff:a9fe:a9fe]/", "169.254.169.254"),
+        ("http://0x0/", "webhook_deny"),
+        ("http://metadata.google.internal/computeMetadata/v1/", "webhook_deny"),
+    ] {
+        let (status, body) = put_custom(&dps, "ssrf", url).await;
+        assert_eq!((status, body["errorCode"].as_u64()), (400, Some(400004)), "{url}: {body}");
+        let msg = body["message"].as_str().unwrap();
+        assert!(msg.contains("webhookUrl") && msg.contains(needle), "{url}: {msg}");
+    }
+    for url in ["rules://by-model", "RULES://by-model/", "http://alloc.example.net/api?code=k", &hook.url("/ok")] {
+        let (status, body) = put_custom(&dps, "fine", url).await;
+        assert_eq!(status, 200, "{url}: {body}");
+    }
+    drop(dps);
+
+    // An operator policy that refuses loopback: an address literal in any spelling is refused
+    // at write; a name is judged on what it resolves to, at call time, and nothing is sent.
+    let dps = Dps::start("[allocation]\nwebhook_deny = [\"127.0.0.0/8\", \"::1\"]\n").await;
+    for url in [
+        format!("http://127.0.0.1:{port}/ok"),
+        format!("http://2130706433:{port}/ok"),
+        format!("http://0x7f.1:{port}/ok"),
+    ] {
+        let (status, body) = put_custom(&dps, "loop", &url).await;
+        assert_eq!(status, 400, "{url}: {body}");
+        assert!(body["message"].as_str().unwrap().contains("127.0.0.1"), "{url}: {body}");
+    }
+    let (status, body) = put_custom(&dps, "by-name", &format!("http://localhost:{port}/ok")).await;
+    assert_eq!(status, 200, "{body}");
+    let token = dps.device_token("by-name", &key(9));
+    let (_, _, body) = dps.register("by-name", Some(&token), json!({})).await;
+    assert_eq!(body["status"], "failed", "{body}");
+    let msg = body["registrationState"]["errorMessage"].as_str().unwrap();
+    assert!(msg.contains("refused by the server's address policy") && !msg.contains("127.0.0.1"), "{msg}");
+    assert!(dps.log().contains("127.0.0.1 of 'localhost' is in allocation.webhook_deny"), "{}", dps.log());
+    assert!(hook.received.lock().unwrap().is_empty(), "the webhook was never called");
+    drop(dps);
+
+    // An allow list: only what it names.
+    let dps = Dps::start("[allocation]\nwebhook_allow = [\"127.0.0.1/32\"]\n").await;
+    let (status, body) = put_custom(&dps, "other", &format!("http://127.0.0.2:{port}/ok")).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("not in allocation.webhook_allow"), "{body}");
+    let (status, _) = put_custom(&dps, "allowed", &hook.url("/ok")).await;
+    assert_eq!(status, 200);
+    let token = dps.device_token("allowed", &key(9));
+    let (_, _, body) = dps.register("allowed", Some(&token), json!({})).await;
+    assert_eq!(body["status"], "assigned", "{body}");
+}

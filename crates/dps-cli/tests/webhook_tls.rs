@@ -90,12 +90,27 @@ async fn https_webhook_with_private_ca_and_client_certificate() {
     let token = enroll("tls-nocert", hook.https_url("/secure/nocert/ok")).await;
     let (_, _, body) = dps.register("tls-nocert", Some(&token), json!({})).await;
     assert_eq!(body["status"], "failed", "{body}");
-    assert!(body["registrationState"]["errorMessage"].as_str().unwrap().contains("cannot reach the webhook"), "{body}");
+    let msg = body["registrationState"]["errorMessage"].as_str().unwrap();
+    assert!(msg.contains("the webhook could not be reached"), "{msg}");
+    let nocert = detail(&dps, &body);
+    assert!(nocert.contains("CertificateRequired"), "the webhook asked for a client certificate: {nocert}");
 
     // Without the CA (another prefix) the server certificate is not trusted.
     let token = enroll("tls-untrusted", hook.https_url("/ok")).await;
     let (_, _, body) = dps.register("tls-untrusted", Some(&token), json!({})).await;
     assert_eq!(body["status"], "failed", "{body}");
     let msg = body["registrationState"]["errorMessage"].as_str().unwrap();
-    assert!(msg.contains("cannot reach the webhook"), "{msg}");
+    assert!(msg.contains("the webhook could not be reached"), "{msg}");
+    let untrusted = detail(&dps, &body);
+    assert!(untrusted.contains("invalid peer certificate: UnknownIssuer"), "{untrusted}");
+}
+
+/// The operator's log line for a failed registration: what the webhook client saw.
+fn detail(dps: &Dps, body: &serde_json::Value) -> String {
+    let operation = body["operationId"].as_str().unwrap();
+    let log = dps.log();
+    log.lines()
+        .find(|l| l.contains("custom allocation failed") && l.contains(operation))
+        .unwrap_or_else(|| panic!("no log line for {operation}: {log}"))
+        .to_string()
 }

@@ -1,7 +1,9 @@
 //! Custom allocation: the webhook port, the request the engine builds and the checks on the
-//! answer (protocol.md §8). Every failure ends the registration `failed` with a message that
-//! names the cause: the status code and the start of the webhook's body, the timeout, the
-//! connection error, or what is wrong with the answer.
+//! answer (protocol.md §8). Every failure ends the registration `failed`. The device is told
+//! the class of the cause (timeout, HTTP status N, unreachable, refused address, invalid
+//! answer, unlinked hub); the webhook's own words (its body, the connection error, the start of
+//! an unusable answer) go to the operator's log under the operation ID, and to the device only
+//! when `allocation.expose_webhook_errors` is on (development instances).
 
 use async_trait::async_trait;
 use dps_proto::error::ErrorCode;
@@ -34,6 +36,9 @@ pub enum HookError {
     /// Too many calls in flight.
     #[error("too many custom allocation calls in flight; try again")]
     Busy,
+    /// The address policy (`allocation.webhook_allow` / `webhook_deny`) refused the address.
+    #[error("the webhook's address is refused by the server's address policy: {0}")]
+    Refused(String),
     /// The device payload was refused (a rule set's JSON Schema); reported as 400003.
     #[error("{0}")]
     PayloadRejected(String),
@@ -45,9 +50,31 @@ pub enum HookError {
     Request(String),
 }
 
+impl HookError {
+    /// What a device may be told: the cause class, without the webhook's body, the
+    /// connection error text or the address.
+    pub fn public_message(&self) -> String {
+        match self {
+            HookError::Status { status, .. } => format!("the webhook answered HTTP {status}"),
+            HookError::Timeout(_) | HookError::TooLarge(_) | HookError::Busy => self.to_string(),
+            HookError::Connect(_) => "the webhook could not be reached".into(),
+            HookError::InvalidUrl(_) => "the webhook URL cannot be used".into(),
+            HookError::Refused(_) => "the webhook's address is refused by the server's address policy".into(),
+            HookError::PayloadRejected(m) | HookError::Rules(m) => m.clone(),
+            HookError::Request(_) => "the allocation request could not be written".into(),
+        }
+    }
+}
+
 /// The port through which the engine calls custom allocation webhooks.
 #[async_trait]
 pub trait AllocationHook: Send + Sync + 'static {
+    /// Checks a `webhookUrl` when an enrollment is written (absolute http/https URL whose host
+    /// the address policy permits, or a configured `rules://` name); the error says why not.
+    fn check_url(&self, _url: &str) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Sends the allocation request to `url` (as JSON, for a webhook); returns the body of a
     /// 2xx answer.
     async fn call(&self, url: &str, request: &AllocationRequest) -> Result<Vec<u8>, HookError>;
@@ -76,16 +103,22 @@ pub struct Assignment {
 pub struct AllocationFailure {
     /// 400208 (no/invalid hub) or 400209 (allocation failed).
     pub code: ErrorCode,
-    /// What happened.
+    /// What happened, as the device may be told.
     pub message: String,
+    /// The same with the webhook's own words, for the operator (logged), when they differ.
+    pub detail: Option<String>,
 }
 
 impl AllocationFailure {
     pub(crate) fn failed(message: impl Into<String>) -> Self {
-        Self { code: ErrorCode::ALLOCATION_FAILED, message: message.into() }
+        Self { code: ErrorCode::ALLOCATION_FAILED, message: message.into(), detail: None }
     }
     pub(crate) fn no_hub(message: impl Into<String>) -> Self {
-        Self { code: ErrorCode::HUB_NOT_SPECIFIED, message: message.into() }
+        Self { code: ErrorCode::HUB_NOT_SPECIFIED, message: message.into(), detail: None }
+    }
+    fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
     }
 }
 
@@ -96,10 +129,11 @@ pub fn check_response(
     enrollment_twin: Option<&Value>,
 ) -> Result<Assignment, AllocationFailure> {
     let response: AllocationResponse = serde_json::from_slice(body).map_err(|e| {
-        AllocationFailure::failed(format!(
-            "custom allocation failed: the webhook's answer is not a valid allocation response ({e}); it starts with: {}",
-            body_start(body)
-        ))
+        AllocationFailure::failed("custom allocation failed: the webhook's answer is not a valid allocation response")
+            .with_detail(format!(
+                "custom allocation failed: the webhook's answer is not a valid allocation response ({e}); it starts with: {}",
+                body_start(body)
+            ))
     })?;
     let hub = match response.iot_hub_host_name.as_deref().map(str::trim) {
         Some(h) if !h.is_empty() => h.to_string(),
@@ -110,10 +144,11 @@ pub fn check_response(
         }
     };
     let hub = linked_hubs.iter().find(|l| l.eq_ignore_ascii_case(&hub)).cloned().ok_or_else(|| {
-        AllocationFailure::no_hub(format!(
-            "custom allocation failed: the webhook chose IoT hub '{hub}', which is not in linkedHubs ({})",
-            linked_hubs.join(", ")
-        ))
+        AllocationFailure::no_hub("custom allocation failed: the webhook chose an IoT hub that is not linked")
+            .with_detail(format!(
+                "custom allocation failed: the webhook chose IoT hub '{hub}', which is not in linkedHubs ({})",
+                linked_hubs.join(", ")
+            ))
     })?;
     // Any JSON value goes back to the device unchanged; `null` means none.
     let payload = response.payload.filter(|v| !v.is_null());
@@ -177,8 +212,14 @@ mod tests {
         for (body, code, needle) in cases {
             let e = check_response(body, &hubs(), None).unwrap_err();
             assert_eq!(e.code, code, "{}", String::from_utf8_lossy(body));
-            assert!(e.message.contains(needle), "{}", e.message);
+            let detail = e.detail.clone().unwrap_or_else(|| e.message.clone());
+            assert!(detail.contains(needle), "{detail}");
         }
+        // The device's message names the class, not what the webhook said.
+        let e = check_response(b"<html>internal host 10.1.2.3</html>", &hubs(), None).unwrap_err();
+        assert!(!e.message.contains("10.1.2.3") && e.message.contains("not a valid allocation response"), "{e:?}");
+        let e = check_response(br#"{"iotHubHostName":"evil.test"}"#, &hubs(), None).unwrap_err();
+        assert!(!e.message.contains("hub-a.test") && e.message.contains("not linked"), "{e:?}");
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub struct EngineSettings {
     /// X.509 group members must present a chain that reaches a certificate verified in the
     /// certificate store (as DPS requires); off, a group's signing certificate is trusted as is.
     pub require_verified_ca: bool,
+    /// Tell devices what a failing webhook said (its body, the connection error) instead of
+    /// only the cause class; for development instances.
+    pub expose_webhook_errors: bool,
 }
 
 impl Default for EngineSettings {
@@ -62,6 +65,7 @@ impl Default for EngineSettings {
             webhook_inline_wait_ms: 2000,
             webhook_timeout_secs: 10,
             require_verified_ca: true,
+            expose_webhook_errors: false,
         }
     }
 }

@@ -306,6 +306,10 @@ impl Engine {
             if def.webhook_url.trim().is_empty() || def.api_version.trim().is_empty() {
                 return Err(invalid("customAllocationDefinition needs a webhookUrl and an apiVersion"));
             }
+            if let Some(hook) = &self.hook {
+                hook.check_url(&def.webhook_url)
+                    .map_err(|why| invalid(format!("customAllocationDefinition.webhookUrl: {why}")))?;
+            }
         }
         common.created_date_time_utc = None;
         common.last_updated_date_time_utc = None;

@@ -496,6 +496,11 @@ impl Engine {
     async fn complete(&self, pending: &Pending, op_condition: Condition) -> Result<RegistrationOperationStatus, Error> {
         let previous = self.load_registration_doc(&pending.registration_id).await?;
         let outcome = self.choose(pending, previous.as_ref().map(|(_, r)| r)).await;
+        if let Err(AllocationFailure { detail: Some(detail), .. }) = &outcome {
+            // For the operator: what the webhook said, under the ID the device was given.
+            tracing::warn!(registration_id = %pending.registration_id, operation_id = %pending.operation_id,
+                detail = %detail, "custom allocation failed");
+        }
         let mut current = previous;
         for _ in 0..5 {
             let record = self.build_record(pending, current.as_ref().map(|(_, r)| r), &outcome);
@@ -590,6 +595,7 @@ impl Engine {
                                 _ => ErrorCode::HUB_NOT_SPECIFIED,
                             },
                             message: format!("allocation failed for {}: {e}", pending.enrollment.describe()),
+                            detail: None,
                         }
                     })?;
                     return Ok(Assignment {
@@ -632,14 +638,28 @@ impl Engine {
             },
             linked_hubs: linked_hubs.clone(),
         };
+        // A built-in rule set is the operator's own config, not a remote party: its answers and
+        // errors are shown to the device as they are.
+        let in_process = hook.answers_inline(&definition.webhook_url);
         let answer = hook.call(&definition.webhook_url, &request).await.map_err(|e| match e {
-            HookError::PayloadRejected(m) => AllocationFailure { code: ErrorCode::INVALID_PAYLOAD, message: m },
-            e => AllocationFailure::failed(format!(
-                "custom allocation failed for {}: {e}",
-                pending.enrollment.describe()
-            )),
+            HookError::PayloadRejected(m) => {
+                AllocationFailure { code: ErrorCode::INVALID_PAYLOAD, message: m, detail: None }
+            }
+            e => {
+                let what = pending.enrollment.describe();
+                let full = e.to_string();
+                let public = if in_process { full.clone() } else { e.public_message() };
+                AllocationFailure {
+                    code: ErrorCode::ALLOCATION_FAILED,
+                    message: format!("custom allocation failed for {what}: {public}"),
+                    detail: (public != full).then(|| format!("custom allocation failed for {what}: {full}")),
+                }
+            }
         })?;
-        check_response(&answer, &linked_hubs, common.initial_twin.as_ref())
+        check_response(&answer, &linked_hubs, common.initial_twin.as_ref()).map_err(|f| match f.detail {
+            Some(detail) if in_process => AllocationFailure { code: f.code, message: detail, detail: None },
+            _ => f,
+        })
     }
 
     /// The new registration record. Re-registrations follow the enrollment's
@@ -689,7 +709,14 @@ impl Engine {
                 record.status = RegistrationStatus::Failed;
                 record.substatus = None;
                 record.error_code = Some(failure.code.0);
-                record.error_message = Some(failure.message.clone());
+                record.error_message = Some(match &failure.detail {
+                    Some(detail) if self.settings.expose_webhook_errors => detail.clone(),
+                    Some(_) => format!(
+                        "{} (the server log has the details under operation {})",
+                        failure.message, pending.operation_id
+                    ),
+                    None => failure.message.clone(),
+                });
                 // Keep the current assignment for later re-registrations.
                 if let Some(p) = previous {
                     record.assigned_hub = p.assigned_hub.clone();

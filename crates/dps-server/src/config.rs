@@ -251,6 +251,15 @@ pub struct AllocationConfig {
     pub webhook_max_in_flight: usize,
     /// Largest webhook answer.
     pub webhook_max_response_bytes: usize,
+    /// If not empty, webhooks may be called only at these hosts (`name`, `*.suffix`) and
+    /// networks (CIDR or address).
+    pub webhook_allow: Vec<String>,
+    /// Hosts and networks webhooks may never be called at (checked first, also on every
+    /// address a name resolves to).
+    pub webhook_deny: Vec<String>,
+    /// Tell devices what a failing webhook said (body excerpt, connection error) instead of
+    /// only the cause class. For development instances: it can show internal details.
+    pub expose_webhook_errors: bool,
 }
 
 /// `[[webhooks]]`: settings for webhook URLs starting with `url_prefix`.
@@ -425,6 +434,9 @@ impl Default for AllocationConfig {
             webhook_inline_wait_ms: 2000,
             webhook_max_in_flight: 256,
             webhook_max_response_bytes: 65_536,
+            webhook_allow: Vec::new(),
+            webhook_deny: crate::address_policy::DEFAULT_DENY.iter().map(|s| s.to_string()).collect(),
+            expose_webhook_errors: false,
         }
     }
 }
@@ -537,6 +549,8 @@ impl Config {
                 "webhook_max_in_flight must be ≥ 1 and webhook_max_response_bytes ≥ 1024".into(),
             ));
         }
+        crate::address_policy::AddressPolicy::new(&a.webhook_allow, &a.webhook_deny)
+            .map_err(|m| invalid("allocation", m))?;
         for (i, w) in self.webhooks.iter().enumerate() {
             if !(w.url_prefix.starts_with("https://") || w.url_prefix.starts_with("http://")) {
                 return Err(invalid(

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod address_policy;
 pub mod admin;
 pub mod bootstrap;
 pub mod config;

@@ -13,6 +13,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::sync::Semaphore;
 
+use crate::address_policy::{AddressPolicy, PolicyResolver, Refused};
 use crate::config::{AllocationConfig, WebhookConfig};
 use crate::error::ServerError;
 
@@ -27,6 +28,7 @@ struct Target {
 
 /// The webhook client used by the engine.
 pub struct WebhookClient {
+    policy: Arc<AddressPolicy>,
     targets: Vec<Target>,
     default: reqwest::Client,
     timeout: Duration,
@@ -34,9 +36,13 @@ pub struct WebhookClient {
     slots: Arc<Semaphore>,
 }
 
-fn builder(timeout: Duration) -> reqwest::ClientBuilder {
+fn builder(timeout: Duration, policy: &Arc<AddressPolicy>) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .use_rustls_tls()
+        // Names resolve only to addresses the policy permits; no proxy (the policy judges the
+        // webhook's address, not a proxy's).
+        .dns_resolver(Arc::new(PolicyResolver { policy: policy.clone() }))
+        .no_proxy()
         .connect_timeout(timeout)
         .pool_idle_timeout(Duration::from_secs(90))
         .redirect(reqwest::redirect::Policy::none())
@@ -47,11 +53,13 @@ impl WebhookClient {
     /// Builds the client from the allocation settings and the `[[webhooks]]` entries.
     pub fn new(config: &AllocationConfig, webhooks: &[WebhookConfig]) -> Result<Self, ServerError> {
         let timeout = Duration::from_secs(config.webhook_timeout_secs);
+        let policy =
+            Arc::new(AddressPolicy::new(&config.webhook_allow, &config.webhook_deny).map_err(ServerError::Bootstrap)?);
         let build_err = |what: &str, e: reqwest::Error| ServerError::Bootstrap(format!("webhook client ({what}): {e}"));
         let mut targets = Vec::new();
         for (i, w) in webhooks.iter().enumerate() {
             let at = format!("webhooks[{i}]");
-            let mut b = builder(timeout);
+            let mut b = builder(timeout, &policy);
             if let Some(ca) = &w.ca_file {
                 let pem = std::fs::read(ca)
                     .map_err(|e| ServerError::Bootstrap(format!("{at}.ca_file {}: {e}", ca.display())))?;
@@ -76,8 +84,9 @@ impl WebhookClient {
             });
         }
         Ok(Self {
+            default: builder(timeout, &policy).build().map_err(|e| build_err("default", e))?,
+            policy,
             targets,
-            default: builder(timeout).build().map_err(|e| build_err("default", e))?,
             timeout,
             max_response_bytes: config.webhook_max_response_bytes,
             slots: Arc::new(Semaphore::new(config.webhook_max_in_flight)),
@@ -90,11 +99,29 @@ impl WebhookClient {
         (t, t.map_or(&self.default, |t| &t.client))
     }
 
-    async fn post(&self, url: &str, body: Vec<u8>) -> Result<Vec<u8>, HookError> {
+    /// Checks a webhook URL: absolute http(s) with a host the policy permits (an address
+    /// literal is judged here; a name when it is resolved).
+    fn check(&self, url: &str) -> Result<reqwest::Url, HookError> {
         let parsed = reqwest::Url::parse(url).map_err(|e| HookError::InvalidUrl(format!("{}: {e}", redact(url))))?;
         if parsed.scheme() != "https" && parsed.scheme() != "http" {
-            return Err(HookError::InvalidUrl(format!("{}: only http and https are supported", redact(url))));
+            return Err(HookError::InvalidUrl(format!(
+                "{}: only http:// and https:// URLs (or rules://<name>) can be called",
+                redact(url)
+            )));
         }
+        // WHATWG parsing has already turned `2130706433` or `0x7f.1` into 127.0.0.1.
+        match parsed.host() {
+            None => return Err(HookError::InvalidUrl(format!("{}: the URL names no host", redact(url)))),
+            Some(url::Host::Ipv4(ip)) => self.policy.check_ip(&ip.to_string(), ip.into()),
+            Some(url::Host::Ipv6(ip)) => self.policy.check_ip(&ip.to_string(), ip.into()),
+            Some(url::Host::Domain(name)) => self.policy.check_host(name),
+        }
+        .map_err(HookError::Refused)?;
+        Ok(parsed)
+    }
+
+    async fn post(&self, url: &str, body: Vec<u8>) -> Result<Vec<u8>, HookError> {
+        let parsed = self.check(url)?;
         let _slot = self.slots.acquire().await.map_err(|_| HookError::Busy)?;
         let (target, client) = self.target(url);
         let mut request = client.post(parsed).header("content-type", "application/json");
@@ -156,6 +183,18 @@ impl AllocationHook for CustomAllocator {
     fn answers_inline(&self, url: &str) -> bool {
         is_rules_url(url)
     }
+
+    fn check_url(&self, url: &str) -> Result<(), String> {
+        if is_rules_url(url) {
+            let name = url[crate::rules::SCHEME.len()..].trim_end_matches('/');
+            return if self.rules.contains(name) {
+                Ok(())
+            } else {
+                Err(format!("no rule set named '{name}' in the config ([[rules]] name = \"{name}\")"))
+            };
+        }
+        self.webhooks.check(url).map(drop).map_err(|e| e.to_string())
+    }
 }
 
 /// Whether a custom allocation URL names a built-in rule set (`rules://<name>`).
@@ -204,6 +243,13 @@ fn classify(e: &reqwest::Error) -> HookError {
         source = s.source();
     }
     let text = chain.join(": ").replace(&e.url().map(|u| u.to_string()).unwrap_or_default(), "");
+    let mut source: Option<&dyn std::error::Error> = Some(e);
+    while let Some(s) = source {
+        if let Some(refused) = s.downcast_ref::<Refused>() {
+            return HookError::Refused(refused.0.clone());
+        }
+        source = s.source();
+    }
     if e.is_timeout() {
         HookError::Timeout(0)
     } else {
