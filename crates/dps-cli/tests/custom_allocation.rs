@@ -128,6 +128,39 @@ async fn slow_webhook_makes_the_device_poll_without_blocking_others() {
     assert_eq!(polled["registrationState"]["payload"]["echo"], json!({"n": 1}));
 }
 
+/// A hanging webhook takes at most `webhook_max_in_flight_per_url` of the shared slots: another
+/// group's fast webhook still answers inline.
+#[tokio::test]
+async fn a_hanging_webhook_leaves_slots_for_the_others() {
+    let hook = webhook::start().await;
+    let dps = Dps::start(
+        "[[hubs]]\nhost_name = \"hub-a.test\"\n[allocation]\nwebhook_timeout_secs = 20\nwebhook_inline_wait_ms = 1000\n\
+         webhook_max_in_flight = 8\nwebhook_max_in_flight_per_url = 4\n",
+    )
+    .await;
+    let mut hanging = Vec::new();
+    for i in 0..8 {
+        let id = format!("dev-hang-{i}");
+        let token = enroll_custom(&dps, &id, &hook.url("/never")).await;
+        hanging.push((id, token));
+    }
+    let fast = enroll_custom(&dps, "dev-quick", &hook.url("/ok")).await;
+    // Eight registrations at the hanging webhook: all answered `assigning` after the wait.
+    let dps_ref = &dps;
+    let answers = futures_util::future::join_all(
+        hanging.iter().map(|(id, token)| async move { dps_ref.register(id, Some(token), json!({})).await.2 }),
+    )
+    .await;
+    for a in &answers {
+        assert_eq!(a["status"], "assigning", "{a}");
+    }
+    let calls = |path: &str| hook.received.lock().unwrap().iter().filter(|r| r.path == path).count();
+    assert_eq!(calls("/never"), 4, "only 4 calls to one webhook at a time");
+    // The other webhook is not queued behind them.
+    let (_, _, body) = dps.register("dev-quick", Some(&fast), json!({})).await;
+    assert_eq!(body["status"], "assigned", "answered inline: {body}");
+}
+
 /// dps killed while a slow webhook's device was answered `assigning`: the operation survives
 /// the restart, and once the webhook timeout plus 30 s have passed a poll reports it `failed`
 /// (register again) instead of `assigning` forever. Takes about 33 s.

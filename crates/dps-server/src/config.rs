@@ -249,6 +249,9 @@ pub struct AllocationConfig {
     pub webhook_inline_wait_ms: u64,
     /// Webhook calls in flight at most; more wait for a free slot (within the timeout).
     pub webhook_max_in_flight: usize,
+    /// Calls in flight to one webhook URL (query excluded) at most, so that a hanging webhook
+    /// leaves slots for the others.
+    pub webhook_max_in_flight_per_url: usize,
     /// Largest webhook answer.
     pub webhook_max_response_bytes: usize,
     /// If not empty, webhooks may be called only at these hosts (`name`, `*.suffix`) and
@@ -433,6 +436,7 @@ impl Default for AllocationConfig {
             webhook_timeout_secs: 10,
             webhook_inline_wait_ms: 2000,
             webhook_max_in_flight: 256,
+            webhook_max_in_flight_per_url: 64,
             webhook_max_response_bytes: 65_536,
             webhook_allow: Vec::new(),
             webhook_deny: crate::address_policy::DEFAULT_DENY.iter().map(|s| s.to_string()).collect(),
@@ -547,6 +551,12 @@ impl Config {
             return Err(invalid(
                 "allocation",
                 "webhook_max_in_flight must be ≥ 1 and webhook_max_response_bytes ≥ 1024".into(),
+            ));
+        }
+        if a.webhook_max_in_flight_per_url == 0 || a.webhook_max_in_flight_per_url > a.webhook_max_in_flight {
+            return Err(invalid(
+                "allocation.webhook_max_in_flight_per_url",
+                format!("must be 1..=webhook_max_in_flight ({})", a.webhook_max_in_flight),
             ));
         }
         crate::address_policy::AddressPolicy::new(&a.webhook_allow, &a.webhook_deny)

@@ -34,6 +34,10 @@ pub struct WebhookClient {
     timeout: Duration,
     max_response_bytes: usize,
     slots: Arc<Semaphore>,
+    /// Calls in flight per webhook (URL without its query), so that one hanging webhook cannot
+    /// take every slot from the others.
+    per_url: std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>,
+    per_url_limit: usize,
 }
 
 fn builder(timeout: Duration, policy: &Arc<AddressPolicy>) -> reqwest::ClientBuilder {
@@ -90,6 +94,8 @@ impl WebhookClient {
             timeout,
             max_response_bytes: config.webhook_max_response_bytes,
             slots: Arc::new(Semaphore::new(config.webhook_max_in_flight)),
+            per_url: Default::default(),
+            per_url_limit: config.webhook_max_in_flight_per_url,
         })
     }
 
@@ -122,7 +128,27 @@ impl WebhookClient {
 
     async fn post(&self, url: &str, body: Vec<u8>) -> Result<Vec<u8>, HookError> {
         let parsed = self.check(url)?;
+        let mut key = parsed.clone();
+        key.set_query(None);
+        key.set_fragment(None);
+        let key = key.to_string();
+        let own = UrlSlots {
+            sem: {
+                let mut map = self.per_url.lock().unwrap_or_else(|p| p.into_inner());
+                map.entry(key.clone()).or_insert_with(|| Arc::new(Semaphore::new(self.per_url_limit))).clone()
+            },
+            key,
+            client: self,
+        };
+        // This webhook's own slot first, so that calls queued behind a slow webhook hold none
+        // of the shared ones while they wait. (Dropped in reverse order: the permits, then
+        // `own`, which forgets the URL when nobody else uses it, also on timeout.)
+        let _own = own.sem.clone().acquire_owned().await.map_err(|_| HookError::Busy)?;
         let _slot = self.slots.acquire().await.map_err(|_| HookError::Busy)?;
+        self.send(parsed, url, body).await
+    }
+
+    async fn send(&self, parsed: reqwest::Url, url: &str, body: Vec<u8>) -> Result<Vec<u8>, HookError> {
         let (target, client) = self.target(url);
         let mut request = client.post(parsed).header("content-type", "application/json");
         if let Some(secret) = target.and_then(|t| t.secret.as_deref()) {
@@ -141,6 +167,24 @@ impl WebhookClient {
             return Err(HookError::Status { status: status.as_u16(), body: body_start(&answer) });
         }
         Ok(answer)
+    }
+}
+
+/// A webhook's entry in the per-URL table while a call uses it.
+struct UrlSlots<'a> {
+    client: &'a WebhookClient,
+    key: String,
+    sem: Arc<Semaphore>,
+}
+
+impl Drop for UrlSlots<'_> {
+    fn drop(&mut self) {
+        let mut map = self.client.per_url.lock().unwrap_or_else(|p| p.into_inner());
+        // The table's reference and ours: nobody else calls or waits for this webhook, so
+        // forget it (enrollments may name any number of URLs).
+        if Arc::strong_count(&self.sem) == 2 {
+            map.remove(&self.key);
+        }
     }
 }
 
