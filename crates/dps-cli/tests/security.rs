@@ -431,3 +431,56 @@ async fn webhook_urls_cannot_reach_internal_addresses() {
     let (_, _, body) = dps.register("allowed", Some(&token), json!({})).await;
     assert_eq!(body["status"], "assigned", "{body}");
 }
+
+/// An unauthenticated caller learns nothing about which registration IDs exist: a wrong key
+/// for an enrolled ID, an unknown ID, a disabled enrollment and a wrong group-derived key get
+/// one message and a comparable answer time (HTTPS and MQTT); the log keeps the reason.
+#[tokio::test]
+async fn refusals_do_not_tell_which_ids_exist() {
+    use common::mqtt::{connect_packet, RawMqtt};
+    let dps = Dps::start("").await;
+    let sk = |k: &str| json!({"type": "symmetricKey", "symmetricKey": {"primaryKey": k, "secondaryKey": k}});
+    dps.put_enrollment(json!({"registrationId": "known", "attestation": sk(&key(1))})).await;
+    dps.put_enrollment(json!({"registrationId": "off", "provisioningStatus": "disabled", "attestation": sk(&key(2))}))
+        .await;
+    dps.put_group(json!({"enrollmentGroupId": "grp", "attestation": sk(&key(3))})).await;
+    let wrong = key(99);
+    let cases = ["known", "unknown", "off", "member-of-grp"];
+    let mut messages = Vec::new();
+    let mut times = Vec::new();
+    for id in cases {
+        let token = dps.device_token(id, &wrong);
+        let mut ms = Vec::new();
+        for _ in 0..12 {
+            let started = std::time::Instant::now();
+            let (status, _, body) = dps.register(id, Some(&token), json!({})).await;
+            ms.push(started.elapsed().as_secs_f64() * 1000.0);
+            assert_eq!((status, body["errorCode"].as_u64()), (401, Some(401002)), "{id}: {body}");
+            messages.push(body["message"].as_str().unwrap().replace(id, "<id>"));
+        }
+        ms.sort_by(f64::total_cmp);
+        times.push((id, ms[ms.len() / 2]));
+    }
+    messages.dedup();
+    assert_eq!(messages.len(), 1, "one message for all: {messages:?}");
+    assert!(!messages[0].contains("enrollment for") && !messages[0].contains("no enrollment"), "{}", messages[0]);
+    // Every refusal waits for device.auth_failure_delay_ms (50), so the work behind it (a
+    // store hit or miss, a group scan) does not show.
+    for (id, median) in &times {
+        assert!(*median >= 50.0, "{id}: answered after {median:.1} ms");
+    }
+    let (lo, hi) = times.iter().fold((f64::MAX, 0f64), |(lo, hi), (_, m)| (lo.min(*m), hi.max(*m)));
+    assert!(hi - lo < 15.0, "median answer times differ by {:.1} ms: {times:?}", hi - lo);
+    let log = dps.log();
+    assert!(log.contains("signature does not match the individual enrollment's keys"), "{log}");
+    assert!(log.contains("no individual enrollment and no group key matches"), "{log}");
+
+    // MQTT: CONNACK 5 for all, after the same delay.
+    for id in cases {
+        let token = dps.device_token(id, &wrong);
+        let mut c = RawMqtt::tls(&dps).await;
+        let started = std::time::Instant::now();
+        assert_eq!(c.connect(connect_packet(&dps, id, Some(&token))).await, 5, "{id}");
+        assert!(started.elapsed() >= std::time::Duration::from_millis(50), "{id}");
+    }
+}

@@ -192,7 +192,7 @@ async fn allocation_failures_are_reported_as_failed_registrations() {
     assert_eq!(body["registrationState"]["assignedHub"], "hub-3.test");
 
     dps.put_enrollment(json!({"registrationId": "custom-1", "allocationPolicy": "custom",
-        "customAllocationDefinition": {"webhookUrl": "ftp://example.invalid/alloc", "apiVersion": "2021-10-01"},
+        "customAllocationDefinition": {"webhookUrl": "http://127.0.0.1:1/alloc", "apiVersion": "2021-10-01"},
         "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key(5), "secondaryKey": key(6)}}}))
         .await;
     let (status, _, body) = dps.register("custom-1", Some(&dps.device_token("custom-1", &key(5))), json!({})).await;
@@ -200,7 +200,17 @@ async fn allocation_failures_are_reported_as_failed_registrations() {
     assert_eq!(body["status"], "failed", "{body}");
     assert_eq!(body["registrationState"]["errorCode"], 400209);
     let msg = body["registrationState"]["errorMessage"].as_str().unwrap();
-    assert!(msg.contains("custom allocation failed") && msg.contains("only http and https"), "{msg}");
+    assert!(msg.contains("custom allocation failed") && msg.contains("the webhook could not be reached"), "{msg}");
+    // A URL that cannot be called is refused when it is written (more in tests/security.rs).
+    let resp = dps
+        .service(Method::PUT, "/enrollments/custom-2")
+        .json(&json!({"registrationId": "custom-2", "allocationPolicy": "custom",
+            "customAllocationDefinition": {"webhookUrl": "ftp://example.invalid/alloc", "apiVersion": "2021-10-01"},
+            "attestation": {"type": "symmetricKey"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
 
     // An enrollment may not name a hub that is not linked.
     let resp = dps

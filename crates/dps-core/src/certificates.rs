@@ -298,9 +298,15 @@ impl Engine {
         registration_id: &str,
         chain: &Arc<Vec<Vec<u8>>>,
     ) -> Result<ResolvedEnrollment, Error> {
+        // What the device presented is its own to know (CN, validity); whether and how it
+        // matches an enrollment is not: those refusals get one message, the log the reason.
         let unauthorized = |m: String| {
-            tracing::info!(registration_id, reason = %m, "X.509 authentication refused");
+            crate::info_limited!("device-auth", registration_id, reason = %m, "X.509 authentication refused");
             Error::Unauthorized(m)
+        };
+        let not_accepted = |m: String| {
+            crate::info_limited!("device-auth", registration_id, reason = %m, "X.509 authentication refused");
+            Error::Unauthorized(crate::registration::x509_not_accepted(registration_id))
         };
         let Some(leaf) = chain.first() else {
             return Err(unauthorized("no client certificate in the TLS handshake".into()));
@@ -320,6 +326,7 @@ impl Engine {
             }
         }
         let now = self.clock.now_secs() as i64;
+        leaf_facts.check_time(now, "device certificate").map_err(|e| unauthorized(e.to_string()))?;
 
         if let Some(doc) = self.store.get(Collection::Enrollments, registration_id).await? {
             let e: IndividualEnrollment = parse_stored(&doc.body, "enrollment", registration_id)?;
@@ -327,34 +334,34 @@ impl Engine {
             let pinned = e.common.attestation.kind == AttestationType::X509
                 && e.common.attestation.x509.as_ref().is_some_and(|x| client_certificate_matches(x, &leaf_facts));
             if pinned {
-                leaf_facts.check_time(now, "device certificate").map_err(|e| unauthorized(e.to_string()))?;
                 return Ok(ResolvedEnrollment::Individual(e));
             }
             // A disabled individual enrollment revokes a group member too (protocol.md §7).
-            if disabled && self.find_x509_group(registration_id, chain, now).await.is_ok() {
+            if disabled && self.find_x509_group(registration_id, chain, now).await?.is_ok() {
                 return Ok(ResolvedEnrollment::Individual(e));
             }
-            return Err(unauthorized(format!(
+            return Err(not_accepted(format!(
                 "the device certificate (SHA-256 {}) is not a client certificate of the individual enrollment '{registration_id}'",
                 leaf_facts.sha256_thumbprint
             )));
         }
-        self.find_x509_group(registration_id, chain, now).await.map(ResolvedEnrollment::Group).map_err(unauthorized)
+        self.find_x509_group(registration_id, chain, now).await?.map(ResolvedEnrollment::Group).map_err(not_accepted)
     }
 
-    /// The X.509 group for a chain, or the reason there is none.
+    /// The X.509 group for a chain, or the reason there is none; a store failure is an error
+    /// of its own (503, not a refusal).
     async fn find_x509_group(
         &self,
         registration_id: &str,
         chain: &Arc<Vec<Vec<u8>>>,
         now: i64,
-    ) -> Result<EnrollmentGroup, String> {
-        let verified = self.verified_cas().await.map_err(|e| e.to_string())?;
+    ) -> Result<Result<EnrollmentGroup, String>, Error> {
+        let verified = self.verified_cas().await?;
         let chain_facts: Vec<Option<CertificateFacts>> = chain.iter().map(|d| facts(d).ok()).collect();
         let intermediates: Vec<Vec<u8>> = chain.iter().skip(1).cloned().collect();
         let mut best: Option<(usize, EnrollmentGroup)> = None;
         let mut reasons: Vec<String> = Vec::new();
-        let groups = self.enrollment_groups().await.map_err(|e| e.to_string())?;
+        let groups = self.enrollment_groups().await?;
         {
             for g in groups.iter() {
                 let Some(x) =
@@ -404,13 +411,13 @@ impl Engine {
                 }
             }
         }
-        match best {
+        Ok(match best {
             Some((_, g)) => Ok(g),
             None if reasons.is_empty() => Err(format!(
                 "no individual enrollment for '{registration_id}' and no X.509 enrollment group whose CA the device's certificate chain leads to"
             )),
             None => Err(reasons.join("; ")),
-        }
+        })
     }
 }
 

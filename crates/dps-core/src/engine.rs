@@ -48,6 +48,8 @@ pub struct EngineSettings {
     /// Tell devices what a failing webhook said (its body, the connection error) instead of
     /// only the cause class; for development instances.
     pub expose_webhook_errors: bool,
+    /// A failed device authentication is answered no sooner than this after it began.
+    pub auth_failure_delay_ms: u64,
 }
 
 impl Default for EngineSettings {
@@ -66,6 +68,7 @@ impl Default for EngineSettings {
             webhook_timeout_secs: 10,
             require_verified_ca: true,
             expose_webhook_errors: false,
+            auth_failure_delay_ms: 50,
         }
     }
 }

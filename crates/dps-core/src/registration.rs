@@ -244,6 +244,24 @@ fn unauthorized(message: impl Into<String>) -> Error {
     Error::Unauthorized(message.into())
 }
 
+/// The one answer to an unauthenticated caller whose SAS token fails for a reason that
+/// depends on what is enrolled (wrong key, unknown registration ID, a group key that derives
+/// another key, a disabled enrollment): it does not tell which, so it cannot be used to find
+/// out which IDs exist. The log has the reason.
+pub(crate) fn sas_not_accepted(registration_id: &str) -> String {
+    format!(
+        "the SAS token is not accepted for registration ID '{registration_id}': check the key (or the group key it is derived from) and the registration ID"
+    )
+}
+
+/// The same for X.509: the certificate's CN and validity were fine, but it matches no
+/// enrollment (not pinned, no group's CA, no verified CA in the chain).
+pub(crate) fn x509_not_accepted(registration_id: &str) -> String {
+    format!(
+        "the device certificate is not accepted for registration ID '{registration_id}': it must be an individual enrollment's client certificate, or chain to an enrollment group's CA that is verified in the certificate store"
+    )
+}
+
 impl Engine {
     fn check_scope_and_id(&self, id_scope: &str, registration_id: &str) -> Result<(), Error> {
         validate_id_scope(id_scope).map_err(|e| Error::bad_request(ErrorCode::INVALID_IDENTIFIER, e.to_string()))?;
@@ -269,8 +287,25 @@ impl Engine {
 
     /// Authenticates a device and resolves its enrollment: the individual enrollment when
     /// one exists (a disabled one blocks the device even if a group would accept it), else
-    /// the first symmetric-key group (by ID) whose derived key validates the token.
+    /// the first symmetric-key group (by ID) whose derived key validates the token. A refusal
+    /// is answered no sooner than `auth_failure_delay_ms` after the call began, so that the
+    /// answer time does not tell an unknown ID from a wrong key either.
     pub async fn authenticate(
+        &self,
+        id_scope: &str,
+        registration_id: &str,
+        credential: &Credential,
+    ) -> Result<ResolvedEnrollment, Error> {
+        let started = tokio::time::Instant::now();
+        let result = self.resolve_credential(id_scope, registration_id, credential).await;
+        if matches!(result, Err(Error::Unauthorized(_))) {
+            tokio::time::sleep_until(started + std::time::Duration::from_millis(self.settings.auth_failure_delay_ms))
+                .await;
+        }
+        result
+    }
+
+    async fn resolve_credential(
         &self,
         id_scope: &str,
         registration_id: &str,
@@ -316,19 +351,19 @@ impl Engine {
             if signed || (disabled && self.find_group_for(&token, registration_id).await?.is_some()) {
                 return Ok(ResolvedEnrollment::Individual(e));
             }
-            tracing::info!(registration_id, attestation = ?e.common.attestation.kind,
+            crate::info_limited!("device-auth", registration_id, attestation = ?e.common.attestation.kind, disabled,
                 "SAS rejected: signature does not match the individual enrollment's keys");
-            return Err(unauthorized(format!(
-                "the SAS token signature does not match the keys of the enrollment for registration ID '{registration_id}'"
-            )));
+            return Err(unauthorized(sas_not_accepted(registration_id)));
         }
         match self.find_group_for(&token, registration_id).await? {
             Some(g) => Ok(ResolvedEnrollment::Group(g)),
             None => {
-                tracing::info!(registration_id, "SAS rejected: no individual enrollment and no group key matches");
-                Err(unauthorized(format!(
-                    "no enrollment accepts this SAS token for registration ID '{registration_id}': check the key (or the group key it was derived from) and the registration ID"
-                )))
+                crate::info_limited!(
+                    "device-auth",
+                    registration_id,
+                    "SAS rejected: no individual enrollment and no group key matches"
+                );
+                Err(unauthorized(sas_not_accepted(registration_id)))
             }
         }
     }

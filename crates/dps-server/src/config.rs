@@ -208,6 +208,9 @@ pub struct DeviceConfig {
     pub max_payload_bytes: usize,
     /// Accepted clock skew for SAS expiry.
     pub sas_clock_skew_secs: u64,
+    /// A failed device authentication is answered no sooner than this many milliseconds
+    /// after it began (the answer time then tells nothing about which IDs are enrolled).
+    pub auth_failure_delay_ms: u64,
 }
 
 /// `[service]`.
@@ -419,6 +422,7 @@ impl Default for DeviceConfig {
             operation_retention_secs: 86_400,
             max_payload_bytes: 65_536,
             sas_clock_skew_secs: 300,
+            auth_failure_delay_ms: 50,
         }
     }
 }
@@ -631,6 +635,9 @@ impl Config {
                 "device.max_payload_bytes",
                 format!("must be smaller than limits.max_body_bytes ({})", l.max_body_bytes),
             ));
+        }
+        if self.device.auth_failure_delay_ms > 10_000 {
+            return Err(invalid("device.auth_failure_delay_ms", "must be at most 10000".into()));
         }
         if self.service.default_page_size == 0 || self.service.default_page_size > 1000 {
             return Err(invalid("service.default_page_size", "must be 1..=1000".into()));

@@ -65,6 +65,7 @@ impl Server {
             webhook_timeout_secs: config.allocation.webhook_timeout_secs,
             require_verified_ca: config.x509.require_verified_ca,
             expose_webhook_errors: config.allocation.expose_webhook_errors,
+            auth_failure_delay_ms: config.device.auth_failure_delay_ms,
         };
         let webhooks = crate::webhook::WebhookClient::new(&config.allocation, &config.webhooks)?;
         let rules = crate::rules::RuleSets::compile(&config.rules, settings.linked_hubs.clone())?;
