@@ -94,6 +94,16 @@ generated_key = "ecdsa-p256"
 [device]
 assigning_first = true
 retry_after_secs = 1'
+# A third server that throttles each device to one request per 2 s, so that the clients'
+# back-off on 429 + retry-after is exercised.
+start_dps throttled '[listen]
+https = "127.0.0.3:443"
+mqtt = "127.0.0.3:8883"
+[tls]
+host_names = ["127.0.0.3"]
+[throttling]
+device_requests_per_min = 30
+device_requests_burst = 1'
 # A custom allocation webhook (Node, plain HTTP) for the custom allocation cases.
 WEBHOOK_PORT=8080 node "$here/node/webhook.js" > "$work/webhook.log" 2>&1 &
 pids+=($!)
@@ -142,7 +152,10 @@ cp "$pki/compat-x509-solo.pem" "$pki/compat-x509-solo.chain.pem"
 export DPS_PKI="$pki"
 export DPS_CREDENTIALS="$work/main/data/dev-credentials.json"
 export DPS_STRICT_CREDENTIALS="$work/strict/data/dev-credentials.json"
-cat "$work/main/data/tls/ca.pem" "$work/strict/data/tls/ca.pem" > "$work/ca-bundle.pem"
+export DPS_THROTTLED_CREDENTIALS="$work/throttled/data/dev-credentials.json"
+export DPS_THROTTLED_LOG="$work/throttled/dps.log"
+export DPS_MAIN_LOG="$work/main/dps.log"
+cat "$work/main/data/tls/ca.pem" "$work/strict/data/tls/ca.pem" "$work/throttled/data/tls/ca.pem" > "$work/ca-bundle.pem"
 export NODE_EXTRA_CA_CERTS="$work/ca-bundle.pem"
 
 status=0

@@ -484,3 +484,104 @@ async fn refusals_do_not_tell_which_ids_exist() {
         assert!(started.elapsed() >= std::time::Duration::from_millis(50), "{id}");
     }
 }
+
+fn client_from(dps: &Dps, source: &str) -> reqwest::Client {
+    let ca = std::fs::read(dps.creds["caCertificatePath"].as_str().unwrap()).unwrap();
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .resolve("localhost", dps.addr)
+        .local_address(source.parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap()
+}
+
+async fn register_via(dps: &Dps, client: &reqwest::Client, id: &str, token: &str) -> (u16, Option<String>, Value) {
+    let url = dps.url(&format!("/{}/registrations/{id}/register?api-version=2021-10-01", dps.scope()));
+    let resp = client.put(url).header("Authorization", token).json(&json!({})).send().await.unwrap();
+    let retry = resp.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+    (resp.status().as_u16(), retry, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Failed authentications per source address: once used up, the address gets 429 with
+/// Retry-After on HTTPS (device and service API) and CONNACK 3 on MQTT, other addresses do not,
+/// and it may try again once the bucket refills.
+#[tokio::test]
+async fn failed_authentications_are_throttled_per_address() {
+    use common::mqtt::{connect_packet, RawMqtt};
+    let dps = Dps::start(
+        "[device]\nauth_failure_delay_ms = 0\n[throttling]\nfailed_auth_per_min = 60\nfailed_auth_burst = 3\n",
+    )
+    .await;
+    let k = key(1);
+    dps.put_enrollment(json!({"registrationId": "d", "attestation": {"type": "symmetricKey",
+        "symmetricKey": {"primaryKey": k, "secondaryKey": k}}}))
+        .await;
+    let (good, bad) = (dps.device_token("d", &k), dps.device_token("d", &key(2)));
+    let here = client_from(&dps, "127.0.0.1");
+    for _ in 0..3 {
+        assert_eq!(register_via(&dps, &here, "d", &bad).await.0, 401);
+    }
+    let (status, retry, body) = register_via(&dps, &here, "d", &good).await;
+    assert_eq!((status, body["errorCode"].as_u64()), (429, Some(429001)), "even a good key waits: {body}");
+    assert_eq!(retry.as_deref(), Some("1"), "{body}");
+    let resp = dps.service(Method::GET, "/enrollments/d").send().await.unwrap();
+    assert_eq!(resp.status(), 429, "the service API too");
+    let mut c = RawMqtt::tls(&dps).await;
+    assert_eq!(c.connect(connect_packet(&dps, "d", Some(&good))).await, 3, "MQTT: server unavailable");
+    // Another address is not affected.
+    let there = client_from(&dps, "127.0.0.2");
+    assert_eq!(register_via(&dps, &there, "d", &good).await.0, 202);
+    // After Retry-After, the address may try again.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(register_via(&dps, &here, "d", &good).await.0, 202);
+    assert!(dps.log().contains("too many failed authentications from this address"));
+}
+
+/// Per registration ID (after authentication, so others cannot use up a device's allowance)
+/// and for the whole instance: 429 with Retry-After over HTTPS, the 429 topic over MQTT.
+#[tokio::test]
+async fn devices_and_the_instance_are_throttled_as_configured() {
+    use common::mqtt::{connect_packet, RawMqtt, REGISTER};
+    let dps = Dps::start(
+        "[device]\nauth_failure_delay_ms = 0\n[throttling]\ndevice_requests_per_min = 60\ndevice_requests_burst = 2\n\
+         registrations_per_min = 60\nregistrations_burst = 4\n",
+    )
+    .await;
+    let mut tokens = Vec::new();
+    for i in 0..4 {
+        let id = format!("d{i}");
+        let k = key(i + 1);
+        dps.put_enrollment(json!({"registrationId": id, "attestation": {"type": "symmetricKey",
+            "symmetricKey": {"primaryKey": k, "secondaryKey": k}}}))
+            .await;
+        tokens.push(dps.device_token(&id, &k));
+    }
+    let client = client_from(&dps, "127.0.0.1");
+    // Wrong keys for d0 do not use its allowance.
+    let wrong = dps.device_token("d0", &key(50));
+    for _ in 0..3 {
+        assert_eq!(register_via(&dps, &client, "d0", &wrong).await.0, 401);
+    }
+    assert_eq!(register_via(&dps, &client, "d0", &tokens[0]).await.0, 202);
+    assert_eq!(register_via(&dps, &client, "d0", &tokens[0]).await.0, 202);
+    let (status, retry, body) = register_via(&dps, &client, "d0", &tokens[0]).await;
+    assert_eq!((status, retry.as_deref()), (429, Some("1")), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("too many requests for registration ID 'd0'"), "{body}");
+    // Over MQTT: the 429 response topic with retry-after.
+    let mut c = RawMqtt::tls(&dps).await;
+    assert_eq!(c.connect(connect_packet(&dps, "d0", Some(&tokens[0]))).await, 0);
+    c.subscribe().await;
+    let (topic, body) = c.request(&format!("{REGISTER}7"), b"{}", Some(1)).await;
+    assert_eq!(topic, "$dps/registrations/res/429/?$rid=7&retry-after=1", "{body}");
+    assert_eq!(body["errorCode"], 429001);
+    // The instance ceiling: 4 registrations at once, d0 took 2 of them.
+    assert_eq!(register_via(&dps, &client, "d1", &tokens[1]).await.0, 202);
+    assert_eq!(register_via(&dps, &client, "d2", &tokens[2]).await.0, 202);
+    let (status, _, body) = register_via(&dps, &client, "d3", &tokens[3]).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("as many registrations as it is set to"), "{body}");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(register_via(&dps, &client, "d3", &tokens[3]).await.0, 202, "after Retry-After");
+}

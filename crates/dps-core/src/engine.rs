@@ -13,6 +13,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::custom::AllocationHook;
 use crate::error::Error;
 use crate::store::{Collection, Store};
+use crate::throttle::{Buckets, RateLimit};
 use dps_proto::service::EnrollmentGroup;
 
 /// Engine settings, from the server configuration.
@@ -50,6 +51,10 @@ pub struct EngineSettings {
     pub expose_webhook_errors: bool,
     /// A failed device authentication is answered no sooner than this after it began.
     pub auth_failure_delay_ms: u64,
+    /// Register, poll and status requests per registration ID (after authentication).
+    pub device_requests: Option<RateLimit>,
+    /// Registrations of the whole instance.
+    pub registrations: Option<RateLimit>,
 }
 
 impl Default for EngineSettings {
@@ -69,6 +74,8 @@ impl Default for EngineSettings {
             require_verified_ca: true,
             expose_webhook_errors: false,
             auth_failure_delay_ms: 50,
+            device_requests: None,
+            registrations: None,
         }
     }
 }
@@ -85,6 +92,10 @@ pub struct Engine {
     pub(crate) hook: Option<Arc<dyn AllocationHook>>,
     /// Parsed enrollment groups, read once per store version of the collection.
     pub(crate) groups: Arc<GroupCache>,
+    /// Requests per registration ID (lower-cased).
+    pub(crate) device_throttle: Option<Arc<Buckets<String>>>,
+    /// Registrations of the instance.
+    pub(crate) registration_throttle: Option<Arc<Buckets<()>>>,
 }
 
 /// The enrollment groups as last read, and the store version they were read at. Every
@@ -112,7 +123,11 @@ impl Engine {
         let mut node = [0u8; 8];
         rand::thread_rng().fill_bytes(&mut node);
         let hex: String = node.iter().map(|b| format!("{b:02x}")).collect();
+        let device_throttle = settings.device_requests.map(|l| Arc::new(Buckets::new(l)));
+        let registration_throttle = settings.registrations.map(|l| Arc::new(Buckets::new(l)));
         Self {
+            device_throttle,
+            registration_throttle,
             store,
             settings: Arc::new(settings),
             clock,
@@ -174,6 +189,33 @@ impl Engine {
             *self.groups.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((v, groups.clone()));
         }
         Ok(groups)
+    }
+
+    /// Counts a device request against `throttling.device_requests_*`, and a registration
+    /// also against the instance's `throttling.registrations_*`.
+    pub(crate) fn admit(&self, registration_id: &str, registration: bool) -> Result<(), Error> {
+        let now = self.clock.now_millis();
+        let key = registration_id.to_ascii_lowercase();
+        let throttled = |retry_after: u32, message: String| {
+            crate::info_limited!("throttled", registration_id = %registration_id, retry_after, reason = %message, "request throttled");
+            Error::Throttled { retry_after, message }
+        };
+        if let Some(t) = &self.device_throttle {
+            t.check(&key, now).map_err(|s| {
+                throttled(s, format!("too many requests for registration ID '{registration_id}'; retry after {s} s"))
+            })?;
+        }
+        if let (true, Some(t)) = (registration, &self.registration_throttle) {
+            t.take(&(), now).map_err(|s| {
+                throttled(s, format!("this service is taking as many registrations as it is set to; retry after {s} s"))
+            })?;
+        }
+        if let Some(t) = &self.device_throttle {
+            t.take(&key, now).map_err(|s| {
+                throttled(s, format!("too many requests for registration ID '{registration_id}'; retry after {s} s"))
+            })?;
+        }
+        Ok(())
     }
 
     /// Deletes expired operations; returns how many.

@@ -33,6 +33,14 @@ pub enum Error {
     /// `If-Match` did not match (412001).
     #[error("{0}")]
     PreconditionFailed(String),
+    /// Too many requests (429001); retry after `retry_after` seconds.
+    #[error("{message}")]
+    Throttled {
+        /// Seconds until a request would pass.
+        retry_after: u32,
+        /// Which limit.
+        message: String,
+    },
     /// The store is unavailable or the server is shutting down (503001); retry later.
     #[error("{0}")]
     Unavailable(String),
@@ -49,6 +57,7 @@ impl Error {
             Error::Unauthorized(_) => ErrorCode::UNAUTHORIZED,
             Error::Conflict(_) => ErrorCode::CONFLICT,
             Error::PreconditionFailed(_) => ErrorCode::PRECONDITION_FAILED,
+            Error::Throttled { .. } => ErrorCode::THROTTLED,
             Error::Unavailable(_) => ErrorCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => ErrorCode::INTERNAL,
         }
@@ -57,6 +66,15 @@ impl Error {
     /// Shorthand for a 400 with a code.
     pub fn bad_request(code: ErrorCode, message: impl Into<String>) -> Self {
         Error::BadRequest { code, message: message.into() }
+    }
+
+    /// Seconds a client should wait before retrying, for errors that carry one (`Retry-After`).
+    pub fn retry_after(&self) -> Option<u32> {
+        match self {
+            Error::Throttled { retry_after, .. } => Some(*retry_after),
+            Error::Unavailable(_) => Some(5),
+            _ => None,
+        }
     }
 
     /// Shorthand for a 404 with a code.
@@ -90,6 +108,7 @@ mod tests {
             (Error::not_found(ErrorCode::OPERATION_NOT_FOUND, "x"), 404203),
             (Error::Conflict("x".into()), 409001),
             (Error::PreconditionFailed("x".into()), 412001),
+            (Error::Throttled { retry_after: 1, message: "x".into() }, 429001),
             (Error::Unavailable("x".into()), 503001),
             (Error::Internal("x".into()), 500001),
         ];

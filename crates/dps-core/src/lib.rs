@@ -19,6 +19,7 @@ pub mod etag;
 pub mod log_limit;
 pub mod registration;
 pub mod store;
+pub mod throttle;
 pub mod x509;
 
 pub use engine::{Engine, EngineSettings};

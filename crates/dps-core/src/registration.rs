@@ -441,6 +441,7 @@ impl Engine {
         let body = self.parse_registration_body(&req.registration_id, &req.body)?;
         let payload = self.check_payload(body.payload)?;
         let enrollment = self.authenticate(&req.id_scope, &req.registration_id, &req.credential).await?;
+        self.admit(&req.registration_id, true)?;
         let operation_id = self.new_operation_id();
         let now = self.clock.now_millis();
         let certificate = match &req.credential {
@@ -825,6 +826,7 @@ impl Engine {
         validate_operation_id(operation_id)
             .map_err(|e| Error::bad_request(ErrorCode::INVALID_IDENTIFIER, e.to_string()))?;
         self.authenticate(id_scope, registration_id, credential).await?;
+        self.admit(registration_id, false)?;
         let not_found = || {
             Error::not_found(
                 ErrorCode::OPERATION_NOT_FOUND,
@@ -867,6 +869,7 @@ impl Engine {
         self.check_scope_and_id(id_scope, registration_id)?;
         self.parse_registration_body(registration_id, body)?;
         self.authenticate(id_scope, registration_id, credential).await?;
+        self.admit(registration_id, false)?;
         let record = self.load_registration(registration_id).await?;
         Ok(record.to_device_result())
     }

@@ -75,6 +75,60 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Store.
     pub store: StoreConfig,
+    /// Rate limits (429 with Retry-After).
+    pub throttling: ThrottlingConfig,
+}
+
+/// `[throttling]`: token buckets; a `*_per_min` of 0 turns that limit off.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ThrottlingConfig {
+    /// Registrations of the whole instance per minute.
+    pub registrations_per_min: u32,
+    /// Registrations at once above that rate.
+    pub registrations_burst: u32,
+    /// Register, poll and status requests per registration ID per minute.
+    pub device_requests_per_min: u32,
+    /// Such requests at once.
+    pub device_requests_burst: u32,
+    /// Failed authentications (device or service API) per source address per minute.
+    pub failed_auth_per_min: u32,
+    /// Such failures at once.
+    pub failed_auth_burst: u32,
+}
+
+impl Default for ThrottlingConfig {
+    fn default() -> Self {
+        Self {
+            registrations_per_min: 0,
+            registrations_burst: 1000,
+            device_requests_per_min: 0,
+            device_requests_burst: 10,
+            failed_auth_per_min: 600,
+            failed_auth_burst: 100,
+        }
+    }
+}
+
+impl ThrottlingConfig {
+    fn limit(per_min: u32, burst: u32) -> Option<dps_core::throttle::RateLimit> {
+        (per_min > 0).then_some(dps_core::throttle::RateLimit { burst, per_minute: per_min })
+    }
+
+    /// The instance-wide registration limit, if on.
+    pub fn registrations(&self) -> Option<dps_core::throttle::RateLimit> {
+        Self::limit(self.registrations_per_min, self.registrations_burst)
+    }
+
+    /// The per-device limit, if on.
+    pub fn device_requests(&self) -> Option<dps_core::throttle::RateLimit> {
+        Self::limit(self.device_requests_per_min, self.device_requests_burst)
+    }
+
+    /// The failed-authentication limit, if on.
+    pub fn failed_auth(&self) -> Option<dps_core::throttle::RateLimit> {
+        Self::limit(self.failed_auth_per_min, self.failed_auth_burst)
+    }
 }
 
 /// `[listen]`.
@@ -393,6 +447,7 @@ impl Default for Config {
             x509: X509Config::default(),
             limits: LimitsConfig::default(),
             store: StoreConfig::default(),
+            throttling: ThrottlingConfig::default(),
         }
     }
 }
@@ -635,6 +690,16 @@ impl Config {
                 "device.max_payload_bytes",
                 format!("must be smaller than limits.max_body_bytes ({})", l.max_body_bytes),
             ));
+        }
+        let t = &self.throttling;
+        for (name, per_min, burst) in [
+            ("registrations", t.registrations_per_min, t.registrations_burst),
+            ("device_requests", t.device_requests_per_min, t.device_requests_burst),
+            ("failed_auth", t.failed_auth_per_min, t.failed_auth_burst),
+        ] {
+            if per_min > 0 && burst == 0 {
+                return Err(invalid(&format!("throttling.{name}_burst"), "must be ≥ 1 when the limit is on".into()));
+            }
         }
         if self.device.auth_failure_delay_ms > 10_000 {
             return Err(invalid("device.auth_failure_delay_ms", "must be at most 10000".into()));

@@ -5,6 +5,7 @@
 
 pub mod address_policy;
 pub mod admin;
+pub mod auth_failures;
 pub mod bootstrap;
 pub mod config;
 pub mod error;

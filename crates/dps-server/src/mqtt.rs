@@ -23,6 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
+use crate::auth_failures::AuthFailures;
 use crate::config::MqttConfig;
 
 /// The highest `mqtt.max_packet_bytes` accepted by the config (16 MiB).
@@ -36,6 +37,8 @@ pub struct MqttContext {
     pub config: MqttConfig,
     /// One permit per open MQTT connection (TCP and WebSocket).
     pub slots: Arc<Semaphore>,
+    /// Failed authentications per source address (shared with HTTPS).
+    pub auth_failures: Arc<AuthFailures>,
 }
 
 impl std::fmt::Debug for MqttContext {
@@ -46,9 +49,9 @@ impl std::fmt::Debug for MqttContext {
 
 impl MqttContext {
     /// A context with `config.max_connections` slots.
-    pub fn new(engine: Engine, config: MqttConfig) -> Self {
+    pub fn new(engine: Engine, config: MqttConfig, auth_failures: Arc<AuthFailures>) -> Self {
         let slots = Arc::new(Semaphore::new(config.max_connections));
-        Self { engine, config, slots }
+        Self { engine, config, slots, auth_failures }
     }
 
     /// Takes a connection slot, or `None` when `max_connections` are open.
@@ -244,7 +247,7 @@ async fn session_body<S: AsyncRead + AsyncWrite + Unpin>(
         return End::Violation(format!("the first packet must be CONNECT, not {}", first.name()));
     };
     let keep_alive = connect.keep_alive;
-    let identity = match connect_identity(session.ctx, connect, client_chain).await {
+    let identity = match connect_identity(session.ctx, session.peer, connect, client_chain).await {
         Ok(identity) => identity,
         Err((code, why)) => {
             let _ = session.write(&Packet::ConnAck { session_present: false, code }).await;
@@ -322,6 +325,7 @@ async fn session_body<S: AsyncRead + AsyncWrite + Unpin>(
 /// Checks a CONNECT: protocol level, client ID, user name grammar, SAS token.
 async fn connect_identity(
     ctx: &MqttContext,
+    peer: SocketAddr,
     connect: dps_proto::mqtt::Connect,
     client_chain: Option<Arc<Vec<Vec<u8>>>>,
 ) -> Result<Identity, (ConnectReturnCode, String)> {
@@ -364,7 +368,11 @@ async fn connect_identity(
                 .map_err(|_| (ConnectReturnCode::BadUserNameOrPassword, "the password is not UTF-8".to_string()))?,
         ),
     };
-    match Box::pin(ctx.engine.authenticate_device(&parsed.id_scope, &parsed.registration_id, &credential)).await {
+    // An address that used up its failed authentications is not checked again until its
+    // allowance refills; "server unavailable" makes MQTT clients retry later.
+    ctx.auth_failures.check(peer.ip()).map_err(|e| (ConnectReturnCode::ServerUnavailable, e.to_string()))?;
+    let result = Box::pin(ctx.engine.authenticate_device(&parsed.id_scope, &parsed.registration_id, &credential)).await;
+    match ctx.auth_failures.observe(peer.ip(), result) {
         Ok(_) => Ok(Identity { id_scope: parsed.id_scope, registration_id: parsed.registration_id, credential }),
         Err(e @ dps_core::Error::Unavailable(_)) | Err(e @ dps_core::Error::Internal(_)) => {
             Err((ConnectReturnCode::ServerUnavailable, e.to_string()))
@@ -413,7 +421,7 @@ async fn handle_request<S: AsyncRead + AsyncWrite + Unpin>(
         }
         Err(err) => {
             let status = err.code().http_status();
-            let retry_after = matches!(err, dps_core::Error::Unavailable(_)).then_some(5);
+            let retry_after = err.retry_after().map(u64::from);
             tracing::debug!(registration_id = identity.registration_id, status, error = %err, "MQTT request failed");
             let body = crate::http::error_details(&err, &request_id);
             session.publish_response(status, &rid, retry_after, &body).await

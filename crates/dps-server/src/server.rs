@@ -66,6 +66,8 @@ impl Server {
             require_verified_ca: config.x509.require_verified_ca,
             expose_webhook_errors: config.allocation.expose_webhook_errors,
             auth_failure_delay_ms: config.device.auth_failure_delay_ms,
+            device_requests: config.throttling.device_requests(),
+            registrations: config.throttling.registrations(),
         };
         let webhooks = crate::webhook::WebhookClient::new(&config.allocation, &config.webhooks)?;
         let rules = crate::rules::RuleSets::compile(&config.rules, settings.linked_hubs.clone())?;
@@ -95,7 +97,11 @@ impl Server {
         }
 
         let (stop_tx, stop_rx) = watch::channel(false);
-        let mqtt = config.mqtt.enabled.then(|| Arc::new(MqttContext::new(engine.clone(), config.mqtt.clone())));
+        let auth_failures = Arc::new(crate::auth_failures::AuthFailures::new(config.throttling.failed_auth()));
+        let mqtt = config
+            .mqtt
+            .enabled
+            .then(|| Arc::new(MqttContext::new(engine.clone(), config.mqtt.clone(), auth_failures.clone())));
         let state = Arc::new(AppState {
             engine: engine.clone(),
             policies,
@@ -104,6 +110,7 @@ impl Server {
             body_read_timeout: Duration::from_secs(config.limits.body_read_timeout_secs),
             default_page_size: config.service.default_page_size,
             mqtt: mqtt.clone(),
+            auth_failures,
             stop: stop_rx.clone(),
         });
         let purge = tokio::spawn(purge_loop(engine, stop_rx.clone()));

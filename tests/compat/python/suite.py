@@ -265,21 +265,52 @@ def device_x509_group_member_through_ca_references(ws, tag):
     CLIENT.enrollment_group.delete(id=gid)
 
 
-def device_polls_a_server_that_answers_assigning_first_with_an_ecdsa_certificate(ws, tag):
-    """The second server of run.sh: assigning first (retry-after 1 s) and an ECDSA P-256
-    certificate, which the SDK's TLS 1.2 must negotiate (ECDHE-ECDSA)."""
-    strict = json.load(open(os.environ["DPS_STRICT_CREDENTIALS"]))
+def enroll_on(credentials_variable, rid):
+    """An individual symmetric-key enrollment on one of run.sh's other servers: its
+    credentials, a service client for it, and the device's primary key."""
+    creds = json.load(open(os.environ[credentials_variable]))
     service = DeviceProvisioningClient.from_connection_string(
-        strict["serviceConnectionString"], connection_verify=strict["caCertificatePath"]
+        creds["serviceConnectionString"], connection_verify=creds["caCertificatePath"]
     )
-    rid = f"{RUN}-strict-{tag}"
     e = service.enrollment.create_or_update(
         id=rid, enrollment={"registrationId": rid, "attestation": {"type": "symmetricKey"}}
     )
-    r = register_device(rid, e["attestation"]["symmetricKey"]["primaryKey"], websockets=ws, creds=strict)
+    return creds, service, e["attestation"]["symmetricKey"]["primaryKey"]
+
+
+def device_polls_a_server_that_answers_assigning_first_with_an_ecdsa_certificate(ws, tag):
+    """The second server of run.sh: assigning first (retry-after 1 s) and an ECDSA P-256
+    certificate, which the SDK's TLS 1.2 must negotiate (ECDHE-ECDSA)."""
+    strict, service, key = enroll_on("DPS_STRICT_CREDENTIALS", rid := f"{RUN}-strict-{tag}")
+    r = register_device(rid, key, websockets=ws, creds=strict)
     assert r.status == "assigned", r
     assert r.registration_state.assigned_hub == "hub.localhost", r
     assert service.device_registration_state.get(id=rid)["status"] == "assigned"
+
+
+def device_is_throttled_then_backs_off_and_registers(ws, tag):
+    """The third server of run.sh throttles each device to one request per 2 s: after a REST
+    register uses that up, the SDK gets 429 with retry-after, waits, and registers."""
+    t, _, key = enroll_on("DPS_THROTTLED_CREDENTIALS", rid := f"{RUN}-throttled-{tag}")
+    resource = f"{t['idScope']}/registrations/{rid}"
+    se = int(time.time()) + 600
+    sig = base64.b64encode(
+        hmac.new(base64.b64decode(key), f"{urllib.parse.quote(resource, safe='')}\n{se}".encode(), hashlib.sha256).digest()
+    ).decode()
+    token = f"SharedAccessSignature sr={urllib.parse.quote(resource, safe='')}&sig={urllib.parse.quote(sig, safe='')}&se={se}&skn=registration"
+    req = urllib.request.Request(
+        f"https://{t['hostName']}:{t['httpsPort']}/{resource}/register?api-version=2021-10-01",
+        data=json.dumps({"registrationId": rid}).encode(),
+        method="PUT",
+        headers={"Authorization": token, "Content-Type": "application/json"},
+    )
+    ctx = ssl.create_default_context(cafile=t["caCertificatePath"])
+    assert urllib.request.urlopen(req, context=ctx).status == 202
+    r = register_device(rid, key, websockets=ws, creds=t)
+    assert r.status == "assigned", r
+    log = open(os.environ["DPS_THROTTLED_LOG"]).read().splitlines()
+    throttled = [l for l in log if "request throttled" in l and f"registration_id={rid} " in l]
+    assert throttled, "the server throttled the SDK's request"
 
 
 for transport, ws in (("mqtt", False), ("mqtt over websocket", True)):
@@ -291,6 +322,7 @@ for transport, ws in (("mqtt", False), ("mqtt over websocket", True)):
         device_disabled_enrollment_is_reported,
         device_x509_group_member_through_ca_references,
         device_polls_a_server_that_answers_assigning_first_with_an_ecdsa_certificate,
+        device_is_throttled_then_backs_off_and_registers,
     ):
         test(lambda case=case, ws=ws, tag=tag: case(ws, tag), f"device {transport}: {case.__name__[7:].replace('_', ' ')}")
 

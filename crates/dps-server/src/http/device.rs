@@ -41,7 +41,8 @@ pub(crate) async fn register(state: &AppState, call: &Call, scope: String, id: S
         body: call.body.to_vec(),
         force,
     };
-    let reply = state.engine.register(request).await?;
+    state.auth_failures.check(call.peer.ip())?;
+    let reply = state.auth_failures.observe(call.peer.ip(), state.engine.register(request).await)?;
     let mut resp = with_retry_after(json(StatusCode::ACCEPTED, &reply.operation, &call.request_id), &reply);
     let host = call.header("host").unwrap_or("localhost");
     let location = format!("https://{host}/{scope}/registrations/{id}/register");
@@ -60,13 +61,19 @@ pub(crate) async fn operation_status(
     operation: String,
 ) -> HttpResult {
     call.require_api_version()?;
-    let reply = state.engine.operation_status(&scope, &id, &operation, &credential(call)).await?;
+    state.auth_failures.check(call.peer.ip())?;
+    let reply = state
+        .auth_failures
+        .observe(call.peer.ip(), state.engine.operation_status(&scope, &id, &operation, &credential(call)).await)?;
     Ok(with_retry_after(json(status(reply.poll_status()), &reply.operation, &call.request_id), &reply))
 }
 
 /// `POST /{scope}/registrations/{id}` → 200 with the registration state.
 pub(crate) async fn registration_status(state: &AppState, call: &Call, scope: String, id: String) -> HttpResult {
     call.require_api_version()?;
-    let result = state.engine.registration_status(&scope, &id, &credential(call), &call.body).await?;
+    state.auth_failures.check(call.peer.ip())?;
+    let result = state
+        .auth_failures
+        .observe(call.peer.ip(), state.engine.registration_status(&scope, &id, &credential(call), &call.body).await)?;
     Ok(json(StatusCode::OK, &result, &call.request_id))
 }

@@ -37,6 +37,8 @@ pub struct AppState {
     pub body_read_timeout: Duration,
     /// Page size when a query sends none.
     pub default_page_size: usize,
+    /// Failed authentications per source address (shared with MQTT).
+    pub auth_failures: Arc<crate::auth_failures::AuthFailures>,
     /// MQTT sessions, for MQTT over WebSocket (`None` when MQTT is disabled).
     pub mqtt: Option<Arc<crate::mqtt::MqttContext>>,
     /// Turns true when the server stops (ends WebSocket sessions).

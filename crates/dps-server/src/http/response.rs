@@ -51,8 +51,8 @@ pub fn error_response(err: &dps_core::Error, request_id: &str) -> Response<Full<
     if let Ok(v) = HeaderValue::from_str(&code.0.to_string()) {
         resp.headers_mut().insert("x-ms-error-code", v);
     }
-    if matches!(err, dps_core::Error::Unavailable(_)) {
-        resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("5"));
+    if let Some(secs) = err.retry_after() {
+        resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
     }
     set_request_id(&mut resp, request_id);
     resp

@@ -24,9 +24,10 @@ const SERVICE_CONFIG: &str = "ServiceConfig";
 /// Checks the service SAS token and that its policy grants every right in `rights`; returns
 /// the policy, so that a handler can leave out what the caller may not read. Failures are
 /// logged (rate-limited) with the policy the token names and the source address, never the
-/// token.
+/// token; authentication failures count against the address's `throttling.failed_auth_*`.
 fn authorize<'s>(state: &'s AppState, call: &Call, rights: &[&str]) -> Result<&'s Policy, Error> {
-    check_service_token(state, call, rights).inspect_err(|e| {
+    state.auth_failures.check(call.peer.ip())?;
+    let log = |reason: &str| {
         let policy = call
             .header("authorization")
             .and_then(|h| SasToken::parse(h).ok())
@@ -34,50 +35,59 @@ fn authorize<'s>(state: &'s AppState, call: &Call, rights: &[&str]) -> Result<&'
             .map(|n| n.chars().take(64).collect::<String>())
             .unwrap_or_default();
         dps_core::warn_limited!("service-auth", source = %call.peer.ip(), policy, method = %call.method,
-            path = %call.path, request_id = call.request_id, reason = %e, "service API authentication failed");
-    })
+            path = %call.path, request_id = call.request_id, reason, "service API authentication failed");
+    };
+    let policy = check_service_token(state, call).map_err(|(e, reason)| {
+        state.auth_failures.record(call.peer.ip());
+        log(&reason);
+        e
+    })?;
+    if let Some(missing) = rights.iter().find(|r| !policy.rights.iter().any(|have| have == *r)) {
+        let e = Error::Unauthorized(format!("shared access policy '{}' lacks the {missing} right", policy.name));
+        log(&e.to_string());
+        return Err(e);
+    }
+    Ok(policy)
 }
 
-fn check_service_token<'s>(state: &'s AppState, call: &Call, rights: &[&str]) -> Result<&'s Policy, Error> {
+/// The policy whose key signed the service SAS token; on failure, the answer and the reason
+/// for the log (an unknown policy and a wrong key get the same answer).
+fn check_service_token<'s>(state: &'s AppState, call: &Call) -> Result<&'s Policy, (Error, String)> {
+    let refuse = |m: String| (Error::Unauthorized(m.clone()), m);
     let header = call.header("authorization").ok_or_else(|| {
-        Error::Unauthorized(
-            "no Authorization header: send a SharedAccessSignature built from a service connection string".into(),
-        )
+        refuse("no Authorization header: send a SharedAccessSignature built from a service connection string".into())
     })?;
-    let token = SasToken::parse(header).map_err(|e| Error::Unauthorized(format!("invalid SAS token: {e}")))?;
+    let token = SasToken::parse(header).map_err(|e| refuse(format!("invalid SAS token: {e}")))?;
     let now = state.engine.clock().now_secs();
     if token.is_expired(now, state.engine.settings().sas_clock_skew_secs) {
-        return Err(Error::Unauthorized(format!("the SAS token expired at {} (now {now})", token.expiry)));
+        return Err(refuse(format!("the SAS token expired at {} (now {now})", token.expiry)));
     }
     let name = token.key_name.as_deref().filter(|n| !n.is_empty()).ok_or_else(|| {
-        Error::Unauthorized(
-            "the SAS token names no policy (skn); use SharedAccessKeyName from the connection string".into(),
-        )
+        refuse("the SAS token names no policy (skn); use SharedAccessKeyName from the connection string".into())
     })?;
+    let not_signed = |reason: String| {
+        let answer = "the SAS token is not signed by a shared access policy of this service; check SharedAccessKeyName and SharedAccessKey in the connection string";
+        (Error::Unauthorized(answer.into()), reason)
+    };
     let policy = state
         .policies
         .iter()
         .find(|p| p.name == name)
-        .ok_or_else(|| Error::Unauthorized(format!("unknown shared access policy '{name}'")))?;
+        .ok_or_else(|| not_signed(format!("unknown shared access policy '{name}'")))?;
     let signed = std::iter::once(&policy.primary_key)
         .chain(policy.secondary_key.iter())
         .filter_map(|k| decode_key(k).ok())
         .any(|k| token.is_signed_by(&k));
     if !signed {
-        return Err(Error::Unauthorized(format!(
-            "the SAS token signature does not match policy '{name}'; check SharedAccessKey in the connection string"
-        )));
+        return Err(not_signed(format!("the SAS token signature does not match policy '{name}'")));
     }
     let path = call.path.as_str();
     if !state.host_names.iter().any(|h| service_audience_matches(&token.resource, h, path)) {
-        return Err(Error::Unauthorized(format!(
+        return Err(refuse(format!(
             "the SAS token audience '{}' is not this service; HostName must be one of: {}",
             token.resource,
             state.host_names.join(", ")
         )));
-    }
-    if let Some(missing) = rights.iter().find(|r| !policy.rights.iter().any(|have| have == *r)) {
-        return Err(Error::Unauthorized(format!("shared access policy '{name}' lacks the {missing} right")));
     }
     Ok(policy)
 }

@@ -1,0 +1,70 @@
+//! Failed authentications per source address (`[throttling] failed_auth_*`): once an address
+//! has used its allowance, its device and service requests are answered `429` with
+//! `Retry-After` (MQTT: CONNACK 3) without being checked, until the bucket refills. IPv6
+//! addresses count per /64, the block one subscriber usually gets.
+
+use std::net::IpAddr;
+
+use dps_core::throttle::{Buckets, RateLimit};
+use dps_core::Error;
+
+/// The per-address buckets; `None` inside when the limit is off.
+#[derive(Debug)]
+pub struct AuthFailures {
+    buckets: Option<Buckets<IpAddr>>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The address an allowance is kept for: IPv4 as is (IPv4-mapped IPv6 too), IPv6 by /64.
+fn key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
+}
+
+impl AuthFailures {
+    /// Buckets for a limit, or none.
+    pub fn new(limit: Option<RateLimit>) -> Self {
+        Self { buckets: limit.map(Buckets::new) }
+    }
+
+    /// Whether `ip` may still try: `Err` with a 429 once its failures are used up.
+    pub fn check(&self, ip: IpAddr) -> Result<(), Error> {
+        let Some(b) = &self.buckets else { return Ok(()) };
+        b.check(&key(ip), now_ms()).map_err(|retry_after| {
+            dps_core::info_limited!("auth-throttled", source = %ip, retry_after, "too many failed authentications from this address");
+            Error::Throttled {
+                retry_after,
+                message: format!("too many failed authentications from this address; retry after {retry_after} s"),
+            }
+        })
+    }
+
+    /// Counts a failed authentication from `ip`.
+    pub fn record(&self, ip: IpAddr) {
+        if let Some(b) = &self.buckets {
+            let _ = b.take(&key(ip), now_ms());
+        }
+    }
+
+    /// Counts `result` if it is an authentication failure; passes it on.
+    pub fn observe<T>(&self, ip: IpAddr, result: Result<T, Error>) -> Result<T, Error> {
+        if matches!(result, Err(Error::Unauthorized(_))) {
+            self.record(ip);
+        }
+        result
+    }
+}
