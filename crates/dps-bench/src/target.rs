@@ -179,7 +179,11 @@ mqtt = "127.0.0.1:0"
 synchronous = "full"
 
 [limits]
-max_connections = 100000
+# One load generator, one address: no per-address cap; the caps fit the descriptor limit.
+max_connections_per_address = 1000000
+
+[mqtt]
+max_connections_per_address = 1000000
 
 [[rules]]
 name = "bench"

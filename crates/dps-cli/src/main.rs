@@ -269,11 +269,6 @@ fn serve(args: ServeArgs) -> ExitCode {
         config.listen.mqtt = addr;
     }
     init_logging(&config.log);
-    // Every device connection is a file descriptor: use all the system allows this process.
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => tracing::debug!(limit, "open file limit"),
-        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

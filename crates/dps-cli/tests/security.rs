@@ -585,3 +585,167 @@ async fn devices_and_the_instance_are_throttled_as_configured() {
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     assert_eq!(register_via(&dps, &client, "d3", &tokens[3]).await.0, 202, "after Retry-After");
 }
+
+async fn idle_from(source: &str, to: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// Whether the server closed this connection within `within` (it never sent anything).
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: std::time::Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut b = [0u8; 64];
+    matches!(tokio::time::timeout(within, stream.read(&mut b)).await, Ok(Ok(0)) | Ok(Err(_)))
+}
+
+async fn query_via(dps: &Dps, client: &reqwest::Client) -> Result<u16, reqwest::Error> {
+    let resp = client
+        .post(dps.url(&format!("/enrollments/query?{}", common::API)))
+        .header("Authorization", dps.service_token())
+        .timeout(std::time::Duration::from_secs(5))
+        .send()
+        .await?;
+    Ok(resp.status().as_u16())
+}
+
+/// Connections that never finish a TLS handshake cannot keep real clients out: at the cap the
+/// oldest unfinished handshake is shed, so a real client is served at once; past half the cap
+/// handshakes get the short budget; and no single address may hold more than its share.
+#[tokio::test]
+async fn idle_sockets_do_not_starve_real_clients() {
+    use std::time::{Duration, Instant};
+    let dps = Dps::start("[limits]\nmax_connections = 50\nbusy_handshake_timeout_ms = 700\n").await;
+    let addr = dps.addr;
+    let mut idle = Vec::new();
+    for _ in 0..60 {
+        idle.push(idle_from("127.0.0.1", addr).await);
+    }
+    // A real client is not left in the backlog until the handshake timeout clears them.
+    let client = client_from(&dps, "127.0.0.1");
+    let started = Instant::now();
+    assert_eq!(query_via(&dps, &client).await.unwrap(), 200);
+    assert!(started.elapsed() < Duration::from_secs(2), "served after {:?}", started.elapsed());
+    // The oldest silent connections were the ones shed for the newer ones.
+    assert!(closed_within(&mut idle[0], Duration::from_millis(500)).await, "the oldest was shed");
+    drop(idle);
+
+    // Past half the cap, handshakes get busy_handshake_timeout_ms (700 ms), not 10 s.
+    let mut quiet = Vec::new();
+    for _ in 0..25 {
+        quiet.push(idle_from("127.0.0.1", addr).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut late = idle_from("127.0.0.1", addr).await;
+    let started = Instant::now();
+    assert!(closed_within(&mut late, Duration::from_secs(3)).await, "closed after the busy budget");
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(!closed_within(&mut quiet[0], Duration::from_millis(100)).await, "admitted before half: the full 10 s");
+    drop(quiet);
+    drop(dps);
+
+    // Per source address: HTTPS and MQTT.
+    let dps = Dps::start("[limits]\nmax_connections_per_address = 5\n[mqtt]\nmax_connections_per_address = 3\n").await;
+    let mqtt: std::net::SocketAddr = dps.creds["mqttAddress"].as_str().unwrap().parse().unwrap();
+    let mut mine = Vec::new();
+    for _ in 0..5 {
+        mine.push(idle_from("127.0.0.1", dps.addr).await);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut sixth = idle_from("127.0.0.1", dps.addr).await;
+    assert!(closed_within(&mut sixth, Duration::from_millis(500)).await, "refused at accept");
+    assert!(query_via(&dps, &client_from(&dps, "127.0.0.1")).await.is_err(), "this address is full");
+    assert_eq!(query_via(&dps, &client_from(&dps, "127.0.0.2")).await.unwrap(), 200, "another address is not");
+    for _ in 0..3 {
+        mine.push(idle_from("127.0.0.1", mqtt).await);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut fourth = idle_from("127.0.0.1", mqtt).await;
+    assert!(closed_within(&mut fourth, Duration::from_millis(500)).await, "MQTT: refused at accept");
+    assert!(!closed_within(&mut mine[0], Duration::from_millis(100)).await, "the admitted ones stay");
+    drop(mine);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(query_via(&dps, &client_from(&dps, "127.0.0.1")).await.unwrap(), 200, "free again");
+    assert!(dps.log().contains("the connection limit per source address is reached"));
+}
+
+/// Connection caps fit the file-descriptor limit (set caps that cannot are refused at start),
+/// and running out of descriptors does not stop the accept loop.
+#[tokio::test]
+async fn connection_caps_fit_the_descriptor_limit_and_emfile_does_not_stop_accepting() {
+    use std::process::Command;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |extra: &str| {
+        let path = dir.path().join("dps.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "data_dir = {:?}\n[listen]\nhttps = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"\n{extra}",
+                dir.path().join("data").display().to_string()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    // Set caps that do not fit under a hard limit of 1000: refused, saying what to change.
+    let config = write("[limits]\nmax_connections = 5000\n");
+    let out = Command::new("prlimit")
+        .args(["--nofile=1000:1000", env!("CARGO_BIN_EXE_dps"), "serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("limits.max_connections (5000)") && err.contains("may open 1000"), "{err}");
+    // Unset caps are fitted to it: 1000 - 128 - 256 (webhooks) = 616, a fifth for HTTPS.
+    let config = write("");
+    let log = std::fs::File::create(dir.path().join("fit.log")).unwrap();
+    let mut child = Command::new("prlimit")
+        .args(["--nofile=1000:1000", env!("CARGO_BIN_EXE_dps"), "serve", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = std::fs::read_to_string(dir.path().join("fit.log")).unwrap_or_default();
+        if text.contains("dps serving") {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "did not start: {text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(text.contains("connection caps https=123 mqtt=493 descriptor_limit=1000"), "{text}");
+
+    // Out of descriptors at run time (the soft limit lowered under the running server).
+    let dps = Dps::start("").await;
+    let pid = dps.creds["pid"].as_u64().unwrap();
+    let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let lower = Command::new("prlimit").arg(format!("--pid={pid}")).arg(format!("--nofile={}:", open_fds + 8)).status();
+    assert!(lower.unwrap().success());
+    let mut flood = Vec::new();
+    for _ in 0..40 {
+        flood.push(idle_from("127.0.0.1", dps.addr).await);
+    }
+    let mut closed = 0;
+    for s in &mut flood {
+        if closed_within(s, Duration::from_millis(200)).await {
+            closed += 1;
+        }
+    }
+    assert!(closed >= 25, "connections beyond the limit are closed at once, not left waiting ({closed} of 40)");
+    drop(flood);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Still accepting: a real client is served once descriptors are free again.
+    assert_eq!(query_via(&dps, &client_from(&dps, "127.0.0.1")).await.unwrap(), 200);
+    assert!(dps.log().contains("out of file descriptors"), "{}", dps.log());
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let hard = limits.lines().find(|l| l.starts_with("Max open files")).unwrap().split_whitespace().nth(4).unwrap();
+    let restore = Command::new("prlimit").arg(format!("--pid={pid}")).arg(format!("--nofile={hard}:")).status();
+    assert!(restore.unwrap().success());
+    assert_eq!(query_via(&dps, &client_from(&dps, "127.0.0.1")).await.unwrap(), 200);
+}

@@ -8,6 +8,8 @@ use std::net::IpAddr;
 use dps_core::throttle::{Buckets, RateLimit};
 use dps_core::Error;
 
+use crate::source::address_key;
+
 /// The per-address buckets; `None` inside when the limit is off.
 #[derive(Debug)]
 pub struct AuthFailures {
@@ -21,20 +23,6 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// The address an allowance is kept for: IPv4 as is (IPv4-mapped IPv6 too), IPv6 by /64.
-fn key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
-        v4 => v4,
-    }
-}
-
 impl AuthFailures {
     /// Buckets for a limit, or none.
     pub fn new(limit: Option<RateLimit>) -> Self {
@@ -44,7 +32,7 @@ impl AuthFailures {
     /// Whether `ip` may still try: `Err` with a 429 once its failures are used up.
     pub fn check(&self, ip: IpAddr) -> Result<(), Error> {
         let Some(b) = &self.buckets else { return Ok(()) };
-        b.check(&key(ip), now_ms()).map_err(|retry_after| {
+        b.check(&address_key(ip), now_ms()).map_err(|retry_after| {
             dps_core::info_limited!("auth-throttled", source = %ip, retry_after, "too many failed authentications from this address");
             Error::Throttled {
                 retry_after,
@@ -56,7 +44,7 @@ impl AuthFailures {
     /// Counts a failed authentication from `ip`.
     pub fn record(&self, ip: IpAddr) {
         if let Some(b) = &self.buckets {
-            let _ = b.take(&key(ip), now_ms());
+            let _ = b.take(&address_key(ip), now_ms());
         }
     }
 

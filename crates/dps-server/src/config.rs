@@ -171,8 +171,23 @@ pub struct MqttConfig {
     pub idle_timeout_secs: u64,
     /// Seconds a write may wait for a client that does not read.
     pub write_timeout_secs: u64,
-    /// Open MQTT connections at most (TCP and WebSocket together).
-    pub max_connections: usize,
+    /// Open MQTT connections at most (TCP and WebSocket together); unset: fitted to the
+    /// file-descriptor limit at start (at most [`MQTT_MAX_CONNECTIONS`]).
+    pub max_connections: Option<usize>,
+    /// Open MQTT-over-TLS connections per source address (IPv6: per /64) at most.
+    pub max_connections_per_address: usize,
+}
+
+/// The most MQTT connections an unset `mqtt.max_connections` is fitted to.
+pub const MQTT_MAX_CONNECTIONS: usize = 50_000;
+/// The most HTTPS connections an unset `limits.max_connections` is fitted to.
+pub const HTTPS_MAX_CONNECTIONS: usize = 10_000;
+
+impl MqttConfig {
+    /// The cap in force (fitted at start when unset).
+    pub fn max_connections(&self) -> usize {
+        self.max_connections.unwrap_or(MQTT_MAX_CONNECTIONS)
+    }
 }
 
 impl Default for MqttConfig {
@@ -184,7 +199,8 @@ impl Default for MqttConfig {
             connect_timeout_secs: 10,
             idle_timeout_secs: 1800,
             write_timeout_secs: 30,
-            max_connections: 50_000,
+            max_connections: None,
+            max_connections_per_address: 1000,
         }
     }
 }
@@ -414,8 +430,21 @@ pub struct LimitsConfig {
     pub header_read_timeout_secs: u64,
     /// Time allowed to send a request's body.
     pub body_read_timeout_secs: u64,
-    /// Open connections at most; further clients wait in the accept queue.
-    pub max_connections: usize,
+    /// Open HTTPS connections at most; unset: fitted to the file-descriptor limit at start
+    /// (at most [`HTTPS_MAX_CONNECTIONS`]). Over it, connections still in their TLS handshake
+    /// are shed first, then newcomers are refused at accept.
+    pub max_connections: Option<usize>,
+    /// Open HTTPS connections per source address (IPv6: per /64) at most.
+    pub max_connections_per_address: usize,
+    /// TLS handshake time once a listener is more than half full (milliseconds).
+    pub busy_handshake_timeout_ms: u64,
+}
+
+impl LimitsConfig {
+    /// The cap in force (fitted at start when unset).
+    pub fn max_connections(&self) -> usize {
+        self.max_connections.unwrap_or(HTTPS_MAX_CONNECTIONS)
+    }
 }
 
 /// `[store]`.
@@ -512,7 +541,9 @@ impl Default for LimitsConfig {
             tls_handshake_timeout_secs: 10,
             header_read_timeout_secs: 30,
             body_read_timeout_secs: 30,
-            max_connections: 10_000,
+            max_connections: None,
+            max_connections_per_address: 1000,
+            busy_handshake_timeout_ms: 2000,
         }
     }
 }
@@ -592,11 +623,12 @@ impl Config {
         if m.connect_timeout_secs == 0
             || m.idle_timeout_secs == 0
             || m.write_timeout_secs == 0
-            || m.max_connections == 0
+            || m.max_connections == Some(0)
+            || m.max_connections_per_address == 0
         {
             return Err(invalid(
                 "mqtt",
-                "connect_timeout_secs, idle_timeout_secs, write_timeout_secs and max_connections must be ≥ 1".into(),
+                "connect_timeout_secs, idle_timeout_secs, write_timeout_secs, max_connections and max_connections_per_address must be ≥ 1".into(),
             ));
         }
         if m.enabled && self.listen.mqtt == self.listen.https && self.listen.https.port() != 0 {
@@ -679,10 +711,15 @@ impl Config {
             other => return Err(invalid("store.synchronous", format!("'{other}' is not 'full' or 'normal'"))),
         }
         let l = &self.limits;
-        if l.max_body_bytes < 1024 || l.max_header_bytes < 8192 || l.max_connections == 0 {
+        if l.max_body_bytes < 1024
+            || l.max_header_bytes < 8192
+            || l.max_connections == Some(0)
+            || l.max_connections_per_address == 0
+            || l.busy_handshake_timeout_ms == 0
+        {
             return Err(invalid(
                 "limits",
-                "max_body_bytes must be ≥ 1024, max_header_bytes ≥ 8192 and max_connections ≥ 1".into(),
+                "max_body_bytes must be ≥ 1024, max_header_bytes ≥ 8192, and max_connections, max_connections_per_address and busy_handshake_timeout_ms ≥ 1".into(),
             ));
         }
         if self.device.max_payload_bytes >= l.max_body_bytes {

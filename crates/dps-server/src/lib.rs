@@ -3,17 +3,21 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod accept;
 pub mod address_policy;
 pub mod admin;
 pub mod auth_failures;
 pub mod bootstrap;
 pub mod config;
+pub mod descriptors;
 pub mod error;
+pub mod gate;
 pub mod http;
 pub mod listener;
 pub mod mqtt;
 pub mod rules;
 pub mod server;
+pub mod source;
 pub mod tls;
 pub mod webhook;
 pub mod ws;

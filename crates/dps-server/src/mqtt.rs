@@ -21,7 +21,6 @@ use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
-use tokio_rustls::TlsAcceptor;
 
 use crate::auth_failures::AuthFailures;
 use crate::config::MqttConfig;
@@ -50,7 +49,7 @@ impl std::fmt::Debug for MqttContext {
 impl MqttContext {
     /// A context with `config.max_connections` slots.
     pub fn new(engine: Engine, config: MqttConfig, auth_failures: Arc<AuthFailures>) -> Self {
-        let slots = Arc::new(Semaphore::new(config.max_connections));
+        let slots = Arc::new(Semaphore::new(config.max_connections()));
         Self { engine, config, slots, auth_failures }
     }
 
@@ -61,58 +60,31 @@ impl MqttContext {
 }
 
 /// Serves MQTT over TLS on `listener` until `shutdown` turns true; then closes the listener and
-/// gives open sessions up to 10 s to end.
+/// gives open sessions up to 10 s to end. Connections are admitted by `gate` (its cap and
+/// per-address limit), then need one of the `mqtt.max_connections` slots MQTT over WebSocket
+/// shares.
 pub async fn serve_tls(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     ctx: Arc<MqttContext>,
-    mut shutdown: watch::Receiver<bool>,
+    gate: Arc<crate::gate::Gate>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
-    let connect_timeout = Duration::from_secs(ctx.config.connect_timeout_secs);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.changed() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "MQTT accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let Some(permit) = ctx.try_slot() else {
-            tracing::warn!(%peer, max = ctx.config.max_connections, "MQTT connection refused: mqtt.max_connections reached");
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let acceptor = acceptor.clone();
+    let stop = shutdown.clone();
+    crate::accept::accept_tls(listener, tls, gate, shutdown, "mqtt", move |tls, peer, ticket| {
         let ctx = ctx.clone();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let tls = match tokio::time::timeout(connect_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "MQTT TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "MQTT TLS handshake timed out");
-                    return;
-                }
+        let stop = stop.clone();
+        async move {
+            let _ticket = ticket;
+            let Some(_permit) = ctx.try_slot() else {
+                tracing::warn!(%peer, max = ctx.config.max_connections(), "MQTT connection refused: mqtt.max_connections reached");
+                return;
             };
             let client_chain = crate::tls::peer_chain(tls.get_ref().1);
             run_session(tls, &ctx, peer, client_chain, "mqtt", stop).await;
-        });
-    }
-    drop(listener);
-    let all = u32::try_from(ctx.config.max_connections).unwrap_or(u32::MAX);
-    let drained = tokio::time::timeout(Duration::from_secs(10), ctx.slots.acquire_many(all)).await.is_ok();
-    if !drained {
-        tracing::warn!("closing MQTT connections still open after 10 s");
-    }
+        }
+    })
+    .await;
 }
 
 /// Why a session ended.

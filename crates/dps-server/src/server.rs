@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use crate::bootstrap::{self, DevCredentials, DEV_CREDENTIALS_FILE};
 use crate::config::Config;
 use crate::error::ServerError;
+use crate::gate::{Gate, GateLimits};
 use crate::http::AppState;
 use crate::mqtt::MqttContext;
 
@@ -31,8 +32,15 @@ impl Server {
 
     /// Bootstraps, binds, serves until `shutdown` completes, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-        let config = self.config;
+        let mut config = self.config;
         config.validate()?;
+        // Every connection is a file descriptor: fit the connection caps to what this process
+        // may open (or refuse caps that cannot fit) before anything is bound.
+        let limit = crate::descriptors::raise_limit(&config);
+        let plan = crate::descriptors::fit(&config, limit)?;
+        config.limits.max_connections = Some(plan.https);
+        config.mqtt.max_connections = Some(plan.mqtt.max(1));
+        tracing::info!(https = plan.https, mqtt = plan.mqtt, descriptor_limit = limit, "connection caps");
         let data_dir = bootstrap::prepare_data_dir(&config.data_dir)?;
         let synchronous = if config.store.synchronous == "normal" { Synchronous::Normal } else { Synchronous::Full };
         let db_path = data_dir.join(&config.store.sqlite_file);
@@ -114,13 +122,33 @@ impl Server {
             stop: stop_rx.clone(),
         });
         let purge = tokio::spawn(purge_loop(engine, stop_rx.clone()));
+        let busy = Duration::from_millis(config.limits.busy_handshake_timeout_ms);
         let mqtt_task = match (mqtt_listener, mqtt) {
             (Some((listener, _)), Some(ctx)) => {
-                Some(tokio::spawn(crate::mqtt::serve_tls(listener, tls.clone(), ctx, stop_rx.clone())))
+                let gate = Gate::new(GateLimits {
+                    max_connections: plan.mqtt,
+                    max_per_address: config.mqtt.max_connections_per_address,
+                    handshake_timeout: Duration::from_secs(config.mqtt.connect_timeout_secs),
+                    busy_handshake_timeout: busy,
+                });
+                Some(tokio::spawn(crate::mqtt::serve_tls(listener, tls.clone(), ctx, gate, stop_rx.clone())))
             }
             _ => None,
         };
-        let https = tokio::spawn(crate::listener::serve_https(listener, tls, state, config.limits.clone(), stop_rx));
+        let https_gate = Gate::new(GateLimits {
+            max_connections: plan.https,
+            max_per_address: config.limits.max_connections_per_address,
+            handshake_timeout: Duration::from_secs(config.limits.tls_handshake_timeout_secs),
+            busy_handshake_timeout: busy,
+        });
+        let https = tokio::spawn(crate::listener::serve_https(
+            listener,
+            tls,
+            state,
+            config.limits.clone(),
+            https_gate,
+            stop_rx,
+        ));
         tracing::info!(https = %bound, mqtt = ?mqtt_bound, id_scope, "dps serving");
         shutdown.await;
         tracing::info!("shutting down");

@@ -72,7 +72,7 @@ pub fn accept(
         return refuse("MQTT over WebSocket is disabled on this server (mqtt.websocket)", request_id);
     };
     let Some(permit) = ctx.try_slot() else {
-        tracing::warn!(%peer, max = ctx.config.max_connections, "MQTT-WS connection refused: mqtt.max_connections reached");
+        tracing::warn!(%peer, max = ctx.config.max_connections(), "MQTT-WS connection refused: mqtt.max_connections reached");
         return error_response(
             &dps_core::Error::Unavailable("too many MQTT connections; try again later".into()),
             request_id,
