@@ -749,3 +749,48 @@ async fn connection_caps_fit_the_descriptor_limit_and_emfile_does_not_stop_accep
     assert!(restore.unwrap().success());
     assert_eq!(query_via(&dps, &client_from(&dps, "127.0.0.1")).await.unwrap(), 200);
 }
+
+/// A full disk: writes get 503001 with Retry-After, the log says so a bounded number of times
+/// (not two lines per request), nothing half-written is acknowledged, and registrations work
+/// again once there is room.
+#[tokio::test]
+async fn a_full_disk_is_logged_a_bounded_number_of_times_and_recovers() {
+    let dps = Dps::start_on_tmpfs("[device]\nauth_failure_delay_ms = 0\n", 8).await;
+    let k = key(1);
+    dps.put_enrollment(json!({"registrationId": "d", "attestation": {"type": "symmetricKey",
+        "symmetricKey": {"primaryKey": k, "secondaryKey": k}}}))
+        .await;
+    let token = dps.device_token("d", &k);
+    assert_eq!(dps.register("d", Some(&token), json!({})).await.0, 202);
+    // Fill the file system.
+    let filler = dps.host_path(&dps.data_dir().join("filler"));
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).and_then(|()| f.sync_data()).is_ok() {}
+    }
+    let mut unavailable = 0;
+    for _ in 0..60 {
+        let (status, headers, body) =
+            dps.register("d", Some(&token), json!({"payload": {"n": "x".repeat(2000)}})).await;
+        if status == 503 {
+            assert_eq!(body["errorCode"], 503001, "{body}");
+            assert_eq!(headers["retry-after"], "5");
+            unavailable += 1;
+        } else {
+            assert_eq!(status, 202, "{body}");
+        }
+    }
+    assert!(unavailable >= 50, "the disk is full: {unavailable} of 60 refused");
+    let log = dps.log();
+    let warns = log.lines().filter(|l| l.contains("WARN")).count();
+    assert!(warns <= 45, "rate-limited: {warns} WARN lines for {unavailable} failed requests");
+    assert!(log.contains("disk full"), "the cause is logged");
+    // Room again: registrations work, and the store kept what it acknowledged.
+    std::fs::remove_file(&filler).unwrap();
+    let (status, _, body) = dps.register("d", Some(&token), json!({})).await;
+    assert_eq!(status, 202, "{body}");
+    let state: Value = dps.service(Method::GET, "/registrations/d").send().await.unwrap().json().await.unwrap();
+    assert_eq!(state["status"], "assigned", "{state}");
+}

@@ -501,7 +501,8 @@ impl Engine {
         let mut task = tokio::spawn(async move {
             let result = engine.complete(&pending, Condition::Always).await;
             if let Err(e) = &result {
-                tracing::warn!(registration_id = %pending.registration_id, error = %e, "custom allocation could not be recorded");
+                crate::warn_limited!("allocation-record", registration_id = %pending.registration_id, error = %e,
+                    "custom allocation could not be recorded");
             }
             result
         });

@@ -208,7 +208,7 @@ async fn purge_loop(engine: Engine, mut stop: watch::Receiver<bool>) {
         match engine.purge_expired().await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(purged = n, "expired operations removed"),
-            Err(e) => tracing::warn!(error = %e, "purging expired operations failed"),
+            Err(e) => dps_core::warn_limited!("purge", error = %e, "purging expired operations failed"),
         }
     }
 }

@@ -331,7 +331,9 @@ fn commit_batch(conn: &mut Connection, batch: Vec<(Vec<Write>, Reply)>, versions
             }
         }
         Err(e) => {
-            tracing::warn!(error = %e, requests = batch.len(), "store transaction failed; nothing of it was written");
+            // Rate-limited: a full disk fails every write until it has room again.
+            dps_core::warn_limited!("store-write", error = %e, requests = batch.len(),
+                "store transaction failed; nothing of it was written");
             for (_, reply) in batch {
                 let _ = reply.send(Err(e.clone()));
             }

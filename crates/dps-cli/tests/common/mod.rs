@@ -28,6 +28,8 @@ pub struct Dps {
     pub creds: Value,
     pub addr: SocketAddr,
     pub client: reqwest::Client,
+    /// The data directory is a tmpfs of this many MiB in a mount namespace of dps's own.
+    tmpfs_mib: Option<u32>,
 }
 
 pub fn now() -> u64 {
@@ -48,9 +50,41 @@ impl Dps {
             creds: Value::Null,
             addr: "127.0.0.1:1".parse().unwrap(),
             client: reqwest::Client::new(),
+            tmpfs_mib: None,
         };
         dps.spawn().await;
         dps
+    }
+
+    /// Starts a server whose data directory is a small tmpfs (`unshare -rm`: a user and mount
+    /// namespace of its own), so that a test can fill it up; [`Dps::host_path`] reaches it.
+    pub async fn start_on_tmpfs(config_extra: &str, mib: u32) -> Dps {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut dps = Dps {
+            child: None,
+            dir: tmp.path().to_path_buf(),
+            _tmp: Some(tmp),
+            config_extra: config_extra.to_string(),
+            listen: "https = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"".into(),
+            creds: Value::Null,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            client: reqwest::Client::new(),
+            tmpfs_mib: Some(mib),
+        };
+        std::fs::create_dir_all(dps.data_dir()).unwrap();
+        dps.spawn().await;
+        dps
+    }
+
+    /// A path inside the server's view of the file system (its tmpfs data directory, when
+    /// it has one), as this process can reach it.
+    pub fn host_path(&self, path: &Path) -> PathBuf {
+        match (self.tmpfs_mib, &self.child) {
+            (Some(_), Some(c)) => {
+                PathBuf::from(format!("/proc/{}/root", c.id())).join(path.strip_prefix("/").unwrap_or(path))
+            }
+            _ => path.to_path_buf(),
+        }
     }
 
     fn config_path(&self) -> PathBuf {
@@ -70,7 +104,25 @@ impl Dps {
         );
         std::fs::write(self.config_path(), config).unwrap();
         let log = std::fs::File::create(self.dir.join("dps.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_dps"))
+        let mut command = match self.tmpfs_mib {
+            None => Command::new(env!("CARGO_BIN_EXE_dps")),
+            Some(mib) => {
+                // unshare execs sh, sh execs dps: the child's PID is dps's.
+                let mut c = Command::new("unshare");
+                c.args([
+                    "-rm",
+                    "sh",
+                    "-c",
+                    "m=$1 d=$2 b=$3; shift 3; mount -t tmpfs -o size=\"$m\"m,mode=0700 tmpfs \"$d\" && exec \"$b\" \"$@\"",
+                    "sh",
+                ])
+                .arg(mib.to_string())
+                .arg(self.data_dir())
+                .arg(env!("CARGO_BIN_EXE_dps"));
+                c
+            }
+        };
+        let child = command
             .arg("serve")
             .arg("--config")
             .arg(self.config_path())
@@ -80,7 +132,7 @@ impl Dps {
             .expect("spawn dps");
         let pid = child.id();
         self.child = Some(child);
-        let creds_path = self.data_dir().join("dev-credentials.json");
+        let creds_path = self.host_path(&self.data_dir().join("dev-credentials.json"));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(text) = std::fs::read_to_string(&creds_path) {
@@ -98,7 +150,7 @@ impl Dps {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         self.addr = self.creds["httpsAddress"].as_str().unwrap().parse().unwrap();
-        let ca = std::fs::read(self.creds["caCertificatePath"].as_str().unwrap()).unwrap();
+        let ca = std::fs::read(self.host_path(Path::new(self.creds["caCertificatePath"].as_str().unwrap()))).unwrap();
         self.client = reqwest::Client::builder()
             .use_rustls_tls()
             .tls_built_in_root_certs(false)

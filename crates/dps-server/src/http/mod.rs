@@ -136,7 +136,7 @@ pub async fn handle(
     };
     let status = response.status();
     if status.is_server_error() {
-        tracing::warn!(%method, %path, status = status.as_u16(), request_id, "request failed");
+        dps_core::warn_limited!("request-5xx", %method, %path, status = status.as_u16(), request_id, "request failed");
     } else {
         tracing::debug!(%method, %path, status = status.as_u16(), ms = started.elapsed().as_millis() as u64, request_id, "request");
     }
