@@ -39,26 +39,16 @@ pub fn now() -> u64 {
 impl Dps {
     /// Starts a server with extra TOML appended to a minimal config.
     pub async fn start(config_extra: &str) -> Dps {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().to_path_buf();
-        let mut dps = Dps {
-            child: None,
-            dir,
-            _tmp: Some(tmp),
-            config_extra: config_extra.to_string(),
-            listen: "https = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"".into(),
-            creds: Value::Null,
-            addr: "127.0.0.1:1".parse().unwrap(),
-            client: reqwest::Client::new(),
-            tmpfs_mib: None,
-        };
-        dps.spawn().await;
-        dps
+        Self::start_with(config_extra, None).await
     }
 
     /// Starts a server whose data directory is a small tmpfs (`unshare -rm`: a user and mount
     /// namespace of its own), so that a test can fill it up; [`Dps::host_path`] reaches it.
     pub async fn start_on_tmpfs(config_extra: &str, mib: u32) -> Dps {
+        Self::start_with(config_extra, Some(mib)).await
+    }
+
+    async fn start_with(config_extra: &str, tmpfs_mib: Option<u32>) -> Dps {
         let tmp = tempfile::tempdir().unwrap();
         let mut dps = Dps {
             child: None,
@@ -69,9 +59,11 @@ impl Dps {
             creds: Value::Null,
             addr: "127.0.0.1:1".parse().unwrap(),
             client: reqwest::Client::new(),
-            tmpfs_mib: Some(mib),
+            tmpfs_mib,
         };
-        std::fs::create_dir_all(dps.data_dir()).unwrap();
+        if tmpfs_mib.is_some() {
+            std::fs::create_dir_all(dps.data_dir()).unwrap();
+        }
         dps.spawn().await;
         dps
     }
