@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Runs the cargo-fuzz targets for a bounded time each (default 60 s): the MQTT codec and the
-# DPS MQTT topic grammar. Seeds are in fuzz/corpus/<target>; new inputs go to a temporary
-# directory, crashes to fuzz/artifacts/<target>. Usage: scripts/fuzz.sh [seconds]
+# Runs every cargo-fuzz target (fuzz/Cargo.toml) for a bounded time each (default 20 s): the
+# MQTT codec, SAS tokens and connection strings, device and service JSON bodies, X.509
+# handling, identifiers, topics and HTTP paths, webhook answers and config files. Seeds are in
+# fuzz/corpus/<target>; new inputs go to a temporary directory, crashes to
+# fuzz/artifacts/<target>. Usage: scripts/fuzz.sh [seconds per target]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-secs="${1:-60}"
+secs="${1:-20}"
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
   echo "fuzz: installing cargo-fuzz 0.13.2"
   cargo install cargo-fuzz --locked --version 0.13.2
@@ -14,15 +16,33 @@ export RUSTC_BOOTSTRAP=1
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 cd "$root/fuzz"
-for target in mqtt_decode; do
+targets=$(sed -n 's/^name = "\(.*\)"$/\1/p' Cargo.toml | grep -v '^dps-fuzz$')
+echo "fuzz: building $(echo "$targets" | wc -w) targets"
+cargo metadata --locked --format-version 1 > /dev/null && cargo fuzz build > "$work/build.log" 2>&1 || { tail -40 "$work/build.log"; echo "fuzz: build failed"; exit 1; }
+# Two targets at a time (libFuzzer uses one core each).
+run_target() {
+  local target="$1"
   mkdir -p "$work/$target"
+  if cargo fuzz run "$target" "$work/$target" "corpus/$target" -- \
+      -max_total_time="$secs" -max_len=8192 -print_final_stats=1 > "$work/$target.log" 2>&1; then
+    echo "fuzz: $target: $(grep -E '^Done [0-9]+ runs' "$work/$target.log" || echo done)"
+  else
+    echo failed > "$work/$target.failed"
+  fi
+}
+for target in $targets; do
+  while [ "$(jobs -rp | wc -l)" -ge 2 ]; do wait -n || true; done
   echo "fuzz: $target for ${secs}s"
-  if ! cargo fuzz run "$target" "$work/$target" "corpus/$target" -- \
-      -max_total_time="$secs" -max_len=4096 -print_final_stats=1 > "$work/$target.log" 2>&1; then
+  run_target "$target" &
+done
+wait
+status=0
+for target in $targets; do
+  if [ -f "$work/$target.failed" ]; then
     tail -60 "$work/$target.log"
     echo "fuzz: $target failed (a crash input, if any, is in fuzz/artifacts/$target)"
-    exit 1
+    status=1
   fi
-  grep -E '^Done [0-9]+ runs' "$work/$target.log" || true
 done
-echo "fuzz: ok"
+[ "$status" = 0 ] && echo "fuzz: ok"
+exit "$status"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit and whole-server tests (cargo), the
 # official-SDK compatibility suite (npm + PyPI SDKs against a spawned dps on ports 443 and 8883
-# in a private network namespace), and a bounded fuzz run of the MQTT codec
-# (DPS_FUZZ_SECS, default 60; 0 skips it). Installs what it needs on first run. Used by CI
+# in a private network namespace), and a bounded run of every fuzz target
+# (DPS_FUZZ_SECS seconds each, default 20; 0 skips it). Installs what it needs on first run. Used by CI
 # (.ci/run).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -28,7 +28,7 @@ echo "== cargo test"
 cargo test --workspace --locked
 echo "== official SDK compatibility suite"
 bash tests/compat/run.sh target/debug/dps
-fuzz_secs="${DPS_FUZZ_SECS:-60}"
+fuzz_secs="${DPS_FUZZ_SECS:-20}"
 if [ "$fuzz_secs" != 0 ]; then
   echo "== fuzz (${fuzz_secs}s per target)"
   bash scripts/fuzz.sh "$fuzz_secs"

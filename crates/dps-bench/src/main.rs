@@ -15,8 +15,9 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use bytes::BytesMut;
 use clap::{Parser, Subcommand};
+use dps_proto::connection_string::ServiceConnectionString;
 use dps_proto::mqtt::{decode, Connect, ConnectReturnCode, Packet, Publish};
-use dps_proto::sas::{build_token, decode_key, derive_device_key};
+use dps_proto::sas::{build_token, derive_device_key};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -195,16 +196,8 @@ async fn mqtt_hold(
     });
 
     // The enrollment group, through the service API.
-    let conn_string = field("serviceConnectionString")?;
-    let part = |k: &str| {
-        conn_string
-            .split(';')
-            .find_map(|p| p.strip_prefix(&format!("{k}=")))
-            .map(str::to_string)
-            .ok_or("bad connection string")
-    };
-    let owner_key = decode_key(&part("SharedAccessKey")?)?;
-    let token = build_token(&target.host, &owner_key, now() + 3600, Some(&part("SharedAccessKeyName")?));
+    let conn = ServiceConnectionString::parse(&field("serviceConnectionString")?)?;
+    let token = build_token(&target.host, &conn.key, now() + 3600, Some(&conn.key_name));
     let http = reqwest::Client::builder()
         .use_rustls_tls()
         .tls_built_in_root_certs(false)

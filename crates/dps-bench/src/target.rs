@@ -5,7 +5,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dps_proto::sas::decode_key;
+use dps_proto::connection_string::ServiceConnectionString;
 pub use dps_server::config::GeneratedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
@@ -97,15 +97,8 @@ impl Target {
                 .map(str::to_string)
                 .ok_or_else(|| BenchError::Setup(format!("{} has no '{k}'", path.display())))
         };
-        let conn = field("serviceConnectionString")?;
-        let part = |k: &str| {
-            conn.split(';')
-                .find_map(|p| p.strip_prefix(&format!("{k}=")))
-                .map(str::to_string)
-                .ok_or_else(|| BenchError::Setup(format!("the service connection string has no {k}")))
-        };
-        let key = decode_key(&part("SharedAccessKey")?)
-            .map_err(|e| BenchError::Setup(format!("the service connection string's key: {e}")))?;
+        let conn = ServiceConnectionString::parse(&field("serviceConnectionString")?)
+            .map_err(|e| BenchError::Setup(format!("{}: {e}", path.display())))?;
         let ca_path = PathBuf::from(field("caCertificatePath")?);
         let mut roots = rustls::RootCertStore::empty();
         let certs = CertificateDer::pem_file_iter(&ca_path)
@@ -124,7 +117,7 @@ impl Target {
             mqtt_addr: v["mqttAddress"].as_str().map(loopback).transpose()?,
             roots: Arc::new(roots),
             ca_path,
-            policy: (part("SharedAccessKeyName")?, key),
+            policy: (conn.key_name.clone(), conn.key.clone()),
             pid: v["pid"].as_u64().and_then(|p| u32::try_from(p).ok()),
             server_tls,
             server_key,

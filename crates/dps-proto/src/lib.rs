@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod connection_string;
 pub mod device;
 pub mod error;
 pub mod ids;

@@ -210,6 +210,15 @@ fn too_large(limit: usize) -> dps_core::Error {
     }
 }
 
+/// Where a request would go: the route's name and whether `method` is allowed on it, or `None`
+/// for a path nothing serves (404), after the same percent-decoding and matching as a real
+/// request. For tests and fuzzing.
+pub fn route_of(method: &Method, path: &str) -> Option<(&'static str, bool)> {
+    let segments = decode_segments(path)?;
+    let route = match_route(method, &segments)?;
+    Some((route.name(), route.allowed().contains(method)))
+}
+
 fn eq(a: &str, b: &str) -> bool {
     a.eq_ignore_ascii_case(b)
 }
@@ -236,6 +245,28 @@ enum Route {
 }
 
 impl Route {
+    fn name(&self) -> &'static str {
+        match self {
+            Route::EnrollmentBulk => "enrollment bulk",
+            Route::EnrollmentQuery => "enrollment query",
+            Route::Enrollment(_) => "enrollment",
+            Route::EnrollmentAttestation(_) => "enrollment attestation mechanism",
+            Route::GroupBulk => "group bulk",
+            Route::GroupQuery => "group query",
+            Route::Group(_) => "group",
+            Route::GroupAttestation(_) => "group attestation mechanism",
+            Route::Registration(_) => "registration state",
+            Route::RegistrationQuery(_) => "registration query",
+            Route::Certificates => "certificates",
+            Route::Certificate(_) => "certificate",
+            Route::CertificateVerificationCode(_) => "certificate verification code",
+            Route::CertificateVerify(_) => "certificate verify",
+            Route::DeviceRegister { .. } => "device register",
+            Route::DeviceOperation { .. } => "device operation status",
+            Route::DeviceStatus { .. } => "device registration status",
+        }
+    }
+
     fn allowed(&self) -> &'static [Method] {
         match self {
             Route::EnrollmentBulk | Route::GroupBulk => &[Method::POST],
