@@ -194,6 +194,9 @@ impl Engine {
     /// Counts a device request against `throttling.device_requests_*`, and a registration
     /// also against the instance's `throttling.registrations_*`.
     pub(crate) fn admit(&self, registration_id: &str, registration: bool) -> Result<(), Error> {
+        if self.device_throttle.is_none() && (self.registration_throttle.is_none() || !registration) {
+            return Ok(());
+        }
         let now = self.clock.now_millis();
         let key = registration_id.to_ascii_lowercase();
         let throttled = |retry_after: u32, message: String| {
