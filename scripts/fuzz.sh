@@ -37,12 +37,17 @@ for target in $targets; do
 done
 wait
 status=0
+passed=0
+failed=0
 for target in $targets; do
   if [ -f "$work/$target.failed" ]; then
     tail -60 "$work/$target.log"
     echo "fuzz: $target failed (a crash input, if any, is in fuzz/artifacts/$target)"
     status=1
+    failed=$((failed + 1))
+  else
+    passed=$((passed + 1))
   fi
 done
-[ "$status" = 0 ] && echo "fuzz: ok"
+echo "fuzz: $passed passed, $failed failed"
 exit "$status"

@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints, unit and whole-server tests (cargo), the
+# The whole test suite, in stages: formatting, lints, unit and whole-server tests (cargo), the
 # official-SDK compatibility suite (npm + PyPI SDKs against a spawned dps on ports 443 and 8883
-# in a private network namespace), and a bounded run of every fuzz target
-# (DPS_FUZZ_SECS seconds each, default 20; 0 skips it). Installs what it needs on first run. Used by CI
-# (.ci/run).
-set -euo pipefail
+# in a private network namespace), and a bounded run of every fuzz target (DPS_FUZZ_SECS
+# seconds each, default 20; 0 skips that stage, and the summary says so). Installs what it
+# needs on first run. Used by CI (.ci/run).
+#
+# Every stage runs even when an earlier one failed (a formatting slip must not hide a failing
+# test). At the end — also when interrupted — it prints each stage's status and one closing
+# line `N passed, M failed` over all stages: cargo and compat count their cases, fuzz its
+# targets, fmt and clippy count as one check each. The exit status is 0 only when every stage
+# passed.
+set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 need() { command -v "$1" >/dev/null 2>&1; }
@@ -17,19 +23,89 @@ need python3 || missing+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test: installing ${missing[*]}"
-  apt-get update -qq && apt-get install -y -qq "${missing[@]}"
+  apt-get update -qq && apt-get install -y -qq "${missing[@]}" || { echo "test: could not install ${missing[*]}"; exit 1; }
 fi
 
-echo "== cargo fmt"
-cargo fmt --all -- --check
-echo "== cargo clippy"
-cargo clippy --workspace --all-targets --locked -- -D warnings
-echo "== cargo test"
-cargo test --workspace --locked
-echo "== official SDK compatibility suite"
-bash tests/compat/run.sh target/debug/dps
+logs="$(mktemp -d)"
+stages=()    # "name|status|passed|failed|seconds"
+current=""   # the stage running now (for the summary if interrupted)
+started_at=0
+total_passed=0
+total_failed=0
+
+summary() {
+  local code=$?
+  if [ -n "$current" ]; then
+    stages+=("$current|interrupted|0|1|$(( $(date +%s) - started_at ))")
+    total_failed=$((total_failed + 1))
+  fi
+  echo
+  echo "== summary"
+  local s name status p f secs
+  for s in "${stages[@]}"; do
+    IFS='|' read -r name status p f secs <<< "$s"
+    printf '%-10s %-12s %6s passed %4s failed %5ss\n' "$name" "$status" "$p" "$f" "$secs"
+  done
+  echo "$total_passed passed, $total_failed failed"
+  rm -rf "$logs"
+  if [ "$total_failed" != 0 ] || [ "$code" != 0 ]; then exit 1; fi
+}
+trap summary EXIT
+trap 'exit 130' INT TERM
+
+# stage NAME COUNTER COMMAND...: runs COMMAND with its output shown and kept; COUNTER reads
+# "P F" (cases passed and failed) from the kept output. A stage that exits non-zero counts at
+# least one failure, even when its output names none.
+stage() {
+  local name="$1" counter="$2"
+  shift 2
+  echo "== $name"
+  current="$name"
+  started_at=$(date +%s)
+  "$@" 2>&1 | tee "$logs/$name.log"
+  local rc=${PIPESTATUS[0]}
+  local p f
+  read -r p f < <("$counter" "$logs/$name.log" "$rc")
+  if [ "$rc" != 0 ] && [ "$f" = 0 ]; then f=1; fi
+  local status=ok
+  [ "$rc" = 0 ] || status=FAILED
+  stages+=("$name|$status|$p|$f|$(( $(date +%s) - started_at ))")
+  current=""
+  total_passed=$((total_passed + p))
+  total_failed=$((total_failed + f))
+}
+# A check with no cases of its own: one passed or one failed.
+one_check() { if [ "$2" = 0 ]; then echo "1 0"; else echo "0 1"; fi; }
+# cargo test: the sum over every "test result:" line.
+cargo_cases() {
+  awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
+       END { print p + 0, f + 0 }' "$1"
+}
+# compat and fuzz: their closing "…: P passed, F failed" line.
+closing_line() {
+  local line
+  line=$(grep -E '^(compat|fuzz): [0-9]+ passed, [0-9]+ failed$' "$1" | tail -1)
+  if [ -n "$line" ]; then
+    echo "$line" | sed -E 's/^[a-z]+: ([0-9]+) passed, ([0-9]+) failed$/\1 \2/'
+  else
+    echo "0 0"
+  fi
+}
+
+stage fmt one_check cargo fmt --all -- --check
+stage clippy one_check cargo clippy --workspace --all-targets --locked -- -D warnings
+stage cargo cargo_cases cargo test --workspace --locked
+if [ -x target/debug/dps ]; then
+  stage compat closing_line bash tests/compat/run.sh target/debug/dps
+else
+  stages+=("compat|FAILED|0|1|0")
+  total_failed=$((total_failed + 1))
+  echo "== compat: not run (no target/debug/dps: the cargo stage did not build it)"
+fi
 fuzz_secs="${DPS_FUZZ_SECS:-20}"
 if [ "$fuzz_secs" != 0 ]; then
-  echo "== fuzz (${fuzz_secs}s per target)"
-  bash scripts/fuzz.sh "$fuzz_secs"
+  stage fuzz closing_line bash scripts/fuzz.sh "$fuzz_secs"
+else
+  echo "== fuzz: skipped (DPS_FUZZ_SECS=0)"
+  stages+=("fuzz|skipped|0|0|0")
 fi

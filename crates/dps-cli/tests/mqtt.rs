@@ -288,6 +288,21 @@ async fn keep_alive_and_connection_limit_are_enforced() {
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(1400) && waited < Duration::from_secs(5), "{waited:?}");
 
+    // A client that pings within its keep-alive stays connected well past 1.5 × keep-alive,
+    // and can still register afterwards.
+    let mut c = RawMqtt::tls(&dps).await;
+    assert_eq!(c.connect(Connect { keep_alive: 1, ..connect_packet(&dps, "mq-ka", Some(&token)) }).await, 0);
+    c.subscribe().await;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        c.send(&Packet::PingReq).await;
+        assert_eq!(c.recv().await, Some(Packet::PingResp), "alive after {:?}", started.elapsed());
+    }
+    let (topic, body) = c.request(&format!("{REGISTER}ka"), b"{}", Some(3)).await;
+    assert!(topic.starts_with("$dps/registrations/res/202/"), "{topic}: {body}");
+    drop(c);
+
     let mut a = RawMqtt::tls(&dps).await;
     assert_eq!(a.connect(connect_packet(&dps, "mq-ka", Some(&token))).await, 0);
     let mut b = RawMqtt::tls(&dps).await;

@@ -2,7 +2,9 @@
 
 mod common;
 
-use common::{key, now, Dps};
+use std::time::Duration;
+
+use common::{key, now, output_within, Dps};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -255,11 +257,10 @@ async fn data_directory_modes_are_checked_at_start() {
     dps.kill9();
     // Writable by others: refused with what to do.
     chmod(&data, 0o777);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dps"))
-        .args(["serve", "--config"])
-        .arg(dps.dir.join("dps.toml"))
-        .output()
-        .unwrap();
+    let out = output_within(
+        std::process::Command::new(env!("CARGO_BIN_EXE_dps")).args(["serve", "--config"]).arg(dps.dir.join("dps.toml")),
+        Duration::from_secs(30),
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("is writable by group or others (mode 0777)") && err.contains("chmod 700"), "{err}");
@@ -694,11 +695,12 @@ async fn connection_caps_fit_the_descriptor_limit_and_emfile_does_not_stop_accep
     };
     // Set caps that do not fit under a hard limit of 1000: refused, saying what to change.
     let config = write("[limits]\nmax_connections = 5000\n");
-    let out = Command::new("prlimit")
-        .args(["--nofile=1000:1000", env!("CARGO_BIN_EXE_dps"), "serve", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = output_within(
+        Command::new("prlimit")
+            .args(["--nofile=1000:1000", env!("CARGO_BIN_EXE_dps"), "serve", "--config"])
+            .arg(&config),
+        Duration::from_secs(30),
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("limits.max_connections (5000)") && err.contains("may open 1000"), "{err}");

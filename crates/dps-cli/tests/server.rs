@@ -341,8 +341,10 @@ async fn bad_device_input_gets_documented_errors() {
     assert_eq!(resp.status(), 405);
     assert_eq!(resp.headers()["allow"], "PUT");
     // Oversized headers are refused without taking the server down.
-    let resp = dps.client.put(register_url("d", api)).header("x-big", "a".repeat(40_000)).send().await;
-    assert!(resp.map(|r| r.status().as_u16() == 431).unwrap_or(true));
+    let resp = dps.client.put(register_url("d", api)).header("x-big", "a".repeat(40_000)).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 431, "headers over the limit");
+    let resp = dps.client.put(register_url("d", api)).header("x-ok", "a".repeat(4_000)).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 401, "headers under the limit reach the handler");
     // Plain-text garbage on the TLS port does not take the server down.
     {
         use tokio::io::AsyncWriteExt;
@@ -556,34 +558,49 @@ async fn service_api_etags_paging_and_policies() {
     assert_eq!(resp.headers()["x-ms-error-code"], "404202");
 }
 
-/// `kill -9` right after acknowledged writes loses none of them.
+/// `kill -9` right after acknowledged writes loses none of them. The registrations are sent
+/// concurrently, so that the store's group commit holds many writes at once when the server
+/// dies (one at a time, every commit would hold a single write).
 #[tokio::test]
 async fn kill9_loses_no_acknowledged_write() {
+    use futures_util::stream::{self, StreamExt};
+    const DEVICES: usize = 300;
     let mut dps = Dps::start(HUBS).await;
     let group_key = key(11);
     dps.put_group(json!({"enrollmentGroupId": "g", "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": group_key, "secondaryKey": key(12)}}})).await;
-    let mut hubs = Vec::new();
-    for i in 0..20 {
-        let id = format!("k-{i}");
-        let (status, _, body) =
-            dps.register(&id, Some(&dps.device_token(&id, &derive(&group_key, &id))), json!({})).await;
-        assert_eq!(status, 202);
-        hubs.push(body["registrationState"]["assignedHub"].as_str().unwrap().to_string());
-    }
+    let ids: Vec<String> = (0..DEVICES).map(|i| format!("k-{i}")).collect();
+    let acknowledged: Vec<(String, String)> = stream::iter(ids.iter())
+        .map(|id| {
+            let token = dps.device_token(id, &derive(&group_key, id));
+            let dps = &dps;
+            async move {
+                let (status, _, body) = dps.register(id, Some(&token), json!({})).await;
+                assert_eq!(status, 202, "{id}: {body}");
+                assert_eq!(body["status"], "assigned", "{id}: {body}");
+                (id.clone(), body["registrationState"]["assignedHub"].as_str().unwrap().to_string())
+            }
+        })
+        .buffer_unordered(100)
+        .collect()
+        .await;
     dps.kill9();
+    assert_eq!(acknowledged.len(), DEVICES);
     dps.restart().await;
     let resp =
-        dps.service(Method::POST, "/registrations/g/query").header("x-ms-max-item-count", "100").send().await.unwrap();
+        dps.service(Method::POST, "/registrations/g/query").header("x-ms-max-item-count", "1000").send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-ms-item-type"], "deviceRegistration");
     let states: Vec<Value> = resp.json().await.unwrap();
-    assert_eq!(states.len(), 20, "every acknowledged registration survived kill -9");
-    for (i, hub) in hubs.iter().enumerate() {
-        let id = format!("k-{i}");
+    assert_eq!(states.len(), DEVICES, "every acknowledged registration survived kill -9");
+    let hubs: Vec<String> = acknowledged.iter().map(|(_, hub)| hub.clone()).collect();
+    for (id, hub) in &acknowledged {
         let s = states.iter().find(|s| s["registrationId"] == id.as_str()).unwrap();
-        assert_eq!(s["assignedHub"], hub.as_str());
-        // And the device lands on the same hub after the restart.
-        let (_, _, body) = dps.register(&id, Some(&dps.device_token(&id, &derive(&group_key, &id))), json!({})).await;
+        assert_eq!(s["assignedHub"], hub.as_str(), "{id}");
+        assert_eq!(s["status"], "assigned", "{id}");
+    }
+    // And devices land on the same hub after the restart.
+    for (id, hub) in acknowledged.iter().take(20) {
+        let (_, _, body) = dps.register(id, Some(&dps.device_token(id, &derive(&group_key, id))), json!({})).await;
         assert_eq!(body["registrationState"]["assignedHub"], hub.as_str());
     }
     let spread: std::collections::HashSet<&String> = hubs.iter().collect();

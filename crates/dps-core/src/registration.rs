@@ -856,6 +856,7 @@ impl Engine {
             };
         }
         let retry_after = (op.result.status == RegistrationStatus::Assigning).then_some(self.settings.retry_after_secs);
+        tracing::debug!(registration_id, operation_id, status = ?op.result.status, "operation polled");
         Ok(DeviceReply { operation: op.result, retry_after })
     }
 
