@@ -800,3 +800,219 @@ async fn a_full_disk_is_logged_a_bounded_number_of_times_and_recovers() {
     let state: Value = dps.service(Method::GET, "/registrations/d").send().await.unwrap().json().await.unwrap();
     assert_eq!(state["status"], "assigned", "{state}");
 }
+
+/// A service route in a rights table: what, method, path, body, the rights it needs and its
+/// status when they are granted.
+type Route = (&'static str, Method, String, Value, Vec<&'static str>, u16);
+
+/// Every service API route needs its right, and only that: a table of routes × the policy of
+/// each single right (and the owner). A caller without the right gets `401` `401002` naming the
+/// missing right; one with it gets the route's own answer. `/certificates` needs ServiceConfig:
+/// a policy that may verify a CA admits every device that CA issued.
+#[tokio::test]
+async fn every_service_route_needs_its_right() {
+    let dps = Dps::start(&policies_toml()).await;
+    let group_key = key(21);
+    dps.put_group(json!({"enrollmentGroupId": "g", "attestation": {"type": "symmetricKey",
+        "symmetricKey": {"primaryKey": group_key, "secondaryKey": key(22)}}}))
+        .await;
+    dps.put_enrollment(json!({"registrationId": "e", "attestation": {"type": "symmetricKey",
+        "symmetricKey": {"primaryKey": key(23), "secondaryKey": key(24)}}}))
+        .await;
+    let ca = common::pki::ca("Rights Test CA", None);
+    let resp =
+        dps.service(Method::PUT, "/certificates/ca").json(&json!({"certificate": ca.pem()})).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let sk = json!({"type": "symmetricKey"});
+    let mut owner_policy = vec![("provisioningserviceowner".to_string(), RIGHTS.to_vec())];
+    owner_policy.extend(policies());
+    for (name, rights) in owner_policy {
+        let tag = name.to_ascii_lowercase();
+        // A registration of its own for each policy, so that deletes have something to delete.
+        let member = format!("{tag}-m");
+        let (status, _, _) = dps
+            .register(&member, Some(&dps.device_token(&member, &common::derive(&group_key, &member))), json!({}))
+            .await;
+        assert_eq!(status, 202);
+        let routes: Vec<Route> = vec![
+            ("get enrollment", Method::GET, "/enrollments/e".into(), Value::Null, vec!["EnrollmentRead"], 200),
+            (
+                "put enrollment",
+                Method::PUT,
+                format!("/enrollments/{tag}-e"),
+                json!({"attestation": sk}),
+                vec!["EnrollmentWrite"],
+                200,
+            ),
+            (
+                "delete enrollment",
+                Method::DELETE,
+                format!("/enrollments/{tag}-e"),
+                Value::Null,
+                vec!["EnrollmentWrite"],
+                204,
+            ),
+            (
+                "query enrollments",
+                Method::POST,
+                "/enrollments/query".into(),
+                json!({"query": "*"}),
+                vec!["EnrollmentRead"],
+                200,
+            ),
+            (
+                "bulk enrollments",
+                Method::POST,
+                "/enrollments".into(),
+                json!({"mode": "create", "enrollments": [{"registrationId": format!("{tag}-b"), "attestation": sk}]}),
+                vec!["EnrollmentWrite"],
+                200,
+            ),
+            (
+                "enrollment keys",
+                Method::POST,
+                "/enrollments/e/attestationmechanism".into(),
+                Value::Null,
+                vec!["EnrollmentRead", "EnrollmentWrite"],
+                200,
+            ),
+            ("get group", Method::GET, "/enrollmentGroups/g".into(), Value::Null, vec!["EnrollmentRead"], 200),
+            (
+                "put group",
+                Method::PUT,
+                format!("/enrollmentGroups/{tag}-g"),
+                json!({"attestation": sk}),
+                vec!["EnrollmentWrite"],
+                200,
+            ),
+            ("query groups", Method::POST, "/enrollmentGroups/query".into(), json!({}), vec!["EnrollmentRead"], 200),
+            (
+                "group keys",
+                Method::POST,
+                "/enrollmentGroups/g/attestationmechanism".into(),
+                Value::Null,
+                vec!["EnrollmentRead", "EnrollmentWrite"],
+                200,
+            ),
+            (
+                "get registration",
+                Method::GET,
+                format!("/registrations/{member}"),
+                Value::Null,
+                vec!["RegistrationStatusRead"],
+                200,
+            ),
+            (
+                "query registrations",
+                Method::POST,
+                "/registrations/g/query".into(),
+                json!({}),
+                vec!["RegistrationStatusRead"],
+                200,
+            ),
+            (
+                "delete registration",
+                Method::DELETE,
+                format!("/registrations/{member}"),
+                Value::Null,
+                vec!["RegistrationStatusWrite"],
+                204,
+            ),
+            ("list certificates", Method::GET, "/certificates".into(), Value::Null, vec!["ServiceConfig"], 200),
+            ("get certificate", Method::GET, "/certificates/ca".into(), Value::Null, vec!["ServiceConfig"], 200),
+            (
+                "put certificate",
+                Method::PUT,
+                format!("/certificates/{tag}-ca"),
+                json!({"certificate": ca.pem()}),
+                vec!["ServiceConfig"],
+                200,
+            ),
+            (
+                "verification code",
+                Method::POST,
+                format!("/certificates/{tag}-ca/generateVerificationCode"),
+                Value::Null,
+                vec!["ServiceConfig"],
+                200,
+            ),
+            (
+                "verify certificate",
+                Method::POST,
+                format!("/certificates/{tag}-ca/verify"),
+                json!({"certificate": ca.pem()}),
+                vec!["ServiceConfig"],
+                400,
+            ),
+            (
+                "delete certificate",
+                Method::DELETE,
+                format!("/certificates/{tag}-ca"),
+                Value::Null,
+                vec!["ServiceConfig"],
+                204,
+            ),
+        ];
+        for (what, method, path, body, needs, allowed) in routes {
+            let mut req = if name == "provisioningserviceowner" {
+                dps.service(method, &path)
+            } else {
+                as_policy(&dps, &name, method, &path)
+            };
+            if !body.is_null() {
+                req = req.json(&body);
+            }
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let text = resp.text().await.unwrap();
+            match needs.iter().find(|r| !rights.contains(r)) {
+                Some(missing) => {
+                    assert_eq!(status, 401, "{name}: {what}: {text}");
+                    let err: Value = serde_json::from_str(&text).unwrap();
+                    assert_eq!(err["errorCode"], 401002, "{name}: {what}: {text}");
+                    assert!(
+                        err["message"].as_str().unwrap().contains(&format!("lacks the {missing} right")),
+                        "{name}: {what}: {text}"
+                    );
+                }
+                None => assert_eq!(status, allowed, "{name}: {what}: {text}"),
+            }
+        }
+    }
+}
+
+/// A policy's secondary key signs tokens as well as its primary; a token expired for longer
+/// than the allowed clock skew, a token from another key and a token for another policy name
+/// are refused alike.
+#[tokio::test]
+async fn service_tokens_secondary_keys_and_expiry() {
+    use base64::Engine as _;
+    let b64 = |k: &[u8]| base64::engine::general_purpose::STANDARD.encode(k);
+    let (primary, secondary) = ([5u8; 32], [6u8; 32]);
+    let dps = Dps::start(&format!(
+        "[[service.policies]]\nname = \"ops\"\nprimary_key = \"{}\"\nsecondary_key = \"{}\"\nrights = [\"EnrollmentRead\"]\n",
+        b64(&primary),
+        b64(&secondary)
+    ))
+    .await;
+    let get = |token: String| {
+        dps.client.get(dps.url(&format!("/enrollments/nobody?{}", common::API))).header("Authorization", token).send()
+    };
+    let token = |k: &[u8], expiry: u64, name: &str| dps_proto::sas::build_token("localhost", k, expiry, Some(name));
+    for (what, t, status) in [
+        ("primary key", token(&primary, now() + 600, "ops"), 404),
+        ("secondary key", token(&secondary, now() + 600, "ops"), 404),
+        ("expired, primary key", token(&primary, now() - 3600, "ops"), 401),
+        ("expired, secondary key", token(&secondary, now() - 3600, "ops"), 401),
+        ("another key", token(&[7u8; 32], now() + 600, "ops"), 401),
+        ("the owner's name with this key", token(&secondary, now() + 600, "provisioningserviceowner"), 401),
+    ] {
+        let resp = get(t).await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{what}");
+        let err: Value = resp.json().await.unwrap();
+        let code = if status == 404 { 404201 } else { 401002 };
+        assert_eq!(err["errorCode"], code, "{what}: {err}");
+    }
+    let log = dps.log();
+    assert!(log.lines().any(|l| l.contains("service API authentication failed") && l.contains("expired")), "{log}");
+}
