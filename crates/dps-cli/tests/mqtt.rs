@@ -159,6 +159,11 @@ async fn connect_is_refused_with_the_right_return_code() {
             2,
         ),
         (
+            "password not UTF-8",
+            Connect { password: Some(vec![0xff, 0xfe, 0x00]), ..connect_packet(&dps, "mq-auth", Some(&token)) },
+            4,
+        ),
+        (
             "MQTT 3.1",
             Connect { protocol_name: "MQIsdp".into(), protocol_level: 3, ..connect_packet(&dps, "x", None) },
             1,
@@ -368,4 +373,37 @@ async fn a_client_that_never_reads_is_closed_after_the_write_timeout() {
     // Other devices are served as before.
     let mut other = RawMqtt::tls(&dps).await;
     assert_eq!(other.connect(connect_packet(&dps, "mq-slow-reader", Some(&token))).await, 0);
+}
+
+/// The SAS token is checked at CONNECT and again on every register and poll: a connection
+/// whose token expired meanwhile gets 401 responses, not registrations.
+#[tokio::test]
+async fn an_expired_token_is_refused_on_an_open_connection() {
+    let dps = Dps::start("[device]\nsas_clock_skew_secs = 0\n").await;
+    let k = key(31);
+    dps.put_enrollment(json!({"registrationId": "mq-exp", "attestation": {"type": "symmetricKey",
+        "symmetricKey": {"primaryKey": k, "secondaryKey": k}}}))
+        .await;
+    let resource = format!("{}/registrations/mq-exp", dps.scope());
+    let expiry = common::now() + 2;
+    let token =
+        dps_proto::sas::build_token(&resource, &dps_proto::sas::decode_key(&k).unwrap(), expiry, Some("registration"));
+    let mut c = RawMqtt::tls(&dps).await;
+    assert_eq!(c.connect(connect_packet(&dps, "mq-exp", Some(&token))).await, 0);
+    c.subscribe().await;
+    let (topic, body) = c.request(&format!("{REGISTER}1"), b"{}", Some(1)).await;
+    assert!(topic.starts_with("$dps/registrations/res/202/"), "{topic}: {body}");
+    let operation = body["operationId"].as_str().unwrap().to_string();
+    // Wait until the token is past its expiry (whole seconds), keeping the connection alive.
+    while common::now() <= expiry + 1 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        c.send(&Packet::PingReq).await;
+        assert_eq!(c.recv().await, Some(Packet::PingResp));
+    }
+    let (topic, body) = c.request(&format!("{REGISTER}2"), b"{}", Some(2)).await;
+    assert!(topic.starts_with("$dps/registrations/res/401/"), "register: {topic}: {body}");
+    assert_eq!(body["errorCode"], 401002, "{body}");
+    let poll = format!("{POLL}3&operationId={operation}");
+    let (topic, body) = c.request(&poll, b"", Some(3)).await;
+    assert!(topic.starts_with("$dps/registrations/res/401/"), "poll: {topic}: {body}");
 }
