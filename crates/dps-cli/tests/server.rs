@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::{derive, file_mode, key, now, Dps};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -605,4 +607,44 @@ async fn kill9_loses_no_acknowledged_write() {
     }
     let spread: std::collections::HashSet<&String> = hubs.iter().collect();
     assert!(spread.len() >= 2, "hashed allocation spreads devices: {hubs:?}");
+}
+
+/// SIGTERM drains: the listener stops taking connections, a registration already in flight
+/// (waiting for its webhook) is still answered with its result, and the process exits 0.
+#[tokio::test]
+async fn sigterm_finishes_registrations_in_flight_then_exits() {
+    let hook = common::webhook::start().await;
+    let mut dps = Dps::start(&format!(
+        "[allocation]\nwebhook_inline_wait_ms = 5000\n\
+         [[webhooks]]\nurl_prefix = \"http://{}/\"\nsecret = \"a-secret-of-16-chars\"\n",
+        hook.addr
+    ))
+    .await;
+    let k = key(41);
+    dps.put_enrollment(json!({"registrationId": "slow", "allocationPolicy": "custom",
+        "customAllocationDefinition": {"webhookUrl": hook.url("/slow"), "apiVersion": "2021-10-01"},
+        "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": k, "secondaryKey": k}}}))
+        .await;
+    let token = dps.device_token("slow", &k);
+    let client = dps.client.clone();
+    let url = dps.url(&format!("/{}/registrations/slow/register?{}", dps.scope(), common::API));
+    let in_flight = tokio::spawn(async move {
+        let resp = client.put(url).header("Authorization", token).json(&json!({})).send().await.unwrap();
+        (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+    });
+    // The webhook takes 1.2 s; stop the server while the registration waits for it.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let addr = dps.addr;
+    let status = tokio::task::spawn_blocking(move || {
+        let status = dps.terminate(Duration::from_secs(15));
+        (status, dps)
+    });
+    let (status_code, body) = in_flight.await.unwrap();
+    assert_eq!(status_code, 202, "{body}");
+    assert_eq!(body["status"], "assigned", "the registration in flight got its result: {body}");
+    let (status, dps) = status.await.unwrap();
+    assert!(status.success(), "exit status after SIGTERM: {status:?}");
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "nothing listens after the stop");
+    let log = dps.log();
+    assert!(log.contains("shutting down") && log.contains("all connections closed"), "{log}");
 }

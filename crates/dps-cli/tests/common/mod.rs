@@ -165,6 +165,25 @@ impl Dps {
         }
     }
 
+    /// Sends SIGTERM (a graceful stop) and waits up to `deadline` for the process to exit;
+    /// returns its exit status, or panics when it is still running.
+    pub fn terminate(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("dps is running");
+        let sent = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+        assert!(sent.success(), "kill -TERM");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if started.elapsed() > deadline {
+                let _ = child.kill();
+                panic!("dps still running {deadline:?} after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Changes the extra config used by the next restart.
     pub fn set_config_extra(&mut self, extra: &str) {
         self.config_extra = extra.to_string();
