@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Official-SDK compatibility suite: installs the pinned SDKs (npm and PyPI) on first run,
 # then, inside a private network namespace (so dps can take port 443 as the SDKs expect,
-# without touching the host's ports), starts a fresh dps and drives it with:
-#   - node/suite.js      npm azure-iot-provisioning-service + -device + -device-http
-#   - python/suite.py    PyPI azure-iot-deviceprovisioning
+# without touching the host's ports), starts fresh dps servers and drives them with:
+#   - node/suite.js      npm azure-iot-provisioning-service + -device + -device-http + -device-mqtt
+#   - python/suite.py    PyPI azure-iot-deviceprovisioning + azure-iot-device
+# each under a time limit, and checks that each ran its expected number of cases to the end.
 # Usage: tests/compat/run.sh [path/to/dps]   (default: target/release/dps, else target/debug/dps)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -39,12 +40,13 @@ work="$(mktemp -d)"
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -rf "$work"' EXIT
 
-# start_dps NAME TOML-EXTRA: a fresh dps with its own data directory; waits for its
-# dev-credentials.json.
+# start_dps NAME TOML-EXTRA [LOG-FILTER]: a fresh dps with its own data directory, logging
+# to $work/NAME/dps.log at LOG-FILTER (default "info"; TOML-EXTRA must not set `log`); waits
+# for its dev-credentials.json.
 start_dps() {
-  local name="$1" extra="$2" dir="$work/$1"
+  local name="$1" extra="$2" log="${3:-info}" dir="$work/$1"
   mkdir -p "$dir"
-  printf 'data_dir = "%s/data"\nlog = "info"\n%s\n' "$dir" "$extra" > "$dir/dps.toml"
+  printf 'data_dir = "%s/data"\nlog = "%s"\n%s\n' "$dir" "$log" "$extra" > "$dir/dps.toml"
   "$dps" serve --config "$dir/dps.toml" > "$dir/dps.out" 2> "$dir/dps.log" &
   pids+=($!)
   for _ in $(seq 1 100); do
@@ -84,7 +86,8 @@ TOML
 start_dps main "$main_config"
 # A second server on another loopback address that answers "assigning" first, so that the
 # device clients' polling path is exercised too, with an ECDSA server certificate (the main
-# server's is RSA, the default).
+# server's is RSA, the default). It logs every answered poll (`operation polled`, debug), which
+# the polling cases count.
 start_dps strict '[listen]
 https = "127.0.0.2:443"
 mqtt = "127.0.0.2:8883"
@@ -93,7 +96,7 @@ host_names = ["127.0.0.2"]
 generated_key = "ecdsa-p256"
 [device]
 assigning_first = true
-retry_after_secs = 1'
+retry_after_secs = 1' 'info,dps_core=debug'
 # A third server that throttles each device to one request per 2 s, so that the clients'
 # back-off on 429 + retry-after is exercised.
 start_dps throttled '[listen]
@@ -154,17 +157,55 @@ export DPS_CREDENTIALS="$work/main/data/dev-credentials.json"
 export DPS_STRICT_CREDENTIALS="$work/strict/data/dev-credentials.json"
 export DPS_THROTTLED_CREDENTIALS="$work/throttled/data/dev-credentials.json"
 export DPS_THROTTLED_LOG="$work/throttled/dps.log"
+export DPS_STRICT_LOG="$work/strict/dps.log"
 export DPS_MAIN_LOG="$work/main/dps.log"
 cat "$work/main/data/tls/ca.pem" "$work/strict/data/tls/ca.pem" "$work/throttled/data/tls/ca.pem" > "$work/ca-bundle.pem"
 export NODE_EXTRA_CA_CERTS="$work/ca-bundle.pem"
 
-status=0
-node "$here/node/suite.js" | tee "$work/node.txt" || status=1
-"$venv/bin/python" "$here/python/suite.py" | tee "$work/python.txt" || status=1
+# --- run the suites -----------------------------------------------------------------------
+# The number of cases each suite must report: a case that silently disappears (a loop that
+# runs no more, a promise that never settles and lets node exit early) fails the run.
+node_cases=44
+python_cases=25
+suite_timeout=600
+problems=0
+suite_problem() { # suite_problem NAME MESSAGE
+  echo "compat: $1 suite: $2"
+  problems=$((problems + 1))
+}
+# run_suite NAME EXPECTED COMMAND...: runs one suite under `timeout`, then checks that it ended
+# with its summary line `NAME: P passed, F failed`, that P + F is EXPECTED and matches its
+# `ok -` / `not ok -` lines, and that its exit code agrees. The first miss counts as a failure.
+run_suite() {
+  local name="$1" expected="$2" out="$work/$1.txt" rc summary p f
+  shift 2
+  set +e
+  timeout --kill-after=10 "$suite_timeout" "$@" | tee "$out"
+  rc=${PIPESTATUS[0]}
+  set -e
+  summary="$(grep -E "^$name: [0-9]+ passed, [0-9]+ failed\$" "$out" | tail -n 1 || true)"
+  p=$(grep -c "^ok - $name: " "$out" || true)
+  f=$(grep -c "^not ok - $name: " "$out" || true)
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    suite_problem "$name" "timed out after $suite_timeout s (killed) after $((p + f)) of $expected cases"
+  elif [ -z "$summary" ]; then
+    suite_problem "$name" "no closing '$name: P passed, F failed' line (exit code $rc; it stopped after $((p + f)) of $expected cases)"
+  elif [ "$summary" != "$name: $p passed, $f failed" ]; then
+    suite_problem "$name" "its summary '$summary' disagrees with its $p ok and $f not ok lines"
+  elif [ $((p + f)) != "$expected" ]; then
+    suite_problem "$name" "ran $((p + f)) cases, expected $expected (${name}_cases in run.sh)"
+  elif [ "$rc" != 0 ] && [ "$f" = 0 ]; then
+    suite_problem "$name" "exited with code $rc without a failing case"
+  fi
+}
+run_suite node "$node_cases" node "$here/node/suite.js"
+run_suite python "$python_cases" "$venv/bin/python" "$here/python/suite.py"
 
 p=$(cat "$work/node.txt" "$work/python.txt" | grep -c '^ok - ' || true)
 f=$(cat "$work/node.txt" "$work/python.txt" | grep -c '^not ok - ' || true)
-if [ "$status" != 0 ] || [ "$f" != 0 ]; then
+f=$((f + problems))
+status=0
+if [ "$f" != 0 ]; then
   echo "--- dps log (last 60 lines) ---"; tail -n 60 "$work/main/dps.log"
   status=1
 fi

@@ -1,10 +1,12 @@
 // Official Node SDKs against a running dps: the service client (enrollments, groups,
 // registration states, paging, bulk, ETags) and the device client over HTTPS, MQTT and MQTT
 // over WebSocket (individual key, group-derived key, payload, wrong key, disabled enrollment,
-// custom allocation).
+// custom allocation by webhook and by rule set, X.509 groups and individual enrollments,
+// polling, throttling).
 //
 // Run by tests/compat/run.sh with DPS_CREDENTIALS=<data dir>/dev-credentials.json and
-// NODE_EXTRA_CA_CERTS=<test CA>, against a dps listening on port 443.
+// NODE_EXTRA_CA_CERTS=<test CA>, against a dps listening on port 443; run.sh also checks the
+// closing `node: P passed, F failed` line and the number of cases.
 'use strict';
 
 const crypto = require('crypto');
@@ -20,8 +22,35 @@ const creds = JSON.parse(fs.readFileSync(process.env.DPS_CREDENTIALS, 'utf8'));
 const host = creds.hostName;
 const scope = creds.idScope;
 const hubs = creds.linkedHubs;
-const service = ProvisioningServiceClient.fromConnectionString(creds.serviceConnectionString);
 const run = `n${Date.now().toString(36)}`; // unique prefix per run
+
+// No SDK call has a deadline of its own, and a promise that never settles ends node with exit
+// code 0 in the middle of the suite: every SDK call below is raced against CALL_TIMEOUT_MS.
+const CALL_TIMEOUT_MS = 60000;
+function within(promise, what) {
+  let timer;
+  const expired = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${CALL_TIMEOUT_MS / 1000} s: ${what}`)), CALL_TIMEOUT_MS);
+  });
+  return Promise.race([promise, expired]).finally(() => clearTimeout(timer));
+}
+// A service client (or one of its queries) whose every promise is raced by within().
+function timed(target, what) {
+  return new Proxy(target, {
+    get(t, prop) {
+      const value = Reflect.get(t, prop, t);
+      if (typeof value !== 'function') return value;
+      return (...args) => {
+        const r = value.apply(t, args);
+        if (r && typeof r.then === 'function') return within(r, `${what}.${String(prop)}`);
+        if (r && typeof r === 'object' && 'hasMoreResults' in r) return timed(r, `${what}.${String(prop)}()`);
+        return r;
+      };
+    },
+  });
+}
+const serviceFor = (c) => timed(ProvisioningServiceClient.fromConnectionString(c.serviceConnectionString), `service ${c.hostName}`);
+const service = serviceFor(creds);
 
 let passed = 0;
 let failed = 0;
@@ -56,19 +85,62 @@ async function rejects(promise, check, msg) {
 function statusOf(e) {
   return (e.response && e.response.statusCode) || (e.responseBody && e.responseBody.statusCode) || e.statusCode;
 }
+// The errorCode of the DPS error body an SDK error carries (responseBody is the JSON text).
+function errorCodeOf(e) {
+  try {
+    return JSON.parse(e.responseBody).errorCode;
+  } catch (_) {
+    return undefined;
+  }
+}
+// The exact refusal each transport reports for a credential the server does not accept, so that
+// a TLS error, a refused connection or a timeout fails the case. HTTPS: the SDK's typed
+// UnauthorizedError with the 401 response and errorCode 401002. MQTT and MQTT-WS: the server
+// answers CONNACK return code 5; the Node provisioning MQTT transport hands mqtt.js's error back
+// untranslated (azure-iot-provisioning-device-mqtt 1.8.1 `_connect`: `callback(err)`), a plain
+// Error with the return code in `code`.
+function refusedCredential(transport) {
+  return (e) => {
+    if (transport === 'http') {
+      eq(e.name, 'UnauthorizedError', `error type (${e.message})`);
+      eq(statusOf(e), 401, 'HTTP status');
+      eq(errorCodeOf(e), 401002, 'errorCode');
+    } else {
+      eq(`${e.name}: ${e.message}`, 'Error: Connection refused: Not authorized', 'mqtt.js error for CONNACK 5');
+      eq(e.code, 5, 'CONNACK return code');
+    }
+  };
+}
+// One registration's events in a server log (tracing's default format: RFC 3339 time, level,
+// target, then the message and its key=value fields): [{ at: ms since the epoch, message }].
+function logEvents(path, registrationId) {
+  const line = /^(\S+)\s+[A-Z]+\s+\S+: (.*?) registration_id="?([^"\s]+)"?(?: |$)/;
+  return fs
+    .readFileSync(path, 'utf8')
+    .split('\n')
+    .map((l) => line.exec(l))
+    .filter((m) => m && m[3] === registrationId)
+    .map((m) => ({ at: Date.parse(m[1]), message: m[2] }));
+}
 
-function register(registrationId, key, payload, target = { host, scope }, Transport = Http) {
-  const security = new SymmetricKeySecurityClient(registrationId, key);
+// register() of the device SDK, under within().
+function registerWith(registrationId, security, payload, target, Transport) {
   const client = ProvisioningDeviceClient.create(target.host, target.scope, new Transport(), security);
   if (payload !== undefined) client.setProvisioningPayload(payload);
-  return client.register();
+  return within(client.register(), `register ${registrationId} over ${Transport.name}`);
+}
+function register(registrationId, key, payload, target = { host, scope }, Transport = Http) {
+  return registerWith(registrationId, new SymmetricKeySecurityClient(registrationId, key), payload, target, Transport);
 }
 // The SDK's promise form of runBulkEnrollmentOperation never settles (it only calls back
 // when a callback was given), so use the callback form.
 function bulk(operation) {
-  return new Promise((resolve, reject) => {
-    service.runBulkEnrollmentOperation(operation, (err, result) => (err ? reject(err) : resolve({ responseBody: result })));
-  });
+  return within(
+    new Promise((resolve, reject) => {
+      service.runBulkEnrollmentOperation(operation, (err, result) => (err ? reject(err) : resolve({ responseBody: result })));
+    }),
+    `bulk ${operation.mode}`
+  );
 }
 // An enrollment group with custom allocation, created through the service SDK.
 async function customGroup(enrollmentGroupId, webhookUrl) {
@@ -86,7 +158,7 @@ function restRegister(target, registrationId, key) {
   const se = Math.floor(Date.now() / 1000) + 600;
   const sig = crypto.createHmac('sha256', Buffer.from(key, 'base64')).update(`${encodeURIComponent(resource)}\n${se}`).digest('base64');
   const token = `SharedAccessSignature sr=${encodeURIComponent(resource)}&sig=${encodeURIComponent(sig)}&se=${se}&skn=registration`;
-  return new Promise((resolve, reject) => {
+  const answered = new Promise((resolve, reject) => {
     const req = require('https').request(
       {
         host: target.hostName,
@@ -103,10 +175,27 @@ function restRegister(target, registrationId, key) {
     req.on('error', reject);
     req.end(JSON.stringify({ registrationId }));
   });
+  return within(answered, `REST register ${registrationId}`);
+}
+// Every page of a service query, each checked for its size and x-ms-item-type. The promise
+// form of next() ignores the stored continuation token: it is passed explicitly.
+async function allPages(q, pageSize, itemType) {
+  const items = [];
+  let pages = 0;
+  while (q.hasMoreResults) {
+    const { responseBody, httpResponse } = await q.next(q.continuationToken);
+    assert(++pages < 100, 'paging terminates');
+    eq(httpResponse.headers['x-ms-item-type'], itemType, 'x-ms-item-type');
+    assert(responseBody.length <= pageSize, `page size ${pageSize}, got ${responseBody.length}`);
+    items.push(...responseBody);
+  }
+  return { items, pages };
 }
 function deriveKey(groupKey, registrationId) {
   return crypto.createHmac('sha256', Buffer.from(groupKey, 'base64')).update(registrationId, 'utf8').digest('base64');
 }
+
+const TRANSPORTS = [['http', Http], ['mqtt', Mqtt], ['mqttws', MqttWs]];
 
 async function main() {
   const indId = `${run}-ind`;
@@ -185,11 +274,9 @@ async function main() {
     eq(r.status, 'assigned', 'status');
   });
 
-  await test('device http: wrong key is refused with 401', async () => {
+  await test('device http: group member with a wrong derived key is refused with 401 401002', async () => {
     const id = `${run}-member-3`;
-    await rejects(register(id, deriveKey(crypto.randomBytes(32).toString('base64'), id)), (e) => {
-      assert(/unauthorized/i.test(e.name + e.message) || statusOf(e) === 401, `unauthorized error, got ${e.name}: ${e.message}`);
-    }, 'wrong key');
+    await rejects(register(id, deriveKey(crypto.randomBytes(32).toString('base64'), id)), refusedCredential('http'), 'wrong key');
   });
 
   await test('device http: disabled individual enrollment blocks a group member', async () => {
@@ -233,17 +320,8 @@ async function main() {
       enrollments: ids.map((registrationId) => ({ registrationId, attestation: { type: 'symmetricKey', symmetricKey: {} } })),
     });
     eq(created.isSuccessful, true, "bulk create");
-    const q = service.createIndividualEnrollmentQuery({ query: 'SELECT * FROM enrollments' }, 2);
-    const seen = [];
-    let pages = 0;
-    while (q.hasMoreResults) {
-      const { responseBody, httpResponse } = await q.next(q.continuationToken);
-      pages++;
-      eq(httpResponse.headers['x-ms-item-type'], 'enrollment', 'x-ms-item-type');
-      assert(responseBody.length <= 2, 'page size');
-      responseBody.forEach((e) => seen.push(e.registrationId));
-      assert(pages < 100, 'paging terminates');
-    }
+    const { items } = await allPages(service.createIndividualEnrollmentQuery({ query: 'SELECT * FROM enrollments' }, 2), 2, 'enrollment');
+    const seen = items.map((e) => e.registrationId);
     for (const id of ids) assert(seen.filter((s) => s === id).length === 1, `${id} seen once`);
     const { responseBody: dup } = await bulk({
       mode: 'create',
@@ -257,6 +335,48 @@ async function main() {
       enrollments: ids.map((registrationId) => ({ registrationId, attestation: { type: 'symmetricKey' } })),
     });
     eq(del.isSuccessful, true, 'bulk delete');
+  });
+
+  await test('service: bulk update and updateIfMatchETag (412001 with a stale etag)', async () => {
+    const id = `${run}-bulk-upd`;
+    const { responseBody: created } = await bulk({ mode: 'create', enrollments: [{ registrationId: id, attestation: { type: 'symmetricKey', symmetricKey: {} } }] });
+    eq(created, { isSuccessful: true, errors: [] }, 'bulk create');
+    const { responseBody: first } = await service.getIndividualEnrollment(id);
+    const { responseBody: updated } = await bulk({ mode: 'update', enrollments: [{ ...first, etag: undefined, deviceId: `${id}-a` }] });
+    eq(updated, { isSuccessful: true, errors: [] }, 'bulk update');
+    const { responseBody: second } = await service.getIndividualEnrollment(id);
+    eq(second.deviceId, `${id}-a`, 'bulk update stored');
+    assert(second.etag !== first.etag, 'etag changes on a bulk update');
+    const { responseBody: stale } = await bulk({ mode: 'updateIfMatchETag', enrollments: [{ ...first, deviceId: `${id}-b` }] });
+    eq(stale.isSuccessful, false, 'updateIfMatchETag with a stale etag');
+    eq(stale.errors.map((x) => [x.registrationId, x.errorCode]), [[id, 412001]], 'bulk errors');
+    eq((await service.getIndividualEnrollment(id)).responseBody.deviceId, `${id}-a`, 'not stored with a stale etag');
+    const { responseBody: matched } = await bulk({ mode: 'updateIfMatchETag', enrollments: [{ ...second, deviceId: `${id}-c` }] });
+    eq(matched, { isSuccessful: true, errors: [] }, 'updateIfMatchETag with the current etag');
+    eq((await service.getIndividualEnrollment(id)).responseBody.deviceId, `${id}-c`, 'stored with the current etag');
+    await service.deleteIndividualEnrollment(id);
+  });
+
+  await test('service: enrollment group If-Match (412 with a stale etag), group query with paging', async () => {
+    const ids = [0, 1, 2].map((i) => `${run}-gq-${i}`);
+    for (const enrollmentGroupId of ids) {
+      await service.createOrUpdateEnrollmentGroup({ enrollmentGroupId, attestation: { type: 'symmetricKey', symmetricKey: {} } });
+    }
+    const { responseBody: before } = await service.getEnrollmentGroup(ids[0]);
+    before.provisioningStatus = 'disabled';
+    const { responseBody: after } = await service.createOrUpdateEnrollmentGroup(before);
+    assert(after.etag !== before.etag, 'etag changes on write');
+    eq(after.provisioningStatus, 'disabled', 'update with the current etag stored');
+    before.provisioningStatus = 'enabled';
+    await rejects(service.createOrUpdateEnrollmentGroup(before), (e) => {
+      eq([e.name, statusOf(e), errorCodeOf(e)], ['InvalidEtagError', 412, 412001], 'stale group etag');
+    }, 'stale group etag');
+    eq((await service.getEnrollmentGroup(ids[0])).responseBody.provisioningStatus, 'disabled', 'not stored with a stale etag');
+    const { items, pages } = await allPages(service.createEnrollmentGroupQuery({ query: 'SELECT *' }, 1), 1, 'enrollmentGroup');
+    const seen = items.map((g) => g.enrollmentGroupId);
+    eq(ids.map((id) => seen.filter((x) => x === id).length), [1, 1, 1], `each group seen once in ${JSON.stringify(seen)}`);
+    assert(pages >= ids.length, `one page per group (${pages} pages)`);
+    for (const id of ids) await service.deleteEnrollmentGroup(id);
   });
 
   await test('service: delete with etag, then 404', async () => {
@@ -310,28 +430,30 @@ async function main() {
     await service.deleteEnrollmentGroup(gid);
   });
 
-  await test('device http: custom allocation by a built-in rule set (rules://by-model)', async () => {
-    const gid = `${run}-rules`;
-    const g = await customGroup(gid, 'rules://by-model');
-    eq(g.customAllocationDefinition.webhookUrl, 'rules://by-model', 'webhookUrl stored');
-    const key = (id) => deriveKey(g.attestation.symmetricKey.primaryKey, id);
-    const id = `${run}-thermo-1`;
-    const r = await register(id, key(id), { modelId: 'thermo-x2' });
-    eq(r.status, 'assigned', 'status');
-    eq(r.assignedHub, 'hub-a.compat.test', 'the rule chose the hub');
-    eq(r.payload, { telemetryTopic: `thermo/${id}`, group: gid }, 'registrationState.payload from the rule');
-    const bad = `${run}-thermo-bad`;
-    await rejects(
-      register(bad, key(bad), { modelId: 42 }),
-      (e) => {
-        const state = e.result && e.result.registrationState;
-        eq(state && state.errorCode, 400003, 'errorCode');
-        assert(/modelId/.test(state.errorMessage), `errorMessage names the field: ${state.errorMessage}`);
-      },
-      'payload refused by the schema'
-    );
-    await service.deleteEnrollmentGroup(gid);
-  });
+  for (const [name, Transport] of TRANSPORTS) {
+    await test(`device ${name}: custom allocation by a built-in rule set (rules://by-model)`, async () => {
+      const gid = `${run}-rules-${name}`;
+      const g = await customGroup(gid, 'rules://by-model');
+      eq(g.customAllocationDefinition.webhookUrl, 'rules://by-model', 'webhookUrl stored');
+      const key = (id) => deriveKey(g.attestation.symmetricKey.primaryKey, id);
+      const id = `${run}-thermo-${name}`;
+      const r = await register(id, key(id), { modelId: 'thermo-x2' }, { host, scope }, Transport);
+      eq(r.status, 'assigned', 'status');
+      eq(r.assignedHub, 'hub-a.compat.test', 'the rule chose the hub');
+      eq(r.payload, { telemetryTopic: `thermo/${id}`, group: gid }, 'registrationState.payload from the rule');
+      const bad = `${run}-thermo-bad-${name}`;
+      await rejects(
+        register(bad, key(bad), { modelId: 42 }, { host, scope }, Transport),
+        (e) => {
+          const state = e.result && e.result.registrationState;
+          eq(state && state.errorCode, 400003, `errorCode (${e.name}: ${e.message})`);
+          assert(/modelId/.test(state.errorMessage), `errorMessage names the field: ${state.errorMessage}`);
+        },
+        'payload refused by the schema'
+      );
+      await service.deleteEnrollmentGroup(gid);
+    });
+  }
 
   for (const [name, Transport] of [['mqtt', Mqtt], ['mqttws', MqttWs]]) {
     const gid = `${run}-${name}-grp`;
@@ -361,9 +483,16 @@ async function main() {
       eq(r.assignedHub, hubs[hubs.length - 1], 'the webhook chose the hub');
       eq(r.payload, { echo: { modelId: name }, group: gid }, 'registrationState.payload from the webhook');
     });
-    await test(`device ${name}: wrong key is refused`, async () => {
+    await test(`device ${name}: wrong key for an enrolled ID is refused with CONNACK 5, the right key registers`, async () => {
       const id = `${run}-${name}-wrong`;
-      await rejects(register(id, crypto.randomBytes(32).toString('base64'), undefined, { host, scope }, Transport), () => {}, 'wrong key');
+      const { responseBody: e } = await service.createOrUpdateIndividualEnrollment({
+        registrationId: id,
+        attestation: { type: 'symmetricKey', symmetricKey: {} },
+      });
+      await rejects(register(id, crypto.randomBytes(32).toString('base64'), undefined, { host, scope }, Transport), refusedCredential(name), 'wrong key');
+      const r = await register(id, e.attestation.symmetricKey.primaryKey, undefined, { host, scope }, Transport);
+      eq(r.status, 'assigned', 'the enrollment registers with its own key');
+      await service.deleteIndividualEnrollment(id);
     });
     await test(`device ${name}: disabled enrollment is reported`, async () => {
       const id = `${run}-${name}-off`;
@@ -396,13 +525,9 @@ async function main() {
       attestation: { type: 'x509', x509: { clientCertificates: { primary: { certificate: pki('compat-x509-solo.pem') } } } },
     });
   });
-  const x509Register = (id, Transport, payload) => {
-    const security = new X509Security(id, { cert: pki(`${id}.chain.pem`), key: pki(`${id}.key`) });
-    const client = ProvisioningDeviceClient.create(host, scope, new Transport(), security);
-    if (payload !== undefined) client.setProvisioningPayload(payload);
-    return client.register();
-  };
-  for (const [name, Transport] of [['http', Http], ['mqtt', Mqtt], ['mqttws', MqttWs]]) {
+  const x509Register = (id, Transport, payload, files = id) =>
+    registerWith(id, new X509Security(id, { cert: pki(`${files}.chain.pem`), key: pki(`${files}.key`) }), payload, { host, scope }, Transport);
+  for (const [name, Transport] of TRANSPORTS) {
     await test(`device ${name}: X.509 group member with a chain, with a payload`, async () => {
       const id = `compat-x509-node-${name}`;
       const r = await x509Register(id, Transport, { modelId: 'x509' });
@@ -412,41 +537,72 @@ async function main() {
       eq(r.x509, { enrollmentGroupId: x509Group }, 'registrationState.x509');
     });
   }
-  await test('device http: X.509 individual enrollment, self-signed', async () => {
-    const r = await x509Register('compat-x509-solo', Http);
-    eq(r.status, 'assigned', 'status');
-    eq(r.x509, {}, 'registrationState.x509');
-  });
-  await test('device mqtt: X.509 certificate whose CN is not the registration ID is refused', async () => {
-    const security = new X509Security('compat-x509-someone-else', { cert: pki('compat-x509-node-mqtt.chain.pem'), key: pki('compat-x509-node-mqtt.key') });
-    const client = ProvisioningDeviceClient.create(host, scope, new Mqtt(), security);
-    await rejects(client.register(), () => {}, 'wrong CN');
+  for (const [name, Transport] of TRANSPORTS) {
+    await test(`device ${name}: X.509 individual enrollment, self-signed`, async () => {
+      const r = await x509Register('compat-x509-solo', Transport);
+      eq(r.status, 'assigned', 'status');
+      eq(r.deviceId, 'compat-x509-solo', 'deviceId');
+      eq(r.x509, {}, 'registrationState.x509');
+    });
+  }
+  // The refused ID is enrolled on the second pass, pinning the very certificate presented, so
+  // that only the CN ≠ registration ID check can refuse it.
+  const otherId = 'compat-x509-someone-else';
+  for (const [name, Transport] of TRANSPORTS) {
+    await test(`device ${name}: X.509 certificate whose CN is not the registration ID is refused (unknown ID, and enrolled with that certificate)`, async () => {
+      const files = `compat-x509-node-${name}`;
+      await rejects(x509Register(otherId, Transport, undefined, files), refusedCredential(name), 'wrong CN, not enrolled');
+      await service.createOrUpdateIndividualEnrollment({
+        registrationId: otherId,
+        attestation: { type: 'x509', x509: { clientCertificates: { primary: { certificate: pki(`${files}.pem`) } } } },
+      });
+      await rejects(x509Register(otherId, Transport, undefined, files), refusedCredential(name), 'wrong CN, enrolled with this certificate');
+      await service.deleteIndividualEnrollment(otherId);
+    });
+  }
+  // The Python suite brings its own X.509 group: this one would match its members first.
+  await test('service: the X.509 group and individual enrollment are deleted', async () => {
+    await service.deleteEnrollmentGroup(x509Group);
+    await service.deleteIndividualEnrollment('compat-x509-solo');
+    await rejects(service.getEnrollmentGroup(x509Group), (e) => eq(statusOf(e), 404, 'status'), 'X.509 group deleted');
+    await rejects(service.getIndividualEnrollment('compat-x509-solo'), (e) => eq(statusOf(e), 404, 'status'), 'X.509 enrollment deleted');
   });
 
-  for (const [name, Transport] of [['http', Http], ['mqtt', Mqtt], ['mqttws', MqttWs]]) {
-    await test(`device ${name}: polls the operation when the server answers assigning first`, async () => {
+  // The strict server answers every register "assigning" with retry-after 1 s and logs each
+  // answered poll (`operation polled`, debug level): the client must have polled, and not before
+  // retry-after. The Node transports use retry-after instead of their own polling interval
+  // (ProvisioningDeviceConstants.defaultPollingInterval, 2 s), so the first poll comes sooner.
+  const { defaultPollingInterval } = require('azure-iot-provisioning-device').ProvisioningDeviceConstants;
+  for (const [name, Transport] of TRANSPORTS) {
+    await test(`device ${name}: polls the operation after retry-after when the server answers assigning first`, async () => {
       const strict = JSON.parse(fs.readFileSync(process.env.DPS_STRICT_CREDENTIALS, 'utf8'));
-      const strictService = ProvisioningServiceClient.fromConnectionString(strict.serviceConnectionString);
+      const strictService = serviceFor(strict);
       const id = `${run}-strict-${name}`;
       const { responseBody: e } = await strictService.createOrUpdateIndividualEnrollment({
         registrationId: id,
         attestation: { type: 'symmetricKey', symmetricKey: {} },
       });
-      const started = Date.now();
       const target = { host: strict.hostName, scope: strict.idScope };
       const r = await register(id, e.attestation.symmetricKey.primaryKey, { poll: true }, target, Transport);
       eq(r.status, 'assigned', 'status after polling');
       eq(r.assignedHub, 'hub.localhost', 'placeholder hub');
-      assert(Date.now() - started >= 900, 'the client waited retry-after (1 s) before polling');
+      const events = logEvents(process.env.DPS_STRICT_LOG, id);
+      const registered = events.filter((x) => x.message === 'registration');
+      const polls = events.filter((x) => x.message === 'operation polled');
+      eq(registered.length, 1, `one register in the log (${JSON.stringify(events)})`);
+      assert(polls.length >= 1, `the client polled (${JSON.stringify(events)})`);
+      const waited = polls[0].at - registered[0].at;
+      assert(waited >= 1000, `the first poll came ${waited} ms after the register, before retry-after (1 s)`);
+      assert(waited < defaultPollingInterval, `the first poll came ${waited} ms after the register: the SDK's own interval (${defaultPollingInterval} ms), not retry-after`);
       const { responseBody: s } = await strictService.getDeviceRegistrationState(id);
       eq(s.status, 'assigned', 'registration state');
     });
   }
 
-  for (const [name, Transport] of [['http', Http], ['mqtt', Mqtt], ['mqttws', MqttWs]]) {
+  for (const [name, Transport] of TRANSPORTS) {
     await test(`device ${name}: throttled (429 + retry-after), backs off and then registers`, async () => {
       const t = JSON.parse(fs.readFileSync(process.env.DPS_THROTTLED_CREDENTIALS, 'utf8'));
-      const tService = ProvisioningServiceClient.fromConnectionString(t.serviceConnectionString);
+      const tService = serviceFor(t);
       const id = `${run}-throttled-${name}`;
       const { responseBody: e } = await tService.createOrUpdateIndividualEnrollment({
         registrationId: id,

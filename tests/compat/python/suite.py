@@ -5,17 +5,21 @@ Run by tests/compat/run.sh with DPS_CREDENTIALS=<data dir>/dev-credentials.json.
 enrollments and groups (create with generated keys, get with hidden keys, update with
 If-Match, 412 on a stale ETag, attestation mechanism, query with paging, bulk, delete),
 registration states (get, query by group, delete), and device registration over MQTT and
-WebSocket (individual key, group key, payloads both ways through a webhook, wrong key,
-disabled enrollment).
+WebSocket (individual key, group key, payloads both ways through a webhook and a rule set,
+wrong key, disabled enrollment, X.509 group members, polling, throttling).
+
+run.sh checks the closing `python: P passed, F failed` line and the number of cases.
 """
 
 import base64
+import datetime
 import hashlib
 import hmac
 import json
 import os
+import re
 import ssl
-import sys
+import threading
 import time
 import traceback
 import urllib.parse
@@ -23,12 +27,25 @@ import urllib.request
 
 from azure.core.exceptions import HttpResponseError
 from azure.iot.device import X509, ProvisioningDeviceClient
+from azure.iot.device.common import transport_exceptions
 from azure.iot.device.exceptions import ClientError, CredentialError
 from azure.iot.deviceprovisioning import DeviceProvisioningClient
+from paho.mqtt import client as paho
+
+# The device SDK's register() blocks with no deadline of its own: it runs under within(). The
+# service SDK gets azure-core's connection and read timeouts.
+CALL_TIMEOUT_S = 60
+
+
+def service_client(connection_string, ca):
+    return DeviceProvisioningClient.from_connection_string(
+        connection_string, connection_verify=ca, connection_timeout=10, read_timeout=CALL_TIMEOUT_S
+    )
+
 
 CREDS = json.load(open(os.environ["DPS_CREDENTIALS"]))
 CA = CREDS["caCertificatePath"]
-CLIENT = DeviceProvisioningClient.from_connection_string(CREDS["serviceConnectionString"], connection_verify=CA)
+CLIENT = service_client(CREDS["serviceConnectionString"], CA)
 RUN = "p%x" % int(time.time() * 1000)
 RESULTS = {"passed": 0, "failed": 0}
 
@@ -45,12 +62,63 @@ def test(fn, name=None):
     return fn
 
 
-def status_of(call):
+def error_of(call):
+    """The HTTP status and DPS errorCode of the error call() raises."""
     try:
         call()
     except HttpResponseError as e:
-        return e.status_code
+        return e.status_code, e.response.json().get("errorCode")
     raise AssertionError("expected an HTTP error, got success")
+
+
+def status_of(call):
+    return error_of(call)[0]
+
+
+def within(what, call):
+    """call() in a thread, waited for at most CALL_TIMEOUT_S."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = call()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = e
+
+    worker = threading.Thread(target=run, name=what, daemon=True)
+    worker.start()
+    worker.join(CALL_TIMEOUT_S)
+    if worker.is_alive():
+        raise TimeoutError(f"timed out after {CALL_TIMEOUT_S} s: {what}")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def refused_credential(call):
+    """The exact refusal azure-iot-device 2.14 reports for CONNACK 5: a CredentialError raised from
+    the transport's UnauthorizedError with paho's text for return code 5. (A TLS failure is a
+    ClientError, or an UnauthorizedError without that text; a timeout is a TimeoutError.)"""
+    try:
+        call()
+    except CredentialError as e:
+        cause = e.__cause__
+        assert isinstance(cause, transport_exceptions.UnauthorizedError), f"cause: {cause!r}"
+        assert str(cause) == paho.connack_string(paho.CONNACK_REFUSED_NOT_AUTHORIZED), f"cause: {cause!r}"
+        return
+    raise AssertionError("registered with a wrong credential")
+
+
+def log_events(path, registration_id):
+    """One registration's events in a server log (tracing's default format: RFC 3339 time,
+    level, target, then the message and its key=value fields): [(seconds since the epoch, message)]."""
+    line = re.compile(r'^(\S+)\s+[A-Z]+\s+\S+: (.*?) registration_id="?([^"\s]+)"?(?: |$)')
+    events = []
+    for text in open(path).read().splitlines():
+        m = line.match(text)
+        if m and m.group(3) == registration_id:
+            events.append((datetime.datetime.fromisoformat(m.group(1)).timestamp(), m.group(2)))
+    return events
 
 
 def register_device(registration_id, key_b64, payload=None, websockets=False, creds=CREDS):
@@ -65,7 +133,7 @@ def register_device(registration_id, key_b64, payload=None, websockets=False, cr
     )
     if payload is not None:
         device.provisioning_payload = payload
-    return device.register()
+    return within(f"register {registration_id}", device.register)
 
 
 def derive(group_key, registration_id):
@@ -154,6 +222,40 @@ def group_query_and_bulk():
 
 
 @test
+def enrollment_bulk_update_and_update_if_match_etag():
+    rid = f"{RUN}-bulk-upd"
+    ok = {"isSuccessful": True, "errors": []}
+    run_bulk = CLIENT.enrollment.run_bulk_operation
+    created = run_bulk(bulk_operation={"mode": "create", "enrollments": [{"registrationId": rid, "attestation": {"type": "symmetricKey"}}]})
+    assert created == ok, created
+    first = CLIENT.enrollment.get(id=rid)
+    updated = run_bulk(bulk_operation={"mode": "update", "enrollments": [{**first, "deviceId": f"{rid}-a"}]})
+    assert updated == ok, updated
+    second = CLIENT.enrollment.get(id=rid)
+    assert second["deviceId"] == f"{rid}-a" and second["etag"] != first["etag"], second
+    stale = run_bulk(bulk_operation={"mode": "updateIfMatchETag", "enrollments": [{**first, "deviceId": f"{rid}-b"}]})
+    assert stale["isSuccessful"] is False, stale
+    assert [(x["registrationId"], x["errorCode"]) for x in stale["errors"]] == [(rid, 412001)], stale
+    assert CLIENT.enrollment.get(id=rid)["deviceId"] == f"{rid}-a", "not stored with a stale etag"
+    matched = run_bulk(bulk_operation={"mode": "updateIfMatchETag", "enrollments": [{**second, "deviceId": f"{rid}-c"}]})
+    assert matched == ok, matched
+    assert CLIENT.enrollment.get(id=rid)["deviceId"] == f"{rid}-c", "stored with the current etag"
+    CLIENT.enrollment.delete(id=rid)
+
+
+@test
+def group_update_with_if_match_and_412_on_a_stale_etag():
+    before = CLIENT.enrollment_group.get(id=GRP)
+    changed = {**before, "provisioningStatus": "disabled"}
+    after = CLIENT.enrollment_group.create_or_update(id=GRP, enrollment_group=changed, if_match=before["etag"])
+    assert after["etag"] != before["etag"] and after["provisioningStatus"] == "disabled", after
+    stale = {**before, "provisioningStatus": "enabled"}
+    got = error_of(lambda: CLIENT.enrollment_group.create_or_update(id=GRP, enrollment_group=stale, if_match=before["etag"]))
+    assert got == (412, 412001), got
+    assert CLIENT.enrollment_group.get(id=GRP)["provisioningStatus"] == "disabled", "not stored with a stale etag"
+
+
+@test
 def deletes_and_not_found():
     CLIENT.enrollment.delete(id=IND)
     assert status_of(lambda: CLIENT.enrollment.get(id=IND)) == 404
@@ -165,7 +267,7 @@ def deletes_and_not_found():
 @test
 def bad_connection_key_is_refused():
     cs = CREDS["serviceConnectionString"].rsplit("SharedAccessKey=", 1)[0] + "SharedAccessKey=" + base64.b64encode(b"x" * 32).decode()
-    bad = DeviceProvisioningClient.from_connection_string(cs, connection_verify=CA)
+    bad = service_client(cs, CA)
     assert status_of(lambda: bad.enrollment.get(id=IND)) == 401
 
 
@@ -188,19 +290,25 @@ def device_individual_key_with_and_without_payload(ws, tag):
     CLIENT.enrollment.delete(id=rid)
 
 
-def device_group_key_payload_round_trip_through_a_webhook(ws, tag):
-    gid = f"{RUN}-{tag}-custom"
+def custom_group(gid, webhook_url):
+    """A symmetric-key enrollment group with custom allocation; its primary key."""
     g = CLIENT.enrollment_group.create_or_update(
         id=gid,
         enrollment_group={
             "enrollmentGroupId": gid,
             "attestation": {"type": "symmetricKey"},
             "allocationPolicy": "custom",
-            "customAllocationDefinition": {"webhookUrl": os.environ["DPS_WEBHOOK_URL"], "apiVersion": "2021-10-01"},
+            "customAllocationDefinition": {"webhookUrl": webhook_url, "apiVersion": "2021-10-01"},
         },
     )
+    return g["attestation"]["symmetricKey"]["primaryKey"]
+
+
+def device_group_key_payload_round_trip_through_a_webhook(ws, tag):
+    gid = f"{RUN}-{tag}-custom"
+    key = custom_group(gid, os.environ["DPS_WEBHOOK_URL"])
     rid = f"{RUN}-{tag}-member"
-    r = register_device(rid, derive(g["attestation"]["symmetricKey"]["primaryKey"], rid), {"modelId": tag}, ws)
+    r = register_device(rid, derive(key, rid), {"modelId": tag}, ws)
     assert r.status == "assigned", r
     assert r.registration_state.assigned_hub == CREDS["linkedHubs"][-1], r
     assert json.loads(r.registration_state.response_payload) == {"echo": {"modelId": tag}, "group": gid}, r
@@ -208,19 +316,31 @@ def device_group_key_payload_round_trip_through_a_webhook(ws, tag):
     # webhook as a JSON string, unchanged (protocol.md §14).
     rid = f"{RUN}-{tag}-strpay"
     text = json.dumps({"modelId": tag})
-    r = register_device(rid, derive(g["attestation"]["symmetricKey"]["primaryKey"], rid), text, ws)
+    r = register_device(rid, derive(key, rid), text, ws)
     assert r.status == "assigned", r
     assert json.loads(r.registration_state.response_payload) == {"echo": text, "group": gid}, r
     CLIENT.enrollment_group.delete(id=gid)
 
 
-def device_wrong_key_is_refused(ws, tag):
+def device_wrong_key_for_an_enrolled_id_is_refused_with_connack_5_the_right_key_registers(ws, tag):
     rid = f"{RUN}-{tag}-wrong"
-    try:
-        register_device(rid, base64.b64encode(os.urandom(32)).decode(), websockets=ws)
-    except (CredentialError, ClientError):
-        return
-    raise AssertionError("a wrong key registered")
+    keys = individual(rid)
+    refused_credential(lambda: register_device(rid, base64.b64encode(os.urandom(32)).decode(), websockets=ws))
+    r = register_device(rid, keys["primaryKey"], websockets=ws)
+    assert r.status == "assigned", r
+    CLIENT.enrollment.delete(id=rid)
+
+
+def device_custom_allocation_by_a_built_in_rule_set(ws, tag):
+    """rules://by-model of run.sh's main server: a thermo- model goes to hub-a, with a payload."""
+    gid = f"{RUN}-{tag}-rules"
+    key = custom_group(gid, "rules://by-model")
+    rid = f"{RUN}-{tag}-thermo"
+    r = register_device(rid, derive(key, rid), {"modelId": "thermo-x2"}, ws)
+    assert r.status == "assigned", r
+    assert r.registration_state.assigned_hub == "hub-a.compat.test", r
+    assert json.loads(r.registration_state.response_payload) == {"telemetryTopic": f"thermo/{rid}", "group": gid}, r
+    CLIENT.enrollment_group.delete(id=gid)
 
 
 def device_disabled_enrollment_is_reported(ws, tag):
@@ -258,20 +378,27 @@ def device_x509_group_member_through_ca_references(ws, tag):
         server_verification_cert=open(CA).read(),
     )
     device.provisioning_payload = {"modelId": "x509"}
-    r = device.register()
+    r = within(f"register {rid}", device.register)
     assert r.status == "assigned", r
     assert r.registration_state.device_id == rid, r
     assert r.registration_state.assigned_hub in CREDS["linkedHubs"], r
+    assert matched_groups(rid) == [gid], f"{rid} matched {matched_groups(rid)}, not {gid}"
     CLIENT.enrollment_group.delete(id=gid)
+
+
+def matched_groups(rid):
+    """The enrollment groups whose registration states list rid. (Which group a device matched
+    is registrationState.x509.enrollmentGroupId, but the device SDK drops it: its
+    RegistrationState has no x509 field; the service's registration state has none either.)"""
+    groups = [g["enrollmentGroupId"] for g in CLIENT.enrollment_group.query(query_specification={"query": "SELECT *"})]
+    return [g for g in groups if rid in [s["registrationId"] for s in CLIENT.device_registration_state.query(id=g)]]
 
 
 def enroll_on(credentials_variable, rid):
     """An individual symmetric-key enrollment on one of run.sh's other servers: its
     credentials, a service client for it, and the device's primary key."""
     creds = json.load(open(os.environ[credentials_variable]))
-    service = DeviceProvisioningClient.from_connection_string(
-        creds["serviceConnectionString"], connection_verify=creds["caCertificatePath"]
-    )
+    service = service_client(creds["serviceConnectionString"], creds["caCertificatePath"])
     e = service.enrollment.create_or_update(
         id=rid, enrollment={"registrationId": rid, "attestation": {"type": "symmetricKey"}}
     )
@@ -286,6 +413,14 @@ def device_polls_a_server_that_answers_assigning_first_with_an_ecdsa_certificate
     assert r.status == "assigned", r
     assert r.registration_state.assigned_hub == "hub.localhost", r
     assert service.device_registration_state.get(id=rid)["status"] == "assigned"
+    # The server logs every answered poll (`operation polled`). The SDK waits its own 2 s
+    # (DEFAULT_POLLING_INTERVAL) after an "assigning" register answer, whatever retry-after says.
+    events = log_events(os.environ["DPS_STRICT_LOG"], rid)
+    registered = [at for at, message in events if message == "registration"]
+    polls = [at for at, message in events if message == "operation polled"]
+    assert len(registered) == 1 and polls, f"one register and at least one poll in the log: {events}"
+    waited = polls[0] - registered[0]
+    assert waited >= 1.0, f"the first poll came {waited:.3f} s after the register, before retry-after (1 s)"
 
 
 def device_is_throttled_then_backs_off_and_registers(ws, tag):
@@ -305,7 +440,7 @@ def device_is_throttled_then_backs_off_and_registers(ws, tag):
         headers={"Authorization": token, "Content-Type": "application/json"},
     )
     ctx = ssl.create_default_context(cafile=t["caCertificatePath"])
-    assert urllib.request.urlopen(req, context=ctx).status == 202
+    assert urllib.request.urlopen(req, context=ctx, timeout=CALL_TIMEOUT_S).status == 202
     r = register_device(rid, key, websockets=ws, creds=t)
     assert r.status == "assigned", r
     log = open(os.environ["DPS_THROTTLED_LOG"]).read().splitlines()
@@ -318,7 +453,8 @@ for transport, ws in (("mqtt", False), ("mqtt over websocket", True)):
     for case in (
         device_individual_key_with_and_without_payload,
         device_group_key_payload_round_trip_through_a_webhook,
-        device_wrong_key_is_refused,
+        device_custom_allocation_by_a_built_in_rule_set,
+        device_wrong_key_for_an_enrolled_id_is_refused_with_connack_5_the_right_key_registers,
         device_disabled_enrollment_is_reported,
         device_x509_group_member_through_ca_references,
         device_polls_a_server_that_answers_assigning_first_with_an_ecdsa_certificate,
@@ -328,4 +464,5 @@ for transport, ws in (("mqtt", False), ("mqtt over websocket", True)):
 
 
 print(f"python: {RESULTS['passed']} passed, {RESULTS['failed']} failed", flush=True)
-sys.exit(0 if RESULTS["failed"] == 0 else 1)
+# os._exit: a register() left running by within() must not hold the interpreter open.
+os._exit(0 if RESULTS["failed"] == 0 else 1)
