@@ -835,6 +835,10 @@ impl Engine {
             )
         };
         let doc = self.store.get(Collection::Operations, operation_id).await?.ok_or_else(not_found)?;
+        // Past its retention an operation is gone, whether or not the purge has removed it yet.
+        if doc.expires_at.is_some_and(|t| t <= self.clock.now_millis()) {
+            return Err(not_found());
+        }
         let op: OperationRecord = parse_stored(&doc.body, "operation", operation_id)?;
         if !op.registration_id.eq_ignore_ascii_case(registration_id) {
             return Err(not_found());

@@ -37,7 +37,8 @@ pub fn now() -> u64 {
 }
 
 impl Dps {
-    /// Starts a server with extra TOML appended to a minimal config.
+    /// Starts a server with extra TOML added to a minimal config: the keys before its first
+    /// table header at the top level, the tables after `[listen]`.
     pub async fn start(config_extra: &str) -> Dps {
         Self::start_with(config_extra, None).await
     }
@@ -88,11 +89,14 @@ impl Dps {
     }
 
     async fn spawn(&mut self) {
+        // Keys before the extra config's first table header are top-level keys.
+        let extra = self.config_extra.as_str();
+        let split = if extra.starts_with('[') { 0 } else { extra.find("\n[").map_or(extra.len(), |i| i + 1) };
+        let (top, tables) = extra.split_at(split);
         let config = format!(
-            "data_dir = {:?}\nlog = \"info\"\n[listen]\n{}\n{}\n",
+            "data_dir = {:?}\nlog = \"info\"\n{top}\n[listen]\n{}\n{tables}\n",
             self.data_dir().display().to_string(),
             self.listen,
-            self.config_extra
         );
         std::fs::write(self.config_path(), config).unwrap();
         let log = std::fs::File::create(self.dir.join("dps.log")).unwrap();
