@@ -648,3 +648,129 @@ async fn sigterm_finishes_registrations_in_flight_then_exits() {
     let log = dps.log();
     assert!(log.contains("shutting down") && log.contains("all connections closed"), "{log}");
 }
+
+/// Another process holding the SQLite write lock (a backup, an operator's `sqlite3` shell):
+/// registrations that must write wait `busy_timeout` (5 s), then get `503` `503001` with
+/// Retry-After over HTTPS and the `503` response topic over MQTT; the connection stays usable,
+/// and once the lock is gone the same device registers.
+#[tokio::test]
+async fn a_store_locked_by_another_process_answers_503001_then_recovers() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    use common::mqtt::{connect_packet, RawMqtt, REGISTER};
+
+    let dps = Dps::start("[device]\nauth_failure_delay_ms = 0\n").await;
+    let k = key(3);
+    dps.put_enrollment(json!({"registrationId": "d-busy", "attestation": {"type": "symmetricKey",
+        "symmetricKey": {"primaryKey": k, "secondaryKey": k}}}))
+        .await;
+    let token = dps.device_token("d-busy", &k);
+    let mut mqtt = RawMqtt::tls(&dps).await;
+    assert_eq!(mqtt.connect(connect_packet(&dps, "d-busy", Some(&token))).await, 0);
+    mqtt.subscribe().await;
+
+    // Holds the write lock until its stdin closes.
+    let mut holder = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys\n\
+             c = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)\n\
+             c.execute('BEGIN IMMEDIATE')\n\
+             print('locked', flush=True)\n\
+             sys.stdin.read()\n\
+             c.execute('ROLLBACK')\n",
+        ])
+        .arg(dps.data_dir().join("dps.sqlite"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "locked");
+
+    let started = std::time::Instant::now();
+    let (status, headers, body) = dps.register("d-busy", Some(&token), json!({})).await;
+    assert_eq!((status, &body["errorCode"]), (503, &json!(503001)), "{body}");
+    assert_eq!(headers["retry-after"], "5");
+    assert!(started.elapsed() >= Duration::from_secs(4), "waited for the lock: {:?}", started.elapsed());
+    let (topic, answer) = mqtt.request(&format!("{REGISTER}1"), br#"{"registrationId":"d-busy"}"#, Some(1)).await;
+    assert_eq!(topic, "$dps/registrations/res/503/?$rid=1&retry-after=5", "{answer}");
+    assert_eq!(answer["errorCode"], 503001, "{answer}");
+    let resp = dps
+        .service(Method::PUT, "/enrollments/d-other")
+        .json(&json!({"registrationId": "d-other", "attestation": {"type": "symmetricKey"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503, "service API writes too");
+    assert!(dps.log().contains("database busy"), "the cause is logged: {}", dps.log());
+
+    drop(holder.stdin.take());
+    assert!(holder.wait().unwrap().success());
+    let (status, _, body) = dps.register("d-busy", Some(&token), json!({})).await;
+    assert_eq!((status, &body["status"]), (202, &json!("assigned")), "{body}");
+    let (topic, answer) = mqtt.request(&format!("{REGISTER}2"), br#"{"registrationId":"d-busy"}"#, Some(2)).await;
+    assert_eq!(topic, "$dps/registrations/res/202/?$rid=2", "{answer}");
+    assert_eq!(answer["status"], "assigned", "{answer}");
+}
+
+/// A stored enrollment that cannot be read (changed behind dps's back): the device gets `500`
+/// `500001` over HTTPS with no internal detail (the log has it under the tracking ID), and
+/// CONNACK 3 (server unavailable) over MQTT; other devices are unaffected, and deleting and
+/// writing the enrollment again through the service API repairs it.
+#[tokio::test]
+async fn an_unreadable_enrollment_is_a_server_error_not_a_refusal() {
+    use common::mqtt::{connect_packet, RawMqtt};
+
+    let dps = Dps::start("[device]\nauth_failure_delay_ms = 0\n").await;
+    let k = key(4);
+    let enrollment = json!({"registrationId": "d-broken", "attestation": {"type": "symmetricKey",
+        "symmetricKey": {"primaryKey": k, "secondaryKey": k}}});
+    dps.put_enrollment(enrollment.clone()).await;
+    dps.put_enrollment(json!({"registrationId": "d-fine", "attestation": {"type": "symmetricKey",
+        "symmetricKey": {"primaryKey": k, "secondaryKey": k}}}))
+        .await;
+    let out = common::output_within(
+        std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sqlite3, sys\n\
+                 c = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)\n\
+                 n = c.execute(\"UPDATE documents SET body = '{\\\"registrationId\\\": 7' WHERE id = 'd-broken'\").rowcount\n\
+                 print(n)\n",
+            ])
+            .arg(dps.data_dir().join("dps.sqlite")),
+        Duration::from_secs(30),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1", "{out:?}");
+
+    let token = dps.device_token("d-broken", &k);
+    let (status, headers, body) = dps.register("d-broken", Some(&token), json!({})).await;
+    assert_eq!((status, &body["errorCode"]), (500, &json!(500001)), "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(!message.contains("d-broken") && !message.contains("cannot be read"), "no detail: {message}");
+    let tracking = headers["x-ms-request-id"].to_str().unwrap().to_string();
+    assert!(
+        dps.log().lines().any(|l| l.contains(&tracking) && l.contains("stored enrollment 'd-broken' cannot be read")),
+        "the log has the detail under {tracking}: {}",
+        dps.log()
+    );
+    let mut mqtt = RawMqtt::tls(&dps).await;
+    assert_eq!(mqtt.connect(connect_packet(&dps, "d-broken", Some(&token))).await, 3);
+    let fine = dps.device_token("d-fine", &k);
+    assert_eq!(dps.register("d-fine", Some(&fine), json!({})).await.0, 202);
+
+    // The service API will not overwrite what it cannot read (it keeps createdDateTimeUtc);
+    // a delete clears it.
+    let resp = dps.service(Method::PUT, "/enrollments/d-broken").json(&enrollment).send().await.unwrap();
+    assert_eq!(resp.status(), 500);
+    let resp = dps.service(Method::DELETE, "/enrollments/d-broken").send().await.unwrap();
+    assert_eq!(resp.status(), 204);
+    dps.put_enrollment(enrollment).await;
+    let (status, _, body) = dps.register("d-broken", Some(&token), json!({})).await;
+    assert_eq!((status, &body["status"]), (202, &json!("assigned")), "{body}");
+    let mut mqtt = RawMqtt::tls(&dps).await;
+    assert_eq!(mqtt.connect(connect_packet(&dps, "d-broken", Some(&token))).await, 0);
+}
