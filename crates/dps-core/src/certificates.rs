@@ -390,14 +390,15 @@ impl Engine {
                         continue;
                     }
                     if self.settings.require_verified_ca && !from_store {
+                        // The group's CA is verified, or a validated path from the device
+                        // certificate (through the group's CA, when it is not sent) ends at a
+                        // verified CA. A verified certificate that is merely sent along counts
+                        // for nothing: verified CAs are public.
+                        let mut through_group_ca = intermediates.clone();
+                        through_group_ca.push(ca_der.clone());
                         let reaches_verified = verified.iter().any(|(_, der, vf)| {
                             vf.sha256_thumbprint == ca_facts.sha256_thumbprint
-                                || chain_facts
-                                    .iter()
-                                    .skip(1)
-                                    .flatten()
-                                    .any(|cf| cf.sha256_thumbprint == vf.sha256_thumbprint)
-                                || verify_chain(&chain[0], &intermediates, der, now).is_ok()
+                                || verify_chain(&chain[0], &through_group_ca, der, now).is_ok()
                         });
                         if !reaches_verified {
                             reasons.push(format!(

@@ -162,28 +162,49 @@ pub fn verify_signed_by(cert: &[u8], issuer: &[u8], now: i64) -> Result<(), X509
 
 /// Validates that `leaf` chains to `anchor` through any of `intermediates`, at `now`, for TLS
 /// client authentication: signatures, validity periods, CA basic constraints and path length,
-/// key usage (an extended key usage, when present, must allow client authentication).
+/// key usage (an extended key usage, when present, must allow client authentication). The
+/// anchor is held to the same rules as a CA inside the chain: webpki only takes its name and
+/// key, so its validity period, `cA` flag and `pathLenConstraint` are checked here.
 pub fn verify_chain(leaf: &[u8], intermediates: &[Vec<u8>], anchor: &[u8], now: i64) -> Result<(), X509Error> {
     let leaf_der = CertificateDer::from(leaf);
     let ee = webpki::EndEntityCert::try_from(&leaf_der)
         .map_err(|e| X509Error::Chain(format!("the device certificate cannot be used: {e}")))?;
     let anchor_der = CertificateDer::from(anchor);
-    let anchor = webpki::anchor_from_trusted_cert(&anchor_der)
+    let trust_anchor = webpki::anchor_from_trusted_cert(&anchor_der)
         .map_err(|e| X509Error::Chain(format!("the CA certificate cannot be a trust anchor: {e}")))?
         .to_owned();
+    let anchors = [trust_anchor];
     let inter: Vec<CertificateDer<'_>> = intermediates.iter().map(|d| CertificateDer::from(d.as_slice())).collect();
     let time = UnixTime::since_unix_epoch(std::time::Duration::from_secs(u64::try_from(now).unwrap_or(0)));
-    ee.verify_for_usage(
-        webpki::ALL_VERIFICATION_ALGS,
-        &[anchor],
-        &inter,
-        time,
-        webpki::KeyUsage::client_auth(),
-        None,
-        None,
-    )
-    .map(|_| ())
-    .map_err(|e| X509Error::Chain(describe(&e)))
+    let path = ee
+        .verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            &inter,
+            time,
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| X509Error::Chain(describe(&e)))?;
+    check_anchor(anchor, path.intermediate_certificates().count(), now)
+}
+
+/// The rules webpki leaves out for a trust anchor: valid at `now`, basicConstraints `cA`, and
+/// a `pathLenConstraint` that allows the `sub_cas` CAs between it and the device certificate.
+fn check_anchor(anchor: &[u8], sub_cas: usize, now: i64) -> Result<(), X509Error> {
+    let (_, cert) = X509Certificate::from_der(anchor).map_err(|e| X509Error::Parse(e.to_string()))?;
+    facts(anchor)?.check_time(now, "CA certificate")?;
+    let constraints = cert.basic_constraints().ok().flatten().map(|bc| bc.value.clone());
+    match constraints {
+        Some(bc) if bc.ca => {
+            if bc.path_len_constraint.is_some_and(|n| usize::try_from(n).unwrap_or(usize::MAX) < sub_cas) {
+                return Err(X509Error::Chain(describe(&webpki::Error::PathLenConstraintViolated)));
+            }
+            Ok(())
+        }
+        _ => Err(X509Error::Chain("the CA certificate is not a CA (no basicConstraints cA=true)".into())),
+    }
 }
 
 fn describe(e: &webpki::Error) -> String {
