@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::webhook::{self, Webhook};
+use common::webhook::{self, Scripted, Webhook};
 use common::{key, Dps};
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
@@ -30,12 +30,6 @@ async fn enroll_custom(dps: &Dps, id: &str, url: &str) -> String {
         "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": k, "secondaryKey": k}}}))
         .await;
     dps.device_token(id, &k)
-}
-
-async fn poll(dps: &Dps, id: &str, token: &str, operation: &str) -> (u16, Value) {
-    let url = dps.url(&format!("/{}/registrations/{id}/operations/{operation}?api-version=2019-03-31", dps.scope()));
-    let resp = dps.client.get(url).header("Authorization", token).send().await.unwrap();
-    (resp.status().as_u16(), resp.json().await.unwrap())
 }
 
 #[tokio::test]
@@ -118,11 +112,11 @@ async fn slow_webhook_makes_the_device_poll_without_blocking_others() {
     let (_, _, other) = dps.register("dev-fast", Some(&fast), json!({})).await;
     assert_eq!(other["status"], "assigned");
     let op = body["operationId"].as_str().unwrap().to_string();
-    let (code, polled) = poll(&dps, "dev-slow", &slow, &op).await;
+    let (code, polled) = dps.poll("dev-slow", &slow, &op).await;
     assert_eq!(code, 202, "still assigning: {polled}");
     assert_eq!(polled["registrationState"]["registrationId"], "dev-slow", "assigning polls carry the registration ID");
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let (code, polled) = poll(&dps, "dev-slow", &slow, &op).await;
+    let (code, polled) = dps.poll("dev-slow", &slow, &op).await;
     assert_eq!(code, 200, "{polled}");
     assert_eq!(polled["status"], "assigned");
     assert_eq!(polled["registrationState"]["payload"]["echo"], json!({"n": 1}));
@@ -173,12 +167,12 @@ async fn a_server_killed_during_a_webhook_call_fails_the_operation_after_the_gra
     assert_eq!((status, body["status"].as_str()), (202, Some("assigning")), "{body}");
     let op = body["operationId"].as_str().unwrap().to_string();
     dps.restart().await; // SIGKILL, then the same data directory
-    let (code, polled) = poll(&dps, "dev-crash", &token, &op).await;
+    let (code, polled) = dps.poll("dev-crash", &token, &op).await;
     assert_eq!(code, 202, "acknowledged as assigning, still assigning after the crash: {polled}");
     // webhook_timeout_secs = 2, plus 30 s.
     let grace = Duration::from_secs(32);
     tokio::time::sleep(grace.saturating_sub(started.elapsed()) + Duration::from_millis(500)).await;
-    let (code, polled) = poll(&dps, "dev-crash", &token, &op).await;
+    let (code, polled) = dps.poll("dev-crash", &token, &op).await;
     assert_eq!(code, 200, "{polled}");
     assert_eq!(polled["status"], "failed", "{polled}");
     assert_eq!(polled["registrationState"]["errorCode"], 400209, "{polled}");
@@ -300,7 +294,7 @@ async fn webhook_failures_say_why() {
     let (_, _, body) = dps.register("dev-never", Some(&token), json!({})).await;
     assert_eq!(body["status"], "assigning");
     tokio::time::sleep(Duration::from_millis(2000)).await;
-    let (code, polled) = poll(&dps, "dev-never", &token, body["operationId"].as_str().unwrap()).await;
+    let (code, polled) = dps.poll("dev-never", &token, body["operationId"].as_str().unwrap()).await;
     assert_eq!(code, 200, "{polled}");
     assert_eq!(polled["status"], "failed");
     assert_eq!(polled["registrationState"]["errorCode"], 400209);
@@ -312,4 +306,109 @@ async fn webhook_failures_say_why() {
     let rs: Value =
         dps.service(reqwest::Method::GET, "/registrations/dev-never").send().await.unwrap().json().await.unwrap();
     assert_eq!(rs["status"], "failed");
+}
+
+async fn registration_state(dps: &Dps, id: &str) -> Value {
+    let resp = dps.service(reqwest::Method::GET, &format!("/registrations/{id}")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.json().await.unwrap()
+}
+
+/// A webhook that fails, then answers: the device's next registration is assigned, and the
+/// registration state goes from failed to assigned. A failure after an assignment keeps the
+/// current hub for the next registration (the webhook is told it, and the move is a migration).
+#[tokio::test]
+async fn a_registration_after_a_failed_allocation_is_assigned() {
+    let hook = Scripted::start().await;
+    let dps = Dps::start("[[hubs]]\nhost_name = \"hub-a.test\"\n[[hubs]]\nhost_name = \"hub-b.test\"\n").await;
+    let token = enroll_custom(&dps, "dev-retry", &hook.url()).await;
+
+    hook.answer(500, json!({"message": "database down"}));
+    let (status, _, body) = dps.register("dev-retry", Some(&token), json!({})).await;
+    assert_eq!((status, &body["status"]), (202, &json!("failed")), "{body}");
+    let op = body["operationId"].as_str().unwrap();
+    let failed = json!({"errorCode": 400209, "errorMessage": format!(
+        "custom allocation failed for individual enrollment 'dev-retry': the webhook answered HTTP 500 (the server log has the details under operation {op})")});
+    let pick = |v: &Value| json!({"errorCode": v["errorCode"], "errorMessage": v["errorMessage"]});
+    assert_eq!(pick(&body["registrationState"]), failed);
+    let rs = registration_state(&dps, "dev-retry").await;
+    assert_eq!(rs["status"], "failed", "{rs}");
+    assert_eq!(pick(&rs), failed);
+    assert!(rs.get("assignedHub").is_none() && rs.get("substatus").is_none(), "{rs}");
+
+    hook.answer(200, json!({"iotHubHostName": "hub-a.test"}));
+    let (_, _, body) = dps.register("dev-retry", Some(&token), json!({})).await;
+    assert_eq!(body["status"], "assigned", "{body}");
+    assert!(hook.last_request()["deviceRuntimeContext"].get("currentIotHubHostName").is_none(), "never assigned yet");
+    let rs = registration_state(&dps, "dev-retry").await;
+    let brief = |v: &Value| json!([v["status"], v["assignedHub"], v["substatus"], v["deviceId"], v.get("errorCode")]);
+    assert_eq!(brief(&rs), json!(["assigned", "hub-a.test", "initialAssignment", "dev-retry", null]), "{rs}");
+    assert_eq!(brief(&body["registrationState"]), brief(&rs));
+
+    // An answer without a hub fails the registration; the device stays assigned to hub-a.
+    hook.answer(200, json!({"payload": {"x": 1}}));
+    let (_, _, body) = dps.register("dev-retry", Some(&token), json!({})).await;
+    assert_eq!(body["status"], "failed", "{body}");
+    let no_hub = json!({"errorCode": 400208,
+        "errorMessage": "custom allocation failed: the webhook's answer has no iotHubHostName"});
+    assert_eq!(pick(&body["registrationState"]), no_hub);
+    let rs = registration_state(&dps, "dev-retry").await;
+    assert_eq!((&rs["status"], pick(&rs)), (&json!("failed"), no_hub), "{rs}");
+
+    hook.answer(200, json!({"iotHubHostName": "hub-b.test"}));
+    let (_, _, body) = dps.register("dev-retry", Some(&token), json!({})).await;
+    assert_eq!(body["status"], "assigned", "{body}");
+    let context = &hook.last_request()["deviceRuntimeContext"];
+    assert_eq!(
+        (&context["currentIotHubHostName"], &context["currentDeviceId"]),
+        (&json!("hub-a.test"), &json!("dev-retry"))
+    );
+    let rs = registration_state(&dps, "dev-retry").await;
+    assert_eq!(brief(&rs), json!(["assigned", "hub-b.test", "deviceDataMigrated", "dev-retry", null]), "{rs}");
+    assert_eq!(rs["initialTwin"], json!({"tags": {"fromEnrollment": true}}), "the twin of the first assignment, kept");
+}
+
+/// The webhook's `initialTwin` replaces the enrollment's (no merge), as the service API's
+/// registration state shows; without one, the enrollment's applies. Re-registering to the
+/// same hub while migrating keeps the twin of the assignment; a reset takes the webhook's.
+#[tokio::test]
+async fn the_webhook_initial_twin_replaces_the_enrollments() {
+    let hook = Scripted::start().await;
+    let dps = Dps::start("[[hubs]]\nhost_name = \"hub-a.test\"\n[[hubs]]\nhost_name = \"hub-b.test\"\n").await;
+    let token = enroll_custom(&dps, "dev-twin", &hook.url()).await;
+    let webhook_twin = json!({"tags": {"site": "plant-7", "fromEnrollment": false},
+                              "properties": {"desired": {"interval": 30, "mode": {"eco": true}}}});
+    hook.answer(200, json!({"iotHubHostName": "hub-b.test", "initialTwin": webhook_twin, "payload": {"p": 1}}));
+    let (_, _, body) = dps.register("dev-twin", Some(&token), json!({})).await;
+    assert_eq!(body["status"], "assigned", "{body}");
+    let state = &body["registrationState"];
+    assert_eq!((&state["assignedHub"], &state["payload"]), (&json!("hub-b.test"), &json!({"p": 1})));
+    assert!(state.get("initialTwin").is_none(), "the device is not sent the twin: {state}");
+    let rs = registration_state(&dps, "dev-twin").await;
+    assert_eq!(rs["initialTwin"], webhook_twin, "the webhook's twin whole, nothing of the enrollment's");
+
+    // Same hub, migrating (the default): the twin of the assignment is kept, the new one ignored.
+    hook.answer(200, json!({"iotHubHostName": "hub-b.test", "initialTwin": {"tags": {"second": true}}}));
+    dps.register("dev-twin", Some(&token), json!({})).await;
+    let rs = registration_state(&dps, "dev-twin").await;
+    assert_eq!((&rs["substatus"], &rs["initialTwin"]), (&json!("initialAssignment"), &webhook_twin), "{rs}");
+    assert!(rs.get("payload").is_none(), "no payload in this answer: {rs}");
+
+    // A reset takes the twin from this answer; an answer without one, the enrollment's.
+    let k = key("dev-twin".len() as u8);
+    dps.put_enrollment(json!({"registrationId": "dev-twin", "allocationPolicy": "custom",
+        "customAllocationDefinition": {"webhookUrl": hook.url(), "apiVersion": "2021-10-01"},
+        "initialTwin": {"tags": {"fromEnrollment": true}},
+        "reprovisionPolicy": {"updateHubAssignment": true, "migrateDeviceData": false},
+        "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": k, "secondaryKey": k}}}))
+        .await;
+    hook.answer(200, json!({"iotHubHostName": "hub-b.test", "initialTwin": {"tags": {"third": true}}}));
+    dps.register("dev-twin", Some(&token), json!({})).await;
+    let rs = registration_state(&dps, "dev-twin").await;
+    assert_eq!((&rs["substatus"], &rs["initialTwin"]), (&json!("deviceDataReset"), &json!({"tags": {"third": true}})));
+    hook.answer(200, json!({"iotHubHostName": "hub-a.test", "initialTwin": null}));
+    dps.register("dev-twin", Some(&token), json!({})).await;
+    let rs = registration_state(&dps, "dev-twin").await;
+    assert_eq!((&rs["assignedHub"], &rs["substatus"]), (&json!("hub-a.test"), &json!("deviceDataReset")), "{rs}");
+    assert_eq!(rs["initialTwin"], json!({"tags": {"fromEnrollment": true}}), "null means none: the enrollment's");
 }

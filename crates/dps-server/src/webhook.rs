@@ -81,8 +81,13 @@ impl WebhookClient {
                 );
                 b = b.identity(reqwest::Identity::from_pem(&pem).map_err(|e| build_err(&at, e))?);
             }
+            // Compared in the form the request goes to: `http://H` becomes `http://h/`, so a
+            // prefix that names a host matches that host only.
+            let prefix = reqwest::Url::parse(&w.url_prefix)
+                .map_err(|e| ServerError::Bootstrap(format!("{at}.url_prefix: {e}")))?
+                .to_string();
             targets.push(Target {
-                prefix: w.url_prefix.clone(),
+                prefix,
                 secret: w.secret.as_ref().map(|s| s.as_bytes().to_vec()),
                 client: b.build().map_err(|e| build_err(&at, e))?,
             });
@@ -99,9 +104,11 @@ impl WebhookClient {
         })
     }
 
-    fn target(&self, url: &str) -> (Option<&Target>, &reqwest::Client) {
-        // The longest matching prefix wins.
-        let t = self.targets.iter().filter(|t| url.starts_with(&t.prefix)).max_by_key(|t| t.prefix.len());
+    /// The settings for a URL (already parsed, so `..` and `%2e%2e` are resolved as the request
+    /// will resolve them): the longest prefix that matches up to a path segment boundary.
+    fn target(&self, url: &reqwest::Url) -> (Option<&Target>, &reqwest::Client) {
+        let url = url.as_str();
+        let t = self.targets.iter().filter(|t| prefix_matches(&t.prefix, url)).max_by_key(|t| t.prefix.len());
         (t, t.map_or(&self.default, |t| &t.client))
     }
 
@@ -145,11 +152,11 @@ impl WebhookClient {
         // `own`, which forgets the URL when nobody else uses it, also on timeout.)
         let _own = own.sem.clone().acquire_owned().await.map_err(|_| HookError::Busy)?;
         let _slot = self.slots.acquire().await.map_err(|_| HookError::Busy)?;
-        self.send(parsed, url, body).await
+        self.send(parsed, body).await
     }
 
-    async fn send(&self, parsed: reqwest::Url, url: &str, body: Vec<u8>) -> Result<Vec<u8>, HookError> {
-        let (target, client) = self.target(url);
+    async fn send(&self, parsed: reqwest::Url, body: Vec<u8>) -> Result<Vec<u8>, HookError> {
+        let (target, client) = self.target(&parsed);
         let mut request = client.post(parsed).header("content-type", "application/json");
         if let Some(secret) = target.and_then(|t| t.secret.as_deref()) {
             request = request.header(SIGNATURE_HEADER, sign(secret, unix_now(), &body));
@@ -242,6 +249,13 @@ impl AllocationHook for CustomAllocator {
 }
 
 /// Whether a custom allocation URL names a built-in rule set (`rules://<name>`).
+/// `url` starts with `prefix`, and the prefix ends at a boundary: it ends in `/`, or the URL
+/// goes on with `/`, `?` or `#` (so `https://h/a` covers `https://h/a/b`, not `https://h/ab`).
+fn prefix_matches(prefix: &str, url: &str) -> bool {
+    url.strip_prefix(prefix)
+        .is_some_and(|rest| prefix.ends_with('/') || rest.is_empty() || rest.starts_with(['/', '?', '#']))
+}
+
 fn is_rules_url(url: &str) -> bool {
     url.get(..crate::rules::SCHEME.len()).is_some_and(|s| s.eq_ignore_ascii_case(crate::rules::SCHEME))
 }
@@ -303,6 +317,19 @@ fn classify(e: &reqwest::Error) -> HookError {
 
 #[cfg(test)]
 mod tests {
+    use super::prefix_matches;
+
+    #[test]
+    fn prefixes_match_at_boundaries() {
+        assert!(prefix_matches("https://h/a/", "https://h/a/x"));
+        assert!(prefix_matches("https://h/a", "https://h/a/x"));
+        assert!(prefix_matches("https://h/a", "https://h/a?x=1"));
+        assert!(prefix_matches("https://h/a", "https://h/a"));
+        assert!(!prefix_matches("https://h/a", "https://h/ab"));
+        assert!(!prefix_matches("https://h/", "https://h.evil.test/"));
+        assert!(!prefix_matches("https://h/a/", "https://h/c/"));
+    }
+
     use super::*;
 
     #[test]

@@ -291,6 +291,16 @@ impl Dps {
 
 impl Dps {
     /// An HTTPS client that presents `chain_pem` (leaf first) with `key_pem`.
+    /// Polls an operation over HTTPS with a SAS token: (status, body).
+    pub async fn poll(&self, registration_id: &str, token: &str, operation_id: &str) -> (u16, Value) {
+        let url = self.url(&format!(
+            "/{}/registrations/{registration_id}/operations/{operation_id}?api-version=2019-03-31",
+            self.scope()
+        ));
+        let resp = self.client.get(url).header("Authorization", token).send().await.unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap())
+    }
+
     pub fn client_with_certificate(&self, chain_pem: &str, key_pem: &str) -> reqwest::Client {
         let ca = std::fs::read(self.creds["caCertificatePath"].as_str().unwrap()).unwrap();
         let identity = reqwest::Identity::from_pem(format!("{chain_pem}\n{key_pem}").as_bytes()).unwrap();
