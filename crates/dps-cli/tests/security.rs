@@ -487,15 +487,7 @@ async fn refusals_do_not_tell_which_ids_exist() {
 }
 
 fn client_from(dps: &Dps, source: &str) -> reqwest::Client {
-    let ca = std::fs::read(dps.creds["caCertificatePath"].as_str().unwrap()).unwrap();
-    reqwest::Client::builder()
-        .use_rustls_tls()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
-        .resolve("localhost", dps.addr)
-        .local_address(source.parse::<std::net::IpAddr>().unwrap())
-        .build()
-        .unwrap()
+    dps.client_builder().local_address(source.parse::<std::net::IpAddr>().unwrap()).build().unwrap()
 }
 
 async fn register_via(dps: &Dps, client: &reqwest::Client, id: &str, token: &str) -> (u16, Option<String>, Value) {

@@ -426,9 +426,11 @@ pub struct LimitsConfig {
     pub max_header_bytes: usize,
     /// Time allowed for the TLS handshake.
     pub tls_handshake_timeout_secs: u64,
-    /// Time allowed to send a request's headers.
+    /// Time allowed to send a request's headers, counted from the end of the TLS handshake and
+    /// from each answer (so also the idle limit of a kept-alive connection); then the
+    /// connection is closed without an answer.
     pub header_read_timeout_secs: u64,
-    /// Time allowed to send a request's body.
+    /// Time allowed to send a request's body; then `400` `400001` and the connection closed.
     pub body_read_timeout_secs: u64,
     /// Open HTTPS connections at most; unset: fitted to the file-descriptor limit at start
     /// (at most [`HTTPS_MAX_CONNECTIONS`]). Over it, connections still in their TLS handshake

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::config::LimitsConfig;
 use crate::gate::Gate;
-use crate::http::{handle, AppState};
+use crate::http::{handle, AppState, Connection};
 
 /// Serves HTTPS on `listener` until `shutdown` turns true, then lets open requests finish
 /// (up to 10 s).
@@ -31,9 +31,14 @@ pub async fn serve_https(
         let state = state.clone();
         let mut stop = stop.clone();
         async move {
-            let _ticket = ticket;
+            // Held by this task and by any WebSocket session the connection turns into, so
+            // that the session still counts against the caps after hyper lets go of it.
+            let ticket = Arc::new(ticket);
             let client_chain = crate::tls::peer_chain(tls.get_ref().1);
-            let service = service_fn(move |req| handle(state.clone(), peer, client_chain.clone(), req));
+            let service = service_fn(move |req| {
+                let connection = Connection { peer, client_chain: client_chain.clone(), ticket: ticket.clone() };
+                handle(state.clone(), connection, req)
+            });
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())

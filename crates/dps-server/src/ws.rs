@@ -36,15 +36,25 @@ fn refuse(message: impl Into<String>, request_id: &str) -> Response<Full<Bytes>>
     error_response(&dps_core::Error::bad_request(ErrorCode::INVALID_ARGUMENT, message), request_id)
 }
 
+/// The HTTPS connection a WebSocket session takes over.
+pub struct Session {
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// The client certificate chain of the TLS session, if any.
+    pub client_chain: Option<Arc<Vec<Vec<u8>>>>,
+    /// The connection's place under the HTTPS listener's caps, held until the session ends.
+    pub ticket: Arc<crate::gate::Ticket>,
+}
+
 /// Answers a WebSocket upgrade: `101` and an MQTT session, or a DPS error.
 pub fn accept(
     mqtt: Option<&Arc<MqttContext>>,
     mut req: Request<Incoming>,
-    peer: SocketAddr,
-    client_chain: Option<Arc<Vec<Vec<u8>>>>,
+    session: Session,
     stop: watch::Receiver<bool>,
     request_id: &str,
 ) -> Response<Full<Bytes>> {
+    let Session { peer, client_chain, ticket } = session;
     let headers = req.headers();
     let offered: Vec<String> = headers
         .get_all(SEC_WEBSOCKET_PROTOCOL)
@@ -81,6 +91,7 @@ pub fn accept(
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         let _permit = permit;
+        let _ticket = ticket;
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {

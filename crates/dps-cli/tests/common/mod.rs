@@ -146,15 +146,17 @@ impl Dps {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         self.addr = self.creds["httpsAddress"].as_str().unwrap().parse().unwrap();
+        self.client = self.client_builder().timeout(Duration::from_secs(30)).build().unwrap();
+    }
+
+    /// A client builder that trusts only this server's CA and reaches it as `localhost`.
+    pub fn client_builder(&self) -> reqwest::ClientBuilder {
         let ca = std::fs::read(self.host_path(Path::new(self.creds["caCertificatePath"].as_str().unwrap()))).unwrap();
-        self.client = reqwest::Client::builder()
+        reqwest::Client::builder()
             .use_rustls_tls()
             .tls_built_in_root_certs(false)
             .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
             .resolve("localhost", self.addr)
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap();
     }
 
     pub fn log(&self) -> String {
@@ -302,17 +304,8 @@ impl Dps {
     }
 
     pub fn client_with_certificate(&self, chain_pem: &str, key_pem: &str) -> reqwest::Client {
-        let ca = std::fs::read(self.creds["caCertificatePath"].as_str().unwrap()).unwrap();
         let identity = reqwest::Identity::from_pem(format!("{chain_pem}\n{key_pem}").as_bytes()).unwrap();
-        reqwest::Client::builder()
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
-            .identity(identity)
-            .resolve("localhost", self.addr)
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap()
+        self.client_builder().identity(identity).timeout(Duration::from_secs(30)).build().unwrap()
     }
 
     /// `PUT …/register` through a given client, without an Authorization header.

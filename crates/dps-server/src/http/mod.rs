@@ -23,6 +23,16 @@ use percent_encoding::percent_decode_str;
 use crate::bootstrap::Policy;
 pub use response::{error_details, error_response};
 
+/// What a request knows of the connection it came on.
+pub struct Connection {
+    /// The peer's address.
+    pub peer: std::net::SocketAddr,
+    /// The client certificate chain of the TLS session, if the client sent one.
+    pub client_chain: Option<Arc<Vec<Vec<u8>>>>,
+    /// The connection's place under the listener's caps; a WebSocket session keeps it.
+    pub ticket: Arc<crate::gate::Ticket>,
+}
+
 /// Shared state of the HTTP handlers.
 pub struct AppState {
     /// The engine.
@@ -114,16 +124,17 @@ fn parse_query(q: Option<&str>) -> Vec<(String, String)> {
 /// WebSocket upgrades go to [`crate::ws`].
 pub async fn handle(
     state: Arc<AppState>,
-    peer: std::net::SocketAddr,
-    client_chain: Option<Arc<Vec<Vec<u8>>>>,
+    connection: Connection,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let Connection { peer, client_chain, ticket } = connection;
     let started = Instant::now();
     let request_id = uuid::Uuid::new_v4().to_string();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     if crate::ws::is_upgrade(&req) {
-        let response = crate::ws::accept(state.mqtt.as_ref(), req, peer, client_chain, state.stop.clone(), &request_id);
+        let session = crate::ws::Session { peer, client_chain, ticket };
+        let response = crate::ws::accept(state.mqtt.as_ref(), req, session, state.stop.clone(), &request_id);
         tracing::debug!(%path, status = response.status().as_u16(), request_id, "WebSocket upgrade");
         return Ok(response);
     }
