@@ -1,5 +1,5 @@
 //! The certificate store (CA certificates verified by proof of possession) and X.509 device
-//! authentication (protocol.md §7).
+//! authentication (docs/protocol-notes.md §7).
 //!
 //! A CA certificate is uploaded under a name, then verified: either by proof of possession
 //! (the service issues a verification code, the owner uploads a certificate with that code as
@@ -60,6 +60,9 @@ fn b64(der: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(der)
 }
+
+/// The certificate store's verified CA certificates: name, DER, parsed facts.
+pub(crate) type VerifiedCas = Vec<(String, Vec<u8>, CertificateFacts)>;
 
 fn der_of(c: &CaCertificate) -> Result<Vec<u8>, Error> {
     use base64::Engine as _;
@@ -191,13 +194,18 @@ impl Engine {
 
     /// Lists every CA certificate.
     pub async fn list_certificates(&self) -> Result<Vec<Value>, Error> {
+        Ok(self.all_certificates().await?.iter().map(|(c, etag)| c.view(etag)).collect())
+    }
+
+    /// Every CA certificate of the store, parsed, with its etag (page after page).
+    async fn all_certificates(&self) -> Result<Vec<(CaCertificate, String)>, Error> {
         let mut out = Vec::new();
         let mut continuation: Option<String> = None;
         loop {
             let page = self.store.list(Collection::Certificates, None, continuation.as_deref(), 500).await?;
-            for doc in &page.documents {
+            for doc in page.documents {
                 let c: CaCertificate = parse_stored(&doc.body, "certificate", &doc.id)?;
-                out.push(c.view(&doc.etag));
+                out.push((c, doc.etag));
             }
             match page.continuation {
                 Some(c) => continuation = Some(c),
@@ -269,25 +277,20 @@ impl Engine {
         Ok(cert.view(&etag))
     }
 
-    async fn verified_cas(&self) -> Result<Vec<(String, Vec<u8>, CertificateFacts)>, Error> {
-        let mut out = Vec::new();
-        let mut continuation: Option<String> = None;
-        loop {
-            let page = self.store.list(Collection::Certificates, None, continuation.as_deref(), 500).await?;
-            for doc in &page.documents {
-                let c: CaCertificate = parse_stored(&doc.body, "certificate", &doc.id)?;
-                if c.is_verified {
-                    let der = der_of(&c)?;
-                    if let Ok(f) = facts(&der) {
-                        out.push((c.name, der, f));
-                    }
+    /// The verified CA certificates of the store, parsed: from the cache when the store's
+    /// version of the collection has not moved since it was filled.
+    async fn verified_cas(&self) -> Result<Arc<VerifiedCas>, Error> {
+        self.cached(&self.verified_cas, Collection::Certificates, || async {
+            let mut out = Vec::new();
+            for (c, _) in self.all_certificates().await?.into_iter().filter(|(c, _)| c.is_verified) {
+                let der = der_of(&c)?;
+                if let Ok(f) = facts(&der) {
+                    out.push((c.name, der, f));
                 }
             }
-            match page.continuation {
-                Some(c) => continuation = Some(c),
-                None => return Ok(out),
-            }
-        }
+            Ok(out)
+        })
+        .await
     }
 
     /// X.509 device authentication: the leaf's CN must be the registration ID; an individual
@@ -336,7 +339,7 @@ impl Engine {
             if pinned {
                 return Ok(ResolvedEnrollment::Individual(e));
             }
-            // A disabled individual enrollment revokes a group member too (protocol.md §7).
+            // A disabled individual enrollment revokes a group member too (docs/protocol-notes.md §7).
             if disabled && self.find_x509_group(registration_id, chain, now).await?.is_ok() {
                 return Ok(ResolvedEnrollment::Individual(e));
             }

@@ -9,6 +9,7 @@ use rand::RngCore;
 use serde::de::DeserializeOwned;
 
 use crate::allocation::LinkedHub;
+use crate::certificates::VerifiedCas;
 use crate::clock::{Clock, SystemClock};
 use crate::custom::AllocationHook;
 use crate::error::Error;
@@ -91,19 +92,42 @@ pub struct Engine {
     /// Custom allocation webhook client.
     pub(crate) hook: Option<Arc<dyn AllocationHook>>,
     /// Parsed enrollment groups, read once per store version of the collection.
-    pub(crate) groups: Arc<GroupCache>,
+    pub(crate) groups: Arc<VersionCache<Vec<EnrollmentGroup>>>,
+    /// The certificate store's verified CA certificates, parsed, read once per store version
+    /// of the collection.
+    pub(crate) verified_cas: Arc<VersionCache<VerifiedCas>>,
     /// Requests per registration ID (lower-cased).
     pub(crate) device_throttle: Option<Arc<Buckets<String>>>,
     /// Registrations of the instance.
     pub(crate) registration_throttle: Option<Arc<Buckets<()>>>,
 }
 
-/// The enrollment groups as last read, and the store version they were read at. Every
-/// symmetric-key and X.509 group registration looks at every group; this spares reading and
-/// parsing them each time. Only used when the store reports versions.
-#[derive(Default)]
-pub(crate) struct GroupCache {
-    cached: std::sync::Mutex<Option<(u64, Arc<Vec<EnrollmentGroup>>)>>,
+/// What was last read and parsed from one collection, and the collection's store version
+/// ([`Store::version`]) at the time. Every symmetric-key and X.509 group registration looks
+/// at every group (and an X.509 one at every verified CA); this spares listing and parsing
+/// them each time: a registration pays one version read instead.
+pub(crate) struct VersionCache<T> {
+    cached: std::sync::Mutex<Option<(u64, Arc<T>)>>,
+}
+
+impl<T> Default for VersionCache<T> {
+    fn default() -> Self {
+        Self { cached: std::sync::Mutex::new(None) }
+    }
+}
+
+impl<T> VersionCache<T> {
+    /// The value cached at exactly `version`.
+    fn get(&self, version: u64) -> Option<Arc<T>> {
+        let cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        cached.as_ref().filter(|(at, _)| *at == version).map(|(_, v)| v.clone())
+    }
+
+    /// Records `value` as read at `version`. (A slow reader finishing last may put older data
+    /// back; it is recorded under its older version, so the next look reads again.)
+    fn put(&self, version: u64, value: Arc<T>) {
+        *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((version, value));
+    }
 }
 
 impl std::fmt::Debug for Engine {
@@ -134,6 +158,7 @@ impl Engine {
             operation_prefix: Arc::from(format!("5.{hex}")),
             hook: None,
             groups: Arc::default(),
+            verified_cas: Arc::default(),
         }
     }
 
@@ -158,37 +183,48 @@ impl Engine {
         &self.clock
     }
 
+    /// What `load` reads from `collection`, from `cache` when the collection's store version
+    /// has not moved since it was filled. A failure to read the version is a store failure
+    /// (503), never a reason to use or to skip the cache.
+    pub(crate) async fn cached<T, F, Fut>(
+        &self,
+        cache: &VersionCache<T>,
+        collection: Collection,
+        load: F,
+    ) -> Result<Arc<T>, Error>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Error>>,
+    {
+        // The version is read before the data: a write that lands while they are read moves
+        // it past what the cache records, so the next call reads again.
+        let version = self.store.version(collection).await?;
+        if let Some(hit) = cache.get(version) {
+            return Ok(hit);
+        }
+        let value = Arc::new(load().await?);
+        cache.put(version, value.clone());
+        Ok(value)
+    }
+
     /// Every enrollment group, in ID order: from the cache when the store's version of the
     /// collection has not moved since it was filled.
     pub(crate) async fn enrollment_groups(&self) -> Result<Arc<Vec<EnrollmentGroup>>, Error> {
-        // The version is read before the groups: a write that lands while they are read
-        // moves it past what the cache records, so the next call reads again.
-        let version = self.store.version(Collection::EnrollmentGroups);
-        if let Some(v) = version {
-            let cached = self.groups.cached.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((at, groups)) = cached.as_ref() {
-                if *at == v {
-                    return Ok(groups.clone());
+        self.cached(&self.groups, Collection::EnrollmentGroups, || async {
+            let mut groups = Vec::new();
+            let mut continuation: Option<String> = None;
+            loop {
+                let page = self.store.list(Collection::EnrollmentGroups, None, continuation.as_deref(), 500).await?;
+                for doc in &page.documents {
+                    groups.push(parse_stored::<EnrollmentGroup>(&doc.body, "enrollment group", &doc.id)?);
+                }
+                match page.continuation {
+                    Some(c) => continuation = Some(c),
+                    None => return Ok(groups),
                 }
             }
-        }
-        let mut groups = Vec::new();
-        let mut continuation: Option<String> = None;
-        loop {
-            let page = self.store.list(Collection::EnrollmentGroups, None, continuation.as_deref(), 500).await?;
-            for doc in &page.documents {
-                groups.push(parse_stored::<EnrollmentGroup>(&doc.body, "enrollment group", &doc.id)?);
-            }
-            match page.continuation {
-                Some(c) => continuation = Some(c),
-                None => break,
-            }
-        }
-        let groups = Arc::new(groups);
-        if let Some(v) = version {
-            *self.groups.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((v, groups.clone()));
-        }
-        Ok(groups)
+        })
+        .await
     }
 
     /// Counts a device request against `throttling.device_requests_*`, and a registration

@@ -124,7 +124,8 @@ pub enum StoreError {
     Other(String),
 }
 
-/// The storage port. Implementations: `dps-store` (SQLite). Every implementation passes
+/// The storage port. Implementations: `dps-store` (SQLite, and an in-memory store for tests).
+/// Every implementation passes
 /// the conformance suite in `dps-store`.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -153,11 +154,16 @@ pub trait Store: Send + Sync + 'static {
     /// Stores `value` under `key` unless a value is already there; returns the stored value.
     async fn init_setting(&self, key: &str, value: &str) -> Result<String, StoreError>;
 
-    /// A number that changes whenever a write through this store commits to `collection`,
-    /// so that callers may cache what they read from it; `None` (the default) when the
-    /// implementation cannot tell, and nothing may be cached.
-    fn version(&self, collection: Collection) -> Option<u64> {
-        let _ = collection;
-        None
-    }
+    /// The version of `collection`: a number that grows with every committed write to it
+    /// (by at least one per [`Write`] of a committed batch, deletes and purges included) and
+    /// with nothing else, whoever wrote it: this handle, another handle on the same backend, or
+    /// another process sharing it. Callers cache what they read from a collection under its
+    /// version (the engine does so for enrollment groups and CA certificates).
+    ///
+    /// Kept in the backend and moved in the same transaction as the write it counts. Read it
+    /// before the data it guards: a write that commits between the two moves it past what the
+    /// cache recorded, so the next look reads again. It is read on every group registration,
+    /// so it must be cheap (a point read). A failure is a store failure like any other: a
+    /// caller must not take it as "nothing changed".
+    async fn version(&self, collection: Collection) -> Result<u64, StoreError>;
 }

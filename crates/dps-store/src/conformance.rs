@@ -1,5 +1,6 @@
 //! The conformance suite: behaviour every [`Store`] implementation must have. Each backend's
-//! tests call [`run_all`] on a fresh, empty store.
+//! tests call [`run_all`] on a fresh, empty store, and [`shared_versions`] on two handles of
+//! one fresh, empty backend (two opens of one database: what two processes would have).
 
 use dps_core::store::{Collection, Condition, Document, Store, StoreError, Write};
 
@@ -25,6 +26,7 @@ pub async fn run_all(store: &dyn Store) {
     paging_and_partitions(store).await;
     expiry(store).await;
     settings(store).await;
+    versions(store).await;
 }
 
 /// Conditions, case-insensitive keys, deletes.
@@ -99,11 +101,11 @@ pub async fn atomic_batches(store: &dyn Store) {
 
 /// Many batches at once, as registrations arrive (a backend may commit them together): each
 /// succeeds or fails on its own, a failed one leaves nothing behind, and the collection
-/// version (when the backend keeps one) moves with every committed write.
+/// version moves with every committed write.
 pub async fn concurrent_batches(store: &dyn Store) {
     let r = Collection::Registrations;
     let o = Collection::Operations;
-    let before = store.version(o);
+    let before = store.version(o).await.unwrap();
     // 64 batches race for one registration ID: exactly one wins, the others leave no operation.
     let attempts = (0..64).map(|i| {
         store.write(vec![
@@ -129,9 +131,8 @@ pub async fn concurrent_batches(store: &dyn Store) {
     for i in 0..64 {
         assert!(store.get(o, &format!("many-{i}")).await.unwrap().is_some());
     }
-    if let (Some(b), Some(a)) = (before, store.version(o)) {
-        assert!(a >= b + 65, "the version must move with each committed write ({b} -> {a})");
-    }
+    let after = store.version(o).await.unwrap();
+    assert!(after >= before + 65, "the version must move with each committed write ({before} -> {after})");
 }
 
 /// Key-ordered pages with continuation tokens, partition filters, bad tokens.
@@ -189,4 +190,88 @@ pub async fn settings(store: &dyn Store) {
     assert_eq!(store.init_setting("id_scope", "0ne1").await.unwrap(), "0ne1");
     assert_eq!(store.init_setting("id_scope", "0ne2").await.unwrap(), "0ne1", "first value wins");
     assert_eq!(store.get_setting("id_scope").await.unwrap().as_deref(), Some("0ne1"));
+}
+
+/// A collection's version moves with every committed put, delete and purge in it, and with
+/// nothing done to other collections (registrations must not invalidate what is cached of
+/// groups and certificates).
+pub async fn versions(store: &dyn Store) {
+    let g = Collection::EnrollmentGroups;
+    let v0 = store.version(g).await.unwrap();
+    assert_eq!(store.version(g).await.unwrap(), v0, "reading the version does not move it");
+    store.write(vec![put(g, doc("ver-group", "1", None), Condition::IfAbsent)]).await.unwrap();
+    let v1 = store.version(g).await.unwrap();
+    assert!(v1 > v0, "a put moves the version ({v0} -> {v1})");
+    store.write(vec![put(g, doc("ver-group", "2", None), Condition::IfMatch("1".into()))]).await.unwrap();
+    let v2 = store.version(g).await.unwrap();
+    assert!(v2 > v1, "a replacement moves the version ({v1} -> {v2})");
+    let others = [Collection::Enrollments, Collection::Registrations, Collection::Operations, Collection::Certificates];
+    let before: Vec<u64> = futures_util::future::try_join_all(others.map(|c| store.version(c))).await.unwrap();
+    let mut traffic = Vec::new();
+    for c in others {
+        traffic.push(put(c, doc("ver-other", "1", None), Condition::Always));
+    }
+    store.write(traffic).await.unwrap();
+    assert_eq!(store.version(g).await.unwrap(), v2, "writes to other collections leave the version alone");
+    for (c, b) in others.iter().zip(before) {
+        let a = store.version(*c).await.unwrap();
+        assert!(a > b, "a write in the same batch moves {c:?}'s version ({b} -> {a})");
+    }
+    store
+        .write(vec![Write::Delete { collection: g, id: "VER-GROUP".into(), condition: Condition::Always }])
+        .await
+        .unwrap();
+    let v3 = store.version(g).await.unwrap();
+    assert!(v3 > v2, "a delete moves the version ({v2} -> {v3})");
+    let o = Collection::Operations;
+    let mut expiring = doc("ver-op", "e", None);
+    expiring.expires_at = Some(10);
+    store.write(vec![put(o, expiring, Condition::Always)]).await.unwrap();
+    let before_purge = store.version(o).await.unwrap();
+    assert!(store.purge_expired(20).await.unwrap() >= 1);
+    let after_purge = store.version(o).await.unwrap();
+    assert!(after_purge > before_purge, "a purge moves the version ({before_purge} -> {after_purge})");
+    assert_eq!(store.version(g).await.unwrap(), v3, "a purge of operations leaves groups alone");
+}
+
+/// Two handles on one backend (two opens of one database, as two processes or two `dps`
+/// nodes have): what is written through one is seen through the other, and so is the move of
+/// the collection's version, so a cache kept beside either handle is invalidated by the other's
+/// writes. Call it with two handles of one fresh, empty backend.
+pub async fn shared_versions(a: &dyn Store, b: &dyn Store) {
+    let g = Collection::EnrollmentGroups;
+    let c = Collection::Certificates;
+    let (ga, gb) = (a.version(g).await.unwrap(), b.version(g).await.unwrap());
+    a.write(vec![put(g, doc("Shared-Group", "1", None), Condition::IfAbsent)]).await.unwrap();
+    let gb1 = b.version(g).await.unwrap();
+    assert!(gb1 > gb, "the other handle sees the group write in the version ({gb} -> {gb1})");
+    assert_eq!(b.get(g, "shared-group").await.unwrap().map(|d| d.etag).as_deref(), Some("1"));
+    let ga1 = a.version(g).await.unwrap();
+    assert!(ga1 > ga, "the writing handle sees it too ({ga} -> {ga1})");
+    // And the other way round, for a replacement, a certificate and a delete.
+    let ca = a.version(c).await.unwrap();
+    b.write(vec![
+        put(g, doc("shared-group", "2", None), Condition::IfMatch("1".into())),
+        put(c, doc("shared-ca", "1", None), Condition::IfAbsent),
+    ])
+    .await
+    .unwrap();
+    let ga2 = a.version(g).await.unwrap();
+    assert!(ga2 > ga1, "the replacement through the other handle moves the version ({ga1} -> {ga2})");
+    let ca1 = a.version(c).await.unwrap();
+    assert!(ca1 > ca, "the certificate write through the other handle moves the version ({ca} -> {ca1})");
+    assert_eq!(a.get(g, "SHARED-GROUP").await.unwrap().map(|d| d.etag).as_deref(), Some("2"));
+    b.write(vec![Write::Delete {
+        collection: g,
+        id: "shared-group".into(),
+        condition: Condition::IfMatch("2".into()),
+    }])
+    .await
+    .unwrap();
+    let ga3 = a.version(g).await.unwrap();
+    assert!(ga3 > ga2, "the delete through the other handle moves the version ({ga2} -> {ga3})");
+    assert_eq!(a.get(g, "shared-group").await.unwrap(), None);
+    // Registrations through one handle leave the other's view of the groups' version alone.
+    b.write(vec![put(Collection::Registrations, doc("shared-dev", "1", Some("g")), Condition::Always)]).await.unwrap();
+    assert_eq!(a.version(g).await.unwrap(), ga3);
 }

@@ -2,10 +2,15 @@
 //!
 //! [`SqliteStore`] is the embedded default: one file in the data directory, WAL journal,
 //! `synchronous = FULL` by default so a write is on disk before any client hears of it.
+//! [`MemoryStore`] keeps everything in memory, for tests of the engine (with a switch that
+//! simulates an outage).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod conformance;
+mod continuation;
+mod memory;
 mod sqlite;
 
+pub use memory::MemoryStore;
 pub use sqlite::{SqliteStore, Synchronous};

@@ -1,13 +1,11 @@
 //! The embedded SQLite store.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
-use base64::Engine as _;
 use dps_core::store::{Collection, Condition, Document, Page, Store, StoreError, Write};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
@@ -40,6 +38,14 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;",
 ];
 
+/// The `documents.collection` of the version rows: one per collection (key = the collection's
+/// tag in decimal, body = its version in decimal), moved in the transaction of every write to
+/// the collection, so that every handle and every process on the file sees the same versions
+/// ([`Store::version`]). Tag 0 is no [`Collection`]'s: listings, gets and writes never see the
+/// rows, and they never expire. A database written before they existed has none: a missing
+/// row is version 0, and the first write to the collection creates it (no schema change).
+const VERSION_ROWS: i64 = 0;
+
 /// Most registrations' writes committed in one transaction (one fsync).
 const MAX_BATCH: usize = 512;
 /// Read connections (WAL readers run beside the writer).
@@ -71,7 +77,6 @@ struct Inner {
     next_reader: AtomicUsize,
     writer: Option<mpsc::Sender<Job>>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
-    versions: Arc<[AtomicU64; 8]>,
 }
 
 impl Drop for Inner {
@@ -171,12 +176,10 @@ impl SqliteStore {
             r.execute_batch("PRAGMA query_only = 1;").map_err(sql_err)?;
             readers.push(Mutex::new(r));
         }
-        let versions: Arc<[AtomicU64; 8]> = Arc::new(Default::default());
         let (tx, rx) = mpsc::channel();
-        let thread_versions = versions.clone();
         let writer_thread = std::thread::Builder::new()
             .name("dps-store-writer".into())
-            .spawn(move || writer_loop(conn, rx, &thread_versions))
+            .spawn(move || writer_loop(conn, rx))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the store writer thread: {e}")))?;
         Ok(SqliteStore {
             inner: Arc::new(Inner {
@@ -185,7 +188,6 @@ impl SqliteStore {
                 next_reader: AtomicUsize::new(0),
                 writer: Some(tx),
                 writer_thread: Some(writer_thread),
-                versions,
             }),
         })
     }
@@ -269,7 +271,7 @@ type Reply = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
 
 /// The writer thread: takes every write request waiting (up to [`MAX_BATCH`]), commits them in
 /// one transaction, then answers each.
-fn writer_loop(mut conn: Connection, jobs: mpsc::Receiver<Job>, versions: &[AtomicU64; 8]) {
+fn writer_loop(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
     while let Ok(job) = jobs.recv() {
         let mut batch: Vec<(Vec<Write>, Reply)> = Vec::new();
         let mut after = None;
@@ -290,42 +292,45 @@ fn writer_loop(mut conn: Connection, jobs: mpsc::Receiver<Job>, versions: &[Atom
                 Err(_) => break,
             }
         }
-        commit_batch(&mut conn, batch, versions);
+        commit_batch(&mut conn, batch);
         if let Some(f) = after {
             f(&mut conn);
         }
     }
 }
 
-fn commit_batch(conn: &mut Connection, batch: Vec<(Vec<Write>, Reply)>, versions: &[AtomicU64; 8]) {
+fn commit_batch(conn: &mut Connection, batch: Vec<(Vec<Write>, Reply)>) {
     let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(batch.len());
     let committed = (|| {
         let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
+        // Writes per collection tag of the requests that succeeded: what their versions move by.
+        let mut written = [0i64; 8];
         for (writes, _) in &batch {
             let sp = tx.savepoint().map_err(sql_err)?;
             let r = apply(&sp, writes);
             if r.is_ok() {
                 sp.commit().map_err(sql_err)?;
+                for w in writes {
+                    let c = match w {
+                        Write::Put { collection, .. } | Write::Delete { collection, .. } => *collection,
+                    };
+                    if let Some(n) = usize::try_from(c.tag()).ok().and_then(|i| written.get_mut(i)) {
+                        *n += 1;
+                    }
+                }
             }
             // Dropping an uncommitted savepoint rolls it back.
             results.push(r);
+        }
+        for (tag, n) in written.iter().enumerate() {
+            if *n > 0 {
+                bump_version(&tx, tag as i64, *n)?;
+            }
         }
         tx.commit().map_err(sql_err)
     })();
     match committed {
         Ok(()) => {
-            for ((writes, _), r) in batch.iter().zip(&results) {
-                if r.is_ok() {
-                    for w in writes {
-                        let c = match w {
-                            Write::Put { collection, .. } | Write::Delete { collection, .. } => *collection,
-                        };
-                        if let Some(v) = usize::try_from(c.tag()).ok().and_then(|i| versions.get(i)) {
-                            v.fetch_add(1, Ordering::Release);
-                        }
-                    }
-                }
-            }
             for ((_, reply), r) in batch.into_iter().zip(results) {
                 let _ = reply.send(r);
             }
@@ -339,6 +344,18 @@ fn commit_batch(conn: &mut Connection, batch: Vec<(Vec<Write>, Reply)>, versions
             }
         }
     }
+}
+
+/// Moves the version of the collection tagged `tag` by `by`, inside the caller's transaction.
+fn bump_version(tx: &Connection, tag: i64, by: i64) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO documents (collection, key, id, etag, partition, body, expires_at)
+         VALUES (?1, ?2, ?2, '', NULL, CAST(?3 AS TEXT), NULL)
+         ON CONFLICT (collection, key) DO UPDATE SET body = CAST(CAST(body AS INTEGER) + ?3 AS TEXT)",
+    )
+    .and_then(|mut st| st.execute(params![VERSION_ROWS, tag.to_string(), by]))
+    .map_err(sql_err)?;
+    Ok(())
 }
 
 /// Checks the conditions and applies one request's writes (inside its savepoint).
@@ -439,13 +456,7 @@ impl Store for SqliteStore {
         continuation: Option<&str>,
         limit: usize,
     ) -> Result<Page, StoreError> {
-        let after =
-            match continuation {
-                Some(c) => Some(B64URL.decode(c).ok().and_then(|b| String::from_utf8(b).ok()).ok_or_else(|| {
-                    StoreError::Corrupt("the continuation token was not issued by this server".into())
-                })?),
-                None => None,
-            };
+        let after = crate::continuation::decode(continuation)?;
         let partition = partition.map(str::to_string);
         let limit = limit.max(1);
         self.read(move |conn| {
@@ -468,7 +479,7 @@ impl Store for SqliteStore {
             }
             let continuation = if docs.len() > limit {
                 docs.truncate(limit);
-                docs.last().map(|(_, key)| B64URL.encode(key.as_bytes()))
+                docs.last().map(|(_, key)| crate::continuation::encode(key))
             } else {
                 None
             };
@@ -479,9 +490,22 @@ impl Store for SqliteStore {
 
     async fn purge_expired(&self, now_millis: i64) -> Result<u64, StoreError> {
         self.exclusive(move |conn| {
-            conn.execute("DELETE FROM documents WHERE expires_at IS NOT NULL AND expires_at < ?1", params![now_millis])
-                .map(|n| n as u64)
-                .map_err(sql_err)
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
+            let mut purged = 0u64;
+            for c in Collection::ALL {
+                let n = tx
+                    .prepare_cached(
+                        "DELETE FROM documents WHERE collection = ?1 AND expires_at IS NOT NULL AND expires_at < ?2",
+                    )
+                    .and_then(|mut st| st.execute(params![c.tag(), now_millis]))
+                    .map_err(sql_err)?;
+                if n > 0 {
+                    bump_version(&tx, c.tag(), i64::try_from(n).unwrap_or(i64::MAX))?;
+                    purged += n as u64;
+                }
+            }
+            tx.commit().map_err(sql_err)?;
+            Ok(purged)
         })
         .await
     }
@@ -514,8 +538,17 @@ impl Store for SqliteStore {
         .await
     }
 
-    fn version(&self, collection: Collection) -> Option<u64> {
-        let i = usize::try_from(collection.tag()).ok()?;
-        self.inner.versions.get(i).map(|v| v.load(Ordering::Acquire))
+    async fn version(&self, collection: Collection) -> Result<u64, StoreError> {
+        // The point-read path: a primary-key lookup on the caller's thread (microseconds).
+        // It reads the file, so another handle's or another process's commits count too.
+        let conn = self.reader();
+        let stored: Option<i64> = conn
+            .prepare_cached("SELECT CAST(body AS INTEGER) FROM documents WHERE collection = ?1 AND key = ?2")
+            .and_then(|mut st| {
+                st.query_row(params![VERSION_ROWS, collection.tag().to_string()], |r| r.get(0)).optional()
+            })
+            .map_err(sql_err)?;
+        u64::try_from(stored.unwrap_or(0))
+            .map_err(|_| StoreError::Corrupt(format!("the stored version of {collection:?} is negative")))
     }
 }

@@ -50,3 +50,67 @@ fn refuses_a_file_that_is_not_a_database() {
     std::fs::write(&path, b"this is not sqlite, just some text that is long enough to be a header").unwrap();
     assert!(SqliteStore::open(&path, Synchronous::Full).is_err());
 }
+
+#[tokio::test]
+async fn two_opens_of_one_file_share_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dps.sqlite");
+    let a = SqliteStore::open(&path, Synchronous::Full).unwrap();
+    let b = SqliteStore::open(&path, Synchronous::Full).unwrap();
+    conformance::shared_versions(&a, &b).await;
+}
+
+#[tokio::test]
+async fn versions_are_kept_in_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dps.sqlite");
+    let version = {
+        let store = SqliteStore::open(&path, Synchronous::Full).unwrap();
+        let d = Document { id: "g".into(), etag: "1".into(), partition: None, body: "{}".into(), expires_at: None };
+        store
+            .write(vec![Write::Put {
+                collection: Collection::EnrollmentGroups,
+                document: d,
+                condition: Condition::IfAbsent,
+            }])
+            .await
+            .unwrap();
+        store.version(Collection::EnrollmentGroups).await.unwrap()
+    };
+    assert!(version > 0);
+    let store = SqliteStore::open(&path, Synchronous::Full).unwrap();
+    assert_eq!(store.version(Collection::EnrollmentGroups).await.unwrap(), version, "a reopen keeps the version");
+}
+
+/// A database written before versions were kept (documents, no version rows) opens, reads and
+/// writes as before; its versions start at 0 and move with the first write.
+#[tokio::test]
+async fn a_database_without_version_rows_keeps_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dps.sqlite");
+    drop(SqliteStore::open(&path, Synchronous::Full).unwrap());
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "DELETE FROM documents WHERE collection = 0;
+         INSERT INTO documents (collection, key, id, etag, partition, body, expires_at)
+         VALUES (2, 'old-group', 'Old-Group', 'e1', NULL, '{}', NULL);",
+    )
+    .unwrap();
+    drop(conn);
+    let store = SqliteStore::open(&path, Synchronous::Full).unwrap();
+    assert_eq!(store.schema_version().unwrap(), 1);
+    let g = Collection::EnrollmentGroups;
+    assert_eq!(store.version(g).await.unwrap(), 0);
+    assert_eq!(store.get(g, "OLD-GROUP").await.unwrap().unwrap().etag, "e1");
+    assert_eq!(store.list(g, None, None, 10).await.unwrap().documents.len(), 1, "version rows are not listed");
+    store
+        .write(vec![Write::Delete {
+            collection: g,
+            id: "old-group".into(),
+            condition: Condition::IfMatch("e1".into()),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(store.version(g).await.unwrap(), 1);
+    assert!(store.list(g, None, None, 10).await.unwrap().documents.is_empty());
+}
