@@ -1,4 +1,4 @@
-//! Allocation: choosing the IoT hub a device is assigned to (protocol.md §10.2).
+//! Allocation: choosing the IoT hub a device is assigned to (docs/protocol-notes.md §10.2).
 //!
 //! Candidates are the enrollment's `iotHubs` (or its legacy `iotHubHostName`) when it names
 //! any, else every linked hub whose `applyAllocationPolicy` is true. `hashed` picks among the

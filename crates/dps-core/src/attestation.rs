@@ -1,5 +1,5 @@
 //! Attestation checks. This version implements symmetric keys (individual keys and
-//! group-derived keys, protocol.md §2.3).
+//! group-derived keys, docs/protocol-notes.md §2.3).
 
 use dps_proto::sas::{decode_key, derive_device_key, SasToken};
 use dps_proto::service::SymmetricKeyAttestation;

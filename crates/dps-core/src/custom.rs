@@ -1,5 +1,5 @@
 //! Custom allocation: the webhook port, the request the engine builds and the checks on the
-//! answer (protocol.md §8). Every failure ends the registration `failed`. The device is told
+//! answer (docs/protocol-notes.md §8). Every failure ends the registration `failed`. The device is told
 //! the class of the cause (timeout, HTTP status N, unreachable, refused address, invalid
 //! answer, unlinked hub); the webhook's own words (its body, the connection error, the start of
 //! an unusable answer) go to the operator's log under the operation ID, and to the device only

@@ -1,4 +1,4 @@
-//! Service operations on individual enrollments and enrollment groups (protocol.md §9):
+//! Service operations on individual enrollments and enrollment groups (docs/protocol-notes.md §9):
 //! create-or-update with ETags, get (keys hidden), delete, attestation mechanism (keys
 //! shown), query with paging, and bulk operations.
 
@@ -23,7 +23,7 @@ use crate::error::Error;
 use crate::etag::{new_enrollment_etag, IfMatch};
 use crate::store::{Collection, Condition, Document, Page, StoreError, Write};
 
-/// Most items in one bulk operation (protocol.md §10.7).
+/// Most items in one bulk operation (docs/protocol-notes.md §10.7).
 pub const MAX_BULK_ITEMS: usize = 10;
 /// Largest page a query returns.
 pub const MAX_PAGE_SIZE: usize = 1000;
@@ -436,7 +436,7 @@ impl Engine {
         Ok(r.common().attestation.clone())
     }
 
-    /// Deletes a record. Registration states of a deleted group are kept (protocol.md §10.5).
+    /// Deletes a record. Registration states of a deleted group are kept (docs/protocol-notes.md §10.5).
     pub async fn delete_enrollment_record<R: EnrollmentKind>(&self, id: &str, if_match: &IfMatch) -> Result<(), Error> {
         R::validate_id(id)?;
         let current = self.store.get(R::COLLECTION, id).await?.ok_or_else(|| not_found::<R>(id))?;

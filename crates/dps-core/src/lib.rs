@@ -18,6 +18,7 @@ pub mod error;
 pub mod etag;
 pub mod log_limit;
 pub mod registration;
+pub mod reprovision;
 pub mod store;
 pub mod throttle;
 pub mod x509;

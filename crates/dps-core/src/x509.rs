@@ -1,4 +1,4 @@
-//! X.509 certificates (protocol.md §7): parsing the text forms enrollments carry, the facts
+//! X.509 certificates (docs/protocol-notes.md §7): parsing the text forms enrollments carry, the facts
 //! DPS reports about a certificate, and chain validation of a device's certificates against a
 //! CA (signatures, validity periods, basic constraints, path length, key usage) with
 //! `rustls-webpki`.

@@ -1,4 +1,4 @@
-//! The MQTT device transport (protocol.md §4): one session per connection, over TLS on
+//! The MQTT device transport (docs/protocol-notes.md §4): one session per connection, over TLS on
 //! `listen.mqtt` or over WebSocket on the HTTPS port (see [`crate::ws`]).
 //!
 //! A session authenticates once, at CONNECT (the SAS token in the password, or the client
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use dps_core::registration::{Credential, RegisterRequest};
+use dps_core::registration::{AuthenticatedDevice, Credential};
 use dps_core::Engine;
 use dps_proto::mqtt::{decode, ConnectReturnCode, DecodeError, Packet, Publish};
 use dps_proto::mqtt_topic::{self, DeviceRequest};
@@ -173,12 +173,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     }
 }
 
-/// The identity a session authenticated with at CONNECT.
-struct Identity {
-    id_scope: String,
-    registration_id: String,
-    credential: Credential,
-}
+/// The device a session authenticated at CONNECT; every register and poll re-checks it only
+/// as far as something changed since (`dps_core::registration::AuthenticatedDevice`).
+type Identity = AuthenticatedDevice;
 
 /// Runs one MQTT session over any byte stream (TLS, or a WebSocket bridged to bytes) until the
 /// client leaves, breaks the protocol or `stop` turns true.
@@ -219,7 +216,7 @@ async fn session_body<S: AsyncRead + AsyncWrite + Unpin>(
         return End::Violation(format!("the first packet must be CONNECT, not {}", first.name()));
     };
     let keep_alive = connect.keep_alive;
-    let identity = match connect_identity(session.ctx, session.peer, connect, client_chain).await {
+    let mut identity = match connect_identity(session.ctx, session.peer, connect, client_chain).await {
         Ok(identity) => identity,
         Err((code, why)) => {
             let _ = session.write(&Packet::ConnAck { session_present: false, code }).await;
@@ -231,7 +228,7 @@ async fn session_body<S: AsyncRead + AsyncWrite + Unpin>(
     {
         return end;
     }
-    tracing::debug!(peer = %session.peer, transport, registration_id = identity.registration_id, "MQTT connected");
+    tracing::debug!(peer = %session.peer, transport, registration_id = identity.registration_id(), "MQTT connected");
     let idle = if keep_alive == 0 {
         Duration::from_secs(session.ctx.config.idle_timeout_secs)
     } else {
@@ -260,7 +257,7 @@ async fn session_body<S: AsyncRead + AsyncWrite + Unpin>(
                         mqtt_topic::RESPONSE_FILTER
                     ));
                 }
-                handle_request(session, &identity, publish).await
+                handle_request(session, &mut identity, publish).await
             }
             Packet::PubAck(_) => Ok(()),
             Packet::Subscribe { packet_id, filters } => {
@@ -345,7 +342,7 @@ async fn connect_identity(
     ctx.auth_failures.check(peer.ip()).map_err(|e| (ConnectReturnCode::ServerUnavailable, e.to_string()))?;
     let result = Box::pin(ctx.engine.authenticate_device(&parsed.id_scope, &parsed.registration_id, &credential)).await;
     match ctx.auth_failures.observe(peer.ip(), result) {
-        Ok(_) => Ok(Identity { id_scope: parsed.id_scope, registration_id: parsed.registration_id, credential }),
+        Ok(device) => Ok(device),
         Err(e @ dps_core::Error::Unavailable(_)) | Err(e @ dps_core::Error::Internal(_)) => {
             Err((ConnectReturnCode::ServerUnavailable, e.to_string()))
         }
@@ -357,7 +354,7 @@ async fn connect_identity(
 /// Answers a register or operation-status publish with a response publish.
 async fn handle_request<S: AsyncRead + AsyncWrite + Unpin>(
     session: &mut Session<'_, S>,
-    identity: &Identity,
+    identity: &mut Identity,
     publish: Publish,
 ) -> Result<(), End> {
     let request = mqtt_topic::parse_request_topic(&publish.topic).map_err(|e| End::Violation(e.to_string()))?;
@@ -365,25 +362,12 @@ async fn handle_request<S: AsyncRead + AsyncWrite + Unpin>(
     let request_id = uuid::Uuid::new_v4().to_string();
     let (rid, outcome) = match request {
         DeviceRequest::Register { rid } => {
-            let req = RegisterRequest {
-                id_scope: identity.id_scope.clone(),
-                registration_id: identity.registration_id.clone(),
-                credential: identity.credential.clone(),
-                body: publish.payload,
-                force: false,
-            };
             // Boxed: the engine's futures are large, and inline they would make every held
             // connection's task that large while it idles (BENCHMARKS.md).
-            (rid, Box::pin(engine.register(req)).await.map(|reply| (202, reply)))
+            (rid, Box::pin(engine.register_device(identity, &publish.payload)).await.map(|reply| (202, reply)))
         }
         DeviceRequest::Poll { rid, operation_id } => {
-            let reply = Box::pin(engine.operation_status(
-                &identity.id_scope,
-                &identity.registration_id,
-                &operation_id,
-                &identity.credential,
-            ))
-            .await;
+            let reply = Box::pin(engine.operation_status_of(identity, &operation_id)).await;
             (rid, reply.map(|reply| (reply.poll_status(), reply)))
         }
     };
@@ -394,7 +378,7 @@ async fn handle_request<S: AsyncRead + AsyncWrite + Unpin>(
         Err(err) => {
             let status = err.code().http_status();
             let retry_after = err.retry_after().map(u64::from);
-            tracing::debug!(registration_id = identity.registration_id, status, error = %err, "MQTT request failed");
+            tracing::debug!(registration_id = identity.registration_id(), status, error = %err, "MQTT request failed");
             let body = crate::http::error_details(&err, &request_id);
             session.publish_response(status, &rid, retry_after, &body).await
         }

@@ -1,0 +1,295 @@
+//! The authentication stage: the credential a transport saw (SAS token, certificate chain)
+//! checked against the enrollments; the answer is the resolved enrollment, or a refusal that
+//! does not tell which IDs exist.
+
+use dps_proto::error::ErrorCode;
+use dps_proto::ids::{validate_id_scope, validate_registration_id};
+use dps_proto::sas::{device_resource, SasToken};
+use dps_proto::service::{AttestationType, EnrollmentGroup, IndividualEnrollment, ProvisioningStatus};
+
+use super::records::ResolvedEnrollment;
+use crate::attestation::{verify_group, verify_individual};
+use crate::engine::{parse_stored, Engine};
+use crate::error::Error;
+use crate::store::Collection;
+
+/// How the device proved its identity, as the transport saw it.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// A SAS token (HTTP `Authorization`, MQTT password, SASL PLAIN password).
+    Sas(String),
+    /// The certificate chain the device presented in the TLS handshake (DER, leaf first).
+    X509(std::sync::Arc<Vec<Vec<u8>>>),
+    /// Nothing.
+    None,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credential::Sas(_) => f.write_str("Sas(<redacted>)"),
+            Credential::X509(chain) => write!(f, "X509({} certificates)", chain.len()),
+            Credential::None => f.write_str("None"),
+        }
+    }
+}
+
+/// A device that proved who it is: what a connection-oriented transport (MQTT at CONNECT,
+/// AMQP after SASL) keeps for the rest of the connection and hands to every register and poll
+/// ([`Engine::register_device`], [`Engine::operation_status_of`]). Those re-check only what can
+/// have changed since: the credential's validity, and whether the enrollment (or, for an X.509
+/// group member, the certificate store) was written since; a change means a full check again.
+#[derive(Debug, Clone)]
+pub struct AuthenticatedDevice {
+    id_scope: String,
+    registration_id: String,
+    credential: Credential,
+    /// The enrollment it resolved to, as it was when checked (its etag included).
+    enrollment: ResolvedEnrollment,
+    /// The certificate store's version when an X.509 device was checked (whether its CA is
+    /// verified can change there).
+    certificates_version: Option<u64>,
+    /// Unix seconds past which the credential no longer holds as checked: the token's expiry
+    /// plus the allowed clock skew, or the earliest `notAfter` of the certificates presented.
+    valid_until: Option<u64>,
+}
+
+impl AuthenticatedDevice {
+    /// The ID scope it authenticated for.
+    pub fn id_scope(&self) -> &str {
+        &self.id_scope
+    }
+
+    /// Its registration ID, as the device spelled it.
+    pub fn registration_id(&self) -> &str {
+        &self.registration_id
+    }
+
+    /// The credential it proved its identity with.
+    pub fn credential(&self) -> &Credential {
+        &self.credential
+    }
+
+    /// The enrollment it resolved to when last checked.
+    pub fn enrollment(&self) -> &ResolvedEnrollment {
+        &self.enrollment
+    }
+}
+
+pub(super) fn unauthorized(message: impl Into<String>) -> Error {
+    Error::Unauthorized(message.into())
+}
+
+/// The one answer to an unauthenticated caller whose SAS token fails for a reason that
+/// depends on what is enrolled (wrong key, unknown registration ID, a group key that derives
+/// another key, a disabled enrollment): it does not tell which, so it cannot be used to find
+/// out which IDs exist. The log has the reason.
+pub(crate) fn sas_not_accepted(registration_id: &str) -> String {
+    format!(
+        "the SAS token is not accepted for registration ID '{registration_id}': check the key (or the group key it is derived from) and the registration ID"
+    )
+}
+
+/// The same for X.509: the certificate's CN and validity were fine, but it matches no
+/// enrollment (not pinned, no group's CA, no verified CA in the chain).
+pub(crate) fn x509_not_accepted(registration_id: &str) -> String {
+    format!(
+        "the device certificate is not accepted for registration ID '{registration_id}': it must be an individual enrollment's client certificate, or chain to an enrollment group's CA that is verified in the certificate store"
+    )
+}
+
+impl Engine {
+    pub(super) fn check_scope_and_id(&self, id_scope: &str, registration_id: &str) -> Result<(), Error> {
+        validate_id_scope(id_scope).map_err(|e| Error::bad_request(ErrorCode::INVALID_IDENTIFIER, e.to_string()))?;
+        validate_registration_id(registration_id)
+            .map_err(|e| Error::bad_request(ErrorCode::INVALID_IDENTIFIER, e.to_string()))?;
+        if !id_scope.eq_ignore_ascii_case(&self.settings.id_scope) {
+            return Err(unauthorized(format!("ID scope '{id_scope}' is not served by this instance")));
+        }
+        Ok(())
+    }
+
+    /// Checks the ID scope and registration ID grammar, then authenticates the device, as a
+    /// connection-oriented transport does once at connect time (MQTT CONNECT, AMQP SASL).
+    pub async fn authenticate_device(
+        &self,
+        id_scope: &str,
+        registration_id: &str,
+        credential: &Credential,
+    ) -> Result<AuthenticatedDevice, Error> {
+        self.check_scope_and_id(id_scope, registration_id)?;
+        let certificates_version = match credential {
+            // Read before what it guards: a write in between only makes the next check a full one.
+            Credential::X509(_) => Some(self.store.version(Collection::Certificates).await?),
+            _ => None,
+        };
+        let enrollment = self.authenticate(id_scope, registration_id, credential).await?;
+        Ok(AuthenticatedDevice {
+            id_scope: id_scope.to_string(),
+            registration_id: registration_id.to_string(),
+            credential: credential.clone(),
+            enrollment,
+            certificates_version,
+            valid_until: self.valid_until(credential),
+        })
+    }
+
+    /// The enrollment of an authenticated device for its next request: the one it was checked
+    /// against when neither it (nor the certificate store, for X.509) has been written since
+    /// and the credential is still valid; otherwise the device is checked again in full (and
+    /// `device` updated), which gives a refusal exactly as a new connection would get.
+    pub(super) async fn recheck(&self, device: &mut AuthenticatedDevice) -> Result<ResolvedEnrollment, Error> {
+        let now = self.clock.now_secs();
+        if device.valid_until.is_some_and(|t| now <= t) {
+            if let Some(enrollment) = self.unchanged_enrollment(device).await? {
+                return Ok(enrollment);
+            }
+        }
+        let fresh = self.authenticate_device(&device.id_scope, &device.registration_id, &device.credential).await?;
+        *device = fresh;
+        Ok(device.enrollment.clone())
+    }
+
+    /// The device's enrollment as stored now, if it is the very version it was checked against
+    /// (and no individual enrollment has appeared for a group member: that one decides first).
+    async fn unchanged_enrollment(&self, device: &AuthenticatedDevice) -> Result<Option<ResolvedEnrollment>, Error> {
+        if let Some(checked) = device.certificates_version {
+            if self.store.version(Collection::Certificates).await? != checked {
+                return Ok(None);
+            }
+        }
+        let individual = self.store.get(Collection::Enrollments, &device.registration_id).await?;
+        Ok(match (&device.enrollment, individual) {
+            (ResolvedEnrollment::Individual(e), Some(doc)) if e.common.etag.as_deref() == Some(doc.etag.as_str()) => {
+                Some(device.enrollment.clone())
+            }
+            (ResolvedEnrollment::Group(g), None) => self
+                .enrollment_groups()
+                .await?
+                .iter()
+                .find(|now| {
+                    now.enrollment_group_id.eq_ignore_ascii_case(&g.enrollment_group_id)
+                        && now.common.etag.is_some()
+                        && now.common.etag == g.common.etag
+                })
+                .map(|now| ResolvedEnrollment::Group(now.clone())),
+            _ => None,
+        })
+    }
+
+    /// Until when a credential holds as checked (Unix seconds).
+    fn valid_until(&self, credential: &Credential) -> Option<u64> {
+        match credential {
+            Credential::Sas(text) => {
+                SasToken::parse(text).ok().map(|t| t.expiry.saturating_add(self.settings.sas_clock_skew_secs))
+            }
+            Credential::X509(chain) => chain
+                .iter()
+                .map(|der| crate::x509::facts(der).ok().and_then(|f| u64::try_from(f.not_after).ok()))
+                .try_fold(u64::MAX, |earliest, t| t.map(|t| earliest.min(t))),
+            Credential::None => None,
+        }
+    }
+
+    /// Authenticates a device and resolves its enrollment: the individual enrollment when
+    /// one exists (a disabled one blocks the device even if a group would accept it), else
+    /// the first symmetric-key group (by ID) whose derived key validates the token. A refusal
+    /// is answered no sooner than `auth_failure_delay_ms` after the call began, so that the
+    /// answer time does not tell an unknown ID from a wrong key either.
+    pub async fn authenticate(
+        &self,
+        id_scope: &str,
+        registration_id: &str,
+        credential: &Credential,
+    ) -> Result<ResolvedEnrollment, Error> {
+        let started = tokio::time::Instant::now();
+        let result = self.resolve_credential(id_scope, registration_id, credential).await;
+        if matches!(result, Err(Error::Unauthorized(_))) {
+            tokio::time::sleep_until(started + std::time::Duration::from_millis(self.settings.auth_failure_delay_ms))
+                .await;
+        }
+        result
+    }
+
+    pub(super) async fn resolve_credential(
+        &self,
+        id_scope: &str,
+        registration_id: &str,
+        credential: &Credential,
+    ) -> Result<ResolvedEnrollment, Error> {
+        let text = match credential {
+            Credential::Sas(t) => t,
+            Credential::X509(chain) => return self.authenticate_x509(registration_id, chain).await,
+            Credential::None => {
+                return Err(unauthorized(
+                    "no credential: send a SAS token signed with the enrollment's symmetric key (HTTP Authorization header, MQTT password), or a client certificate in the TLS handshake",
+                ))
+            }
+        };
+        let token = SasToken::parse(text).map_err(|e| unauthorized(format!("invalid SAS token: {e}")))?;
+        let now = self.clock.now_secs();
+        if token.is_expired(now, self.settings.sas_clock_skew_secs) {
+            return Err(unauthorized(format!(
+                "the SAS token expired at {} (now {}); sign a new token",
+                token.expiry, now
+            )));
+        }
+        let expected = device_resource(id_scope, registration_id);
+        if !token.resource.eq_ignore_ascii_case(&expected) {
+            return Err(unauthorized(format!(
+                "the SAS token is for resource '{}', but this request is for '{expected}'",
+                token.resource
+            )));
+        }
+        let individual: Option<IndividualEnrollment> =
+            match self.store.get(Collection::Enrollments, registration_id).await? {
+                Some(doc) => Some(parse_stored(&doc.body, "enrollment", registration_id)?),
+                None => None,
+            };
+        if let Some(e) = individual {
+            let signed = match (e.common.attestation.kind, &e.common.attestation.symmetric_key) {
+                (AttestationType::SymmetricKey, Some(sk)) => verify_individual(&token, sk).is_some(),
+                _ => false,
+            };
+            // A disabled individual enrollment also answers for a group member's key, so
+            // that it revokes that member (docs/protocol-notes.md §10.1).
+            let disabled = e.common.provisioning_status == Some(ProvisioningStatus::Disabled);
+            if signed || (disabled && self.find_group_for(&token, registration_id).await?.is_some()) {
+                return Ok(ResolvedEnrollment::Individual(e));
+            }
+            crate::info_limited!("device-auth", registration_id, attestation = ?e.common.attestation.kind, disabled,
+                "SAS rejected: signature does not match the individual enrollment's keys");
+            return Err(unauthorized(sas_not_accepted(registration_id)));
+        }
+        match self.find_group_for(&token, registration_id).await? {
+            Some(g) => Ok(ResolvedEnrollment::Group(g)),
+            None => {
+                crate::info_limited!(
+                    "device-auth",
+                    registration_id,
+                    "SAS rejected: no individual enrollment and no group key matches"
+                );
+                Err(unauthorized(sas_not_accepted(registration_id)))
+            }
+        }
+    }
+
+    pub(super) async fn find_group_for(
+        &self,
+        token: &SasToken,
+        registration_id: &str,
+    ) -> Result<Option<EnrollmentGroup>, Error> {
+        let groups = self.enrollment_groups().await?;
+        Ok(groups
+            .iter()
+            .filter(|g| g.common.attestation.kind == AttestationType::SymmetricKey)
+            .find(|g| {
+                g.common
+                    .attestation
+                    .symmetric_key
+                    .as_ref()
+                    .is_some_and(|sk| verify_group(token, sk, registration_id).is_some())
+            })
+            .cloned())
+    }
+}

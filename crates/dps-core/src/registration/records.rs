@@ -1,0 +1,174 @@
+//! What the engine stores for a registration: the registration state and the operation,
+//! and the enrollment a device resolved to.
+
+use dps_proto::device::{
+    DeviceRegistrationResult, RegistrationOperationStatus, RegistrationStatus, RegistrationSubstatus,
+};
+use dps_proto::service::{
+    AttestationType, DeviceRegistrationState, EnrollmentCommon, EnrollmentGroup, IndividualEnrollment,
+};
+use dps_proto::timestamp;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::reprovision::{self};
+
+/// The enrollment a device resolved to.
+#[derive(Debug, Clone)]
+pub enum ResolvedEnrollment {
+    /// Individual enrollment.
+    Individual(IndividualEnrollment),
+    /// Enrollment group.
+    Group(EnrollmentGroup),
+}
+
+impl ResolvedEnrollment {
+    pub(super) fn common(&self) -> &EnrollmentCommon {
+        match self {
+            ResolvedEnrollment::Individual(e) => &e.common,
+            ResolvedEnrollment::Group(g) => &g.common,
+        }
+    }
+
+    pub(super) fn group_id(&self) -> Option<&str> {
+        match self {
+            ResolvedEnrollment::Group(g) => Some(&g.enrollment_group_id),
+            ResolvedEnrollment::Individual(_) => None,
+        }
+    }
+
+    pub(super) fn describe(&self) -> String {
+        match self {
+            ResolvedEnrollment::Individual(e) => {
+                format!("individual enrollment '{}'", e.registration_id)
+            }
+            ResolvedEnrollment::Group(g) => format!("enrollment group '{}'", g.enrollment_group_id),
+        }
+    }
+}
+
+/// The stored registration state of a device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistrationRecord {
+    /// Registration ID as the device first spelled it.
+    pub registration_id: String,
+    /// Group the device registered through, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_group_id: Option<String>,
+    /// Attestation used.
+    pub attestation: AttestationType,
+    /// First registration (Unix ms).
+    pub created_millis: i64,
+    /// Last change (Unix ms).
+    pub updated_millis: i64,
+    /// Status of the last registration.
+    pub status: RegistrationStatus,
+    /// Substatus.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub substatus: Option<RegistrationSubstatus>,
+    /// Assigned hub (kept after a failed re-registration as the current hub).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assigned_hub: Option<String>,
+    /// Device ID in the hub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    /// Error code of a failed registration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<u32>,
+    /// Error message of a failed registration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+    /// ETag.
+    pub etag: String,
+    /// Payload returned to the device (custom allocation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Value>,
+    /// Initial twin applied at assignment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_twin: Option<Value>,
+    /// The first hub the device was ever assigned to (for `reprovisionedToInitialAssignment`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_hub: Option<String>,
+    /// Last operation.
+    pub last_operation_id: String,
+}
+
+impl RegistrationRecord {
+    /// The assignment this record holds, for the reprovisioning plan (none when the device is
+    /// not assigned to a hub).
+    pub fn current_assignment(&self) -> Option<reprovision::Current<'_>> {
+        self.assigned_hub.as_deref().map(|hub| reprovision::Current {
+            hub,
+            first_hub: self.initial_hub.as_deref(),
+            substatus: self.substatus,
+        })
+    }
+
+    /// The device's view.
+    pub fn to_device_result(&self) -> DeviceRegistrationResult {
+        let assigned = self.status == RegistrationStatus::Assigned;
+        DeviceRegistrationResult {
+            registration_id: self.registration_id.clone(),
+            created_date_time_utc: Some(timestamp::format_millis(self.created_millis)),
+            assigned_hub: self.assigned_hub.clone().filter(|_| assigned),
+            device_id: self.device_id.clone().filter(|_| assigned),
+            status: self.status,
+            substatus: self.substatus.filter(|_| assigned),
+            error_code: self.error_code,
+            error_message: self.error_message.clone(),
+            last_updated_date_time_utc: Some(timestamp::format_millis(self.updated_millis)),
+            etag: Some(self.etag.clone()),
+            payload: self.payload.clone(),
+            tpm: None,
+            // docs/protocol-notes.md §7: `{}` or only the group ID (Java validates certificate infos).
+            x509: match (self.attestation, &self.enrollment_group_id) {
+                (AttestationType::X509, Some(g)) => Some(serde_json::json!({ "enrollmentGroupId": g })),
+                (AttestationType::X509, None) => Some(serde_json::json!({})),
+                _ => None,
+            },
+            symmetric_key: match (self.attestation, &self.enrollment_group_id) {
+                (AttestationType::SymmetricKey, Some(g)) => Some(serde_json::json!({ "enrollmentGroupId": g })),
+                _ => None,
+            },
+        }
+    }
+
+    /// The service API's view.
+    pub fn to_service_state(&self) -> DeviceRegistrationState {
+        let d = self.to_device_result();
+        DeviceRegistrationState {
+            registration_id: d.registration_id,
+            created_date_time_utc: d.created_date_time_utc,
+            assigned_hub: d.assigned_hub,
+            device_id: d.device_id,
+            status: d.status,
+            substatus: d.substatus,
+            error_code: d.error_code,
+            error_message: d.error_message,
+            last_updated_date_time_utc: d.last_updated_date_time_utc,
+            etag: d.etag,
+            payload: d.payload,
+            initial_twin: self.initial_twin.clone().filter(|_| self.status == RegistrationStatus::Assigned),
+        }
+    }
+}
+
+/// A stored operation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OperationRecord {
+    /// Registration ID it belongs to.
+    pub registration_id: String,
+    /// Created (Unix ms).
+    pub created_millis: i64,
+    /// The device's payload, if it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_payload: Option<Value>,
+    /// The answer.
+    pub result: RegistrationOperationStatus,
+    /// While `assigning`: when the allocation must have finished (Unix ms); past it, a poll
+    /// reports the registration failed (the server stopped during the webhook call).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_millis: Option<i64>,
+}
