@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::target::Target;
 use crate::BenchError;
 
-/// Items per bulk operation (the service's limit, protocol.md §10.7).
+/// Items per bulk operation (the service's limit, docs/protocol-notes.md §10.7).
 pub const BULK_ITEMS: usize = 10;
 
 /// A service API client with the owner policy.

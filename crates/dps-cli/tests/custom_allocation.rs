@@ -44,7 +44,7 @@ async fn webhook_round_trip_returns_its_payload_and_twin() {
     assert_eq!(state["assignedHub"], "hub-b.test");
     assert_eq!(state["payload"], json!({"echo": {"modelId": "m1"}, "hub": "hub-b.test"}));
 
-    // What the webhook received: protocol.md §8.2, no secrets, signed.
+    // What the webhook received: docs/protocol-notes.md §8.2, no secrets, signed.
     let got = hook.last("/ok");
     let req: Value = serde_json::from_slice(&got.body).unwrap();
     assert_eq!(req["individualEnrollment"]["registrationId"], "dev-ok");

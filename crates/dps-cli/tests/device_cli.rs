@@ -100,7 +100,7 @@ state_file = "state.json"
     let saved: Value = serde_json::from_str(&std::fs::read_to_string(d.join("state.json")).unwrap()).unwrap();
     assert_eq!(saved["registrationState"]["payload"]["echo"], json!({"modelId": "edge-2"}), "state updated");
 
-    // Any JSON value is a payload (protocol.md §14): an array goes to the webhook unchanged.
+    // Any JSON value is a payload (docs/protocol-notes.md §14): an array goes to the webhook unchanged.
     std::fs::write(d.join("array.json"), "[1, \"two\"]").unwrap();
     let (code, out, err) =
         run(&["device", "reprovision", "--config", "config.toml", "--payload-file", "array.json", "--json"], d);

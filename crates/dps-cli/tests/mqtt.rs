@@ -1,4 +1,4 @@
-//! MQTT device transport against a spawned dps: the protocol.md §4 exchange over TLS and over
+//! MQTT device transport against a spawned dps: the docs/protocol-notes.md §4 exchange over TLS and over
 //! WebSocket, the same engine results as HTTPS, and the packet-level edge cases.
 
 mod common;

@@ -1,4 +1,4 @@
-//! Re-registration per `reprovisionPolicy` (protocol.md §10.3), every combination, through a
+//! Re-registration per `reprovisionPolicy` (docs/protocol-notes.md §10.3), every combination, through a
 //! spawned server.
 
 mod common;

@@ -109,7 +109,7 @@ async fn individual_and_group_x509_over_https() {
     assert_eq!(body["status"], "assigned", "{body}");
     assert_eq!(body["registrationState"]["x509"], json!({"enrollmentGroupId": "x509-root-group"}));
 
-    // A group on the intermediate is nearer the leaf, so it wins (protocol.md §7 order); a
+    // A group on the intermediate is nearer the leaf, so it wins (docs/protocol-notes.md §7 order); a
     // group that references the verified root by name works the same way.
     dps.put_group(json!({"enrollmentGroupId": "x509-inter-group", "attestation": {"type": "x509",
         "x509": {"signingCertificates": {"primary": {"certificate": pki.inter.pem()}}}}}))

@@ -1,4 +1,4 @@
-//! The HTTPS transport (protocol.md §3): PUT register, then GET the operation until it ends.
+//! The HTTPS transport (docs/protocol-notes.md §3): PUT register, then GET the operation until it ends.
 
 use std::time::Duration;
 

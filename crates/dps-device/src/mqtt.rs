@@ -1,4 +1,4 @@
-//! The MQTT transport (protocol.md §4): CONNECT, SUBSCRIBE, publish register, then publish
+//! The MQTT transport (docs/protocol-notes.md §4): CONNECT, SUBSCRIBE, publish register, then publish
 //! operation-status polls on the same connection until the registration ends.
 
 use std::sync::Arc;

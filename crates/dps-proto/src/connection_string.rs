@@ -1,5 +1,5 @@
 //! Service connection strings (`HostName=…;SharedAccessKeyName=…;SharedAccessKey=…`,
-//! protocol.md §2.5), as `dev-credentials.json` and the Azure portal give them: `;`-separated
+//! docs/protocol-notes.md §2.5), as `dev-credentials.json` and the Azure portal give them: `;`-separated
 //! `name=value` pairs (the value may contain `=`, as base64 keys do), names case-insensitive,
 //! each at most once.
 

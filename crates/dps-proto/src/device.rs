@@ -1,4 +1,4 @@
-//! Device runtime API JSON (protocol.md §3.4, §3.5): what a device sends to register and
+//! Device runtime API JSON (docs/protocol-notes.md §3.4, §3.5): what a device sends to register and
 //! what it gets back, over every transport.
 
 use serde::{Deserialize, Serialize};

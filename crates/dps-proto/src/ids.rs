@@ -1,7 +1,7 @@
 //! Identifier grammars: registration IDs, enrollment group IDs, ID scopes, operation IDs and
-//! api-version strings (protocol.md §1.5, §3.2).
+//! api-version strings (docs/protocol-notes.md §1.5, §3.2).
 
-/// Longest registration ID (protocol.md §1.5).
+/// Longest registration ID (docs/protocol-notes.md §1.5).
 pub const MAX_REGISTRATION_ID_LEN: usize = 128;
 /// Longest operation ID we issue or accept.
 pub const MAX_OPERATION_ID_LEN: usize = 128;

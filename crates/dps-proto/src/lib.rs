@@ -3,7 +3,7 @@
 //! Everything in this crate is pure: no I/O, no clocks, no randomness. It holds the JSON
 //! shapes of the device runtime API ([`device`]) and the service API ([`service`]), the
 //! error-code catalogue ([`error`]), SAS token parsing and signing ([`sas`]) and the
-//! identifier grammars ([`ids`]), and the MQTT codec and topic naming ([`mqtt`], [`mqtt_topic`]). See `docs/protocol.md` in the shared docs for sources.
+//! identifier grammars ([`ids`]), and the MQTT codec and topic naming ([`mqtt`], [`mqtt_topic`]). The wire facts relied on, with their sources: `docs/protocol-notes.md`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -1,4 +1,4 @@
-//! A strict MQTT 3.1.1 codec for the packets DPS uses (protocol.md §4).
+//! A strict MQTT 3.1.1 codec for the packets DPS uses (docs/protocol-notes.md §4).
 //!
 //! [`decode`] reads one packet from the front of a buffer, or says that more bytes are needed;
 //! [`Packet::encode`] writes one. Both directions of every packet DPS exchanges are covered, so

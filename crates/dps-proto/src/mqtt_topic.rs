@@ -1,5 +1,5 @@
 //! The DPS MQTT naming: the CONNECT user name, the request topics devices publish to, and the
-//! response topics DPS publishes (protocol.md §4.1, §4.4, §4.5).
+//! response topics DPS publishes (docs/protocol-notes.md §4.1, §4.4, §4.5).
 
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 

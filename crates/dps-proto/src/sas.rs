@@ -1,6 +1,6 @@
 //! Shared access signature (SAS) tokens: parsing, signing, verification and key derivation.
 //!
-//! Grammar (protocol.md §2.1): `SharedAccessSignature sr=…&sig=…&se=…[&skn=…]`, fields in any
+//! Grammar (docs/protocol-notes.md §2.1): `SharedAccessSignature sr=…&sig=…&se=…[&skn=…]`, fields in any
 //! order. The signature is `base64(HMAC-SHA256(key, sr_raw + "\n" + se_raw))` where `sr_raw`
 //! is the resource **exactly as it appears in the token** (clients encode it in several
 //! ways, §2.2), so verification signs over the raw text and never re-encodes it.
@@ -161,7 +161,7 @@ pub fn decode_key(key_b64: &str) -> Result<Vec<u8>, SasError> {
 }
 
 /// Derives a group member's device key: `base64(HMAC-SHA256(base64decode(group_key), registration_id))`
-/// (protocol.md §2.3). Returns the raw derived key bytes.
+/// (docs/protocol-notes.md §2.3). Returns the raw derived key bytes.
 pub fn derive_device_key(group_key: &[u8], registration_id: &str) -> Vec<u8> {
     let mut mac = <HmacSha256 as Mac>::new_from_slice(group_key).expect("HMAC takes any key length");
     mac.update(registration_id.as_bytes());
@@ -194,7 +194,7 @@ pub fn device_resource(id_scope: &str, registration_id: &str) -> String {
     format!("{id_scope}/registrations/{registration_id}")
 }
 
-/// Service audience check (protocol.md §2.5): strips a scheme and a port from the decoded
+/// Service audience check (docs/protocol-notes.md §2.5): strips a scheme and a port from the decoded
 /// `sr`, then requires it to be a segment-wise prefix of `host + path`, comparing
 /// case-insensitively. `host` is one of the names the service answers to.
 pub fn service_audience_matches(audience: &str, host: &str, path: &str) -> bool {
@@ -271,7 +271,7 @@ mod tests {
         out
     }
 
-    /// Every `sr` encoding and `skn` variant of protocol.md §2.2 verifies, and resolves to the
+    /// Every `sr` encoding and `skn` variant of docs/protocol-notes.md §2.2 verifies, and resolves to the
     /// same decoded resource.
     #[test]
     fn accepts_every_client_encoding() {

@@ -1,4 +1,4 @@
-//! Service (enrollment management) API JSON (protocol.md §9.2), field names exactly as on the
+//! Service (enrollment management) API JSON (docs/protocol-notes.md §9.2), field names exactly as on the
 //! wire. Read-only fields sent by clients (dates, `registrationState`) are accepted and
 //! ignored by the server, which sets them itself.
 

@@ -1,4 +1,4 @@
-//! Custom allocation webhook JSON (protocol.md §8.2, §8.3).
+//! Custom allocation webhook JSON (docs/protocol-notes.md §8.2, §8.3).
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

@@ -1,5 +1,5 @@
 //! rustls server configuration: TLS 1.2 and 1.3, ALPN `http/1.1`, and client certificates
-//! requested but not required, with any issuer accepted at handshake time (protocol.md §1.4):
+//! requested but not required, with any issuer accepted at handshake time (docs/protocol-notes.md §1.4):
 //! the chain reaches the engine as the device's credential and is checked against enrollments
 //! and the certificate store there.
 

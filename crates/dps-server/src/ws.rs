@@ -1,4 +1,4 @@
-//! WebSocket on the HTTPS port (protocol.md §1.3): an `Upgrade: websocket` request with the
+//! WebSocket on the HTTPS port (docs/protocol-notes.md §1.3): an `Upgrade: websocket` request with the
 //! subprotocol `mqtt` (any case) becomes an MQTT session; `AMQPWSB10` is refused with a DPS
 //! error saying AMQP is not served; plain requests never get here. Any path is accepted
 //! (`/$iothub/websocket` from C, Node and Python; `/` from C#), query strings are ignored.

@@ -1,4 +1,4 @@
-//! Device runtime API over HTTPS (protocol.md §3).
+//! Device runtime API over HTTPS (docs/protocol-notes.md §3).
 
 use dps_core::registration::{Credential, DeviceReply, RegisterRequest};
 use http::header::{HeaderValue, LOCATION, RETRY_AFTER};

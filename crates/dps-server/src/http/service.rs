@@ -1,4 +1,4 @@
-//! Service API over HTTPS (protocol.md §9): SAS policies and rights, enrollments, groups,
+//! Service API over HTTPS (docs/protocol-notes.md §9): SAS policies and rights, enrollments, groups,
 //! registration states, queries with paging, bulk operations.
 
 use dps_core::enrollment::{without_secrets, EnrollmentKind, QueryPage};
