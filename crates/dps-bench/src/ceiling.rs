@@ -1,5 +1,5 @@
 //! The ceiling: the least a server can do for the bench's requests on the same TLS settings
-//! as dps (the same certificate and key, `dps_server::tls::server_config`). HTTPS: hyper
+//! as dps (the same certificate and key, [`crate::tls::server_config`]). HTTPS: hyper
 //! HTTP/1.1 with keep-alive answering every request with a fixed `202` and an `assigned`
 //! operation, body read but not parsed. MQTT: CONNACK, SUBACK, PUBACK and a fixed `200`
 //! response, no authentication, no store. Run in a process of its own, like dps (`dps
@@ -10,11 +10,11 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use dps_proto::mqtt::{decode, ConnectReturnCode, Packet, Publish};
+use bytes::Bytes;
+use dps_proto::mqtt::{ConnectReturnCode, Packet, Publish};
+use dps_proto::mqtt_io::PacketStream;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -26,7 +26,7 @@ pub const FIXED_OPERATION: &str = r#"{"operationId":"4.0000000000000000.00000000
 /// Binds both ceiling listeners on loopback (free ports) and serves them until the process
 /// ends. Calls `ready` with the HTTPS and MQTT addresses once bound.
 pub async fn serve(cert: &Path, key: &Path, ready: impl FnOnce(SocketAddr, SocketAddr)) -> Result<(), BenchError> {
-    let tls = dps_server::tls::server_config(cert, key).map_err(|e| BenchError::Setup(e.to_string()))?;
+    let tls = crate::tls::server_config(cert, key)?;
     let acceptor = TlsAcceptor::from(tls);
     let https = TcpListener::bind(("127.0.0.1", 0)).await.map_err(BenchError::io("cannot bind the ceiling"))?;
     let mqtt = TcpListener::bind(("127.0.0.1", 0)).await.map_err(BenchError::io("cannot bind the ceiling"))?;
@@ -80,22 +80,12 @@ async fn serve_https(stream: Stream) {
     }
 }
 
-async fn serve_mqtt(mut stream: Stream) {
+async fn serve_mqtt(stream: Stream) {
     {
-        let mut buf = BytesMut::with_capacity(4096);
+        let mut stream = PacketStream::new(stream, 1 << 20);
         let mut next_id: u16 = 1;
         loop {
-            let packet = match decode(&buf, 1 << 20) {
-                Ok(Some((p, n))) => {
-                    let _ = buf.split_to(n);
-                    p
-                }
-                Ok(None) => match stream.read_buf(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => continue,
-                },
-                Err(_) => return,
-            };
+            let Ok(Some(packet)) = stream.read().await else { return };
             let replies = match packet {
                 Packet::Connect(_) => {
                     vec![Packet::ConnAck { session_present: false, code: ConnectReturnCode::Accepted }]
@@ -125,13 +115,9 @@ async fn serve_mqtt(mut stream: Stream) {
                 _ => Vec::new(),
             };
             for reply in replies {
-                let Ok(bytes) = reply.encode() else { return };
-                if stream.write_all(&bytes).await.is_err() {
+                if stream.write(&reply).await.is_err() {
                     return;
                 }
-            }
-            if stream.flush().await.is_err() {
-                return;
             }
         }
     }

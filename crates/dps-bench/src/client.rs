@@ -4,13 +4,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use dps_proto::mqtt::{decode, Connect, ConnectReturnCode, Packet, Publish};
+use bytes::Bytes;
+use dps_proto::mqtt::{Connect, ConnectReturnCode, Packet, Publish};
+use dps_proto::mqtt_io::{FrameError, PacketStream};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -228,31 +229,27 @@ fn finished(op: &Value) -> Result<Value, Failure> {
 
 /// An MQTT connection of one device.
 struct MqttConn {
-    stream: TlsStream<TcpStream>,
-    buf: BytesMut,
+    stream: PacketStream<TlsStream<TcpStream>>,
 }
 
 impl MqttConn {
     async fn send(&mut self, packet: &Packet) -> Result<(), Failure> {
-        let bytes = packet.encode().map_err(|e| Failure::new("mqtt encode", e.to_string()))?;
-        self.stream.write_all(&bytes).await.map_err(|e| Failure::io("mqtt write", &e))?;
-        self.stream.flush().await.map_err(|e| Failure::io("mqtt write", &e))
+        self.stream.write(packet).await.map_err(|e| match e {
+            FrameError::Io(e) => Failure::io("mqtt write", &e),
+            other => Failure::new("mqtt encode", other.to_string()),
+        })
     }
 
     async fn recv(&mut self) -> Result<Packet, Failure> {
-        loop {
-            match decode(&self.buf, 1 << 20) {
-                Ok(Some((p, n))) => {
-                    let _ = self.buf.split_to(n);
-                    return Ok(p);
-                }
-                Ok(None) => {}
-                Err(e) => return Err(Failure::new("mqtt decode", e.to_string())),
-            }
-            let n = self.stream.read_buf(&mut self.buf).await.map_err(|e| Failure::io("mqtt read", &e))?;
-            if n == 0 {
-                return Err(Failure::new("mqtt: closed by server", "the server closed the connection"));
-            }
+        match self.stream.read().await {
+            Ok(Some(p)) => Ok(p),
+            Ok(None) => Err(Failure::new("mqtt: closed by server", "the server closed the connection")),
+            Err(FrameError::Truncated) => Err(Failure::new(
+                "mqtt: closed by server",
+                "the server closed the connection in the middle of a packet",
+            )),
+            Err(FrameError::Io(e)) => Err(Failure::io("mqtt read", &e)),
+            Err(e) => Err(Failure::new("mqtt decode", e.to_string())),
         }
     }
 
@@ -303,7 +300,7 @@ pub async fn mqtt_register(
 ) -> Result<Value, Failure> {
     let addr = target.mqtt_addr.ok_or_else(|| Failure::new("mqtt disabled", "the server has no MQTT listener"))?;
     let stream = tls_connect(addr, &target.host, device.tls(tls)).await?;
-    let mut c = MqttConn { stream, buf: BytesMut::with_capacity(4096) };
+    let mut c = MqttConn { stream: PacketStream::new(stream, 1 << 20) };
     let id = &device.registration_id;
     c.send(&Packet::Connect(Connect {
         protocol_name: "MQTT".into(),
@@ -358,7 +355,7 @@ pub async fn mqtt_register(
             .await?;
     }
     let _ = c.send(&Packet::Disconnect).await;
-    let _ = c.stream.shutdown().await;
+    let _ = c.stream.get_mut().shutdown().await;
     result
 }
 

@@ -14,6 +14,7 @@ pub mod fleet;
 pub mod report;
 pub mod setup;
 pub mod target;
+pub mod tls;
 pub mod webhook;
 
 pub use fleet::{run, Allocation, Attestation, FleetOptions, Transport};

@@ -13,13 +13,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
-use bytes::BytesMut;
 use clap::{Parser, Subcommand};
 use dps_proto::connection_string::ServiceConnectionString;
-use dps_proto::mqtt::{decode, Connect, ConnectReturnCode, Packet, Publish};
+use dps_proto::mqtt::{Connect, ConnectReturnCode, Packet, Publish};
+use dps_proto::mqtt_io::PacketStream;
 use dps_proto::sas::{build_token, derive_device_key};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_rustls::client::TlsStream;
@@ -56,27 +55,16 @@ enum Command {
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 struct Conn {
-    stream: TlsStream<TcpStream>,
-    buf: BytesMut,
+    stream: PacketStream<TlsStream<TcpStream>>,
 }
 
 impl Conn {
     async fn send(&mut self, packet: &Packet) -> Result<(), Error> {
-        self.stream.write_all(&packet.encode()?).await?;
-        self.stream.flush().await?;
-        Ok(())
+        Ok(self.stream.write(packet).await?)
     }
 
     async fn recv(&mut self) -> Result<Packet, Error> {
-        loop {
-            if let Some((p, n)) = decode(&self.buf, 1 << 20)? {
-                let _ = self.buf.split_to(n);
-                return Ok(p);
-            }
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
-                return Err("connection closed".into());
-            }
-        }
+        self.stream.read().await?.ok_or_else(|| "connection closed".into())
     }
 }
 
@@ -102,7 +90,7 @@ async fn open(target: &Target, i: usize) -> Result<Conn, Error> {
     tcp.set_nodelay(true)?;
     let name = rustls_pki_types::ServerName::try_from(target.host.clone())?;
     let stream = tokio_rustls::TlsConnector::from(target.tls.clone()).connect(name, tcp).await?;
-    let mut c = Conn { stream, buf: BytesMut::new() };
+    let mut c = Conn { stream: PacketStream::new(stream, 1 << 20) };
     c.send(&Packet::Connect(Connect {
         protocol_name: "MQTT".into(),
         protocol_level: 4,

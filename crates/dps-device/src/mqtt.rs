@@ -4,18 +4,21 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use dps_proto::mqtt::{decode, Connect, ConnectReturnCode, Packet, Publish};
+use dps_proto::mqtt::{Connect, ConnectReturnCode, Packet, Publish};
+use dps_proto::mqtt_io::{FrameError, PacketStream};
 use dps_proto::mqtt_topic::RESPONSE_FILTER;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use crate::{interpret, AttemptError, DeviceError, Outcome, Prepared, Registration};
 
+/// Largest packet accepted from the server.
+const MAX_PACKET_BYTES: usize = 1 << 20;
+/// How long the server may take to send the next packet.
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
 struct Conn {
-    stream: TlsStream<TcpStream>,
-    buf: BytesMut,
+    stream: PacketStream<TlsStream<TcpStream>>,
     next_id: u16,
 }
 
@@ -25,28 +28,21 @@ fn dropped(e: impl std::fmt::Display) -> AttemptError {
 
 impl Conn {
     async fn send(&mut self, packet: &Packet) -> Result<(), AttemptError> {
-        let bytes = packet.encode().map_err(|e| AttemptError::Fatal(DeviceError::Protocol(e.to_string())))?;
-        self.stream.write_all(&bytes).await.map_err(dropped)?;
-        self.stream.flush().await.map_err(dropped)
+        self.stream.write(packet).await.map_err(|e| match e {
+            FrameError::Encode(e) => AttemptError::Fatal(DeviceError::Protocol(e.to_string())),
+            other => dropped(other),
+        })
     }
 
     async fn recv(&mut self) -> Result<Packet, AttemptError> {
-        loop {
-            match decode(&self.buf, 1 << 20) {
-                Ok(Some((p, n))) => {
-                    let _ = self.buf.split_to(n);
-                    return Ok(p);
-                }
-                Ok(None) => {}
-                Err(e) => return Err(AttemptError::Fatal(DeviceError::Protocol(format!("the server sent {e}")))),
+        match tokio::time::timeout(READ_TIMEOUT, self.stream.read()).await {
+            Err(_) => Err(dropped("no answer within 60 s")),
+            Ok(Ok(Some(p))) => Ok(p),
+            Ok(Ok(None)) | Ok(Err(FrameError::Truncated)) => Err(dropped("the server closed the connection")),
+            Ok(Err(FrameError::Decode(e))) => {
+                Err(AttemptError::Fatal(DeviceError::Protocol(format!("the server sent {e}"))))
             }
-            let n = tokio::time::timeout(Duration::from_secs(60), self.stream.read_buf(&mut self.buf))
-                .await
-                .map_err(|_| dropped("no answer within 60 s"))?
-                .map_err(dropped)?;
-            if n == 0 {
-                return Err(dropped("the server closed the connection"));
-            }
+            Ok(Err(e)) => Err(dropped(e)),
         }
     }
 
@@ -102,7 +98,7 @@ pub(crate) async fn register(p: &Prepared) -> Result<Registration, AttemptError>
     let name = rustls_pki_types::ServerName::try_from(cfg.host.clone())
         .map_err(|e| AttemptError::Fatal(DeviceError::Config(format!("host name: {e}"))))?;
     let stream = tokio_rustls::TlsConnector::from(Arc::clone(&p.tls)).connect(name, tcp).await.map_err(dropped)?;
-    let mut c = Conn { stream, buf: BytesMut::new(), next_id: 1 };
+    let mut c = Conn { stream: PacketStream::new(stream, MAX_PACKET_BYTES), next_id: 1 };
     c.send(&Packet::Connect(Connect {
         protocol_name: "MQTT".into(),
         protocol_level: 4,

@@ -1,6 +1,8 @@
 //! Wire types and grammars of the Azure IoT Hub Device Provisioning Service (DPS).
 //!
-//! Everything in this crate is pure: no I/O, no clocks, no randomness. It holds the JSON
+//! Everything in this crate is pure: no I/O, no clocks, no randomness, except two optional
+//! modules: `mqtt_io` (feature `tokio`), which frames MQTT packets over an async byte stream,
+//! and `tls` (feature `tls`), the TLS server configuration devices meet. It holds the JSON
 //! shapes of the device runtime API ([`device`]) and the service API ([`service`]), the
 //! error-code catalogue ([`error`]), SAS token parsing and signing ([`sas`]) and the
 //! identifier grammars ([`ids`]), and the MQTT codec and topic naming ([`mqtt`], [`mqtt_topic`]). The wire facts relied on, with their sources: `docs/protocol-notes.md`.
@@ -13,8 +15,12 @@ pub mod error;
 pub mod ids;
 pub mod json;
 pub mod mqtt;
+#[cfg(feature = "tokio")]
+pub mod mqtt_io;
 pub mod mqtt_topic;
 pub mod sas;
 pub mod service;
 pub mod timestamp;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod webhook;

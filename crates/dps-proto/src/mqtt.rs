@@ -480,29 +480,95 @@ impl fmt::Display for EncodeError {
 
 impl std::error::Error for EncodeError {}
 
-struct Writer(Vec<u8>);
+/// Where a packet body goes: first a [`Count`] (the size, and every check), then the output.
+trait Sink {
+    fn put(&mut self, b: &[u8]);
+}
 
-impl Writer {
+/// Counts the bytes of a body without writing them.
+struct Count(usize);
+
+impl Sink for Count {
+    fn put(&mut self, b: &[u8]) {
+        self.0 = self.0.saturating_add(b.len());
+    }
+}
+
+impl Sink for Vec<u8> {
+    fn put(&mut self, b: &[u8]) {
+        self.extend_from_slice(b);
+    }
+}
+
+struct Writer<'a, W>(&'a mut W);
+
+impl<W: Sink> Writer<'_, W> {
+    fn u8(&mut self, v: u8) {
+        self.0.put(&[v]);
+    }
+
     fn u16(&mut self, v: u16) {
-        self.0.extend_from_slice(&v.to_be_bytes());
+        self.0.put(&v.to_be_bytes());
+    }
+
+    fn raw(&mut self, b: &[u8]) {
+        self.0.put(b);
     }
 
     fn bytes(&mut self, b: &[u8]) -> Result<(), EncodeError> {
         let n = u16::try_from(b.len()).map_err(|_| EncodeError(format!("a field of {} bytes (max 65535)", b.len())))?;
         self.u16(n);
-        self.0.extend_from_slice(b);
+        self.0.put(b);
         Ok(())
     }
 }
 
+/// Bytes the remaining-length field takes for a body of `len` bytes (at most 4 when
+/// `len <= MAX_REMAINING_LENGTH`).
+fn remaining_length_bytes(mut len: usize) -> usize {
+    let mut n = 1;
+    while len >= 128 {
+        len /= 128;
+        n += 1;
+    }
+    n
+}
+
 impl Packet {
-    /// Encodes the packet.
+    /// Encodes the packet into one buffer of exactly its size (a single allocation).
     pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
-        let mut w = Writer(Vec::new());
-        let first: u8 = match self {
+        // First pass: the body's size and every check; the second cannot fail after it.
+        let mut count = Count(0);
+        let first = self.encode_body(&mut Writer(&mut count))?;
+        let body_len = count.0;
+        if body_len > MAX_REMAINING_LENGTH {
+            return Err(EncodeError(format!("a packet body of {body_len} bytes")));
+        }
+        let mut out = Vec::with_capacity(1 + remaining_length_bytes(body_len) + body_len);
+        out.push(first);
+        let mut len = body_len;
+        loop {
+            let mut byte = (len % 128) as u8;
+            len /= 128;
+            if len > 0 {
+                byte |= 0x80;
+            }
+            out.push(byte);
+            if len == 0 {
+                break;
+            }
+        }
+        self.encode_body(&mut Writer(&mut out))?;
+        debug_assert_eq!(out.len(), 1 + remaining_length_bytes(body_len) + body_len);
+        Ok(out)
+    }
+
+    /// Writes the body (everything after the fixed header) to `w`; the first header byte.
+    fn encode_body<W: Sink>(&self, w: &mut Writer<'_, W>) -> Result<u8, EncodeError> {
+        Ok(match self {
             Packet::Connect(c) => {
                 w.bytes(c.protocol_name.as_bytes())?;
-                w.0.push(c.protocol_level);
+                w.u8(c.protocol_level);
                 let mut flags = 0u8;
                 if c.clean_session {
                     flags |= 0b10;
@@ -519,7 +585,7 @@ impl Packet {
                 if c.username.is_some() {
                     flags |= 0b1000_0000;
                 }
-                w.0.push(flags);
+                w.u8(flags);
                 w.u16(c.keep_alive);
                 w.bytes(c.client_id.as_bytes())?;
                 if let Some(will) = &c.will {
@@ -535,8 +601,8 @@ impl Packet {
                 0x10
             }
             Packet::ConnAck { session_present, code } => {
-                w.0.push(u8::from(*session_present));
-                w.0.push(*code as u8);
+                w.u8(u8::from(*session_present));
+                w.u8(*code as u8);
                 0x20
             }
             Packet::Publish(p) => {
@@ -547,7 +613,7 @@ impl Packet {
                 if let Some(id) = p.packet_id {
                     w.u16(id);
                 }
-                w.0.extend_from_slice(&p.payload);
+                w.raw(&p.payload);
                 0x30 | (u8::from(p.dup) << 3) | (p.qos << 1) | u8::from(p.retain)
             }
             Packet::PubAck(id) => {
@@ -558,13 +624,13 @@ impl Packet {
                 w.u16(*packet_id);
                 for (f, q) in filters {
                     w.bytes(f.as_bytes())?;
-                    w.0.push(*q);
+                    w.u8(*q);
                 }
                 0x82
             }
             Packet::SubAck { packet_id, return_codes } => {
                 w.u16(*packet_id);
-                w.0.extend_from_slice(return_codes);
+                w.raw(return_codes);
                 0x90
             }
             Packet::Unsubscribe { packet_id, filters } => {
@@ -581,27 +647,7 @@ impl Packet {
             Packet::PingReq => 0xc0,
             Packet::PingResp => 0xd0,
             Packet::Disconnect => 0xe0,
-        };
-        let body = w.0;
-        if body.len() > MAX_REMAINING_LENGTH {
-            return Err(EncodeError(format!("a packet body of {} bytes", body.len())));
-        }
-        let mut out = Vec::with_capacity(body.len() + 5);
-        out.push(first);
-        let mut len = body.len();
-        loop {
-            let mut byte = (len % 128) as u8;
-            len /= 128;
-            if len > 0 {
-                byte |= 0x80;
-            }
-            out.push(byte);
-            if len == 0 {
-                break;
-            }
-        }
-        out.extend_from_slice(&body);
-        Ok(out)
+        })
     }
 }
 
@@ -668,6 +714,50 @@ mod tests {
                 assert_eq!(decode(&bytes[..cut], 1 << 20), Ok(None), "{} cut at {cut}", p.name());
             }
         }
+    }
+
+    #[test]
+    fn encode_writes_the_known_bytes_into_one_exact_buffer() {
+        let sub = Packet::Subscribe { packet_id: 1, filters: vec![("a/#".into(), 1)] };
+        assert_eq!(sub.encode().unwrap(), [0x82, 0x08, 0x00, 0x01, 0x00, 0x03, b'a', b'/', b'#', 0x01]);
+        assert_eq!(Packet::PubAck(0x1234).encode().unwrap(), [0x40, 0x02, 0x12, 0x34]);
+        assert_eq!(Packet::PingReq.encode().unwrap(), [0xc0, 0x00]);
+        // Bodies on both sides of every remaining-length size step.
+        for body in [0usize, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152] {
+            let payload_len = body.saturating_sub(3);
+            let p = Packet::Publish(Publish {
+                dup: false,
+                qos: 0,
+                retain: false,
+                topic: "t".into(),
+                packet_id: None,
+                payload: vec![7; payload_len],
+            });
+            let bytes = p.encode().unwrap();
+            assert_eq!(bytes.len(), bytes.capacity(), "body {body}: the buffer is allocated at its final size");
+            assert_eq!(bytes.len(), 1 + remaining_length_bytes(payload_len + 3) + payload_len + 3);
+            let (back, used) = decode(&bytes, 1 << 23).unwrap().unwrap();
+            assert_eq!((back, used), (p, bytes.len()));
+        }
+    }
+
+    #[test]
+    fn encode_errors_are_unchanged() {
+        let long = "x".repeat(70_000);
+        let p = Packet::Subscribe { packet_id: 1, filters: vec![(long, 0)] };
+        assert_eq!(
+            p.encode().unwrap_err().to_string(),
+            "cannot encode MQTT packet: a field of 70000 bytes (max 65535)"
+        );
+        let p = Packet::Publish(Publish {
+            dup: false,
+            qos: 1,
+            retain: false,
+            topic: "t".into(),
+            packet_id: None,
+            payload: Vec::new(),
+        });
+        assert!(p.encode().unwrap_err().0.contains("QoS 1 with"));
     }
 
     #[test]
