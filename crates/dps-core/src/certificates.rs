@@ -14,7 +14,7 @@ use dps_proto::service::{AttestationType, EnrollmentGroup, IndividualEnrollment,
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::engine::{parse_body, parse_stored, Engine};
+use crate::engine::{parse_body, parse_stored, Core, Management};
 use crate::error::Error;
 use crate::etag::IfMatch;
 use crate::registration::ResolvedEnrollment;
@@ -124,7 +124,7 @@ fn map_store(e: StoreError, name: &str) -> Error {
     }
 }
 
-impl Engine {
+impl Management {
     async fn load_certificate(&self, name: &str) -> Result<(CaCertificate, String), Error> {
         validate_name(name)?;
         let doc = self.store.get(Collection::Certificates, name).await?.ok_or_else(|| not_found(name))?;
@@ -197,23 +197,6 @@ impl Engine {
         Ok(self.all_certificates().await?.iter().map(|(c, etag)| c.view(etag)).collect())
     }
 
-    /// Every CA certificate of the store, parsed, with its etag (page after page).
-    async fn all_certificates(&self) -> Result<Vec<(CaCertificate, String)>, Error> {
-        let mut out = Vec::new();
-        let mut continuation: Option<String> = None;
-        loop {
-            let page = self.store.list(Collection::Certificates, None, continuation.as_deref(), 500).await?;
-            for doc in page.documents {
-                let c: CaCertificate = parse_stored(&doc.body, "certificate", &doc.id)?;
-                out.push((c, doc.etag));
-            }
-            match page.continuation {
-                Some(c) => continuation = Some(c),
-                None => return Ok(out),
-            }
-        }
-    }
-
     /// Deletes a CA certificate.
     pub async fn delete_certificate(&self, name: &str, if_match: &IfMatch) -> Result<(), Error> {
         let (_, etag) = self.load_certificate(name).await?;
@@ -275,6 +258,27 @@ impl Engine {
         let etag = self.save_certificate(&cert, condition).await?;
         tracing::info!(name, "CA certificate verified by proof of possession");
         Ok(cert.view(&etag))
+    }
+}
+
+/// What the device plane needs of the certificate store (X.509 authentication), and the
+/// listing both planes use.
+impl Core {
+    /// Every CA certificate of the store, parsed, with its etag (page after page).
+    pub(crate) async fn all_certificates(&self) -> Result<Vec<(CaCertificate, String)>, Error> {
+        let mut out = Vec::new();
+        let mut continuation: Option<String> = None;
+        loop {
+            let page = self.store.list(Collection::Certificates, None, continuation.as_deref(), 500).await?;
+            for doc in page.documents {
+                let c: CaCertificate = parse_stored(&doc.body, "certificate", &doc.id)?;
+                out.push((c, doc.etag));
+            }
+            match page.continuation {
+                Some(c) => continuation = Some(c),
+                None => return Ok(out),
+            }
+        }
     }
 
     /// The verified CA certificates of the store, parsed: from the cache when the store's

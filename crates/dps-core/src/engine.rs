@@ -1,5 +1,8 @@
-//! The engine: settings, ports, and shared helpers. The device operations live in
-//! [`crate::registration`], the service operations in [`crate::enrollment`].
+//! The engine: its settings, the state both planes share ([`Core`]: ports, caches, throttles,
+//! shared helpers), and the two planes over it: [`DeviceRuntime`] (register, poll, status
+//! lookup; in [`crate::registration`]) and [`Management`] (enrollments, groups, registration
+//! states, certificates; in [`crate::enrollment`], [`crate::certificates`] and
+//! `registration/management.rs`). [`Engine`] builds them and hands them out.
 
 use std::sync::Arc;
 
@@ -81,9 +84,10 @@ impl Default for EngineSettings {
     }
 }
 
-/// The provisioning engine. Cheap to clone.
+/// What both planes share: the store, settings, clock, allocation hook, caches and throttles.
+/// A bundle of shared pointers: every clone sees the same caches.
 #[derive(Clone)]
-pub struct Engine {
+pub struct Core {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) settings: Arc<EngineSettings>,
     pub(crate) clock: Arc<dyn Clock>,
@@ -130,9 +134,41 @@ impl<T> VersionCache<T> {
     }
 }
 
-impl std::fmt::Debug for Engine {
+impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("settings", &self.settings).finish_non_exhaustive()
+        f.debug_struct("Core").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+/// The provisioning engine: builds the shared [`Core`] and hands out its two planes. Cheap to
+/// clone; clones share caches and throttles.
+#[derive(Clone, Debug)]
+pub struct Engine {
+    devices: DeviceRuntime,
+    management: Management,
+}
+
+/// The device plane: what transports call for devices (register, operation status,
+/// registration status), after authentication ([`crate::registration`]).
+#[derive(Clone, Debug)]
+pub struct DeviceRuntime(Core);
+
+/// The management plane: what the service API calls (enrollments, enrollment groups,
+/// registration states, CA certificates).
+#[derive(Clone, Debug)]
+pub struct Management(Core);
+
+impl std::ops::Deref for DeviceRuntime {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Management {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.0
     }
 }
 
@@ -144,6 +180,51 @@ impl Engine {
 
     /// An engine with an explicit clock (tests).
     pub fn with_clock(store: Arc<dyn Store>, settings: EngineSettings, clock: Arc<dyn Clock>) -> Self {
+        let core = Core::new(store, settings, clock);
+        Self { devices: DeviceRuntime(core.clone()), management: Management(core) }
+    }
+
+    /// Sets the client used for custom allocation webhooks (both planes: the device plane calls
+    /// it, the management plane checks `webhookUrl`s with it).
+    pub fn with_hook(mut self, hook: Arc<dyn AllocationHook>) -> Self {
+        self.devices.0.hook = Some(hook.clone());
+        self.management.0.hook = Some(hook);
+        self
+    }
+
+    /// The device plane.
+    pub fn devices(&self) -> &DeviceRuntime {
+        &self.devices
+    }
+
+    /// The management plane.
+    pub fn management(&self) -> &Management {
+        &self.management
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &EngineSettings {
+        &self.devices.settings
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.devices.store
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.devices.clock
+    }
+
+    /// Deletes expired operations; returns how many.
+    pub async fn purge_expired(&self) -> Result<u64, Error> {
+        Ok(self.devices.store.purge_expired(self.devices.clock.now_millis()).await?)
+    }
+}
+
+impl Core {
+    fn new(store: Arc<dyn Store>, settings: EngineSettings, clock: Arc<dyn Clock>) -> Self {
         let mut node = [0u8; 8];
         rand::thread_rng().fill_bytes(&mut node);
         let hex: String = node.iter().map(|b| format!("{b:02x}")).collect();
@@ -160,12 +241,6 @@ impl Engine {
             groups: Arc::default(),
             verified_cas: Arc::default(),
         }
-    }
-
-    /// Sets the client used for custom allocation webhooks.
-    pub fn with_hook(mut self, hook: Arc<dyn AllocationHook>) -> Self {
-        self.hook = Some(hook);
-        self
     }
 
     /// The settings in force.
@@ -255,11 +330,6 @@ impl Engine {
             })?;
         }
         Ok(())
-    }
-
-    /// Deletes expired operations; returns how many.
-    pub async fn purge_expired(&self) -> Result<u64, Error> {
-        Ok(self.store.purge_expired(self.clock.now_millis()).await?)
     }
 }
 

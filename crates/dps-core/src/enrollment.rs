@@ -18,7 +18,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::allocation::{find_linked, linked_names};
-use crate::engine::{body_error, parse_body, parse_stored, to_json, Engine};
+use crate::engine::{body_error, parse_body, parse_stored, to_json, Management};
 use crate::error::Error;
 use crate::etag::{new_enrollment_etag, IfMatch};
 use crate::store::{Collection, Condition, Document, Page, StoreError, Write};
@@ -209,7 +209,7 @@ pub struct QueryPage<T> {
     pub continuation: Option<String>,
 }
 
-impl Engine {
+impl Management {
     fn validate_common(&self, common: &mut EnrollmentCommon, existing: Option<&EnrollmentCommon>) -> Result<(), Error> {
         let att = &mut common.attestation;
         match att.kind {

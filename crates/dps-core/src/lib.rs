@@ -1,9 +1,11 @@
 //! The dps-rs provisioning engine.
 //!
-//! Transports (HTTPS, MQTT, AMQP) parse the wire into a [`registration::RegisterRequest`] and
-//! call [`Engine::register`]; the service API calls the enrollment and registration-state
-//! operations. Nothing here knows about sockets or databases: storage is the [`store::Store`]
-//! port, time is the [`clock::Clock`] port.
+//! Transports (HTTPS, MQTT, AMQP) parse the wire into a [`registration::RegisterRequest`] (or
+//! authenticate a connection once, [`DeviceRuntime::authenticate_device`]) and call the device
+//! plane, [`Engine::devices`]; the service API calls the management plane,
+//! [`Engine::management`]. Nothing here knows about sockets, databases or HTTP statuses:
+//! storage is the [`store::Store`] port, time the [`clock::Clock`] port, custom allocation the
+//! [`custom::AllocationHook`] port.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -23,5 +25,5 @@ pub mod store;
 pub mod throttle;
 pub mod x509;
 
-pub use engine::{Engine, EngineSettings};
+pub use engine::{Core, DeviceRuntime, Engine, EngineSettings, Management};
 pub use error::Error;

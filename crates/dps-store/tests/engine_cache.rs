@@ -40,7 +40,11 @@ async fn put_group(engine: &Engine) {
     let body = format!(
         r#"{{"enrollmentGroupId":"cached-group","attestation":{{"type":"symmetricKey","symmetricKey":{{"primaryKey":"{key}","secondaryKey":"{key}"}}}}}}"#
     );
-    engine.put_enrollment_record::<EnrollmentGroup>("cached-group", body.as_bytes(), &IfMatch::Any).await.unwrap();
+    engine
+        .management()
+        .put_enrollment_record::<EnrollmentGroup>("cached-group", body.as_bytes(), &IfMatch::Any)
+        .await
+        .unwrap();
 }
 
 async fn register(engine: &Engine, registration_id: &str) -> Result<(), Error> {
@@ -55,7 +59,7 @@ async fn register(engine: &Engine, registration_id: &str) -> Result<(), Error> {
         body: format!(r#"{{"registrationId":"{registration_id}"}}"#).into_bytes(),
         force: false,
     };
-    engine.register(request).await.map(drop)
+    engine.devices().register(request).await.map(drop)
 }
 
 /// Node A caches the group; node B, on its own handle of the same file, deletes it; A's next
@@ -69,7 +73,7 @@ async fn a_group_changed_through_another_handle_is_seen() {
     put_group(&b).await;
     register(&a, "device-1").await.unwrap();
     register(&a, "device-2").await.unwrap();
-    b.delete_enrollment_record::<EnrollmentGroup>("cached-group", &IfMatch::Any).await.unwrap();
+    b.management().delete_enrollment_record::<EnrollmentGroup>("cached-group", &IfMatch::Any).await.unwrap();
     let refused = register(&a, "device-3").await;
     assert!(matches!(refused, Err(Error::Unauthorized(_))), "{refused:?}");
     put_group(&b).await;

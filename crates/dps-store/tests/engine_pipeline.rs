@@ -14,12 +14,14 @@ use dps_core::allocation::LinkedHub;
 use dps_core::clock::ManualClock;
 use dps_core::custom::{AllocationHook, HookError};
 use dps_core::etag::IfMatch;
-use dps_core::registration::{Credential, DeviceReply, RegisterRequest};
+use dps_core::registration::{
+    AuthenticatedDevice, Authentication, Credential, DeviceReply, RegisterRequest, Registered,
+};
 use dps_core::{Engine, EngineSettings, Error};
 use dps_proto::device::RegistrationStatus;
 use dps_proto::sas::{build_token, derive_device_key, device_resource};
 use dps_proto::service::{EnrollmentGroup, IndividualEnrollment};
-use dps_proto::webhook::AllocationRequest;
+use dps_proto::webhook::{AllocationRequest, AllocationResponse};
 use dps_store::MemoryStore;
 use serde_json::{json, Value};
 
@@ -69,6 +71,7 @@ impl Fixture {
             "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": k, "secondaryKey": k}}});
         body.as_object_mut().unwrap().extend(extra.as_object().cloned().unwrap_or_default());
         self.engine
+            .management()
             .put_enrollment_record::<IndividualEnrollment>(registration_id, body.to_string().as_bytes(), &IfMatch::Any)
             .await
             .unwrap();
@@ -79,26 +82,49 @@ impl Fixture {
         let body = json!({"enrollmentGroupId": group_id,
             "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": k, "secondaryKey": k}}});
         self.engine
+            .management()
             .put_enrollment_record::<EnrollmentGroup>(group_id, body.to_string().as_bytes(), &IfMatch::Any)
             .await
             .unwrap();
     }
 
     async fn register(&self, registration_id: &str, token: &str) -> Result<DeviceReply, Error> {
+        match self.register_with(registration_id, Credential::Sas(token.into()), b"").await? {
+            Registered::Reply(reply) => Ok(reply),
+            Registered::Challenge(c) => panic!("a SAS device got a challenge: {c:?}"),
+        }
+    }
+
+    async fn register_with(
+        &self,
+        registration_id: &str,
+        credential: Credential,
+        body: &[u8],
+    ) -> Result<Registered, Error> {
         self.engine
+            .devices()
             .register(RegisterRequest {
                 id_scope: self.scope(),
                 registration_id: registration_id.into(),
-                credential: Credential::Sas(token.into()),
-                body: Vec::new(),
+                credential,
+                body: body.to_vec(),
                 force: false,
             })
             .await
     }
 
+    /// Authentication as a connection-oriented transport does it, for a device that needs no
+    /// challenge.
+    async fn connect(&self, registration_id: &str, credential: &Credential) -> Result<AuthenticatedDevice, Error> {
+        match self.engine.devices().authenticate_device(&self.scope(), registration_id, credential).await? {
+            Authentication::Authenticated(device) => Ok(device),
+            Authentication::Challenge(c) => panic!("a SAS device got a challenge: {c:?}"),
+        }
+    }
+
     async fn poll(&self, registration_id: &str, token: &str, operation_id: &str) -> Result<DeviceReply, Error> {
         let credential = Credential::Sas(token.into());
-        self.engine.operation_status(&self.scope(), registration_id, operation_id, &credential).await
+        self.engine.devices().operation_status(&self.scope(), registration_id, operation_id, &credential).await
     }
 }
 
@@ -136,13 +162,17 @@ struct SlowHook {
 
 #[async_trait]
 impl AllocationHook for SlowHook {
-    async fn call(&self, _url: &str, _request: &AllocationRequest) -> Result<Vec<u8>, HookError> {
+    async fn call(&self, _url: &str, _request: &AllocationRequest) -> Result<AllocationResponse, HookError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         match self.delay {
             Some(d) => tokio::time::sleep(d).await,
             None => std::future::pending::<()>().await,
         }
-        Ok(json!({"iotHubHostName": HUB, "payload": {"late": true}}).to_string().into_bytes())
+        Ok(AllocationResponse {
+            iot_hub_host_name: Some(HUB.into()),
+            initial_twin: None,
+            payload: Some(json!({"late": true})),
+        })
     }
 }
 
@@ -220,27 +250,27 @@ async fn a_device_authenticated_at_connect_is_rechecked_as_far_as_something_chan
     f.enroll("dev-conn", &key(6), json!({})).await;
     let token = f.token("dev-conn", &key(6), 600);
     let credential = Credential::Sas(token.clone());
-    let mut device = f.engine.authenticate_device(&f.scope(), "dev-conn", &credential).await.unwrap();
-    let reply = f.engine.register_device(&mut device, b"").await.unwrap();
+    let mut device = f.connect("dev-conn", &credential).await.unwrap();
+    let reply = f.engine.devices().register_device(&mut device, b"").await.unwrap();
     assert_eq!(reply.operation.status, RegistrationStatus::Assigned);
     let op = reply.operation.operation_id.clone();
-    assert_eq!(f.engine.operation_status_of(&mut device, &op).await.unwrap().operation, reply.operation);
+    assert_eq!(f.engine.devices().operation_status_of(&mut device, &op).await.unwrap().operation, reply.operation);
     // Rotated keys: the next request is checked in full, and refused.
     f.enroll("dev-conn", &key(7), json!({})).await;
-    assert!(matches!(f.engine.register_device(&mut device, b"").await, Err(Error::Unauthorized(_))));
-    assert!(matches!(f.engine.operation_status_of(&mut device, &op).await, Err(Error::Unauthorized(_))));
+    assert!(matches!(f.engine.devices().register_device(&mut device, b"").await, Err(Error::Unauthorized(_))));
+    assert!(matches!(f.engine.devices().operation_status_of(&mut device, &op).await, Err(Error::Unauthorized(_))));
     // Back to the key it signed with: accepted again; then the token expires (600 s + 300 s skew).
     f.enroll("dev-conn", &key(6), json!({})).await;
-    assert!(f.engine.register_device(&mut device, b"").await.is_ok());
+    assert!(f.engine.devices().register_device(&mut device, b"").await.is_ok());
     f.clock.advance_secs(900);
-    assert!(f.engine.register_device(&mut device, b"").await.is_ok(), "within the skew");
+    assert!(f.engine.devices().register_device(&mut device, b"").await.is_ok(), "within the skew");
     f.clock.advance_secs(1);
-    assert!(matches!(f.engine.register_device(&mut device, b"").await, Err(Error::Unauthorized(_))));
+    assert!(matches!(f.engine.devices().register_device(&mut device, b"").await, Err(Error::Unauthorized(_))));
     // A disabled enrollment is seen by the next register.
     let fresh = f.token("dev-conn", &key(6), 3600);
-    let mut device = f.engine.authenticate_device(&f.scope(), "dev-conn", &Credential::Sas(fresh)).await.unwrap();
+    let mut device = f.connect("dev-conn", &Credential::Sas(fresh)).await.unwrap();
     f.enroll("dev-conn", &key(6), json!({"provisioningStatus": "disabled"})).await;
-    let disabled = f.engine.register_device(&mut device, b"").await.unwrap();
+    let disabled = f.engine.devices().register_device(&mut device, b"").await.unwrap();
     assert_eq!(disabled.operation.status, RegistrationStatus::Disabled);
 }
 
@@ -258,7 +288,7 @@ async fn a_store_outage_is_unavailable_on_every_device_path() {
     for (id, token) in &cases {
         let reply = f.register(id, token).await.unwrap();
         ops.push(reply.operation.operation_id.clone());
-        devices.push(f.engine.authenticate_device(&f.scope(), id, &Credential::Sas(token.clone())).await.unwrap());
+        devices.push(f.connect(id, &Credential::Sas(token.clone())).await.unwrap());
     }
     f.store.set_unavailable(true);
     let unavailable = |what: &str, r: Result<(), Error>| {
@@ -270,18 +300,60 @@ async fn a_store_outage_is_unavailable_on_every_device_path() {
         unavailable(&format!("poll {id}"), f.poll(id, token, op).await.map(drop));
         unavailable(
             &format!("status {id}"),
-            f.engine.registration_status(&f.scope(), id, &credential, b"").await.map(drop),
+            f.engine.devices().registration_status(&f.scope(), id, &credential, b"").await.map(drop),
         );
         unavailable(
             &format!("connect {id}"),
-            f.engine.authenticate_device(&f.scope(), id, &credential).await.map(drop),
+            f.engine.devices().authenticate_device(&f.scope(), id, &credential).await.map(drop),
         );
-        unavailable(&format!("register on a connection {id}"), f.engine.register_device(device, b"").await.map(drop));
-        unavailable(&format!("poll on a connection {id}"), f.engine.operation_status_of(device, op).await.map(drop));
+        unavailable(
+            &format!("register on a connection {id}"),
+            f.engine.devices().register_device(device, b"").await.map(drop),
+        );
+        unavailable(
+            &format!("poll on a connection {id}"),
+            f.engine.devices().operation_status_of(device, op).await.map(drop),
+        );
     }
     // An unknown device too: the store cannot say it is unknown.
     let stranger = f.token("dev-unknown", &key(10), 3600);
     unavailable("unknown", f.register("dev-unknown", &stranger).await.map(drop));
     f.store.set_unavailable(false);
     assert!(f.register("dev-ind", &cases[0].1).await.is_ok());
+}
+
+/// The authentication seam's challenge branch: a TPM device's first request (its keys in the
+/// body, no token) goes to the challenge stage, not to the "no credential" refusal; no TPM
+/// enrollment can be written yet, so every endorsement key gets the refusal an unknown one gets,
+/// whether or not the ID is enrolled otherwise. With a token, the body's `tpm` does not matter.
+#[tokio::test]
+async fn a_tpm_request_without_a_token_goes_to_the_challenge_stage() {
+    let f = fixture(EngineSettings::default());
+    f.enroll("dev-sym", &key(11), json!({})).await;
+    let body =
+        json!({"registrationId": "dev-sym", "tpm": {"endorsementKey": "AToAAQAL", "storageRootKey": "ARgAAQAL"}});
+    let body = body.to_string().into_bytes();
+    let mut messages = Vec::new();
+    for id in ["dev-sym", "dev-unknown"] {
+        let body = String::from_utf8(body.clone()).unwrap().replace("dev-sym", id);
+        match f.register_with(id, Credential::None, body.as_bytes()).await {
+            Err(Error::Unauthorized(m)) => messages.push(m.replace(id, "<id>")),
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+    assert_eq!(messages[0], messages[1], "the refusal does not tell an enrolled ID from an unknown one");
+    assert!(messages[0].contains("TPM endorsement key"), "{}", messages[0]);
+    let none = f.register_with("dev-sym", Credential::None, b"").await;
+    assert!(matches!(&none, Err(Error::Unauthorized(m)) if m.starts_with("no credential")), "{none:?}");
+    // A TPM device's later requests carry a token; for it the `tpm` object is only data.
+    let token = f.token("dev-sym", &key(11), 600);
+    let signed = f.register_with("dev-sym", Credential::Sas(token), &body).await.unwrap();
+    assert!(matches!(signed, Registered::Reply(r) if r.operation.status == RegistrationStatus::Assigned));
+    // Only a register starts a challenge: a connection cannot authenticate by an endorsement key.
+    let endorsement = Credential::TpmEndorsement(dps_core::registration::TpmEndorsement {
+        endorsement_key: "AToAAQAL".into(),
+        storage_root_key: None,
+    });
+    let status = f.engine.devices().registration_status(&f.scope(), "dev-sym", &endorsement, b"").await;
+    assert!(matches!(status, Err(Error::Unauthorized(_))), "{status:?}");
 }

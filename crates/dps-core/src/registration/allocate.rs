@@ -9,8 +9,8 @@ use serde_json::Value;
 use super::records::{RegistrationRecord, ResolvedEnrollment};
 use super::register::{reprovision_policy, Pending};
 use crate::allocation::{allocate, candidates, AllocationError};
-use crate::custom::{check_response, AllocationFailure, Assignment, HookError};
-use crate::engine::Engine;
+use crate::custom::{check_answer, AllocationFailure, Assignment};
+use crate::engine::DeviceRuntime;
 use crate::enrollment::EnrollmentKind;
 use crate::reprovision::{self};
 
@@ -27,7 +27,7 @@ pub(super) fn webhook_view<R: EnrollmentKind>(record: &R) -> Value {
     serde_json::to_value(&r).unwrap_or(Value::Null)
 }
 
-impl Engine {
+impl DeviceRuntime {
     /// Chooses the hub: a built-in policy, or the custom allocation webhook. A device that is
     /// assigned already and whose enrollment says "never reprovision"
     /// (`updateHubAssignment: false`) stays on its hub; a webhook is then offered only that hub.
@@ -110,22 +110,11 @@ impl Engine {
         // A built-in rule set is the operator's own config, not a remote party: its answers and
         // errors are shown to the device as they are.
         let in_process = hook.answers_inline(&definition.webhook_url);
-        let answer = hook.call(&definition.webhook_url, &request).await.map_err(|e| match e {
-            HookError::PayloadRejected(m) => {
-                AllocationFailure { code: ErrorCode::INVALID_PAYLOAD, message: m, detail: None }
-            }
-            e => {
-                let what = pending.enrollment.describe();
-                let full = e.to_string();
-                let public = if in_process { full.clone() } else { e.public_message() };
-                AllocationFailure {
-                    code: ErrorCode::ALLOCATION_FAILED,
-                    message: format!("custom allocation failed for {what}: {public}"),
-                    detail: (public != full).then(|| format!("custom allocation failed for {what}: {full}")),
-                }
-            }
-        })?;
-        check_response(&answer, &linked_hubs, common.initial_twin.as_ref()).map_err(|f| match f.detail {
+        let answer = hook
+            .call(&definition.webhook_url, &request)
+            .await
+            .map_err(|e| AllocationFailure::from_hook(e, &pending.enrollment.describe(), in_process))?;
+        check_answer(answer, &linked_hubs, common.initial_twin.as_ref()).map_err(|f| match f.detail {
             Some(detail) if in_process => AllocationFailure { code: f.code, message: detail, detail: None },
             _ => f,
         })

@@ -1,6 +1,8 @@
-//! The authentication stage: the credential a transport saw (SAS token, certificate chain)
-//! checked against the enrollments; the answer is the resolved enrollment, or a refusal that
-//! does not tell which IDs exist.
+//! The authentication stage: the credential a transport saw (SAS token, certificate chain, a
+//! TPM's endorsement key) checked against the enrollments. The answer is an
+//! [`Authentication`]: the device is authenticated (its resolved enrollment), or it must first
+//! answer a [`Challenge`] (TPM, docs/protocol-notes.md §3.9 and §6) — or a refusal that does
+//! not tell which IDs exist.
 
 use dps_proto::error::ErrorCode;
 use dps_proto::ids::{validate_id_scope, validate_registration_id};
@@ -9,7 +11,7 @@ use dps_proto::service::{AttestationType, EnrollmentGroup, IndividualEnrollment,
 
 use super::records::ResolvedEnrollment;
 use crate::attestation::{verify_group, verify_individual};
-use crate::engine::{parse_stored, Engine};
+use crate::engine::{parse_stored, DeviceRuntime};
 use crate::error::Error;
 use crate::store::Collection;
 
@@ -20,8 +22,53 @@ pub enum Credential {
     Sas(String),
     /// The certificate chain the device presented in the TLS handshake (DER, leaf first).
     X509(std::sync::Arc<Vec<Vec<u8>>>),
+    /// A TPM's public keys, sent in the register body without a token: the device asks for the
+    /// challenge it then answers with a SAS signed by the key the challenge delivers.
+    TpmEndorsement(TpmEndorsement),
     /// Nothing.
     None,
+}
+
+/// The public keys a TPM device sends with its first register request (base64 TPM2B_PUBLIC).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TpmEndorsement {
+    /// The endorsement key.
+    pub endorsement_key: String,
+    /// The storage root key, under which the challenge's key is to be imported.
+    pub storage_root_key: Option<String>,
+}
+
+/// What the authentication stage concludes about a device that is not refused.
+#[derive(Debug, Clone)]
+// Returned once per request and matched at once: boxing the common variant would cost an
+// allocation per registration to save stack space for the rare one.
+#[allow(clippy::large_enum_variant)]
+pub enum Authentication {
+    /// The device proved who it is.
+    Authenticated(AuthenticatedDevice),
+    /// The device must first prove that it holds a key: the transport sends the challenge and
+    /// the device comes back with the proof (TPM over HTTPS: a `401` carrying the challenge, then
+    /// a SAS signed with the key it delivers; AMQP: the SASL `TPM` exchange).
+    Challenge(Challenge),
+}
+
+/// A challenge for a device (TPM, docs/protocol-notes.md §3.9 and §6): what the transport must
+/// send. What the engine needs to check the answer stays in the engine.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Challenge {
+    /// The registration ID it was issued for.
+    pub registration_id: String,
+    /// The bytes to send (TPM: the `authenticationKey` blob the device imports into its TPM).
+    pub blob: Vec<u8>,
+    /// The name the device imports the key under (TPM over HTTPS: `keyName`).
+    pub key_name: String,
+}
+
+impl std::fmt::Debug for Challenge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The blob wraps a key for one TPM only, but there is no reason to log it.
+        write!(f, "Challenge({}, {} bytes, key {})", self.registration_id, self.blob.len(), self.key_name)
+    }
 }
 
 impl std::fmt::Debug for Credential {
@@ -29,6 +76,7 @@ impl std::fmt::Debug for Credential {
         match self {
             Credential::Sas(_) => f.write_str("Sas(<redacted>)"),
             Credential::X509(chain) => write!(f, "X509({} certificates)", chain.len()),
+            Credential::TpmEndorsement(_) => f.write_str("TpmEndorsement"),
             Credential::None => f.write_str("None"),
         }
     }
@@ -36,7 +84,7 @@ impl std::fmt::Debug for Credential {
 
 /// A device that proved who it is: what a connection-oriented transport (MQTT at CONNECT,
 /// AMQP after SASL) keeps for the rest of the connection and hands to every register and poll
-/// ([`Engine::register_device`], [`Engine::operation_status_of`]). Those re-check only what can
+/// ([`DeviceRuntime::register_device`], [`DeviceRuntime::operation_status_of`]). Those re-check only what can
 /// have changed since: the credential's validity, and whether the enrollment (or, for an X.509
 /// group member, the certificate store) was written since; a change means a full check again.
 #[derive(Debug, Clone)]
@@ -90,6 +138,13 @@ pub(crate) fn sas_not_accepted(registration_id: &str) -> String {
     )
 }
 
+/// The same for TPM: no TPM enrollment with this endorsement key answers for the ID.
+pub(crate) fn tpm_not_accepted(registration_id: &str) -> String {
+    format!(
+        "the TPM endorsement key is not accepted for registration ID '{registration_id}': it must be the endorsementKey of the device's individual enrollment"
+    )
+}
+
 /// The same for X.509: the certificate's CN and validity were fine, but it matches no
 /// enrollment (not pinned, no group's CA, no verified CA in the chain).
 pub(crate) fn x509_not_accepted(registration_id: &str) -> String {
@@ -98,7 +153,7 @@ pub(crate) fn x509_not_accepted(registration_id: &str) -> String {
     )
 }
 
-impl Engine {
+impl DeviceRuntime {
     pub(super) fn check_scope_and_id(&self, id_scope: &str, registration_id: &str) -> Result<(), Error> {
         validate_id_scope(id_scope).map_err(|e| Error::bad_request(ErrorCode::INVALID_IDENTIFIER, e.to_string()))?;
         validate_registration_id(registration_id)
@@ -110,14 +165,39 @@ impl Engine {
     }
 
     /// Checks the ID scope and registration ID grammar, then authenticates the device, as a
-    /// connection-oriented transport does once at connect time (MQTT CONNECT, AMQP SASL).
+    /// connection-oriented transport does once at connect time (MQTT CONNECT, AMQP SASL) and
+    /// the HTTPS register does per request: the device is authenticated, or it gets a
+    /// challenge (a TPM's endorsement key without a token).
     pub async fn authenticate_device(
         &self,
         id_scope: &str,
         registration_id: &str,
         credential: &Credential,
-    ) -> Result<AuthenticatedDevice, Error> {
+    ) -> Result<Authentication, Error> {
         self.check_scope_and_id(id_scope, registration_id)?;
+        if let Credential::TpmEndorsement(endorsement) = credential {
+            return self.challenge(registration_id, endorsement).await.map(Authentication::Challenge);
+        }
+        self.authenticated(id_scope, registration_id, credential).await.map(Authentication::Authenticated)
+    }
+
+    /// The challenge for a TPM device. TPM enrollments cannot be written yet (the service API
+    /// refuses them with 400004 until TPM attestation lands), so no endorsement key is
+    /// enrolled and every request gets the refusal an unknown key gets.
+    async fn challenge(&self, registration_id: &str, _endorsement: &TpmEndorsement) -> Result<Challenge, Error> {
+        let started = tokio::time::Instant::now();
+        crate::info_limited!("device-auth", registration_id, "TPM challenge refused: no TPM enrollment for the ID");
+        tokio::time::sleep_until(started + std::time::Duration::from_millis(self.settings.auth_failure_delay_ms)).await;
+        Err(unauthorized(tpm_not_accepted(registration_id)))
+    }
+
+    /// Authentication by a credential that needs no challenge.
+    async fn authenticated(
+        &self,
+        id_scope: &str,
+        registration_id: &str,
+        credential: &Credential,
+    ) -> Result<AuthenticatedDevice, Error> {
         let certificates_version = match credential {
             // Read before what it guards: a write in between only makes the next check a full one.
             Credential::X509(_) => Some(self.store.version(Collection::Certificates).await?),
@@ -145,7 +225,7 @@ impl Engine {
                 return Ok(enrollment);
             }
         }
-        let fresh = self.authenticate_device(&device.id_scope, &device.registration_id, &device.credential).await?;
+        let fresh = self.authenticated(&device.id_scope, &device.registration_id, &device.credential).await?;
         *device = fresh;
         Ok(device.enrollment.clone())
     }
@@ -187,7 +267,7 @@ impl Engine {
                 .iter()
                 .map(|der| crate::x509::facts(der).ok().and_then(|f| u64::try_from(f.not_after).ok()))
                 .try_fold(u64::MAX, |earliest, t| t.map(|t| earliest.min(t))),
-            Credential::None => None,
+            Credential::TpmEndorsement(_) | Credential::None => None,
         }
     }
 
@@ -220,6 +300,9 @@ impl Engine {
         let text = match credential {
             Credential::Sas(t) => t,
             Credential::X509(chain) => return self.authenticate_x509(registration_id, chain).await,
+            // Only a register request can start the challenge (`authenticate_device`); a TPM
+            // device's other requests carry the SAS signed with the key it was given.
+            Credential::TpmEndorsement(_) => return Err(unauthorized(tpm_not_accepted(registration_id))),
             Credential::None => {
                 return Err(unauthorized(
                     "no credential: send a SAS token signed with the enrollment's symmetric key (HTTP Authorization header, MQTT password), or a client certificate in the TLS handshake",

@@ -5,13 +5,14 @@ use dps_proto::ids::{id_key, validate_enrollment_group_id, validate_registration
 use dps_proto::service::DeviceRegistrationState;
 
 use super::records::RegistrationRecord;
-use crate::engine::{parse_stored, Engine};
+use crate::engine::{parse_stored, Core, Management};
 use crate::enrollment::QueryPage;
 use crate::error::Error;
 use crate::etag::IfMatch;
 use crate::store::{Collection, Condition, StoreError, Write};
 
-impl Engine {
+/// A registration state as stored, for either plane.
+impl Core {
     pub(super) async fn load_registration(&self, registration_id: &str) -> Result<RegistrationRecord, Error> {
         let doc = self.store.get(Collection::Registrations, registration_id).await?.ok_or_else(|| {
             Error::not_found(
@@ -21,7 +22,9 @@ impl Engine {
         })?;
         parse_stored(&doc.body, "registration", registration_id)
     }
+}
 
+impl Management {
     /// Service API: reads a registration state.
     pub async fn get_registration_state(&self, registration_id: &str) -> Result<DeviceRegistrationState, Error> {
         validate_registration_id(registration_id)

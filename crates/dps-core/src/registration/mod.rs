@@ -1,14 +1,17 @@
-//! Device registration: the spine every transport calls (register, operation status,
-//! registration status), and the service API's registration-state operations.
+//! Device registration: the device plane's pipeline (register, operation status, registration
+//! status), and the management plane's registration-state operations.
 //!
-//! One registration goes through stages, one file each: [`authenticate`] (the credential
-//! against the enrollments), allocation ([`allocate`]: a built-in policy or the custom
-//! allocation hook), the reprovisioning plan ([`crate::reprovision`], a pure function), and
-//! persistence of the registration state and the operation in one atomic write
-//! ([`register`]). A slow step (the custom allocation webhook) goes through the one
-//! mechanism in [`slow_step`]. The answer already carries the final state unless that step is
-//! slow or `assigning_first` is set (docs/compatibility.md). Connection-oriented transports
-//! authenticate once ([`AuthenticatedDevice`]) and pass the device to every request.
+//! One registration goes through stages with typed hand-offs, one file each:
+//! `authenticate.rs` (the [`Credential`] against the enrollments:
+//! [`Authentication::Authenticated`] with an [`AuthenticatedDevice`], or a [`Challenge`] the
+//! device must answer first), `allocate.rs` (a built-in policy, or the custom allocation hook
+//! whose parsed answer is checked into an assignment), the reprovisioning plan
+//! ([`crate::reprovision`], a pure function), and persistence of the registration state and the
+//! operation in one atomic write (`register.rs`). A slow step (the custom allocation webhook)
+//! goes through the one mechanism in `slow_step.rs`. The answer already carries the final state
+//! unless that step is slow or `assigning_first` is set (docs/compatibility.md).
+//! Connection-oriented transports authenticate once ([`AuthenticatedDevice`]) and pass the
+//! device to every request.
 
 mod allocate;
 mod authenticate;
@@ -19,6 +22,6 @@ mod register;
 mod slow_step;
 
 pub(crate) use authenticate::x509_not_accepted;
-pub use authenticate::{AuthenticatedDevice, Credential};
+pub use authenticate::{AuthenticatedDevice, Authentication, Challenge, Credential, TpmEndorsement};
 pub use records::{OperationRecord, RegistrationRecord, ResolvedEnrollment};
-pub use register::{DeviceReply, RegisterRequest};
+pub use register::{DeviceReply, RegisterRequest, Registered};

@@ -7,11 +7,11 @@ use dps_proto::ids::validate_operation_id;
 use super::authenticate::{AuthenticatedDevice, Credential};
 use super::records::OperationRecord;
 use super::register::DeviceReply;
-use crate::engine::{parse_stored, Engine};
+use crate::engine::{parse_stored, DeviceRuntime};
 use crate::error::Error;
 use crate::store::Collection;
 
-impl Engine {
+impl DeviceRuntime {
     /// Answers an operation-status poll.
     pub async fn operation_status(
         &self,

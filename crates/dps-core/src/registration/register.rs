@@ -10,10 +10,10 @@ use dps_proto::ids::id_key;
 use dps_proto::service::{AllocationPolicy, EnrollmentCommon, ProvisioningStatus, ReprovisionPolicy};
 use serde_json::Value;
 
-use super::authenticate::{AuthenticatedDevice, Credential};
+use super::authenticate::{AuthenticatedDevice, Authentication, Challenge, Credential, TpmEndorsement};
 use super::records::{OperationRecord, RegistrationRecord, ResolvedEnrollment};
 use crate::custom::{AllocationFailure, Assignment};
-use crate::engine::{parse_body, parse_stored, to_json, Engine};
+use crate::engine::{parse_body, parse_stored, to_json, DeviceRuntime};
 use crate::error::Error;
 use crate::etag::new_registration_etag;
 use crate::reprovision::{self, DeviceData};
@@ -43,15 +43,16 @@ pub struct DeviceReply {
     pub retry_after: Option<u32>,
 }
 
-impl DeviceReply {
-    /// The HTTP-like status of a poll answer: 202 while assigning, else 200.
-    pub fn poll_status(&self) -> u16 {
-        if self.operation.status == RegistrationStatus::Assigning {
-            202
-        } else {
-            200
-        }
-    }
+/// What a register request comes to when it is not refused.
+#[derive(Debug, Clone)]
+// Returned once per request and matched at once: boxing the common variant would cost an
+// allocation per registration to save stack space for the rare one.
+#[allow(clippy::large_enum_variant)]
+pub enum Registered {
+    /// The registration went ahead: the answer for the device.
+    Reply(DeviceReply),
+    /// The device must first answer a challenge (TPM); the transport sends it.
+    Challenge(Challenge),
 }
 
 /// A registration between authentication and its final record.
@@ -101,7 +102,7 @@ pub(super) fn reprovision_policy(common: &EnrollmentCommon) -> ReprovisionPolicy
         .unwrap_or(ReprovisionPolicy { update_hub_assignment: true, migrate_device_data: true })
 }
 
-impl Engine {
+impl DeviceRuntime {
     /// The device payload: any JSON value (object, string, array, number, boolean), passed
     /// on unchanged; `null` or absent means none. Bounded by `max_payload_bytes`.
     pub(super) fn check_payload(&self, payload: Option<Value>) -> Result<Option<Value>, Error> {
@@ -159,16 +160,32 @@ impl Engine {
     /// malformed or unauthenticated. Custom allocation runs in a task of its own: when the
     /// webhook answers within `webhook_inline_wait_ms` the device gets the final state, else
     /// `assigning`, and the task records the result for the device's polls.
-    pub async fn register(&self, req: RegisterRequest) -> Result<DeviceReply, Error> {
+    ///
+    /// A TPM device's first request (its `tpm` keys in the body, no token) gets a
+    /// [`Registered::Challenge`] instead.
+    pub async fn register(&self, req: RegisterRequest) -> Result<Registered, Error> {
         self.check_scope_and_id(&req.id_scope, &req.registration_id)?;
         let body = self.parse_registration_body(&req.registration_id, &req.body)?;
         let payload = self.check_payload(body.payload)?;
-        let enrollment = self.authenticate(&req.id_scope, &req.registration_id, &req.credential).await?;
-        self.register_enrollment(req.registration_id, &req.credential, enrollment, payload, req.force).await
+        let credential = match (req.credential, body.tpm) {
+            (Credential::None, Some(tpm)) => Credential::TpmEndorsement(TpmEndorsement {
+                endorsement_key: tpm.endorsement_key,
+                storage_root_key: tpm.storage_root_key,
+            }),
+            (credential, _) => credential,
+        };
+        let device = match self.authenticate_device(&req.id_scope, &req.registration_id, &credential).await? {
+            Authentication::Authenticated(device) => device,
+            Authentication::Challenge(challenge) => return Ok(Registered::Challenge(challenge)),
+        };
+        let enrollment = device.enrollment().clone();
+        self.register_enrollment(req.registration_id, device.credential(), enrollment, payload, req.force)
+            .await
+            .map(Registered::Reply)
     }
 
     /// Registers a device that authenticated when it connected (MQTT, AMQP): as
-    /// [`Engine::register`], with the credential re-checked only as far as something changed
+    /// [`DeviceRuntime::register`], with the credential re-checked only as far as something changed
     /// (see [`AuthenticatedDevice`]). No `forceRegistration` on these transports.
     pub async fn register_device(&self, device: &mut AuthenticatedDevice, body: &[u8]) -> Result<DeviceReply, Error> {
         let registration_id = device.registration_id().to_string();

@@ -11,11 +11,11 @@ use std::future::Future;
 use dps_proto::device::{DeviceRegistrationResult, RegistrationOperationStatus, RegistrationStatus};
 
 use super::register::Pending;
-use crate::engine::Engine;
+use crate::engine::DeviceRuntime;
 use crate::error::Error;
 use crate::store::{Condition, StoreError};
 
-impl Engine {
+impl DeviceRuntime {
     /// Runs `step` for `pending` (registered at `started`, Unix ms). The step must end by
     /// writing the operation's final state unconditionally (it may overwrite `assigning`), and
     /// returns that state. The answer is the final state when the step finished within the
@@ -27,7 +27,7 @@ impl Engine {
         step: F,
     ) -> Result<RegistrationOperationStatus, Error>
     where
-        F: FnOnce(Engine, Pending) -> Fut,
+        F: FnOnce(DeviceRuntime, Pending) -> Fut,
         Fut: Future<Output = Result<RegistrationOperationStatus, Error>> + Send + 'static,
     {
         let assigning = RegistrationOperationStatus {
