@@ -774,3 +774,41 @@ async fn an_unreadable_enrollment_is_a_server_error_not_a_refusal() {
     let mut mqtt = RawMqtt::tls(&dps).await;
     assert_eq!(mqtt.connect(connect_packet(&dps, "d-broken", Some(&token))).await, 0);
 }
+
+#[tokio::test]
+async fn the_store_backend_is_chosen_by_config() {
+    // `backend = "sqlite"` (also what a [store] without a backend means) starts and keeps
+    // what it is given in the configured file.
+    let dps = Dps::start("[store]\nbackend = \"sqlite\"\nsqlite_file = \"chosen.sqlite\"\n").await;
+    let enrollment = dps
+        .put_enrollment(json!({"registrationId": "store-1",
+            "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key(1), "secondaryKey": key(2)}}}))
+        .await;
+    assert_eq!(enrollment["registrationId"], "store-1", "{enrollment}");
+    assert!(dps.data_dir().join("chosen.sqlite").exists());
+    assert!(!dps.data_dir().join("dps.sqlite").exists());
+
+    // An unknown backend is refused before anything starts, naming the allowed ones.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dps.toml");
+    std::fs::write(&path, "[store]\nbackend = \"nope\"\n").unwrap();
+    let check = common::output_within(
+        std::process::Command::new(env!("CARGO_BIN_EXE_dps")).args(["config", "check"]).arg(&path),
+        Duration::from_secs(30),
+    );
+    assert_eq!(check.status.code(), Some(2));
+    let serve = common::output_within(
+        std::process::Command::new(env!("CARGO_BIN_EXE_dps"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .arg("--data-dir")
+            .arg(dir.path().join("data")),
+        Duration::from_secs(30),
+    );
+    assert_eq!(serve.status.code(), Some(2));
+    for output in [&check, &serve] {
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert!(err.contains("store") && err.contains("nope") && err.contains("`sqlite`"), "{err}");
+    }
+    assert!(!dir.path().join("data").exists(), "nothing is created for a refused config");
+}

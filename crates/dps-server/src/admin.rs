@@ -1,15 +1,14 @@
-//! Offline administration on a data directory (`dps cert …`): opens the store directly, so it
-//! works whether or not a server is running on the same data directory (SQLite WAL allows
-//! both).
-
-use std::sync::Arc;
+//! Offline administration on a data directory (`dps cert …`): opens the configured store
+//! directly ([`crate::store::open_store`]), so it works whether or not a server is running on
+//! the same data directory (SQLite WAL allows both).
 
 use dps_core::etag::IfMatch;
 use dps_core::{Engine, EngineSettings};
-use dps_store::{SqliteStore, Synchronous};
 use serde_json::{json, Value};
 
-use crate::config::Config;
+use crate::config::{Config, StoreConfig};
+use crate::error::ServerError;
+use crate::store::open_store;
 
 /// A certificate-store action.
 #[derive(Debug, Clone)]
@@ -52,30 +51,40 @@ pub enum CertAction {
 /// Runs a certificate-store action on the configured data directory; the error says what
 /// to fix.
 pub async fn cert(config: &Config, action: CertAction) -> Result<Value, String> {
-    let db = config.data_dir.join(&config.store.sqlite_file);
-    if !db.exists() {
-        return Err(format!(
-            "no store at {}: start `dps serve` once with this data directory (or pass --data-dir)",
-            db.display()
-        ));
-    }
-    let store = SqliteStore::open(&db, Synchronous::Full).map_err(|e| format!("cannot open {}: {e}", db.display()))?;
-    let engine = Engine::new(Arc::new(store), EngineSettings::default());
+    let where_ = match &config.store {
+        StoreConfig::Sqlite(sqlite) => {
+            let db = config.data_dir.join(&sqlite.sqlite_file);
+            if !db.exists() {
+                return Err(format!(
+                    "no store at {}: start `dps serve` once with this data directory (or pass --data-dir)",
+                    db.display()
+                ));
+            }
+            db.display().to_string()
+        }
+    };
+    let store = open_store(&config.store, &config.data_dir).map_err(|e| match e {
+        ServerError::Store(e) => format!("cannot open {where_}: {e}"),
+        other => format!("cannot open {where_}: {other}"),
+    })?;
+    let engine = Engine::new(store, EngineSettings::default());
     let result = match action {
         CertAction::Add { name, certificate, verified } => {
             let body = serde_json::to_vec(&json!({"certificate": certificate, "isVerified": verified}))
                 .map_err(|e| e.to_string())?;
-            engine.put_certificate(&name, &body, &IfMatch::Any).await
+            engine.management().put_certificate(&name, &body, &IfMatch::Any).await
         }
-        CertAction::List => engine.list_certificates().await.map(Value::from),
-        CertAction::Show { name } => engine.get_certificate(&name).await,
-        CertAction::VerificationCode { name } => engine.generate_verification_code(&name, &IfMatch::Any).await,
+        CertAction::List => engine.management().list_certificates().await.map(Value::from),
+        CertAction::Show { name } => engine.management().get_certificate(&name).await,
+        CertAction::VerificationCode { name } => {
+            engine.management().generate_verification_code(&name, &IfMatch::Any).await
+        }
         CertAction::Verify { name, certificate } => {
             let body = serde_json::to_vec(&json!({ "certificate": certificate })).map_err(|e| e.to_string())?;
-            engine.verify_certificate(&name, &IfMatch::Any, &body).await
+            engine.management().verify_certificate(&name, &IfMatch::Any, &body).await
         }
         CertAction::Remove { name } => {
-            engine.delete_certificate(&name, &IfMatch::Any).await.map(|()| json!({"removed": name}))
+            engine.management().delete_certificate(&name, &IfMatch::Any).await.map(|()| json!({"removed": name}))
         }
     };
     result.map_err(|e| e.to_string())

@@ -7,7 +7,9 @@ use std::net::IpAddr;
 
 use dps_core::throttle::{Buckets, RateLimit};
 use dps_core::Error;
+use dps_proto::error::ErrorCode;
 
+use crate::reply::Refusal;
 use crate::source::address_key;
 
 /// The per-address buckets; `None` inside when the limit is off.
@@ -30,13 +32,14 @@ impl AuthFailures {
     }
 
     /// Whether `ip` may still try: `Err` with a 429 once its failures are used up.
-    pub fn check(&self, ip: IpAddr) -> Result<(), Error> {
+    pub fn check(&self, ip: IpAddr) -> Result<(), Refusal> {
         let Some(b) = &self.buckets else { return Ok(()) };
         b.check(&address_key(ip), now_ms()).map_err(|retry_after| {
             dps_core::info_limited!("auth-throttled", source = %ip, retry_after, "too many failed authentications from this address");
-            Error::Throttled {
-                retry_after,
+            Refusal {
+                code: ErrorCode::THROTTLED,
                 message: format!("too many failed authentications from this address; retry after {retry_after} s"),
+                retry_after: Some(retry_after),
             }
         })
     }

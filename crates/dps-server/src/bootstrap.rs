@@ -23,6 +23,7 @@ use sha2::Digest as _;
 
 use crate::config::{Config, GeneratedKey, RIGHTS};
 use crate::error::ServerError;
+use crate::policy::Policy;
 
 /// Name of the generated owner policy.
 pub const OWNER_POLICY: &str = "provisioningserviceowner";
@@ -38,25 +39,6 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// The generated test CA certificate, when dps generated the server certificate.
     pub ca: Option<PathBuf>,
-}
-
-/// A shared access policy of the service API.
-#[derive(Clone)]
-pub struct Policy {
-    /// Name (`skn`).
-    pub name: String,
-    /// Base64 primary key.
-    pub primary_key: String,
-    /// Base64 secondary key.
-    pub secondary_key: Option<String>,
-    /// Granted rights.
-    pub rights: Vec<String>,
-}
-
-impl std::fmt::Debug for Policy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Policy").field("name", &self.name).field("rights", &self.rights).finish_non_exhaustive()
-    }
 }
 
 #[derive(Serialize, Deserialize)]

@@ -12,21 +12,21 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
-use dps_core::registration::{AuthenticatedDevice, Credential};
+use dps_core::registration::{AuthenticatedDevice, Authentication, Credential, DeviceReply};
 use dps_core::Engine;
-use dps_proto::mqtt::{decode, ConnectReturnCode, DecodeError, Packet, Publish};
+use dps_proto::device::RegistrationStatus;
+use dps_proto::mqtt::{ConnectReturnCode, DecodeError, Packet, Publish};
+use dps_proto::mqtt_io::{FrameError, PacketStream};
 use dps_proto::mqtt_topic::{self, DeviceRequest};
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::auth_failures::AuthFailures;
 use crate::config::MqttConfig;
 
-/// The highest `mqtt.max_packet_bytes` accepted by the config (16 MiB).
-pub const MAX_PACKET_LIMIT: usize = 16 * 1024 * 1024;
+pub use crate::config::MAX_PACKET_LIMIT;
 
 /// What every MQTT session shares.
 pub struct MqttContext {
@@ -100,9 +100,22 @@ enum End {
     Io(std::io::Error),
 }
 
+impl From<FrameError> for End {
+    fn from(e: FrameError) -> End {
+        match e {
+            FrameError::Decode(e @ DecodeError::TooLarge { .. }) => {
+                End::Violation(format!("{e} (mqtt.max_packet_bytes)"))
+            }
+            FrameError::Decode(e) => End::Violation(e.to_string()),
+            FrameError::Encode(e) => End::Violation(e.to_string()),
+            FrameError::Truncated => End::Violation("the connection closed in the middle of a packet".into()),
+            FrameError::Io(e) => End::Io(e),
+        }
+    }
+}
+
 struct Session<'a, S> {
-    stream: S,
-    buf: BytesMut,
+    stream: PacketStream<S>,
     ctx: &'a MqttContext,
     peer: SocketAddr,
     next_packet_id: u16,
@@ -111,39 +124,13 @@ struct Session<'a, S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     /// Reads one packet; `Ok(None)` at a clean end of stream between packets.
     async fn read_packet(&mut self) -> Result<Option<Packet>, End> {
-        loop {
-            match decode(&self.buf, self.ctx.config.max_packet_bytes) {
-                Ok(Some((packet, used))) => {
-                    self.buf.advance(used);
-                    return Ok(Some(packet));
-                }
-                Ok(None) => {}
-                Err(e @ DecodeError::TooLarge { .. }) => {
-                    return Err(End::Violation(format!("{e} (mqtt.max_packet_bytes)")));
-                }
-                Err(e) => return Err(End::Violation(e.to_string())),
-            }
-            self.buf.reserve(4096);
-            let n = self.stream.read_buf(&mut self.buf).await.map_err(End::Io)?;
-            if n == 0 {
-                return if self.buf.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(End::Violation("the connection closed in the middle of a packet".into()))
-                };
-            }
-        }
+        self.stream.read().await.map_err(End::from)
     }
 
     async fn write(&mut self, packet: &Packet) -> Result<(), End> {
-        let bytes = packet.encode().map_err(|e| End::Violation(e.to_string()))?;
         let deadline = Duration::from_secs(self.ctx.config.write_timeout_secs);
-        let write = async {
-            self.stream.write_all(&bytes).await?;
-            self.stream.flush().await
-        };
-        match tokio::time::timeout(deadline, write).await {
-            Ok(r) => r.map_err(End::Io),
+        match tokio::time::timeout(deadline, self.stream.write(packet)).await {
+            Ok(r) => r.map_err(End::from),
             Err(_) => Err(End::Violation(format!(
                 "the client did not read a response within {} s (mqtt.write_timeout_secs)",
                 deadline.as_secs()
@@ -187,7 +174,8 @@ pub async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
     transport: &'static str,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut session = Session { stream, buf: BytesMut::with_capacity(1024), ctx, peer, next_packet_id: 1 };
+    let stream = PacketStream::new(stream, ctx.config.max_packet_bytes);
+    let mut session = Session { stream, ctx, peer, next_packet_id: 1 };
     let end = tokio::select! {
         end = session_body(&mut session, client_chain, transport) => end,
         _ = async { let _ = stop.wait_for(|s| *s).await; } => End::Shutdown,
@@ -197,7 +185,7 @@ pub async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
         End::Violation(why) => tracing::info!(%peer, transport, reason = %why, "MQTT connection closed"),
         End::Io(e) => tracing::debug!(%peer, transport, error = %e, "MQTT connection failed"),
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), session.stream.shutdown()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), session.stream.get_mut().shutdown()).await;
 }
 
 async fn session_body<S: AsyncRead + AsyncWrite + Unpin>(
@@ -340,9 +328,15 @@ async fn connect_identity(
     // An address that used up its failed authentications is not checked again until its
     // allowance refills; "server unavailable" makes MQTT clients retry later.
     ctx.auth_failures.check(peer.ip()).map_err(|e| (ConnectReturnCode::ServerUnavailable, e.to_string()))?;
-    let result = Box::pin(ctx.engine.authenticate_device(&parsed.id_scope, &parsed.registration_id, &credential)).await;
+    let result =
+        Box::pin(ctx.engine.devices().authenticate_device(&parsed.id_scope, &parsed.registration_id, &credential))
+            .await;
     match ctx.auth_failures.observe(peer.ip(), result) {
-        Ok(device) => Ok(device),
+        Ok(Authentication::Authenticated(device)) => Ok(device),
+        // MQTT carries no TPM (docs/protocol-notes.md §4): nothing here asks for a challenge.
+        Ok(Authentication::Challenge(_)) => {
+            Err((ConnectReturnCode::NotAuthorized, "TPM attestation is not available over MQTT; use HTTPS".into()))
+        }
         Err(e @ dps_core::Error::Unavailable(_)) | Err(e @ dps_core::Error::Internal(_)) => {
             Err((ConnectReturnCode::ServerUnavailable, e.to_string()))
         }
@@ -364,11 +358,17 @@ async fn handle_request<S: AsyncRead + AsyncWrite + Unpin>(
         DeviceRequest::Register { rid } => {
             // Boxed: the engine's futures are large, and inline they would make every held
             // connection's task that large while it idles (BENCHMARKS.md).
-            (rid, Box::pin(engine.register_device(identity, &publish.payload)).await.map(|reply| (202, reply)))
+            (
+                rid,
+                Box::pin(engine.devices().register_device(identity, &publish.payload)).await.map(|reply| (202, reply)),
+            )
         }
         DeviceRequest::Poll { rid, operation_id } => {
-            let reply = Box::pin(engine.operation_status_of(identity, &operation_id)).await;
-            (rid, reply.map(|reply| (reply.poll_status(), reply)))
+            let reply = Box::pin(engine.devices().operation_status_of(identity, &operation_id)).await;
+            // Status 202 while the operation is still assigning, else 200, as over HTTPS.
+            let status =
+                |reply: &DeviceReply| if reply.operation.status == RegistrationStatus::Assigning { 202 } else { 200 };
+            (rid, reply.map(|reply| (status(&reply), reply)))
         }
     };
     match outcome {
@@ -376,11 +376,9 @@ async fn handle_request<S: AsyncRead + AsyncWrite + Unpin>(
             session.publish_response(status, &rid, reply.retry_after.map(u64::from), &reply.operation).await
         }
         Err(err) => {
-            let status = err.code().http_status();
-            let retry_after = err.retry_after().map(u64::from);
-            tracing::debug!(registration_id = identity.registration_id(), status, error = %err, "MQTT request failed");
-            let body = crate::http::error_details(&err, &request_id);
-            session.publish_response(status, &rid, retry_after, &body).await
+            tracing::debug!(registration_id = identity.registration_id(), status = err.code().http_status(), error = %err, "MQTT request failed");
+            let reply = crate::reply::ErrorReply::new(&err, &request_id);
+            session.publish_response(reply.status, &rid, reply.retry_after.map(u64::from), &reply.body).await
         }
     }
 }

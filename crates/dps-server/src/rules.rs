@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use cel::{Context, Program, Value as CelValue};
 use dps_core::allocation::{hashed, LinkedHub};
-use dps_core::custom::HookError;
+use dps_core::custom::{CallError, Declined, HookError};
 use dps_proto::webhook::{AllocationRequest, AllocationResponse};
 use serde_json::Value;
 
@@ -157,7 +157,7 @@ impl RuleSets {
         let set = self.sets.get(&name.to_ascii_lowercase()).ok_or_else(|| {
             let mut known: Vec<&String> = self.sets.keys().collect();
             known.sort();
-            HookError::InvalidUrl(format!("no rule set named '{name}' in the config (configured: {known:?})"))
+            CallError::InvalidUrl(format!("no rule set named '{name}' in the config (configured: {known:?})"))
         })?;
         let ctx = &request.device_runtime_context;
         let payload = ctx.payload.clone().unwrap_or(Value::Null);
@@ -176,10 +176,11 @@ impl RuleSets {
                 .collect();
             if !problems.is_empty() {
                 let what = if payload.is_null() { "the device sent no payload, which" } else { "the payload" };
-                return Err(HookError::PayloadRejected(format!(
+                return Err(Declined::PayloadRejected(format!(
                     "{what} does not match the schema of rule set '{name}': {}",
                     problems.join("; ")
-                )));
+                ))
+                .into());
             }
         }
         let mut context = Context::with_env(self.env.clone());
@@ -195,31 +196,36 @@ impl RuleSets {
                 Ok(CelValue::Bool(true)) => {}
                 Ok(CelValue::Bool(false)) | Err(_) => continue,
                 Ok(other) => {
-                    return Err(HookError::Rules(format!(
+                    return Err(Declined::NoDecision(format!(
                         "rule set '{name}' case {j}: when `{}` gave {other:?}, not a boolean",
                         case.when.source
-                    )))
+                    ))
+                    .into())
                 }
             }
             let eval = |what: &str, expr: &Option<Expr>| -> Result<Option<Value>, HookError> {
                 let Some(expr) = expr else { return Ok(None) };
                 let v = expr.program.execute(&context).map_err(|e| {
-                    HookError::Rules(format!("rule set '{name}' case {j}: {what} `{}` failed: {e}", expr.source))
+                    Declined::NoDecision(format!("rule set '{name}' case {j}: {what} `{}` failed: {e}", expr.source))
                 })?;
                 let json = v.json().map_err(|e| {
-                    HookError::Rules(format!("rule set '{name}' case {j}: {what} `{}` is not JSON: {e}", expr.source))
+                    Declined::NoDecision(format!(
+                        "rule set '{name}' case {j}: {what} `{}` is not JSON: {e}",
+                        expr.source
+                    ))
                 })?;
                 Ok(Some(sorted(json)))
             };
             let hub = match eval("hub", &case.hub)? {
                 Some(Value::String(h)) => h,
                 Some(other) => {
-                    return Err(HookError::Rules(format!(
+                    return Err(Declined::NoDecision(format!(
                         "rule set '{name}' case {j}: hub must be a string, got {other}"
-                    )))
+                    ))
+                    .into())
                 }
                 None => self.hash_among(&request.linked_hubs, &ctx.registration_id).ok_or_else(|| {
-                    HookError::Rules(format!("rule set '{name}' case {j}: no linked hub to choose from"))
+                    Declined::NoDecision(format!("rule set '{name}' case {j}: no linked hub to choose from"))
                 })?,
             };
             return Ok(AllocationResponse {
@@ -228,7 +234,7 @@ impl RuleSets {
                 payload: eval("payload", &case.payload)?,
             });
         }
-        Err(HookError::Rules(format!("rule set '{name}' has no case whose `when` is true for this device")))
+        Err(Declined::NoDecision(format!("rule set '{name}' has no case whose `when` is true for this device")).into())
     }
 
     /// Weighted hashing among the offered hubs, with the weights of the config.
@@ -422,9 +428,9 @@ mod tests {
     #[test]
     fn schema_violations_are_named() {
         let err = by_model().evaluate("rules://by-model", &request(Some(json!({"modelId": 7})))).unwrap_err();
-        assert!(matches!(&err, HookError::PayloadRejected(m) if m.contains("/modelId")), "{err}");
+        assert!(matches!(&err, HookError::Declined(Declined::PayloadRejected(m)) if m.contains("/modelId")), "{err}");
         let err = by_model().evaluate("rules://by-model", &request(None)).unwrap_err();
-        assert!(matches!(&err, HookError::PayloadRejected(_)), "{err}");
+        assert!(matches!(&err, HookError::Declined(Declined::PayloadRejected(_))), "{err}");
     }
 
     #[test]

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use dps_core::allocation::LinkedHub;
 use dps_core::{Engine, EngineSettings};
-use dps_store::{SqliteStore, Synchronous};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -17,6 +16,7 @@ use crate::error::ServerError;
 use crate::gate::{Gate, GateLimits};
 use crate::http::AppState;
 use crate::mqtt::MqttContext;
+use crate::ws::WsRoutes;
 
 /// A configured server. `Server::new(config).run(shutdown)` is the whole program.
 #[derive(Debug)]
@@ -42,9 +42,7 @@ impl Server {
         config.mqtt.max_connections = Some(plan.mqtt.max(1));
         tracing::info!(https = plan.https, mqtt = plan.mqtt, descriptor_limit = limit, "connection caps");
         let data_dir = bootstrap::prepare_data_dir(&config.data_dir)?;
-        let synchronous = if config.store.synchronous == "normal" { Synchronous::Normal } else { Synchronous::Full };
-        let db_path = data_dir.join(&config.store.sqlite_file);
-        let store = Arc::new(SqliteStore::open(&db_path, synchronous)?);
+        let store = crate::store::open_store(&config.store, &data_dir)?;
         let tls_files = bootstrap::ensure_tls(&config, &data_dir)?;
         let tls = crate::tls::server_config(&tls_files.cert, &tls_files.key)?;
         let id_scope = bootstrap::ensure_id_scope(&config, store.as_ref()).await?;
@@ -117,7 +115,11 @@ impl Server {
             max_body_bytes: config.limits.max_body_bytes,
             body_read_timeout: Duration::from_secs(config.limits.body_read_timeout_secs),
             default_page_size: config.service.default_page_size,
-            mqtt: mqtt.clone(),
+            websocket: WsRoutes {
+                mqtt: mqtt.as_ref().filter(|ctx| ctx.config.websocket).map(|ctx| {
+                    Arc::new(crate::mqtt_ws::MqttOverWs::new(ctx.clone())) as Arc<dyn crate::ws::WsTransport>
+                }),
+            },
             auth_failures,
             stop: stop_rx.clone(),
         });

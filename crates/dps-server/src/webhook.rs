@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use dps_core::custom::{body_start, AllocationHook, HookError};
-use dps_proto::webhook::AllocationRequest;
+use dps_core::custom::{body_start, parse_answer, AllocationHook, CallError, HookError};
+use dps_proto::webhook::{AllocationRequest, AllocationResponse};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::sync::Semaphore;
@@ -114,26 +114,26 @@ impl WebhookClient {
 
     /// Checks a webhook URL: absolute http(s) with a host the policy permits (an address
     /// literal is judged here; a name when it is resolved).
-    fn check(&self, url: &str) -> Result<reqwest::Url, HookError> {
-        let parsed = reqwest::Url::parse(url).map_err(|e| HookError::InvalidUrl(format!("{}: {e}", redact(url))))?;
+    fn check(&self, url: &str) -> Result<reqwest::Url, CallError> {
+        let parsed = reqwest::Url::parse(url).map_err(|e| CallError::InvalidUrl(format!("{}: {e}", redact(url))))?;
         if parsed.scheme() != "https" && parsed.scheme() != "http" {
-            return Err(HookError::InvalidUrl(format!(
+            return Err(CallError::InvalidUrl(format!(
                 "{}: only http:// and https:// URLs (or rules://<name>) can be called",
                 redact(url)
             )));
         }
         // WHATWG parsing has already turned `2130706433` or `0x7f.1` into 127.0.0.1.
         match parsed.host() {
-            None => return Err(HookError::InvalidUrl(format!("{}: the URL names no host", redact(url)))),
+            None => return Err(CallError::InvalidUrl(format!("{}: the URL names no host", redact(url)))),
             Some(url::Host::Ipv4(ip)) => self.policy.check_ip(&ip.to_string(), ip.into()),
             Some(url::Host::Ipv6(ip)) => self.policy.check_ip(&ip.to_string(), ip.into()),
             Some(url::Host::Domain(name)) => self.policy.check_host(name),
         }
-        .map_err(HookError::Refused)?;
+        .map_err(CallError::Refused)?;
         Ok(parsed)
     }
 
-    async fn post(&self, url: &str, body: Vec<u8>) -> Result<Vec<u8>, HookError> {
+    async fn post(&self, url: &str, body: Vec<u8>) -> Result<Vec<u8>, CallError> {
         let parsed = self.check(url)?;
         let mut key = parsed.clone();
         key.set_query(None);
@@ -150,12 +150,12 @@ impl WebhookClient {
         // This webhook's own slot first, so that calls queued behind a slow webhook hold none
         // of the shared ones while they wait. (Dropped in reverse order: the permits, then
         // `own`, which forgets the URL when nobody else uses it, also on timeout.)
-        let _own = own.sem.clone().acquire_owned().await.map_err(|_| HookError::Busy)?;
-        let _slot = self.slots.acquire().await.map_err(|_| HookError::Busy)?;
+        let _own = own.sem.clone().acquire_owned().await.map_err(|_| CallError::Busy)?;
+        let _slot = self.slots.acquire().await.map_err(|_| CallError::Busy)?;
         self.send(parsed, body).await
     }
 
-    async fn send(&self, parsed: reqwest::Url, body: Vec<u8>) -> Result<Vec<u8>, HookError> {
+    async fn send(&self, parsed: reqwest::Url, body: Vec<u8>) -> Result<Vec<u8>, CallError> {
         let (target, client) = self.target(&parsed);
         let mut request = client.post(parsed).header("content-type", "application/json");
         if let Some(secret) = target.and_then(|t| t.secret.as_deref()) {
@@ -166,12 +166,12 @@ impl WebhookClient {
         let mut answer = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(|e| classify(&e))? {
             if answer.len() + chunk.len() > self.max_response_bytes {
-                return Err(HookError::TooLarge(self.max_response_bytes));
+                return Err(CallError::TooLarge(self.max_response_bytes));
             }
             answer.extend_from_slice(&chunk);
         }
         if !status.is_success() {
-            return Err(HookError::Status { status: status.as_u16(), body: body_start(&answer) });
+            return Err(CallError::Status { status: status.as_u16(), body: body_start(&answer) });
         }
         Ok(answer)
     }
@@ -197,18 +197,18 @@ impl Drop for UrlSlots<'_> {
 
 #[async_trait]
 impl AllocationHook for WebhookClient {
-    async fn call(&self, url: &str, request: &AllocationRequest) -> Result<Vec<u8>, HookError> {
-        let body = serde_json::to_vec(request).map_err(|e| HookError::Request(e.to_string()))?;
+    async fn call(&self, url: &str, request: &AllocationRequest) -> Result<AllocationResponse, HookError> {
+        let body = serde_json::to_vec(request).map_err(|e| CallError::Request(e.to_string()))?;
         let started = std::time::Instant::now();
         let result = match tokio::time::timeout(self.timeout, self.post(url, body)).await {
-            Ok(r) => r,
-            Err(_) => Err(HookError::Timeout(self.timeout.as_secs())),
+            Ok(r) => r.and_then(|answer| parse_answer(&answer)),
+            Err(_) => Err(CallError::Timeout(self.timeout.as_secs())),
         };
         match &result {
             Ok(_) => tracing::debug!(url = %redact(url), ms = started.elapsed().as_millis() as u64, "webhook answered"),
             Err(e) => tracing::info!(url = %redact(url), error = %e, "webhook call failed"),
         }
-        result
+        Ok(result?)
     }
 }
 
@@ -223,12 +223,11 @@ pub struct CustomAllocator {
 
 #[async_trait]
 impl AllocationHook for CustomAllocator {
-    async fn call(&self, url: &str, request: &AllocationRequest) -> Result<Vec<u8>, HookError> {
+    async fn call(&self, url: &str, request: &AllocationRequest) -> Result<AllocationResponse, HookError> {
         if !is_rules_url(url) {
             return self.webhooks.call(url, request).await;
         }
-        let response = self.rules.evaluate(&url[crate::rules::SCHEME.len()..], request)?;
-        serde_json::to_vec(&response).map_err(|e| HookError::Rules(format!("cannot write the rule set's answer: {e}")))
+        self.rules.evaluate(&url[crate::rules::SCHEME.len()..], request)
     }
 
     fn answers_inline(&self, url: &str) -> bool {
@@ -292,7 +291,7 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-fn classify(e: &reqwest::Error) -> HookError {
+fn classify(e: &reqwest::Error) -> CallError {
     // The chain says what failed: "connection refused", "invalid peer certificate", …
     let mut chain = Vec::new();
     let mut source: Option<&dyn std::error::Error> = Some(e);
@@ -304,14 +303,14 @@ fn classify(e: &reqwest::Error) -> HookError {
     let mut source: Option<&dyn std::error::Error> = Some(e);
     while let Some(s) = source {
         if let Some(refused) = s.downcast_ref::<Refused>() {
-            return HookError::Refused(refused.0.clone());
+            return CallError::Refused(refused.0.clone());
         }
         source = s.source();
     }
     if e.is_timeout() {
-        HookError::Timeout(0)
+        CallError::Timeout(0)
     } else {
-        HookError::Connect(text.trim_start_matches(": ").to_string())
+        CallError::Connect(text.trim_start_matches(": ").to_string())
     }
 }
 

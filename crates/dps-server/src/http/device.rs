@@ -1,11 +1,12 @@
 //! Device runtime API over HTTPS (docs/protocol-notes.md §3).
 
-use dps_core::registration::{Credential, DeviceReply, RegisterRequest};
+use dps_core::registration::{Challenge, Credential, DeviceReply, RegisterRequest, Registered};
+use dps_proto::device::RegistrationStatus;
 use http::header::{HeaderValue, LOCATION, RETRY_AFTER};
 use http::StatusCode;
 
 use super::response::json;
-use super::{status, AppState, Call, HttpResult};
+use super::{AppState, Call, HttpResult};
 
 fn credential(call: &Call) -> Credential {
     match call.headers.get(http::header::AUTHORIZATION) {
@@ -30,6 +31,18 @@ fn with_retry_after(
     resp
 }
 
+/// The TPM challenge over HTTPS (docs/protocol-notes.md §3.9): `401` whose body carries the
+/// key blob and the name to import it under, and no `status`.
+fn challenge_response(challenge: &Challenge, request_id: &str) -> http::Response<http_body_util::Full<bytes::Bytes>> {
+    use base64::Engine as _;
+    let body = serde_json::json!({
+        "authenticationKey": base64::engine::general_purpose::STANDARD.encode(&challenge.blob),
+        "keyName": challenge.key_name,
+        "message": "import the authenticationKey into the TPM and send the request again with a SAS token signed by it",
+    });
+    json(StatusCode::UNAUTHORIZED, &body, request_id)
+}
+
 /// `PUT /{scope}/registrations/{id}/register` → 202.
 pub(crate) async fn register(state: &AppState, call: &Call, scope: String, id: String) -> HttpResult {
     call.require_api_version()?;
@@ -42,7 +55,10 @@ pub(crate) async fn register(state: &AppState, call: &Call, scope: String, id: S
         force,
     };
     state.auth_failures.check(call.peer.ip())?;
-    let reply = state.auth_failures.observe(call.peer.ip(), state.engine.register(request).await)?;
+    let reply = match state.auth_failures.observe(call.peer.ip(), state.engine.devices().register(request).await)? {
+        Registered::Reply(reply) => reply,
+        Registered::Challenge(challenge) => return Ok(challenge_response(&challenge, &call.request_id)),
+    };
     let mut resp = with_retry_after(json(StatusCode::ACCEPTED, &reply.operation, &call.request_id), &reply);
     let host = call.header("host").unwrap_or("localhost");
     let location = format!("https://{host}/{scope}/registrations/{id}/register");
@@ -62,18 +78,23 @@ pub(crate) async fn operation_status(
 ) -> HttpResult {
     call.require_api_version()?;
     state.auth_failures.check(call.peer.ip())?;
-    let reply = state
-        .auth_failures
-        .observe(call.peer.ip(), state.engine.operation_status(&scope, &id, &operation, &credential(call)).await)?;
-    Ok(with_retry_after(json(status(reply.poll_status()), &reply.operation, &call.request_id), &reply))
+    let reply = state.auth_failures.observe(
+        call.peer.ip(),
+        state.engine.devices().operation_status(&scope, &id, &operation, &credential(call)).await,
+    )?;
+    // 202 while the operation is still assigning, else 200 (docs/protocol-notes.md §3).
+    let status =
+        if reply.operation.status == RegistrationStatus::Assigning { StatusCode::ACCEPTED } else { StatusCode::OK };
+    Ok(with_retry_after(json(status, &reply.operation, &call.request_id), &reply))
 }
 
 /// `POST /{scope}/registrations/{id}` → 200 with the registration state.
 pub(crate) async fn registration_status(state: &AppState, call: &Call, scope: String, id: String) -> HttpResult {
     call.require_api_version()?;
     state.auth_failures.check(call.peer.ip())?;
-    let result = state
-        .auth_failures
-        .observe(call.peer.ip(), state.engine.registration_status(&scope, &id, &credential(call), &call.body).await)?;
+    let result = state.auth_failures.observe(
+        call.peer.ip(),
+        state.engine.devices().registration_status(&scope, &id, &credential(call), &call.body).await,
+    )?;
     Ok(json(StatusCode::OK, &result, &call.request_id))
 }

@@ -20,8 +20,9 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use percent_encoding::percent_decode_str;
 
-use crate::bootstrap::Policy;
-pub use response::{error_details, error_response};
+use crate::policy::Policy;
+use crate::reply::{Refusal, RequestError};
+pub use response::error_response;
 
 /// What a request knows of the connection it came on.
 pub struct Connection {
@@ -49,8 +50,8 @@ pub struct AppState {
     pub default_page_size: usize,
     /// Failed authentications per source address (shared with MQTT).
     pub auth_failures: Arc<crate::auth_failures::AuthFailures>,
-    /// MQTT sessions, for MQTT over WebSocket (`None` when MQTT is disabled).
-    pub mqtt: Option<Arc<crate::mqtt::MqttContext>>,
+    /// Where WebSocket upgrades go, by subprotocol (MQTT over WebSocket, when on).
+    pub websocket: crate::ws::WsRoutes,
     /// Turns true when the server stops (ends WebSocket sessions).
     pub stop: tokio::sync::watch::Receiver<bool>,
 }
@@ -86,14 +87,14 @@ impl Call {
     }
 
     /// Requires a syntactically valid `api-version`.
-    pub fn require_api_version(&self) -> Result<(), dps_core::Error> {
+    pub fn require_api_version(&self) -> Result<(), Refusal> {
         match self.query_param("api-version") {
             Some(v) if dps_proto::ids::is_valid_api_version(v) => Ok(()),
-            Some(v) => Err(dps_core::Error::bad_request(
+            Some(v) => Err(Refusal::new(
                 ErrorCode::INVALID_API_VERSION,
                 format!("api-version '{v}' is not of the form YYYY-MM-DD[-preview] (e.g. 2021-10-01)"),
             )),
-            None => Err(dps_core::Error::bad_request(
+            None => Err(Refusal::new(
                 ErrorCode::INVALID_API_VERSION,
                 "the query parameter api-version is missing (e.g. ?api-version=2021-10-01)",
             )),
@@ -134,7 +135,10 @@ pub async fn handle(
     let path = req.uri().path().to_string();
     if crate::ws::is_upgrade(&req) {
         let session = crate::ws::Session { peer, client_chain, ticket };
-        let response = crate::ws::accept(state.mqtt.as_ref(), req, session, state.stop.clone(), &request_id);
+        let response = state
+            .websocket
+            .accept(req, session, state.stop.clone())
+            .unwrap_or_else(|err| error_response(&err.into(), &request_id));
         tracing::debug!(%path, status = response.status().as_u16(), request_id, "WebSocket upgrade");
         return Ok(response);
     }
@@ -143,7 +147,7 @@ pub async fn handle(
             call.client_chain = client_chain;
             route(&state, call).await
         }
-        Err(err) => error_response(&err, &request_id),
+        Err(err) => error_response(&err.into(), &request_id),
     };
     let status = response.status();
     if status.is_server_error() {
@@ -159,19 +163,16 @@ async fn read_call(
     req: Request<Incoming>,
     request_id: &str,
     peer: std::net::SocketAddr,
-) -> Result<Call, dps_core::Error> {
+) -> Result<Call, Refusal> {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let segments = decode_segments(&path).ok_or_else(|| {
-        dps_core::Error::bad_request(
-            ErrorCode::INVALID_IDENTIFIER,
-            "the request path is not valid percent-encoded UTF-8",
-        )
+        Refusal::new(ErrorCode::INVALID_IDENTIFIER, "the request path is not valid percent-encoded UTF-8")
     })?;
     // One credential per request: a proxy in front may check another header than we do.
     let authorizations = parts.headers.get_all(http::header::AUTHORIZATION).iter().count();
     if authorizations > 1 {
-        return Err(dps_core::Error::bad_request(
+        return Err(Refusal::new(
             ErrorCode::INVALID_ARGUMENT,
             format!("the request carries {authorizations} Authorization headers; send exactly one"),
         ));
@@ -185,7 +186,7 @@ async fn read_call(
         tokio::time::timeout(state.body_read_timeout, Limited::new(body, state.max_body_bytes).collect()).await;
     let body = match collected {
         Err(_) => {
-            return Err(dps_core::Error::bad_request(
+            return Err(Refusal::new(
                 ErrorCode::INVALID_REQUEST_BODY,
                 format!("the request body did not arrive within {} s", state.body_read_timeout.as_secs()),
             ))
@@ -194,10 +195,7 @@ async fn read_call(
             return Err(too_large(state.max_body_bytes))
         }
         Ok(Err(e)) => {
-            return Err(dps_core::Error::bad_request(
-                ErrorCode::INVALID_REQUEST_BODY,
-                format!("cannot read the request body: {e}"),
-            ))
+            return Err(Refusal::new(ErrorCode::INVALID_REQUEST_BODY, format!("cannot read the request body: {e}")))
         }
         Ok(Ok(c)) => c.to_bytes(),
     };
@@ -214,11 +212,11 @@ async fn read_call(
     })
 }
 
-fn too_large(limit: usize) -> dps_core::Error {
-    dps_core::Error::BadRequest {
-        code: ErrorCode::PAYLOAD_TOO_LARGE,
-        message: format!("the request body is larger than {limit} bytes (limits.max_body_bytes)"),
-    }
+fn too_large(limit: usize) -> Refusal {
+    Refusal::new(
+        ErrorCode::PAYLOAD_TOO_LARGE,
+        format!("the request body is larger than {limit} bytes (limits.max_body_bytes)"),
+    )
 }
 
 /// Where a request would go: the route's name and whether `method` is allowed on it, or `None`
@@ -335,16 +333,16 @@ fn match_route(method: &Method, s: &[String]) -> Option<Route> {
 
 async fn route(state: &AppState, call: Call) -> Response<Full<Bytes>> {
     let Some(route) = match_route(&call.method, &call.segments) else {
-        let err = dps_core::Error::not_found(ErrorCode::ROUTE_NOT_FOUND, format!("no resource at {}", call.path));
-        return error_response(&err, &call.request_id);
+        let err = Refusal::new(ErrorCode::ROUTE_NOT_FOUND, format!("no resource at {}", call.path));
+        return error_response(&err.into(), &call.request_id);
     };
     if !route.allowed().contains(&call.method) {
         let allowed: Vec<&str> = route.allowed().iter().map(Method::as_str).collect();
-        let err = dps_core::Error::BadRequest {
-            code: ErrorCode::METHOD_NOT_ALLOWED,
-            message: format!("{} is not allowed on {}; allowed: {}", call.method, call.path, allowed.join(", ")),
-        };
-        let mut resp = error_response(&err, &call.request_id);
+        let err = Refusal::new(
+            ErrorCode::METHOD_NOT_ALLOWED,
+            format!("{} is not allowed on {}; allowed: {}", call.method, call.path, allowed.join(", ")),
+        );
+        let mut resp = error_response(&err.into(), &call.request_id);
         if let Ok(v) = http::HeaderValue::from_str(&allowed.join(", ")) {
             resp.headers_mut().insert(http::header::ALLOW, v);
         }
@@ -374,7 +372,7 @@ async fn route(state: &AppState, call: Call) -> Response<Full<Bytes>> {
     result.unwrap_or_else(|err| error_response(&err, &call.request_id))
 }
 
-pub(crate) type HttpResult = Result<Response<Full<Bytes>>, dps_core::Error>;
+pub(crate) type HttpResult = Result<Response<Full<Bytes>>, RequestError>;
 
 pub(crate) fn status(code: u16) -> StatusCode {
     StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)

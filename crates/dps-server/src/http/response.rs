@@ -1,13 +1,14 @@
 //! Response builders: JSON bodies, DPS error bodies, common headers.
 
 use bytes::Bytes;
-use dps_proto::error::ErrorDetails;
+use dps_proto::error::ErrorCode;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
 
 use super::status;
+use crate::reply::{ErrorReply, Refusal, RequestError};
 
 const JSON: &str = "application/json; charset=utf-8";
 
@@ -21,7 +22,11 @@ pub(crate) fn json<T: Serialize>(code: StatusCode, body: &T, request_id: &str) -
             set_request_id(&mut resp, request_id);
             resp
         }
-        Err(e) => error_response(&dps_core::Error::Internal(format!("cannot serialise a response: {e}")), request_id),
+        Err(e) => {
+            tracing::error!(request_id, error = %e, "cannot serialise a response");
+            let message = format!("internal error; quote tracking ID {request_id} to the operator");
+            error_response(&Refusal::new(ErrorCode::INTERNAL, message).into(), request_id)
+        }
     }
 }
 
@@ -41,37 +46,18 @@ fn set_request_id(resp: &mut Response<Full<Bytes>>, request_id: &str) {
 
 /// A DPS error response: status `code / 1000`, `ProvisioningServiceErrorDetails` body, the
 /// `x-ms-error-code` header. Internal details of 5xx errors are logged, not sent.
-pub fn error_response(err: &dps_core::Error, request_id: &str) -> Response<Full<Bytes>> {
-    let code = err.code();
-    let body = error_details(err, request_id);
-    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+pub fn error_response(err: &RequestError, request_id: &str) -> Response<Full<Bytes>> {
+    let reply = ErrorReply::for_request(err, request_id);
+    let bytes = serde_json::to_vec(&reply.body).unwrap_or_default();
     let mut resp = Response::new(Full::new(Bytes::from(bytes)));
-    *resp.status_mut() = status(code.http_status());
+    *resp.status_mut() = status(reply.status);
     resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
-    if let Ok(v) = HeaderValue::from_str(&code.0.to_string()) {
+    if let Ok(v) = HeaderValue::from_str(&reply.body.error_code.0.to_string()) {
         resp.headers_mut().insert("x-ms-error-code", v);
     }
-    if let Some(secs) = err.retry_after() {
+    if let Some(secs) = reply.retry_after {
         resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
     }
     set_request_id(&mut resp, request_id);
     resp
-}
-
-/// The DPS error body for an error, for any transport. Internal details are logged, not sent.
-pub fn error_details(err: &dps_core::Error, request_id: &str) -> ErrorDetails {
-    let message = match err {
-        dps_core::Error::Internal(detail) => {
-            tracing::error!(request_id, detail, "internal error");
-            format!("internal error; quote tracking ID {request_id} to the operator")
-        }
-        other => other.to_string(),
-    };
-    ErrorDetails {
-        error_code: err.code(),
-        tracking_id: request_id.to_string(),
-        message,
-        timestamp_utc: dps_proto::timestamp::format(time::OffsetDateTime::now_utc()),
-        info: None,
-    }
 }

@@ -3,7 +3,6 @@
 
 use dps_core::enrollment::{without_secrets, EnrollmentKind, QueryPage};
 use dps_core::etag::IfMatch;
-use dps_core::Error;
 use dps_proto::error::ErrorCode;
 use dps_proto::sas::{decode_key, service_audience_matches, SasToken};
 use dps_proto::service::{EnrollmentGroup, IndividualEnrollment, QuerySpecification};
@@ -13,7 +12,8 @@ use serde::Serialize;
 
 use super::response::{empty, json};
 use super::{AppState, Call, HttpResult};
-use crate::bootstrap::Policy;
+use crate::policy::Policy;
+use crate::reply::Refusal;
 
 const ENROLLMENT_READ: &str = "EnrollmentRead";
 const ENROLLMENT_WRITE: &str = "EnrollmentWrite";
@@ -25,7 +25,7 @@ const SERVICE_CONFIG: &str = "ServiceConfig";
 /// the policy, so that a handler can leave out what the caller may not read. Failures are
 /// logged (rate-limited) with the policy the token names and the source address, never the
 /// token; authentication failures count against the address's `throttling.failed_auth_*`.
-fn authorize<'s>(state: &'s AppState, call: &Call, rights: &[&str]) -> Result<&'s Policy, Error> {
+fn authorize<'s>(state: &'s AppState, call: &Call, rights: &[&str]) -> Result<&'s Policy, Refusal> {
     state.auth_failures.check(call.peer.ip())?;
     let log = |reason: &str| {
         let policy = call
@@ -43,7 +43,7 @@ fn authorize<'s>(state: &'s AppState, call: &Call, rights: &[&str]) -> Result<&'
         e
     })?;
     if let Some(missing) = rights.iter().find(|r| !policy.rights.iter().any(|have| have == *r)) {
-        let e = Error::Unauthorized(format!("shared access policy '{}' lacks the {missing} right", policy.name));
+        let e = unauthorized(format!("shared access policy '{}' lacks the {missing} right", policy.name));
         log(&e.to_string());
         return Err(e);
     }
@@ -52,8 +52,8 @@ fn authorize<'s>(state: &'s AppState, call: &Call, rights: &[&str]) -> Result<&'
 
 /// The policy whose key signed the service SAS token; on failure, the answer and the reason
 /// for the log (an unknown policy and a wrong key get the same answer).
-fn check_service_token<'s>(state: &'s AppState, call: &Call) -> Result<&'s Policy, (Error, String)> {
-    let refuse = |m: String| (Error::Unauthorized(m.clone()), m);
+fn check_service_token<'s>(state: &'s AppState, call: &Call) -> Result<&'s Policy, (Refusal, String)> {
+    let refuse = |m: String| (unauthorized(m.clone()), m);
     let header = call.header("authorization").ok_or_else(|| {
         refuse("no Authorization header: send a SharedAccessSignature built from a service connection string".into())
     })?;
@@ -67,7 +67,7 @@ fn check_service_token<'s>(state: &'s AppState, call: &Call) -> Result<&'s Polic
     })?;
     let not_signed = |reason: String| {
         let answer = "the SAS token is not signed by a shared access policy of this service; check SharedAccessKeyName and SharedAccessKey in the connection string";
-        (Error::Unauthorized(answer.into()), reason)
+        (unauthorized(answer), reason)
     };
     let policy = state
         .policies
@@ -92,6 +92,11 @@ fn check_service_token<'s>(state: &'s AppState, call: &Call) -> Result<&'s Polic
     Ok(policy)
 }
 
+/// `401002` to a service API caller.
+fn unauthorized(message: impl Into<String>) -> Refusal {
+    Refusal::new(ErrorCode::UNAUTHORIZED, message)
+}
+
 fn grants(policy: &Policy, right: &str) -> bool {
     policy.rights.iter().any(|r| r == right)
 }
@@ -107,7 +112,7 @@ async fn record<R: EnrollmentKind>(state: &AppState, call: &Call, id: &str) -> H
     match call.method {
         Method::PUT => {
             let policy = authorize(state, call, &[ENROLLMENT_WRITE])?;
-            let mut saved: R = engine.put_enrollment_record(id, &call.body, &if_match(call)).await?;
+            let mut saved: R = engine.management().put_enrollment_record(id, &call.body, &if_match(call)).await?;
             tracing::info!(kind = R::NOUN, id, "saved");
             // The stored record carries the keys (generated or kept); a caller that may not
             // read enrollments does not get them back (a group key derives every member's key).
@@ -119,12 +124,12 @@ async fn record<R: EnrollmentKind>(state: &AppState, call: &Call, id: &str) -> H
         }
         Method::GET => {
             authorize(state, call, &[ENROLLMENT_READ])?;
-            let r: R = engine.get_enrollment_record(id).await?;
+            let r: R = engine.management().get_enrollment_record(id).await?;
             Ok(json(StatusCode::OK, &r, &call.request_id))
         }
         _ => {
             authorize(state, call, &[ENROLLMENT_WRITE])?;
-            engine.delete_enrollment_record::<R>(id, &if_match(call)).await?;
+            engine.management().delete_enrollment_record::<R>(id, &if_match(call)).await?;
             tracing::info!(kind = R::NOUN, id, "deleted");
             Ok(empty(StatusCode::NO_CONTENT, &call.request_id))
         }
@@ -145,7 +150,7 @@ async fn attestation<R: EnrollmentKind>(state: &AppState, call: &Call, id: &str)
     call.require_api_version()?;
     // It reveals keys: reading alone is not enough.
     authorize(state, call, &[ENROLLMENT_READ, ENROLLMENT_WRITE])?;
-    let a = state.engine.get_attestation_mechanism::<R>(id).await?;
+    let a = state.engine.management().get_attestation_mechanism::<R>(id).await?;
     Ok(json(StatusCode::OK, &a, &call.request_id))
 }
 
@@ -160,11 +165,11 @@ pub(crate) async fn group_attestation(state: &AppState, call: &Call, id: &str) -
 }
 
 /// Page size and continuation from the paging headers.
-fn paging(state: &AppState, call: &Call) -> Result<(usize, Option<String>), Error> {
+fn paging(state: &AppState, call: &Call) -> Result<(usize, Option<String>), Refusal> {
     let size = match call.header("x-ms-max-item-count").map(str::trim) {
         None | Some("") | Some("0") => state.default_page_size,
         Some(v) => v.parse::<usize>().map_err(|_| {
-            Error::bad_request(ErrorCode::INVALID_ARGUMENT, format!("x-ms-max-item-count '{v}' is not a whole number"))
+            Refusal::new(ErrorCode::INVALID_ARGUMENT, format!("x-ms-max-item-count '{v}' is not a whole number"))
         })?,
     };
     let continuation = call.header("x-ms-continuation").map(str::trim).filter(|c| !c.is_empty()).map(str::to_string);
@@ -187,12 +192,12 @@ fn page_response<T: Serialize>(
 /// Checks that the body is a query specification (`{"query": "…"}`, or empty). The query
 /// text itself is not interpreted: Azure answers enrollment and group queries with every
 /// record whatever the text says, and `az iot dps enrollment list` sends the text wrapped twice.
-fn check_query_body(call: &Call) -> Result<(), Error> {
+fn check_query_body(call: &Call) -> Result<(), Refusal> {
     if call.body.iter().all(u8::is_ascii_whitespace) {
         return Ok(());
     }
     dps_proto::json::parse::<QuerySpecification>(&call.body).map(drop).map_err(|e| {
-        Error::bad_request(
+        Refusal::new(
             ErrorCode::INVALID_REQUEST_BODY,
             format!("the body must be a query specification {{\"query\": \"SELECT * ...\"}}: {e}"),
         )
@@ -204,7 +209,7 @@ async fn query<R: EnrollmentKind>(state: &AppState, call: &Call, item_type: &'st
     authorize(state, call, &[ENROLLMENT_READ])?;
     let (size, continuation) = paging(state, call)?;
     check_query_body(call)?;
-    let page = state.engine.query_enrollment_records::<R>(size, continuation.as_deref()).await?;
+    let page = state.engine.management().query_enrollment_records::<R>(size, continuation.as_deref()).await?;
     Ok(page_response(page, item_type, &call.request_id))
 }
 
@@ -222,7 +227,7 @@ pub(crate) async fn query_groups(state: &AppState, call: &Call) -> HttpResult {
 pub(crate) async fn bulk_enrollments(state: &AppState, call: &Call) -> HttpResult {
     call.require_api_version()?;
     authorize(state, call, &[ENROLLMENT_WRITE])?;
-    let result = state.engine.bulk_enrollments(&call.body).await?;
+    let result = state.engine.management().bulk_enrollments(&call.body).await?;
     Ok(json(StatusCode::OK, &result, &call.request_id))
 }
 
@@ -230,7 +235,7 @@ pub(crate) async fn bulk_enrollments(state: &AppState, call: &Call) -> HttpResul
 pub(crate) async fn bulk_groups(state: &AppState, call: &Call) -> HttpResult {
     call.require_api_version()?;
     authorize(state, call, &[ENROLLMENT_WRITE])?;
-    let result = state.engine.bulk_enrollment_groups(&call.body).await?;
+    let result = state.engine.management().bulk_enrollment_groups(&call.body).await?;
     Ok(json(StatusCode::OK, &result, &call.request_id))
 }
 
@@ -239,11 +244,11 @@ pub(crate) async fn registration(state: &AppState, call: &Call, id: &str) -> Htt
     call.require_api_version()?;
     if call.method == Method::GET {
         authorize(state, call, &[REGISTRATION_READ])?;
-        let r = state.engine.get_registration_state(id).await?;
+        let r = state.engine.management().get_registration_state(id).await?;
         Ok(json(StatusCode::OK, &r, &call.request_id))
     } else {
         authorize(state, call, &[REGISTRATION_WRITE])?;
-        state.engine.delete_registration_state(id, &if_match(call)).await?;
+        state.engine.management().delete_registration_state(id, &if_match(call)).await?;
         tracing::info!(registration_id = id, "registration state deleted");
         Ok(empty(StatusCode::NO_CONTENT, &call.request_id))
     }
@@ -254,7 +259,7 @@ pub(crate) async fn query_registrations(state: &AppState, call: &Call, group_id:
     call.require_api_version()?;
     authorize(state, call, &[REGISTRATION_READ])?;
     let (size, continuation) = paging(state, call)?;
-    let page = state.engine.query_group_registrations(group_id, size, continuation.as_deref()).await?;
+    let page = state.engine.management().query_group_registrations(group_id, size, continuation.as_deref()).await?;
     Ok(page_response(page, "deviceRegistration", &call.request_id))
 }
 
@@ -262,7 +267,7 @@ pub(crate) async fn query_registrations(state: &AppState, call: &Call, group_id:
 pub(crate) async fn list_certificates(state: &AppState, call: &Call) -> HttpResult {
     call.require_api_version()?;
     authorize(state, call, &[SERVICE_CONFIG])?;
-    let list = state.engine.list_certificates().await?;
+    let list = state.engine.management().list_certificates().await?;
     Ok(json(StatusCode::OK, &serde_json::json!({ "value": list }), &call.request_id))
 }
 
@@ -271,13 +276,15 @@ pub(crate) async fn certificate(state: &AppState, call: &Call, name: &str) -> Ht
     call.require_api_version()?;
     authorize(state, call, &[SERVICE_CONFIG])?;
     match call.method {
-        Method::GET => Ok(json(StatusCode::OK, &state.engine.get_certificate(name).await?, &call.request_id)),
+        Method::GET => {
+            Ok(json(StatusCode::OK, &state.engine.management().get_certificate(name).await?, &call.request_id))
+        }
         Method::PUT => {
-            let c = state.engine.put_certificate(name, &call.body, &if_match(call)).await?;
+            let c = state.engine.management().put_certificate(name, &call.body, &if_match(call)).await?;
             Ok(json(StatusCode::OK, &c, &call.request_id))
         }
         _ => {
-            state.engine.delete_certificate(name, &if_match(call)).await?;
+            state.engine.management().delete_certificate(name, &if_match(call)).await?;
             Ok(empty(StatusCode::NO_CONTENT, &call.request_id))
         }
     }
@@ -287,7 +294,7 @@ pub(crate) async fn certificate(state: &AppState, call: &Call, name: &str) -> Ht
 pub(crate) async fn certificate_verification_code(state: &AppState, call: &Call, name: &str) -> HttpResult {
     call.require_api_version()?;
     authorize(state, call, &[SERVICE_CONFIG])?;
-    let c = state.engine.generate_verification_code(name, &if_match(call)).await?;
+    let c = state.engine.management().generate_verification_code(name, &if_match(call)).await?;
     Ok(json(StatusCode::OK, &c, &call.request_id))
 }
 
@@ -295,6 +302,6 @@ pub(crate) async fn certificate_verification_code(state: &AppState, call: &Call,
 pub(crate) async fn certificate_verify(state: &AppState, call: &Call, name: &str) -> HttpResult {
     call.require_api_version()?;
     authorize(state, call, &[SERVICE_CONFIG])?;
-    let c = state.engine.verify_certificate(name, &if_match(call), &call.body).await?;
+    let c = state.engine.management().verify_certificate(name, &if_match(call), &call.body).await?;
     Ok(json(StatusCode::OK, &c, &call.request_id))
 }

@@ -1,0 +1,283 @@
+//! Reading and checking a configuration: [`Config::from_toml`], [`Config::load`] and
+//! [`Config::validate`]. Apart from [`crate::config`] (the settings' types, which depend on
+//! nothing they check) so that checking may call the parts it checks — rule sets are
+//! compiled here ([`crate::rules`]), address policies parsed ([`crate::address_policy`]) —
+//! without those parts and the configuration depending on each other.
+
+use std::path::Path;
+
+use dps_proto::service::AllocationPolicy;
+
+use crate::config::{Config, ConfigError, StoreConfig, MAX_PACKET_LIMIT, RIGHTS};
+
+impl Config {
+    /// Parses TOML text.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |setting: &str, message: String| ConfigError::Invalid { setting: setting.into(), message };
+        if let Some(scope) = &self.id_scope {
+            dps_proto::ids::validate_id_scope(scope).map_err(|e| invalid("id_scope", e.to_string()))?;
+            if ["enrollments", "enrollmentgroups", "registrations"].contains(&scope.to_ascii_lowercase().as_str()) {
+                return Err(invalid("id_scope", format!("'{scope}' collides with a service API path")));
+            }
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(invalid("tls", "set both tls.cert and tls.key, or neither".into()));
+        }
+        if self.tls.host_names.is_empty() {
+            return Err(invalid("tls.host_names", "name at least one host (e.g. \"localhost\")".into()));
+        }
+        if self.allocation.default_policy == AllocationPolicy::Custom {
+            return Err(invalid(
+                "allocation.default_policy",
+                "custom cannot be the instance default; set it on enrollments".into(),
+            ));
+        }
+        let m = &self.mqtt;
+        if !(1024..=MAX_PACKET_LIMIT).contains(&m.max_packet_bytes) {
+            return Err(invalid(
+                "mqtt.max_packet_bytes",
+                format!("must be 1024..={} (a register carries up to 96 KiB of JSON)", MAX_PACKET_LIMIT),
+            ));
+        }
+        if m.connect_timeout_secs == 0
+            || m.idle_timeout_secs == 0
+            || m.write_timeout_secs == 0
+            || m.max_connections == Some(0)
+            || m.max_connections_per_address == 0
+        {
+            return Err(invalid(
+                "mqtt",
+                "connect_timeout_secs, idle_timeout_secs, write_timeout_secs, max_connections and max_connections_per_address must be ≥ 1".into(),
+            ));
+        }
+        if m.enabled && self.listen.mqtt == self.listen.https && self.listen.https.port() != 0 {
+            return Err(invalid("listen.mqtt", "must differ from listen.https".into()));
+        }
+        let a = &self.allocation;
+        if a.webhook_timeout_secs == 0 || a.webhook_timeout_secs > 300 {
+            return Err(invalid("allocation.webhook_timeout_secs", "must be 1..=300".into()));
+        }
+        if a.webhook_max_in_flight == 0 || a.webhook_max_response_bytes < 1024 {
+            return Err(invalid(
+                "allocation",
+                "webhook_max_in_flight must be ≥ 1 and webhook_max_response_bytes ≥ 1024".into(),
+            ));
+        }
+        if a.webhook_max_in_flight_per_url == 0 || a.webhook_max_in_flight_per_url > a.webhook_max_in_flight {
+            return Err(invalid(
+                "allocation.webhook_max_in_flight_per_url",
+                format!("must be 1..=webhook_max_in_flight ({})", a.webhook_max_in_flight),
+            ));
+        }
+        crate::address_policy::AddressPolicy::new(&a.webhook_allow, &a.webhook_deny)
+            .map_err(|m| invalid("allocation", m))?;
+        for (i, w) in self.webhooks.iter().enumerate() {
+            if !(w.url_prefix.starts_with("https://") || w.url_prefix.starts_with("http://")) {
+                return Err(invalid(
+                    &format!("webhooks[{i}].url_prefix"),
+                    "must start with https:// or http://".into(),
+                ));
+            }
+            if w.client_cert_file.is_some() != w.client_key_file.is_some() {
+                return Err(invalid(
+                    &format!("webhooks[{i}]"),
+                    "set both client_cert_file and client_key_file, or neither".into(),
+                ));
+            }
+            if w.secret.as_deref().is_some_and(|s| s.len() < 16) {
+                return Err(invalid(&format!("webhooks[{i}].secret"), "use at least 16 characters".into()));
+            }
+        }
+        crate::rules::RuleSets::compile(&self.rules, Vec::new())?;
+        let mut seen = std::collections::HashSet::new();
+        for (i, hub) in self.hubs.iter().enumerate() {
+            let name = hub.host_name.trim();
+            if name.is_empty() || name.len() > 253 || name.contains(char::is_whitespace) {
+                return Err(invalid(&format!("hubs[{i}].host_name"), format!("'{name}' is not a host name")));
+            }
+            if !(1..=1000).contains(&hub.allocation_weight) {
+                return Err(invalid(
+                    &format!("hubs[{i}].allocation_weight"),
+                    format!("{} is outside 1..=1000", hub.allocation_weight),
+                ));
+            }
+            if !seen.insert(name.to_ascii_lowercase()) {
+                return Err(invalid(&format!("hubs[{i}].host_name"), format!("'{name}' is linked twice")));
+            }
+        }
+        for (i, p) in self.service.policies.iter().enumerate() {
+            let at = format!("service.policies[{i}]");
+            if p.name.is_empty() || !p.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                return Err(invalid(
+                    &format!("{at}.name"),
+                    format!("'{}' must be letters, digits, '-', '_' or '.'", p.name),
+                ));
+            }
+            for key in std::iter::once(&p.primary_key).chain(p.secondary_key.iter()) {
+                if dps_proto::sas::decode_key(key).map(|k| k.len() < 16).unwrap_or(true) {
+                    return Err(invalid(&at, "keys must be base64 of at least 16 bytes".into()));
+                }
+            }
+            if let Some(r) = p.rights.iter().find(|r| !RIGHTS.contains(&r.as_str())) {
+                return Err(invalid(
+                    &format!("{at}.rights"),
+                    format!("unknown right '{r}'; known: {}", RIGHTS.join(", ")),
+                ));
+            }
+        }
+        match &self.store {
+            StoreConfig::Sqlite(sqlite) => match sqlite.synchronous.as_str() {
+                "full" | "normal" => {}
+                other => return Err(invalid("store.synchronous", format!("'{other}' is not 'full' or 'normal'"))),
+            },
+        }
+        let l = &self.limits;
+        if l.max_body_bytes < 1024
+            || l.max_header_bytes < 8192
+            || l.max_connections == Some(0)
+            || l.max_connections_per_address == 0
+            || l.busy_handshake_timeout_ms == 0
+        {
+            return Err(invalid(
+                "limits",
+                "max_body_bytes must be ≥ 1024, max_header_bytes ≥ 8192, and max_connections, max_connections_per_address and busy_handshake_timeout_ms ≥ 1".into(),
+            ));
+        }
+        if self.device.max_payload_bytes >= l.max_body_bytes {
+            return Err(invalid(
+                "device.max_payload_bytes",
+                format!("must be smaller than limits.max_body_bytes ({})", l.max_body_bytes),
+            ));
+        }
+        let t = &self.throttling;
+        for (name, per_min, burst) in [
+            ("registrations", t.registrations_per_min, t.registrations_burst),
+            ("device_requests", t.device_requests_per_min, t.device_requests_burst),
+            ("failed_auth", t.failed_auth_per_min, t.failed_auth_burst),
+        ] {
+            if per_min > 0 && burst == 0 {
+                return Err(invalid(&format!("throttling.{name}_burst"), "must be ≥ 1 when the limit is on".into()));
+            }
+        }
+        if self.device.auth_failure_delay_ms > 10_000 {
+            return Err(invalid("device.auth_failure_delay_ms", "must be at most 10000".into()));
+        }
+        if self.service.default_page_size == 0 || self.service.default_page_size > 1000 {
+            return Err(invalid("service.default_page_size", "must be 1..=1000".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{SqliteStoreConfig, DEFAULT_CONFIG, PLACEHOLDER_HUB};
+
+    #[test]
+    fn printed_default_parses_to_the_default() {
+        let parsed = Config::from_toml(DEFAULT_CONFIG, Path::new("default")).unwrap();
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn unknown_settings_are_named() {
+        let err = Config::from_toml("[device]\nassigning_frist = true\n", Path::new("x.toml")).unwrap_err().to_string();
+        assert!(err.contains("assigning_frist") && err.contains("x.toml"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for (text, needle) in [
+            ("[[hubs]]\nhost_name = \"a\"\nallocation_weight = 0\n", "allocation_weight"),
+            ("[[hubs]]\nhost_name = \"a\"\n[[hubs]]\nhost_name = \"A\"\n", "linked twice"),
+            ("[allocation]\ndefault_policy = \"custom\"\n", "custom"),
+            ("id_scope = \"bad scope\"\n", "id_scope"),
+            ("[store]\nsynchronous = \"off\"\n", "synchronous"),
+            ("[tls]\ncert = \"a.pem\"\n", "tls"),
+            ("[tls]\ngenerated_key = \"rsa\"\n", "ecdsa-p256"),
+            ("[[service.policies]]\nname = \"p\"\nprimary_key = \"AAAA\"\nrights = []\n", "16 bytes"),
+            ("[[service.policies]]\nname = \"p\"\nprimary_key = \"MDEyMzQ1Njc4OWFiY2RlZg==\"\nrights = [\"Admin\"]\n", "unknown right"),
+            ("[[rules]]\nname = \"r\"\n[[rules.cases]]\nwhen = \"payload.(\"\n", "rules[0].cases[0].when"),
+            ("[[rules]]\nname = \"r\"\npayload_schema = \"{\\\"type\\\": 5}\"\n[[rules.cases]]\nwhen = \"true\"\n", "JSON Schema"),
+            ("[[rules]]\nname = \"r\"\n", "rules[0].cases"),
+        ] {
+            let err = Config::from_toml(text, Path::new("c.toml")).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_commented_rules_example_compiles() {
+        let start = DEFAULT_CONFIG.find("# [[rules]]").unwrap();
+        let block = &DEFAULT_CONFIG[start..];
+        let block = &block[..block.find("\n\n").unwrap_or(block.len())];
+        let text: String = block.lines().map(|l| format!("{}\n", l.strip_prefix("# ").unwrap_or(l))).collect();
+        let config = Config::from_toml(&text, Path::new("example")).unwrap();
+        assert_eq!(config.rules[0].name, "by-model");
+        assert_eq!(config.rules[0].cases.len(), 2);
+        assert!(config.rules[0].payload_schema.is_some());
+    }
+
+    #[test]
+    fn placeholder_hub_only_without_hubs() {
+        assert_eq!(Config::default().linked_hubs()[0].host_name, PLACEHOLDER_HUB);
+        let c = Config::from_toml("[[hubs]]\nhost_name = \"h1\"\n", Path::new("c")).unwrap();
+        assert_eq!(c.linked_hubs().len(), 1);
+        assert_eq!(c.linked_hubs()[0].host_name, "h1");
+        assert_eq!(c.linked_hubs()[0].allocation_weight, 1);
+    }
+
+    #[test]
+    fn the_store_backend_defaults_to_sqlite() {
+        let sqlite = |file: &str, synchronous: &str| {
+            StoreConfig::Sqlite(SqliteStoreConfig { sqlite_file: file.into(), synchronous: synchronous.into() })
+        };
+        for (text, expected) in [
+            ("", sqlite("dps.sqlite", "full")),
+            ("[store]\n", sqlite("dps.sqlite", "full")),
+            ("[store]\nsynchronous = \"normal\"\n", sqlite("dps.sqlite", "normal")),
+            ("[store]\nbackend = \"sqlite\"\n", sqlite("dps.sqlite", "full")),
+            ("[store]\nbackend = \"sqlite\"\nsqlite_file = \"x.db\"\n", sqlite("x.db", "full")),
+        ] {
+            let config = Config::from_toml(text, Path::new("c.toml")).unwrap();
+            assert_eq!(config.store, expected, "{text:?}");
+            assert_eq!(config.store.backend(), "sqlite");
+        }
+        for backend in StoreConfig::BACKENDS {
+            let config = Config::from_toml(&format!("[store]\nbackend = \"{backend}\"\n"), Path::new("c")).unwrap();
+            assert_eq!(config.store.backend(), backend);
+        }
+    }
+
+    #[test]
+    fn unknown_store_backends_and_settings_are_named() {
+        for (text, needles) in [
+            ("[store]\nbackend = \"nope\"\n", &["store.backend", "\"nope\"", "`sqlite`", "line 1"][..]),
+            ("[store]\nbackend = \"SQLite\"\n", &["store.backend", "`sqlite`"][..]),
+            ("[store]\nbackend = 5\n", &["store.backend", "5", "`sqlite`"][..]),
+            ("[store]\nbackend = \"sqlite\"\nsqlite_fil = \"x\"\n", &["store", "sqlite_fil"][..]),
+            ("[store]\nsqlite_fil = \"x\"\n", &["store", "sqlite_fil"][..]),
+        ] {
+            let err = Config::from_toml(text, Path::new("c.toml")).unwrap_err().to_string();
+            for needle in needles {
+                assert!(err.contains(needle), "{text:?}: {err}");
+            }
+        }
+    }
+}
