@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite, in stages: formatting, lints, unit and whole-server tests (cargo), the
+# The whole test suite, in stages: formatting, lints, no import cycle among a crate's files
+# (scripts/import-cycles.py), unit and whole-server tests (cargo), the
 # official-SDK compatibility suite (npm + PyPI SDKs against a spawned dps on ports 443 and 8883
 # in a private network namespace), and a bounded run of every fuzz target (DPS_FUZZ_SECS
 # seconds each, default 20; 0 skips that stage, and the summary says so). Installs what it
@@ -94,6 +95,7 @@ closing_line() {
 
 stage fmt one_check cargo fmt --all -- --check
 stage clippy one_check cargo clippy --workspace --all-targets --locked -- -D warnings
+stage imports one_check python3 scripts/import-cycles.py crates
 stage cargo cargo_cases cargo test --workspace --locked
 if [ -x target/debug/dps ]; then
   stage compat closing_line bash tests/compat/run.sh target/debug/dps

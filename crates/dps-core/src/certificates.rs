@@ -14,7 +14,7 @@ use dps_proto::service::{AttestationType, EnrollmentGroup, IndividualEnrollment,
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::engine::{parse_body, parse_stored, Core, Management};
+use crate::engine::{parse_body, parse_stored, Core, Management, VerifiedCas};
 use crate::error::Error;
 use crate::etag::IfMatch;
 use crate::registration::ResolvedEnrollment;
@@ -60,9 +60,6 @@ fn b64(der: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(der)
 }
-
-/// The certificate store's verified CA certificates: name, DER, parsed facts.
-pub(crate) type VerifiedCas = Vec<(String, Vec<u8>, CertificateFacts)>;
 
 fn der_of(c: &CaCertificate) -> Result<Vec<u8>, Error> {
     use base64::Engine as _;

@@ -12,12 +12,12 @@ use rand::RngCore;
 use serde::de::DeserializeOwned;
 
 use crate::allocation::LinkedHub;
-use crate::certificates::VerifiedCas;
 use crate::clock::{Clock, SystemClock};
 use crate::custom::AllocationHook;
 use crate::error::Error;
 use crate::store::{Collection, Store};
 use crate::throttle::{Buckets, RateLimit};
+use crate::x509::CertificateFacts;
 use dps_proto::service::EnrollmentGroup;
 
 /// Engine settings, from the server configuration.
@@ -105,6 +105,9 @@ pub struct Core {
     /// Registrations of the instance.
     pub(crate) registration_throttle: Option<Arc<Buckets<()>>>,
 }
+
+/// The certificate store's verified CA certificates: name, DER, parsed facts.
+pub(crate) type VerifiedCas = Vec<(String, Vec<u8>, CertificateFacts)>;
 
 /// What was last read and parsed from one collection, and the collection's store version
 /// ([`Store::version`]) at the time. Every symmetric-key and X.509 group registration looks

@@ -26,7 +26,17 @@ pub struct DeviceRegistration {
 
 /// TPM endorsement and storage root keys as sent by a device (base64 TPM2B_PUBLIC); the same
 /// shape as an enrollment's TPM attestation.
-pub use crate::service::TpmAttestation;
+/// A TPM's public keys: in an enrollment's attestation, and in a TPM device's register
+/// request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TpmAttestation {
+    /// Endorsement key (base64 TPM2B_PUBLIC).
+    pub endorsement_key: String,
+    /// Storage root key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_root_key: Option<String>,
+}
 
 /// Registration status values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

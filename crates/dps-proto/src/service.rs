@@ -118,16 +118,7 @@ pub struct AttestationMechanism {
     pub symmetric_key: Option<SymmetricKeyAttestation>,
 }
 
-/// TPM attestation of an enrollment.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TpmAttestation {
-    /// Endorsement key (base64 TPM2B_PUBLIC).
-    pub endorsement_key: String,
-    /// Storage root key.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub storage_root_key: Option<String>,
-}
+pub use crate::device::TpmAttestation;
 
 /// Symmetric-key attestation: base64 keys. Either may be omitted on create; the service
 /// generates missing keys.
