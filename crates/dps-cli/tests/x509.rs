@@ -272,6 +272,9 @@ async fn the_cert_cli_uploads_and_proves_a_ca() {
     let (code, out, err) = dps_cli(&["verify", "cli-inter", proof.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("\"isVerified\": true"), "{out}");
+    // Another process's write to the store reaches the server's cache within the store's
+    // refresh time (dps_store::OTHER_WRITERS_SEEN_WITHIN, 100 ms).
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
     let (status, body) = register(&dps, &member, &inter.pem(), "cli-member").await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["status"], "assigned");

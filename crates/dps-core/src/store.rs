@@ -157,8 +157,10 @@ pub trait Store: Send + Sync + 'static {
     /// The version of `collection`: a number that grows with every committed write to it
     /// (by at least one per [`Write`] of a committed batch, deletes and purges included) and
     /// with nothing else, whoever wrote it: this handle, another handle on the same backend, or
-    /// another process sharing it. Callers cache what they read from a collection under its
-    /// version (the engine does so for enrollment groups and CA certificates).
+    /// another process sharing it. This handle's writes show at once; another handle's within a
+    /// bounded time the backend documents (SQLite: `OTHER_WRITERS_SEEN_WITHIN`, 100 ms, which
+    /// spares a read of the file on most calls). Callers cache what they read from a collection
+    /// under its version (the engine does so for enrollment groups and CA certificates).
     ///
     /// Kept in the backend and moved in the same transaction as the write it counts. Read it
     /// before the data it guards: a write that commits between the two moves it past what the

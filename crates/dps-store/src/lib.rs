@@ -13,4 +13,4 @@ mod memory;
 mod sqlite;
 
 pub use memory::MemoryStore;
-pub use sqlite::{SqliteStore, Synchronous};
+pub use sqlite::{SqliteStore, Synchronous, OTHER_WRITERS_SEEN_WITHIN};

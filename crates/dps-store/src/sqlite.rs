@@ -1,9 +1,9 @@
 //! The embedded SQLite store.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use dps_core::store::{Collection, Condition, Document, Page, Store, StoreError, Write};
@@ -46,6 +46,26 @@ const MIGRATIONS: &[&str] = &[
 /// row is version 0, and the first write to the collection creates it (no schema change).
 const VERSION_ROWS: i64 = 0;
 
+/// How long a collection's version read from the file is used again while this handle has
+/// written nothing to the collection: another handle's or another process's write to it is
+/// seen within this time, this handle's own writes at once ([`Store::version`]). It spares the
+/// point read of the version on most group registrations.
+pub const OTHER_WRITERS_SEEN_WITHIN: Duration = Duration::from_millis(100);
+
+/// Slots for per-collection counters, indexed by [`Collection::tag`].
+const TAGS: usize = 8;
+
+/// A collection's version as last read from the file.
+#[derive(Clone, Copy)]
+struct SeenVersion {
+    /// This handle's write count of the collection when it was read.
+    local: u64,
+    /// When it was read.
+    at: Instant,
+    /// The version read.
+    version: u64,
+}
+
 /// Most registrations' writes committed in one transaction (one fsync).
 const MAX_BATCH: usize = 512;
 /// Read connections (WAL readers run beside the writer).
@@ -77,6 +97,13 @@ struct Inner {
     next_reader: AtomicUsize,
     writer: Option<mpsc::Sender<Job>>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
+    /// Acknowledged writes of this handle per collection tag (moved after the commit, before
+    /// the writer is answered).
+    local_writes: [AtomicU64; TAGS],
+    /// Each collection's version as last read from the file.
+    seen: Mutex<[Option<SeenVersion>; TAGS]>,
+    /// [`OTHER_WRITERS_SEEN_WITHIN`], or what the handle was opened with.
+    refresh: Duration,
 }
 
 impl Drop for Inner {
@@ -158,6 +185,12 @@ impl SqliteStore {
     /// holds every key: it is created owner-only (0600), and SQLite gives its `-wal` and
     /// `-shm` files the same mode; an existing file readable by others is made owner-only.
     pub fn open(path: &Path, synchronous: Synchronous) -> Result<Self, StoreError> {
+        Self::open_with_refresh(path, synchronous, OTHER_WRITERS_SEEN_WITHIN)
+    }
+
+    /// [`SqliteStore::open`], with another time within which other handles' writes are seen in
+    /// [`Store::version`] (zero: read the version from the file every time).
+    pub fn open_with_refresh(path: &Path, synchronous: Synchronous, refresh: Duration) -> Result<Self, StoreError> {
         make_private(path)?;
         let mut conn = open_connection(path)?;
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(sql_err)?;
@@ -188,6 +221,9 @@ impl SqliteStore {
                 next_reader: AtomicUsize::new(0),
                 writer: Some(tx),
                 writer_thread: Some(writer_thread),
+                local_writes: Default::default(),
+                seen: Mutex::new([None; TAGS]),
+                refresh,
             }),
         })
     }
@@ -444,9 +480,23 @@ impl Store for SqliteStore {
         if writes.is_empty() {
             return Ok(());
         }
+        let mut tags = [false; TAGS];
+        for w in &writes {
+            let (Write::Put { collection, .. } | Write::Delete { collection, .. }) = w;
+            if let Some(t) = usize::try_from(collection.tag()).ok().and_then(|i| tags.get_mut(i)) {
+                *t = true;
+            }
+        }
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.send(Job::Write { writes, reply })?;
-        answer.await.map_err(|_| StoreError::Unavailable("the store's writer thread has stopped".into()))?
+        answer.await.map_err(|_| StoreError::Unavailable("the store's writer thread has stopped".into()))??;
+        // Committed: this handle's next version read of these collections goes to the file.
+        for (i, written) in tags.iter().enumerate() {
+            if *written {
+                self.inner.local_writes[i].fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        Ok(())
     }
 
     async fn list(
@@ -508,6 +558,13 @@ impl Store for SqliteStore {
             Ok(purged)
         })
         .await
+        .inspect(|purged| {
+            if *purged > 0 {
+                for counter in &self.inner.local_writes {
+                    counter.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+        })
     }
 
     async fn get_setting(&self, key: &str) -> Result<Option<String>, StoreError> {
@@ -539,6 +596,27 @@ impl Store for SqliteStore {
     }
 
     async fn version(&self, collection: Collection) -> Result<u64, StoreError> {
+        let slot = usize::try_from(collection.tag()).ok().filter(|i| *i < TAGS);
+        let local = slot.map(|i| self.inner.local_writes[i].load(Ordering::Acquire));
+        if let (Some(i), Some(local)) = (slot, local) {
+            let seen = self.inner.seen.lock().unwrap_or_else(|p| p.into_inner())[i];
+            if let Some(s) = seen.filter(|s| s.local == local && s.at.elapsed() < self.inner.refresh) {
+                return Ok(s.version);
+            }
+        }
+        let read_at = Instant::now();
+        let version = self.stored_version(collection)?;
+        if let (Some(i), Some(local)) = (slot, local) {
+            self.inner.seen.lock().unwrap_or_else(|p| p.into_inner())[i] =
+                Some(SeenVersion { local, at: read_at, version });
+        }
+        Ok(version)
+    }
+}
+
+impl SqliteStore {
+    /// A collection's version as the file holds it now.
+    fn stored_version(&self, collection: Collection) -> Result<u64, StoreError> {
         // The point-read path: a primary-key lookup on the caller's thread (microseconds).
         // It reads the file, so another handle's or another process's commits count too.
         let conn = self.reader();

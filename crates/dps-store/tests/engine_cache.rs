@@ -16,7 +16,7 @@ use dps_core::store::{Collection, Document, Page, Store, StoreError, Write};
 use dps_core::{Engine, EngineSettings, Error};
 use dps_proto::sas::{build_token, derive_device_key, device_resource};
 use dps_proto::service::EnrollmentGroup;
-use dps_store::{MemoryStore, SqliteStore, Synchronous};
+use dps_store::{MemoryStore, SqliteStore, Synchronous, OTHER_WRITERS_SEEN_WITHIN};
 
 const NOW_SECS: i64 = 1_800_000_000;
 const GROUP_KEY: &[u8] = b"group-key-0123456789-0123456789!";
@@ -63,7 +63,7 @@ async fn register(engine: &Engine, registration_id: &str) -> Result<(), Error> {
 }
 
 /// Node A caches the group; node B, on its own handle of the same file, deletes it; A's next
-/// registration is refused (and accepted again once B creates it again).
+/// registration after the store's refresh time (`OTHER_WRITERS_SEEN_WITHIN`) is refused (and accepted again once B creates it again).
 #[tokio::test]
 async fn a_group_changed_through_another_handle_is_seen() {
     let dir = tempfile::tempdir().unwrap();
@@ -74,9 +74,12 @@ async fn a_group_changed_through_another_handle_is_seen() {
     register(&a, "device-1").await.unwrap();
     register(&a, "device-2").await.unwrap();
     b.management().delete_enrollment_record::<EnrollmentGroup>("cached-group", &IfMatch::Any).await.unwrap();
+    // Another handle's writes are seen within the store's refresh time.
+    tokio::time::sleep(OTHER_WRITERS_SEEN_WITHIN + std::time::Duration::from_millis(20)).await;
     let refused = register(&a, "device-3").await;
     assert!(matches!(refused, Err(Error::Unauthorized(_))), "{refused:?}");
     put_group(&b).await;
+    tokio::time::sleep(OTHER_WRITERS_SEEN_WITHIN + std::time::Duration::from_millis(20)).await;
     register(&a, "device-3").await.unwrap();
 }
 

@@ -1,7 +1,9 @@
 //! The SQLite store against the conformance suite, plus durability and migration checks.
 
 use dps_core::store::{Collection, Condition, Document, Store, Write};
-use dps_store::{conformance, SqliteStore, Synchronous};
+use std::time::Duration;
+
+use dps_store::{conformance, SqliteStore, Synchronous, OTHER_WRITERS_SEEN_WITHIN};
 
 #[tokio::test]
 async fn sqlite_passes_conformance() {
@@ -55,9 +57,37 @@ fn refuses_a_file_that_is_not_a_database() {
 async fn two_opens_of_one_file_share_versions() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dps.sqlite");
-    let a = SqliteStore::open(&path, Synchronous::Full).unwrap();
-    let b = SqliteStore::open(&path, Synchronous::Full).unwrap();
+    let a = SqliteStore::open_with_refresh(&path, Synchronous::Full, Duration::ZERO).unwrap();
+    let b = SqliteStore::open_with_refresh(&path, Synchronous::Full, Duration::ZERO).unwrap();
     conformance::shared_versions(&a, &b).await;
+}
+
+/// With the default refresh, a handle sees its own writes in the version at once, and another
+/// handle's within `OTHER_WRITERS_SEEN_WITHIN`.
+#[tokio::test]
+async fn another_handles_writes_are_seen_within_the_refresh_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dps.sqlite");
+    let a = SqliteStore::open(&path, Synchronous::Normal).unwrap();
+    let b = SqliteStore::open(&path, Synchronous::Normal).unwrap();
+    let g = Collection::EnrollmentGroups;
+    let group = |etag: &str| Write::Put {
+        collection: g,
+        document: Document { id: "g".into(), etag: etag.into(), partition: None, body: "{}".into(), expires_at: None },
+        condition: Condition::Always,
+    };
+    let (a0, b0) = (a.version(g).await.unwrap(), b.version(g).await.unwrap());
+    a.write(vec![group("1")]).await.unwrap();
+    assert!(a.version(g).await.unwrap() > a0, "the writing handle sees its write at once");
+    tokio::time::sleep(OTHER_WRITERS_SEEN_WITHIN + Duration::from_millis(20)).await;
+    let b1 = b.version(g).await.unwrap();
+    assert!(b1 > b0, "the other handle sees it within the refresh time ({b0} -> {b1})");
+    // Several writes in a row by the other handle: each is seen once the time has passed.
+    for etag in ["2", "3"] {
+        a.write(vec![group(etag)]).await.unwrap();
+    }
+    tokio::time::sleep(OTHER_WRITERS_SEEN_WITHIN + Duration::from_millis(20)).await;
+    assert_eq!(b.version(g).await.unwrap(), a.version(g).await.unwrap());
 }
 
 #[tokio::test]

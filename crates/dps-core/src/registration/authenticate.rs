@@ -184,7 +184,11 @@ impl DeviceRuntime {
     /// The challenge for a TPM device. TPM enrollments cannot be written yet (the service API
     /// refuses them with 400004 until TPM attestation lands), so no endorsement key is
     /// enrolled and every request gets the refusal an unknown key gets.
-    async fn challenge(&self, registration_id: &str, _endorsement: &TpmEndorsement) -> Result<Challenge, Error> {
+    pub(super) async fn challenge(
+        &self,
+        registration_id: &str,
+        _endorsement: &TpmEndorsement,
+    ) -> Result<Challenge, Error> {
         let started = tokio::time::Instant::now();
         crate::info_limited!("device-auth", registration_id, "TPM challenge refused: no TPM enrollment for the ID");
         tokio::time::sleep_until(started + std::time::Duration::from_millis(self.settings.auth_failure_delay_ms)).await;

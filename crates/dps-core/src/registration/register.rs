@@ -10,7 +10,7 @@ use dps_proto::ids::id_key;
 use dps_proto::service::{AllocationPolicy, EnrollmentCommon, ProvisioningStatus, ReprovisionPolicy};
 use serde_json::Value;
 
-use super::authenticate::{AuthenticatedDevice, Authentication, Challenge, Credential, TpmEndorsement};
+use super::authenticate::{AuthenticatedDevice, Challenge, Credential, TpmEndorsement};
 use super::records::{OperationRecord, RegistrationRecord, ResolvedEnrollment};
 use crate::custom::{AllocationFailure, Assignment};
 use crate::engine::{parse_body, parse_stored, to_json, DeviceRuntime};
@@ -174,12 +174,15 @@ impl DeviceRuntime {
             }),
             (credential, _) => credential,
         };
-        let device = match self.authenticate_device(&req.id_scope, &req.registration_id, &credential).await? {
-            Authentication::Authenticated(device) => device,
-            Authentication::Challenge(challenge) => return Ok(Registered::Challenge(challenge)),
+        // The authentication stage as `authenticate_device` runs it, without building the
+        // `AuthenticatedDevice` a one-request transport would throw away.
+        let enrollment = match &credential {
+            Credential::TpmEndorsement(endorsement) => {
+                return self.challenge(&req.registration_id, endorsement).await.map(Registered::Challenge)
+            }
+            _ => self.authenticate(&req.id_scope, &req.registration_id, &credential).await?,
         };
-        let enrollment = device.enrollment().clone();
-        self.register_enrollment(req.registration_id, device.credential(), enrollment, payload, req.force)
+        self.register_enrollment(req.registration_id, &credential, enrollment, payload, req.force)
             .await
             .map(Registered::Reply)
     }
