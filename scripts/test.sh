@@ -22,6 +22,8 @@ need node || missing+=(nodejs)
 need npm || missing+=(npm)
 need python3 || missing+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+need swtpm || missing+=(swtpm swtpm-tools)
+need tpm2_import || missing+=(tpm2-tools)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test: installing ${missing[*]}"
   apt-get update -qq && apt-get install -y -qq "${missing[@]}" || { echo "test: could not install ${missing[*]}"; exit 1; }

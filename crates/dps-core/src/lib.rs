@@ -23,6 +23,7 @@ pub mod registration;
 pub mod reprovision;
 pub mod store;
 pub mod throttle;
+pub mod tpm;
 pub mod x509;
 
 pub use engine::{Core, DeviceRuntime, Engine, EngineSettings, Management};

@@ -23,4 +23,5 @@ pub mod service;
 pub mod timestamp;
 #[cfg(feature = "tls")]
 pub mod tls;
+pub mod tpm;
 pub mod webhook;
