@@ -55,6 +55,8 @@ pub struct EngineSettings {
     pub expose_webhook_errors: bool,
     /// A failed device authentication is answered no sooner than this after it began.
     pub auth_failure_delay_ms: u64,
+    /// How long the key a TPM challenge delivers is accepted after its issue, in seconds.
+    pub tpm_challenge_secs: u64,
     /// Register, poll and status requests per registration ID (after authentication).
     pub device_requests: Option<RateLimit>,
     /// Registrations of the whole instance.
@@ -78,6 +80,7 @@ impl Default for EngineSettings {
             require_verified_ca: true,
             expose_webhook_errors: false,
             auth_failure_delay_ms: 50,
+            tpm_challenge_secs: 3600,
             device_requests: None,
             registrations: None,
         }

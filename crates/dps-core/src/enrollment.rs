@@ -238,11 +238,41 @@ impl Management {
                 att.x509 = None;
             }
             AttestationType::Tpm => {
-                // Refused until devices can attest with it: an accepted enrollment that no
-                // device can ever use would only mislead.
-                return Err(invalid(
-                    "TPM attestation is not served by this version of dps yet; enroll the device with symmetricKey or x509",
-                ));
+                if att.symmetric_key.is_some() || att.x509.is_some() {
+                    return Err(invalid(
+                        "a TPM enrollment carries attestation.tpm only; remove attestation.symmetricKey and attestation.x509",
+                    ));
+                }
+                // Keys omitted on update keep their stored values, as symmetric keys do (the
+                // endorsement key is public, but a get-modify-put must not lose it).
+                if att.tpm.is_none() {
+                    att.tpm = existing
+                        .filter(|e| e.attestation.kind == AttestationType::Tpm)
+                        .and_then(|e| e.attestation.tpm.clone());
+                }
+                let Some(tpm) = att.tpm.as_mut() else {
+                    return Err(invalid("TPM attestation needs attestation.tpm.endorsementKey (base64 of the TPM2B_PUBLIC of the device's EK)"));
+                };
+                tpm.endorsement_key = tpm.endorsement_key.trim().to_string();
+                if tpm.endorsement_key.is_empty() {
+                    return Err(invalid(
+                        "attestation.tpm.endorsementKey is empty: give base64 of the TPM2B_PUBLIC of the device's EK",
+                    ));
+                }
+                crate::tpm::parse_device_key(
+                    "attestation.tpm.endorsementKey",
+                    &tpm.endorsement_key,
+                    crate::tpm::DeviceKey::Endorsement,
+                )?;
+                if let Some(srk) = tpm.storage_root_key.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+                    crate::tpm::parse_device_key(
+                        "attestation.tpm.storageRootKey",
+                        srk,
+                        crate::tpm::DeviceKey::StorageRoot,
+                    )?;
+                } else {
+                    tpm.storage_root_key = None;
+                }
             }
             AttestationType::X509 => {
                 let Some(x) = att.x509.as_mut() else {

@@ -17,16 +17,20 @@ pub enum Collection {
     Operations,
     /// CA certificates of the certificate store, keyed by name.
     Certificates,
+    /// The TPM challenge last issued to a registration ID (the key it delivers), keyed by
+    /// registration ID; each expires after the challenge lifetime.
+    TpmChallenges,
 }
 
 impl Collection {
     /// All collections.
-    pub const ALL: [Collection; 5] = [
+    pub const ALL: [Collection; 6] = [
         Collection::Enrollments,
         Collection::EnrollmentGroups,
         Collection::Registrations,
         Collection::Operations,
         Collection::Certificates,
+        Collection::TpmChallenges,
     ];
 
     /// A stable small number for storage.
@@ -37,6 +41,7 @@ impl Collection {
             Collection::Registrations => 3,
             Collection::Operations => 4,
             Collection::Certificates => 5,
+            Collection::TpmChallenges => 6,
         }
     }
 }

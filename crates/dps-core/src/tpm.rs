@@ -10,6 +10,8 @@
 //! the same key bytes in software.
 
 use aes::Aes128;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 use cfb_mode::cipher::{AsyncStreamCipher, KeyIvInit};
 use dps_proto::tpm::{
     attrs, tpm2b, AuthenticationKeyBlob, KeyedHashSensitive, SymDefObject, TpmPublic, MAX_SYM_DATA, TPM_ALG_AES,
@@ -19,6 +21,8 @@ use hmac::{Hmac, Mac};
 use rand::{CryptoRng, RngCore};
 use rsa::{BigUint, Oaep, RsaPublicKey};
 use sha2::{Digest, Sha256};
+
+pub mod software;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -58,6 +62,19 @@ pub enum TpmError {
     /// The HMAC key is empty or longer than a KEYEDHASH object can hold.
     #[error("the HMAC key is {0} bytes; a TPM KEYEDHASH key holds 1 to {MAX_SYM_DATA} bytes")]
     HmacKeyLength(usize),
+    /// The EK or SRK is a usable RSA key, but not one made from the standard template the
+    /// device SDKs use (protocol.md §6.2).
+    #[error("the {which} {reason}; devices create it from the standard RSA-2048 template")]
+    Template {
+        /// `endorsement key` or `storage root key`.
+        which: &'static str,
+        /// What differs.
+        reason: String,
+    },
+    /// A blob did not open with this TPM's keys (software TPM: a wrong key, or a blob that was
+    /// changed on the way).
+    #[error("the authentication key does not open with this TPM: {0}")]
+    Open(&'static str),
     /// The modulus and exponent do not form an RSA key the `rsa` crate accepts, or encryption
     /// to it failed.
     #[error("the {which} cannot be used for RSA-OAEP: {source}")]
@@ -67,6 +84,64 @@ pub enum TpmError {
         /// What the `rsa` crate reported.
         source: rsa::Error,
     },
+}
+
+/// Which of a device's TPM keys a public area is meant to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKey {
+    /// The endorsement key (`endorsementKey`): the credential is encrypted to it.
+    Endorsement,
+    /// The storage root key (`storageRootKey`): the HMAC key is imported under it.
+    StorageRoot,
+}
+
+impl DeviceKey {
+    /// How messages name it.
+    pub fn noun(self) -> &'static str {
+        match self {
+            DeviceKey::Endorsement => "endorsement key",
+            DeviceKey::StorageRoot => "storage root key",
+        }
+    }
+}
+
+/// Checks that a public area is an EK or SRK a device's TPM can receive the authentication
+/// key with, as the SDKs' templates make them (protocol.md §6.2): an RSA-2048 restricted
+/// decryption (storage) key, fixedTPM and fixedParent, nameAlg SHA-256, symmetric AES-128-CFB,
+/// no scheme. The authPolicy and the user/admin attributes only matter to the device itself
+/// and are not checked.
+pub fn check_device_key(public: &TpmPublic, which: DeviceKey) -> Result<(), TpmError> {
+    let noun = which.noun();
+    rsa_target(public, noun)?;
+    let template = |reason: String| TpmError::Template { which: noun, reason };
+    let rsa = public.rsa().ok_or(TpmError::NotRsa(noun))?;
+    if rsa.key_bits != 2048 {
+        return Err(template(format!("is RSA-{}", rsa.key_bits)));
+    }
+    if rsa.scheme != dps_proto::tpm::RsaScheme::Null {
+        return Err(template("has a scheme (a storage key has none)".into()));
+    }
+    let must = attrs::RESTRICTED | attrs::DECRYPT | attrs::FIXED_TPM | attrs::FIXED_PARENT;
+    if public.object_attributes & must != must || public.object_attributes & attrs::SIGN_ENCRYPT != 0 {
+        return Err(template(format!(
+            "has objectAttributes 0x{:08x}, not a restricted decryption key of this TPM (fixedTPM, fixedParent, restricted, decrypt; not sign)",
+            public.object_attributes
+        )));
+    }
+    Ok(())
+}
+
+/// Decodes and checks a TPM key sent as base64 of a marshalled TPM2B_PUBLIC: by a device
+/// (`tpm.endorsementKey` of a register request) or an operator (`attestation.tpm.…` of an
+/// enrollment). `field` names it in the error, a 400 with code 400004.
+pub fn parse_device_key(field: &str, text: &str, which: DeviceKey) -> Result<TpmPublic, crate::error::Error> {
+    let bad =
+        |message: String| crate::error::Error::bad_request(dps_proto::error::ErrorCode::INVALID_ARGUMENT, message);
+    let bytes = BASE64.decode(text.trim()).map_err(|_| bad(format!("{field} is not valid base64")))?;
+    let public =
+        TpmPublic::parse_tpm2b(&bytes).map_err(|e| bad(format!("{field} is not a marshalled TPM2B_PUBLIC: {e}")))?;
+    check_device_key(&public, which).map_err(|e| bad(format!("{field}: {e}")))?;
+    Ok(public)
 }
 
 /// An RSA key, checked to be usable as a credential or duplication target.
@@ -217,10 +292,7 @@ mod tests {
     use rsa::traits::PublicKeyParts;
     use rsa::RsaPrivateKey;
 
-    const EK_POLICY: [u8; 32] = [
-        0x83, 0x71, 0x97, 0x67, 0x44, 0x84, 0xb3, 0xf8, 0x1a, 0x90, 0xcc, 0x8d, 0x46, 0xa5, 0xd7, 0x24, 0xfd, 0x52,
-        0xd7, 0x6e, 0x06, 0x52, 0x0b, 0x64, 0xf2, 0xa1, 0xda, 0x1b, 0x33, 0x14, 0x69, 0xaa,
-    ];
+    use software::{SoftwareTpm, EK_ATTRIBUTES, EK_AUTH_POLICY, SRK_ATTRIBUTES};
 
     fn public_of(key: &RsaPrivateKey, attributes: u32, policy: &[u8]) -> TpmPublic {
         TpmPublic {
@@ -237,79 +309,60 @@ mod tests {
         }
     }
 
-    fn cfb_decrypt(key: &[u8], buf: &mut [u8]) {
-        cfb_mode::Decryptor::<Aes128>::new_from_slices(key, &[0u8; 16]).unwrap().decrypt(buf);
-    }
-
-    /// Reads a TPM2B off the front of `bytes`.
-    fn split2b(bytes: &[u8]) -> (&[u8], &[u8]) {
-        let len = usize::from(u16::from_be_bytes([bytes[0], bytes[1]]));
-        (&bytes[2..2 + len], &bytes[2 + len..])
-    }
-
-    /// Everything a TPM does with the blob (ActivateCredential, Import), in software.
-    fn device_side(blob: &[u8], ek: &RsaPrivateKey, srk: &RsaPrivateKey, srk_name: &[u8]) -> Vec<u8> {
-        let blob = AuthenticationKeyBlob::parse(blob).unwrap();
-        // ActivateCredential.
-        let seed1 = ek.decrypt(Oaep::new_with_label::<Sha256, _>("IDENTITY\0"), &blob.encrypted_secret).unwrap();
-        let (integrity, enc_identity) = split2b(&blob.id_object);
-        let hmac_key1 = kdfa(&seed1, b"INTEGRITY", &[], &[], 256);
-        assert_eq!(integrity, hmac_sha256(&hmac_key1, &[enc_identity, srk_name]));
-        let mut credential = enc_identity.to_vec();
-        cfb_decrypt(&kdfa(&seed1, b"STORAGE", srk_name, &[], 128), &mut credential);
-        let (inner_key, rest) = split2b(&credential);
-        assert!(rest.is_empty());
-        assert_eq!(inner_key.len(), INNER_KEY_LEN);
-        // Import: outer wrapper.
-        let public = TpmPublic::parse(&blob.public).unwrap();
-        assert_eq!(public.object_attributes, HMAC_KEY_ATTRIBUTES);
-        let key_name = public.name().unwrap();
-        let seed2 = srk.decrypt(Oaep::new_with_label::<Sha256, _>("DUPLICATE\0"), &blob.import_seed).unwrap();
-        let (outer_hmac, dup_sensitive) = split2b(&blob.duplicate);
-        let hmac_key2 = kdfa(&seed2, b"INTEGRITY", &[], &[], 256);
-        assert_eq!(outer_hmac, hmac_sha256(&hmac_key2, &[dup_sensitive, &key_name]));
-        let mut enc_sensitive = dup_sensitive.to_vec();
-        cfb_decrypt(&kdfa(&seed2, b"STORAGE", &key_name, &[], 128), &mut enc_sensitive);
-        // Inner wrapper.
-        cfb_decrypt(inner_key, &mut enc_sensitive);
-        let (inner_integrity, sens2b) = split2b(&enc_sensitive);
-        assert_eq!(inner_integrity, &Sha256::new().chain_update(sens2b).chain_update(&key_name).finalize()[..]);
-        let (sensitive, rest) = split2b(sens2b);
-        assert!(rest.is_empty());
-        assert_eq!(sensitive[..2], [0x00, 0x08], "KEYEDHASH");
-        let (auth, rest) = split2b(&sensitive[2..]);
-        assert!(auth.is_empty());
-        let (seed_value, rest) = split2b(rest);
-        let (key, rest) = split2b(rest);
-        assert!(rest.is_empty());
-        // The public area is bound to this secret.
-        let PublicParams::KeyedHash(kh) = &public.params else { panic!("not KEYEDHASH") };
-        assert_eq!(kh.unique, Sha256::new().chain_update(seed_value).chain_update(key).finalize().to_vec());
-        assert!(blob.enc_uri_data.is_empty());
-        key.to_vec()
-    }
-
     #[test]
     fn the_blob_opens_to_the_hmac_key_in_software() {
         let mut rng = StdRng::seed_from_u64(7);
-        let ek_priv = RsaPrivateKey::new(&mut rng, 2048).unwrap();
-        let srk_priv = RsaPrivateKey::new(&mut rng, 2048).unwrap();
-        let ek = public_of(&ek_priv, 0x000300B2, &EK_POLICY);
-        let srk = public_of(&srk_priv, 0x00030472, &[]);
+        let tpm = SoftwareTpm::generate(&mut rng).unwrap();
         // The SDKs marshal these exactly like this.
-        let ek = TpmPublic::parse_tpm2b(&ek.marshal_tpm2b().unwrap()).unwrap();
+        let ek = TpmPublic::parse_tpm2b(&tpm.endorsement_key().marshal_tpm2b().unwrap()).unwrap();
+        let srk = tpm.storage_root_key();
+        check_device_key(&ek, DeviceKey::Endorsement).unwrap();
+        check_device_key(srk, DeviceKey::StorageRoot).unwrap();
         let hmac_key = [0x42u8; 32];
-        let blob = build_authentication_key(&ek, &srk, &hmac_key, &mut rng).unwrap();
+        let blob = build_authentication_key(&ek, srk, &hmac_key, &mut rng).unwrap();
         assert_eq!(blob.len(), 766, "protocol.md §6.5 step 7");
         assert_eq!(blob[blob.len() - 2..], [0, 0], "item 6 is empty");
-        assert_eq!(device_side(&blob, &ek_priv, &srk_priv, &srk.name().unwrap()), hmac_key);
+        assert_eq!(tpm.import(&blob).unwrap(), hmac_key);
         // Fresh seeds every time; other key lengths work.
-        let again = build_authentication_key(&ek, &srk, &hmac_key, &mut rng).unwrap();
+        let again = build_authentication_key(&ek, srk, &hmac_key, &mut rng).unwrap();
         assert_ne!(blob, again);
-        let short = build_authentication_key(&ek, &srk, b"k", &mut rng).unwrap();
-        assert_eq!(device_side(&short, &ek_priv, &srk_priv, &srk.name().unwrap()), b"k");
-        let long = build_authentication_key(&ek, &srk, &[9; MAX_SYM_DATA], &mut rng).unwrap();
-        assert_eq!(device_side(&long, &ek_priv, &srk_priv, &srk.name().unwrap()), [9; MAX_SYM_DATA]);
+        let short = build_authentication_key(&ek, srk, b"k", &mut rng).unwrap();
+        assert_eq!(tpm.import(&short).unwrap(), b"k");
+        let long = build_authentication_key(&ek, srk, &[9; MAX_SYM_DATA], &mut rng).unwrap();
+        assert_eq!(tpm.import(&long).unwrap(), [9; MAX_SYM_DATA]);
+        // Every byte counts: a flipped bit anywhere, or another TPM, does not open it.
+        for at in [10, 100, 300, 500, 700] {
+            let mut bad = blob.clone();
+            bad[at] ^= 1;
+            assert!(tpm.import(&bad).is_err(), "a flipped bit at {at} went unnoticed");
+        }
+        let other = SoftwareTpm::generate(&mut rng).unwrap();
+        assert!(other.import(&blob).unwrap_err().to_string().contains("not encrypted to this EK"));
+    }
+
+    #[test]
+    fn device_keys_must_follow_the_templates() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let key = RsaPrivateKey::new(&mut rng, 2048).unwrap();
+        assert!(check_device_key(&public_of(&key, EK_ATTRIBUTES, &EK_AUTH_POLICY), DeviceKey::Endorsement).is_ok());
+        assert!(check_device_key(&public_of(&key, SRK_ATTRIBUTES, &[]), DeviceKey::StorageRoot).is_ok());
+        // A signing key, and one that is not restricted.
+        let err = check_device_key(&public_of(&key, 0x0004_0072, &[]), DeviceKey::Endorsement).unwrap_err();
+        assert!(err.to_string().starts_with("the endorsement key has objectAttributes 0x00040072"), "{err}");
+        assert!(check_device_key(&public_of(&key, 0x0002_00B2, &[]), DeviceKey::StorageRoot).is_err());
+        let mut rsa1024 = public_of(&RsaPrivateKey::new(&mut rng, 1024).unwrap(), EK_ATTRIBUTES, &[]);
+        if let PublicParams::Rsa(rsa) = &mut rsa1024.params {
+            rsa.key_bits = 1024;
+        }
+        assert_eq!(
+            check_device_key(&rsa1024, DeviceKey::Endorsement).unwrap_err().to_string(),
+            "the endorsement key is RSA-1024; devices create it from the standard RSA-2048 template"
+        );
+        let kh = TpmPublic::hmac_sha256_key(0, vec![0; 32]);
+        assert_eq!(
+            check_device_key(&kh, DeviceKey::StorageRoot).unwrap_err().to_string(),
+            "the storage root key is not an RSA key"
+        );
     }
 
     #[test]

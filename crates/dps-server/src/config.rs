@@ -247,6 +247,9 @@ pub struct DeviceConfig {
     /// A failed device authentication is answered no sooner than this many milliseconds
     /// after it began (the answer time then tells nothing about which IDs are enrolled).
     pub auth_failure_delay_ms: u64,
+    /// How long the key a TPM challenge delivers is accepted, in seconds from its issue (for
+    /// the registration it was asked for and the polls after it).
+    pub tpm_challenge_secs: u64,
 }
 
 /// `[service]`.
@@ -517,6 +520,7 @@ impl Default for DeviceConfig {
             max_payload_bytes: 65_536,
             sas_clock_skew_secs: 300,
             auth_failure_delay_ms: 50,
+            tpm_challenge_secs: 3600,
         }
     }
 }

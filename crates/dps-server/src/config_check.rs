@@ -177,6 +177,9 @@ impl Config {
         if self.device.auth_failure_delay_ms > 10_000 {
             return Err(invalid("device.auth_failure_delay_ms", "must be at most 10000".into()));
         }
+        if !(1..=86_400).contains(&self.device.tpm_challenge_secs) {
+            return Err(invalid("device.tpm_challenge_secs", "must be 1..=86400".into()));
+        }
         if self.service.default_page_size == 0 || self.service.default_page_size > 1000 {
             return Err(invalid("service.default_page_size", "must be 1..=1000".into()));
         }

@@ -72,6 +72,7 @@ impl Server {
             require_verified_ca: config.x509.require_verified_ca,
             expose_webhook_errors: config.allocation.expose_webhook_errors,
             auth_failure_delay_ms: config.device.auth_failure_delay_ms,
+            tpm_challenge_secs: config.device.tpm_challenge_secs,
             device_requests: config.throttling.device_requests(),
             registrations: config.throttling.registrations(),
         };

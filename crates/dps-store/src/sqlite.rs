@@ -539,32 +539,33 @@ impl Store for SqliteStore {
     }
 
     async fn purge_expired(&self, now_millis: i64) -> Result<u64, StoreError> {
-        self.exclusive(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
-            let mut purged = 0u64;
-            for c in Collection::ALL {
-                let n = tx
-                    .prepare_cached(
-                        "DELETE FROM documents WHERE collection = ?1 AND expires_at IS NOT NULL AND expires_at < ?2",
-                    )
-                    .and_then(|mut st| st.execute(params![c.tag(), now_millis]))
-                    .map_err(sql_err)?;
-                if n > 0 {
-                    bump_version(&tx, c.tag(), i64::try_from(n).unwrap_or(i64::MAX))?;
-                    purged += n as u64;
+        let purged = self
+            .exclusive(move |conn| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
+                let mut purged = Vec::new();
+                for c in Collection::ALL {
+                    let n = tx
+                        .prepare_cached(
+                            "DELETE FROM documents WHERE collection = ?1 AND expires_at IS NOT NULL AND expires_at < ?2",
+                        )
+                        .and_then(|mut st| st.execute(params![c.tag(), now_millis]))
+                        .map_err(sql_err)?;
+                    if n > 0 {
+                        bump_version(&tx, c.tag(), i64::try_from(n).unwrap_or(i64::MAX))?;
+                        purged.push((c, n as u64));
+                    }
                 }
+                tx.commit().map_err(sql_err)?;
+                Ok(purged)
+            })
+            .await?;
+        // Only the collections something was deleted from have changed.
+        for (c, _) in &purged {
+            if let Some(counter) = usize::try_from(c.tag()).ok().and_then(|i| self.inner.local_writes.get(i)) {
+                counter.fetch_add(1, Ordering::AcqRel);
             }
-            tx.commit().map_err(sql_err)?;
-            Ok(purged)
-        })
-        .await
-        .inspect(|purged| {
-            if *purged > 0 {
-                for counter in &self.inner.local_writes {
-                    counter.fetch_add(1, Ordering::AcqRel);
-                }
-            }
-        })
+        }
+        Ok(purged.iter().map(|(_, n)| n).sum())
     }
 
     async fn get_setting(&self, key: &str) -> Result<Option<String>, StoreError> {

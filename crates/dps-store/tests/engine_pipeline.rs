@@ -322,16 +322,19 @@ async fn a_store_outage_is_unavailable_on_every_device_path() {
     assert!(f.register("dev-ind", &cases[0].1).await.is_ok());
 }
 
+/// A TPM's keys as swtpm made them for the official Node client (shared/captures/node-http-tpm.txt).
+const SWTPM_EK: &str = "AToAAQALAAMAsgAgg3GXZ0SEs/gakMyNRqXXJP1S124GUgtk8qHaGzMUaaoABgCAAEMAEAgAAAAAAAEAwvAzM1GSNLZrMA9doPi69i2afOd/WimX/Y912Upwu9g2TuLQV1upTtMtf5X2kBc0AxwT/ejJ5s2D6aqMjW56zn8byaQztFsb3oJZS3pToiWKSidu9u5Lss2VmSo68ce9LSgtD3OrR06+4i+UJR27HjuG/jxYGbWltla/8nhUSDU5IC3WYSADRBb0BFmyoN1xOReLF2nMxIMdhwq6dkKad4b1ByNGRa7Z5YNvdx/ri83yx0EK2lpSeSmWobqDndBLz0X01pFPC3sb6+D57osbLATIPy6BjIMo5RzWCAhbCW+0gBGa7f28Q7BksdpoTnPmCtxT6NPB7PXs/aw31UbB+w==";
+const SWTPM_SRK: &str = "ARoAAQALAAMEcgAAAAYAgABDABAIAAAAAAABAKue0Gjle/Vl7G8Cn6fj+YSjIKymoeEeMzGH1vewJ8UpL8vnvGP+0mMVPkMDgZ/YDHPvrDLOIybjCFmzOznKs49LsQt10V+6ypfjlXFjtbSE51Zr1vhEHJbNObcd2/SGmzsYWaIYIzZmKYNdoTfmdvpy5jJwHnIaE53R9OBqDKgYNPJo16cz3VMyty4MziDKUNExSdx6ta8jy8Ce6f6rax4jsKUMNxm+lP2YQpMbQUamVzyVtuyC0LytOO9aCLiW5l1jkUqTNhuKaqkR0bMtado4f4/P6Lbo9Sc5rggwdKk0E8+2MomtjkQ94kpAnduuIuL9nGvMbZVdnhKaKw9GHNk=";
+
 /// The authentication seam's challenge branch: a TPM device's first request (its keys in the
-/// body, no token) goes to the challenge stage, not to the "no credential" refusal; no TPM
-/// enrollment can be written yet, so every endorsement key gets the refusal an unknown one gets,
+/// body, no token) goes to the challenge stage, not to the "no credential" refusal; an ID
+/// without a TPM enrollment for that endorsement key gets the refusal an unknown ID gets,
 /// whether or not the ID is enrolled otherwise. With a token, the body's `tpm` does not matter.
 #[tokio::test]
 async fn a_tpm_request_without_a_token_goes_to_the_challenge_stage() {
     let f = fixture(EngineSettings::default());
     f.enroll("dev-sym", &key(11), json!({})).await;
-    let body =
-        json!({"registrationId": "dev-sym", "tpm": {"endorsementKey": "AToAAQAL", "storageRootKey": "ARgAAQAL"}});
+    let body = json!({"registrationId": "dev-sym", "tpm": {"endorsementKey": SWTPM_EK, "storageRootKey": SWTPM_SRK}});
     let body = body.to_string().into_bytes();
     let mut messages = Vec::new();
     for id in ["dev-sym", "dev-unknown"] {
@@ -351,7 +354,7 @@ async fn a_tpm_request_without_a_token_goes_to_the_challenge_stage() {
     assert!(matches!(signed, Registered::Reply(r) if r.operation.status == RegistrationStatus::Assigned));
     // Only a register starts a challenge: a connection cannot authenticate by an endorsement key.
     let endorsement = Credential::TpmEndorsement(dps_core::registration::TpmEndorsement {
-        endorsement_key: "AToAAQAL".into(),
+        endorsement_key: SWTPM_EK.into(),
         storage_root_key: None,
     });
     let status = f.engine.devices().registration_status(&f.scope(), "dev-sym", &endorsement, b"").await;

@@ -102,7 +102,7 @@ impl DeviceRuntime {
                 symmetric_key: (common.attestation.kind == AttestationType::SymmetricKey)
                     .then(|| serde_json::json!({})),
                 x509: pending.certificate.clone(),
-                tpm: None,
+                tpm: (common.attestation.kind == AttestationType::Tpm).then(|| serde_json::json!({})),
                 payload: pending.payload.clone(),
             },
             linked_hubs: linked_hubs.clone(),

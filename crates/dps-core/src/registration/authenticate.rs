@@ -38,6 +38,17 @@ pub struct TpmEndorsement {
     pub storage_root_key: Option<String>,
 }
 
+/// The authentication stage's outcome for one request: the enrollment the device resolved to,
+/// or the challenge it must answer first.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Resolved {
+    /// Authenticated, with this enrollment.
+    Enrollment(ResolvedEnrollment),
+    /// A challenge to send.
+    Challenge(Challenge),
+}
+
 /// What the authentication stage concludes about a device that is not refused.
 #[derive(Debug, Clone)]
 // Returned once per request and matched at once: boxing the common variant would cost an
@@ -175,27 +186,41 @@ impl DeviceRuntime {
         credential: &Credential,
     ) -> Result<Authentication, Error> {
         self.check_scope_and_id(id_scope, registration_id)?;
-        if let Credential::TpmEndorsement(endorsement) = credential {
-            return self.challenge(registration_id, endorsement).await.map(Authentication::Challenge);
-        }
-        self.authenticated(id_scope, registration_id, credential).await.map(Authentication::Authenticated)
+        let certificates_version = match credential {
+            // Read before what it guards: a write in between only makes the next check a full one.
+            Credential::X509(_) => Some(self.store.version(Collection::Certificates).await?),
+            _ => None,
+        };
+        Ok(match self.authenticate_or_challenge(id_scope, registration_id, credential).await? {
+            Resolved::Enrollment(enrollment) => Authentication::Authenticated(AuthenticatedDevice {
+                id_scope: id_scope.to_string(),
+                registration_id: registration_id.to_string(),
+                credential: credential.clone(),
+                enrollment,
+                certificates_version,
+                valid_until: self.valid_until(credential),
+            }),
+            Resolved::Challenge(challenge) => Authentication::Challenge(challenge),
+        })
     }
 
-    /// The challenge for a TPM device. TPM enrollments cannot be written yet (the service API
-    /// refuses them with 400004 until TPM attestation lands), so no endorsement key is
-    /// enrolled and every request gets the refusal an unknown key gets.
-    pub(super) async fn challenge(
+    /// The authentication stage itself: a TPM's endorsement key without a token goes to the
+    /// challenge, every other credential is checked against the enrollments.
+    pub(super) async fn authenticate_or_challenge(
         &self,
+        id_scope: &str,
         registration_id: &str,
-        _endorsement: &TpmEndorsement,
-    ) -> Result<Challenge, Error> {
-        let started = tokio::time::Instant::now();
-        crate::info_limited!("device-auth", registration_id, "TPM challenge refused: no TPM enrollment for the ID");
-        tokio::time::sleep_until(started + std::time::Duration::from_millis(self.settings.auth_failure_delay_ms)).await;
-        Err(unauthorized(tpm_not_accepted(registration_id)))
+        credential: &Credential,
+    ) -> Result<Resolved, Error> {
+        match credential {
+            Credential::TpmEndorsement(endorsement) => {
+                self.challenge(registration_id, endorsement).await.map(Resolved::Challenge)
+            }
+            _ => self.authenticate(id_scope, registration_id, credential).await.map(Resolved::Enrollment),
+        }
     }
 
-    /// Authentication by a credential that needs no challenge.
+    /// Authentication by a credential that needs no challenge (a re-check).
     async fn authenticated(
         &self,
         id_scope: &str,
@@ -336,6 +361,8 @@ impl DeviceRuntime {
         if let Some(e) = individual {
             let signed = match (e.common.attestation.kind, &e.common.attestation.symmetric_key) {
                 (AttestationType::SymmetricKey, Some(sk)) => verify_individual(&token, sk).is_some(),
+                // Signed with the key the TPM imported from the last challenge.
+                (AttestationType::Tpm, _) => self.tpm_key_for(registration_id, &e, &token).await?.is_some(),
                 _ => false,
             };
             // A disabled individual enrollment also answers for a group member's key, so

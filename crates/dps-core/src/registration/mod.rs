@@ -20,8 +20,10 @@ mod operation;
 mod records;
 mod register;
 mod slow_step;
+mod tpm_challenge;
 
 pub(crate) use authenticate::x509_not_accepted;
 pub use authenticate::{AuthenticatedDevice, Authentication, Challenge, Credential, TpmEndorsement};
-pub use records::{OperationRecord, RegistrationRecord, ResolvedEnrollment};
+pub use records::{OperationRecord, RegistrationRecord, ResolvedEnrollment, TpmHubKey};
 pub use register::{DeviceReply, RegisterRequest, Registered};
+pub use tpm_challenge::TPM_KEY_NAME;

@@ -92,6 +92,28 @@ pub struct RegistrationRecord {
     pub initial_hub: Option<String>,
     /// Last operation.
     pub last_operation_id: String,
+    /// TPM devices: the key the device proved it holds, which is its hub key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<TpmHubKey>,
+}
+
+/// A TPM device's key as its registration records it: the HMAC key its TPM imported from the
+/// challenge (the device's hub key: an IoT hub identity with symmetric-key authentication
+/// and this primary key), and the blob that delivers it, which the assigned answer carries
+/// as `registrationState.tpm.authenticationKey`.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TpmHubKey {
+    /// The blob (base64), for the device to import again.
+    pub authentication_key: String,
+    /// The key (base64). A secret: never in a service API answer.
+    pub key: String,
+}
+
+impl std::fmt::Debug for TpmHubKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TpmHubKey(<redacted>)")
+    }
 }
 
 impl RegistrationRecord {
@@ -120,7 +142,12 @@ impl RegistrationRecord {
             last_updated_date_time_utc: Some(timestamp::format_millis(self.updated_millis)),
             etag: Some(self.etag.clone()),
             payload: self.payload.clone(),
-            tpm: None,
+            // protocol.md §6.6: every TPM client needs it in the assigned answer.
+            tpm: self
+                .tpm
+                .as_ref()
+                .filter(|_| assigned)
+                .map(|t| serde_json::json!({ "authenticationKey": t.authentication_key })),
             // docs/protocol-notes.md §7: `{}` or only the group ID (Java validates certificate infos).
             x509: match (self.attestation, &self.enrollment_group_id) {
                 (AttestationType::X509, Some(g)) => Some(serde_json::json!({ "enrollmentGroupId": g })),

@@ -10,8 +10,8 @@ use dps_proto::ids::id_key;
 use dps_proto::service::{AllocationPolicy, EnrollmentCommon, ProvisioningStatus, ReprovisionPolicy};
 use serde_json::Value;
 
-use super::authenticate::{AuthenticatedDevice, Challenge, Credential, TpmEndorsement};
-use super::records::{OperationRecord, RegistrationRecord, ResolvedEnrollment};
+use super::authenticate::{unauthorized, AuthenticatedDevice, Challenge, Credential, Resolved, TpmEndorsement};
+use super::records::{OperationRecord, RegistrationRecord, ResolvedEnrollment, TpmHubKey};
 use crate::custom::{AllocationFailure, Assignment};
 use crate::engine::{parse_body, parse_stored, to_json, DeviceRuntime};
 use crate::error::Error;
@@ -64,6 +64,8 @@ pub(super) struct Pending {
     pub(super) payload: Option<Value>,
     /// `deviceRuntimeContext.x509` for X.509 devices.
     pub(super) certificate: Option<Value>,
+    /// TPM devices: the key they proved they hold (their hub key).
+    pub(super) tpm: Option<TpmHubKey>,
     pub(super) started: i64,
 }
 
@@ -176,11 +178,9 @@ impl DeviceRuntime {
         };
         // The authentication stage as `authenticate_device` runs it, without building the
         // `AuthenticatedDevice` a one-request transport would throw away.
-        let enrollment = match &credential {
-            Credential::TpmEndorsement(endorsement) => {
-                return self.challenge(&req.registration_id, endorsement).await.map(Registered::Challenge)
-            }
-            _ => self.authenticate(&req.id_scope, &req.registration_id, &credential).await?,
+        let enrollment = match self.authenticate_or_challenge(&req.id_scope, &req.registration_id, &credential).await? {
+            Resolved::Enrollment(enrollment) => enrollment,
+            Resolved::Challenge(challenge) => return Ok(Registered::Challenge(challenge)),
         };
         self.register_enrollment(req.registration_id, &credential, enrollment, payload, req.force)
             .await
@@ -214,7 +214,9 @@ impl DeviceRuntime {
             Credential::X509(chain) => Some(x509_context(chain)),
             _ => None,
         };
-        let pending = Pending { registration_id, force, enrollment, operation_id, payload, certificate, started: now };
+        let tpm = self.tpm_hub_key(&registration_id, credential, &enrollment).await?;
+        let pending =
+            Pending { registration_id, force, enrollment, operation_id, payload, certificate, tpm, started: now };
 
         if pending.enrollment.common().provisioning_status == Some(ProvisioningStatus::Disabled) {
             tracing::info!(registration_id = %pending.registration_id, enrollment = %pending.enrollment.describe(), "registration refused: enrollment disabled");
@@ -247,6 +249,30 @@ impl DeviceRuntime {
             })
             .await?;
         Ok(self.reply_for_register(result))
+    }
+
+    /// A TPM device's hub key: the key of the challenge its token is signed with. The token
+    /// was checked against it a moment ago; a challenge issued since has replaced it.
+    async fn tpm_hub_key(
+        &self,
+        registration_id: &str,
+        credential: &Credential,
+        enrollment: &ResolvedEnrollment,
+    ) -> Result<Option<TpmHubKey>, Error> {
+        let (ResolvedEnrollment::Individual(e), Credential::Sas(text)) = (enrollment, credential) else {
+            return Ok(None);
+        };
+        if e.common.attestation.kind != dps_proto::service::AttestationType::Tpm {
+            return Ok(None);
+        }
+        let token =
+            dps_proto::sas::SasToken::parse(text).map_err(|e| unauthorized(format!("invalid SAS token: {e}")))?;
+        match self.tpm_key_for(registration_id, e, &token).await? {
+            Some(issued) => Ok(Some(TpmHubKey { authentication_key: issued.authentication_key, key: issued.key })),
+            None => Err(unauthorized(format!(
+                "a newer TPM challenge for registration ID '{registration_id}' replaced the key this token is signed with; send the register request without a token to get a new challenge"
+            ))),
+        }
     }
 
     pub(super) fn policy_of(&self, enrollment: &ResolvedEnrollment) -> AllocationPolicy {
@@ -364,6 +390,7 @@ impl DeviceRuntime {
             initial_twin: None,
             initial_hub: None,
             last_operation_id: pending.operation_id.clone(),
+            tpm: pending.tpm.clone(),
         };
         let a = match outcome {
             Ok(a) => a,
@@ -385,6 +412,8 @@ impl DeviceRuntime {
                     record.device_id = p.device_id.clone().or(record.device_id);
                     record.initial_twin = p.initial_twin.clone();
                     record.initial_hub = p.initial_hub.clone();
+                    // The hub still knows the device by the key of its current assignment.
+                    record.tpm = p.tpm.clone();
                 }
                 return record;
             }

@@ -1,0 +1,178 @@
+//! The TPM challenge (docs/protocol-notes.md §3.9, §6): a TPM device's first register request
+//! carries its endorsement and storage root keys and no token; if the endorsement key is the
+//! one of the device's individual TPM enrollment, the engine draws a fresh HMAC key, wraps it
+//! for that TPM only (`crate::tpm::build_authentication_key`) and remembers it in the store
+//! ([`Collection::TpmChallenges`], one record per registration ID, so it holds across a restart
+//! and is the same on every node). The device imports it and signs its SAS tokens with it; the
+//! authentication stage checks those against the remembered key. The same key and blob come
+//! back in the assigned answer (`registrationState.tpm.authenticationKey`) and are the
+//! device's hub key. A new challenge replaces the remembered key, so the previous one stops
+//! working at once; a key is accepted for `tpm_challenge_secs` after its issue.
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use dps_proto::error::ErrorCode;
+use dps_proto::sas::SasToken;
+use dps_proto::service::{AttestationType, IndividualEnrollment};
+use dps_proto::tpm::TpmPublic;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+use super::authenticate::{tpm_not_accepted, unauthorized, Challenge, TpmEndorsement};
+use crate::engine::{parse_stored, to_json, DeviceRuntime};
+use crate::error::Error;
+use crate::store::{Collection, Condition, Document, Write};
+use crate::tpm::{build_authentication_key, parse_device_key, DeviceKey};
+
+/// The name the device imports the key under; it signs with `skn=registration`.
+pub const TPM_KEY_NAME: &str = "registration";
+
+/// Bytes of the HMAC key a challenge delivers (the size of a generated symmetric key).
+const TPM_KEY_BYTES: usize = 32;
+
+/// The key a challenge delivered, as the engine remembers it until the device has proved it
+/// holds it (and for the polls after).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct IssuedTpmKey {
+    /// The registration ID it was issued for.
+    pub(super) registration_id: String,
+    /// The endorsement key it was wrapped for (base64 TPM2B_PUBLIC, as the device sent it): a
+    /// key stops counting when the enrollment's endorsement key is changed.
+    pub(super) endorsement_key: String,
+    /// The HMAC key (base64): the device's SAS key here and its hub key.
+    pub(super) key: String,
+    /// The blob that delivers it (base64), sent again in the assigned answer.
+    pub(super) authentication_key: String,
+    /// When it was issued (Unix ms).
+    pub(super) issued_millis: i64,
+}
+
+impl std::fmt::Debug for IssuedTpmKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IssuedTpmKey({}, issued {})", self.registration_id, self.issued_millis)
+    }
+}
+
+impl IssuedTpmKey {
+    /// Whether a SAS token is signed with this key.
+    pub(super) fn signed(&self, token: &SasToken) -> bool {
+        BASE64.decode(&self.key).is_ok_and(|key| token.is_signed_by(&key))
+    }
+
+    /// Whether it was issued for (a TPM with) this enrollment's endorsement key.
+    pub(super) fn for_enrollment(&self, enrollment: &IndividualEnrollment) -> bool {
+        let issued = decode_public(&self.endorsement_key);
+        let enrolled = enrollment.common.attestation.tpm.as_ref().and_then(|t| decode_public(&t.endorsement_key));
+        matches!((issued, enrolled), (Some(a), Some(b)) if a.same_rsa_key(&b))
+    }
+}
+
+fn decode_public(text: &str) -> Option<TpmPublic> {
+    BASE64.decode(text.trim()).ok().and_then(|bytes| TpmPublic::parse_tpm2b(&bytes).ok())
+}
+
+fn bad(message: impl Into<String>) -> Error {
+    Error::bad_request(ErrorCode::INVALID_ARGUMENT, message)
+}
+
+impl DeviceRuntime {
+    /// The challenge for a TPM device's first register request. Malformed keys are refused
+    /// with 400 naming the field (that tells nothing about what is enrolled); an endorsement
+    /// key that is not the one of the ID's individual TPM enrollment — or an ID without one —
+    /// gets the same 401, no sooner than `auth_failure_delay_ms`.
+    pub(super) async fn challenge(
+        &self,
+        registration_id: &str,
+        endorsement: &TpmEndorsement,
+    ) -> Result<Challenge, Error> {
+        let ek = parse_device_key("tpm.endorsementKey", &endorsement.endorsement_key, DeviceKey::Endorsement)?;
+        let Some(srk_text) = endorsement.storage_root_key.as_deref() else {
+            return Err(bad(
+                "tpm.storageRootKey is missing: the first register request of a TPM device carries both its endorsementKey and its storageRootKey (the challenge's key is imported under the SRK)",
+            ));
+        };
+        let srk = parse_device_key("tpm.storageRootKey", srk_text, DeviceKey::StorageRoot)?;
+        let started = tokio::time::Instant::now();
+        if !self.tpm_enrolled(registration_id, &ek).await? {
+            crate::info_limited!(
+                "device-auth",
+                registration_id,
+                "TPM challenge refused: no individual TPM enrollment with this endorsement key"
+            );
+            tokio::time::sleep_until(started + std::time::Duration::from_millis(self.settings.auth_failure_delay_ms))
+                .await;
+            return Err(unauthorized(tpm_not_accepted(registration_id)));
+        }
+        let mut key = [0u8; TPM_KEY_BYTES];
+        rand::thread_rng().fill_bytes(&mut key);
+        let blob = build_authentication_key(&ek, &srk, &key, &mut rand::thread_rng())
+            .map_err(|e| bad(format!("tpm: no authentication key can be built for these keys: {e}")))?;
+        let now = self.clock.now_millis();
+        let issued = IssuedTpmKey {
+            registration_id: registration_id.to_string(),
+            endorsement_key: endorsement.endorsement_key.trim().to_string(),
+            key: BASE64.encode(key),
+            authentication_key: BASE64.encode(&blob),
+            issued_millis: now,
+        };
+        let lifetime = i64::try_from(self.settings.tpm_challenge_secs).unwrap_or(i64::MAX / 2000) * 1000;
+        let document = Document {
+            id: registration_id.to_string(),
+            etag: String::new(),
+            partition: None,
+            body: to_json(&issued)?,
+            expires_at: Some(now.saturating_add(lifetime)),
+        };
+        // Replaces the key issued before, if any: only the newest one counts.
+        self.store
+            .write(vec![Write::Put { collection: Collection::TpmChallenges, document, condition: Condition::Always }])
+            .await?;
+        tracing::debug!(registration_id, "TPM challenge issued");
+        Ok(Challenge { registration_id: registration_id.to_string(), blob, key_name: TPM_KEY_NAME.to_string() })
+    }
+
+    /// Whether the ID has an individual TPM enrollment with this endorsement key (compared as
+    /// RSA keys, not as text: protocol.md §6.2). Disabled ones count: the device proves its
+    /// key first and then learns that it is disabled, as with a symmetric key.
+    async fn tpm_enrolled(&self, registration_id: &str, ek: &TpmPublic) -> Result<bool, Error> {
+        let Some(doc) = self.store.get(Collection::Enrollments, registration_id).await? else {
+            return Ok(false);
+        };
+        let enrollment: IndividualEnrollment = parse_stored(&doc.body, "enrollment", registration_id)?;
+        Ok(enrollment.common.attestation.kind == AttestationType::Tpm
+            && enrollment
+                .common
+                .attestation
+                .tpm
+                .as_ref()
+                .and_then(|t| decode_public(&t.endorsement_key))
+                .is_some_and(|enrolled| enrolled.same_rsa_key(ek)))
+    }
+
+    /// The key last issued to a registration ID, while it is accepted.
+    pub(super) async fn issued_tpm_key(&self, registration_id: &str) -> Result<Option<IssuedTpmKey>, Error> {
+        let Some(doc) = self.store.get(Collection::TpmChallenges, registration_id).await? else {
+            return Ok(None);
+        };
+        if doc.expires_at.is_some_and(|t| t <= self.clock.now_millis()) {
+            return Ok(None);
+        }
+        parse_stored(&doc.body, "TPM challenge", registration_id).map(Some)
+    }
+
+    /// The key a TPM device's token is signed with, for its enrollment: the one issued last,
+    /// still accepted, for the enrollment's endorsement key. `None` when the token is not
+    /// signed with it (an older key, a forged token).
+    pub(super) async fn tpm_key_for(
+        &self,
+        registration_id: &str,
+        enrollment: &IndividualEnrollment,
+        token: &SasToken,
+    ) -> Result<Option<IssuedTpmKey>, Error> {
+        Ok(self
+            .issued_tpm_key(registration_id)
+            .await?
+            .filter(|issued| issued.for_enrollment(enrollment) && issued.signed(token)))
+    }
+}
