@@ -2,10 +2,7 @@
 
 mod common;
 
-use std::process::Command;
-use std::time::Duration;
-
-use common::{derive, key, output_within, Dps};
+use common::{derive, key, Dps};
 use serde_json::{json, Value};
 
 const SCHEMA: &str = r#"{
@@ -178,23 +175,10 @@ fn broken_rules_are_refused_when_the_config_loads() {
     ] {
         let path = dir.path().join("dps.toml");
         std::fs::write(&path, rules).unwrap();
-        let check = output_within(
-            Command::new(env!("CARGO_BIN_EXE_dps")).args(["config", "check"]).arg(&path),
-            Duration::from_secs(30),
-        );
-        assert_eq!(check.status.code(), Some(2), "{rules}");
-        let err = String::from_utf8_lossy(&check.stderr);
-        assert!(err.contains(needle), "{rules}: {err}");
-        // `dps serve` refuses to start with it, before binding anything.
-        let serve = output_within(
-            Command::new(env!("CARGO_BIN_EXE_dps"))
-                .args(["serve", "--config"])
-                .arg(&path)
-                .arg("--data-dir")
-                .arg(dir.path().join("data")),
-            Duration::from_secs(30),
-        );
-        assert_eq!(serve.status.code(), Some(2));
-        assert!(String::from_utf8_lossy(&serve.stderr).contains(needle));
+        // `dps config check` says what is wrong; `dps serve` refuses to start with it, before
+        // binding anything.
+        for err in common::refused_config(&path, &dir.path().join("data")) {
+            assert!(err.contains(needle), "{rules}: {err}");
+        }
     }
 }

@@ -792,22 +792,7 @@ async fn the_store_backend_is_chosen_by_config() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dps.toml");
     std::fs::write(&path, "[store]\nbackend = \"nope\"\n").unwrap();
-    let check = common::output_within(
-        std::process::Command::new(env!("CARGO_BIN_EXE_dps")).args(["config", "check"]).arg(&path),
-        Duration::from_secs(30),
-    );
-    assert_eq!(check.status.code(), Some(2));
-    let serve = common::output_within(
-        std::process::Command::new(env!("CARGO_BIN_EXE_dps"))
-            .args(["serve", "--config"])
-            .arg(&path)
-            .arg("--data-dir")
-            .arg(dir.path().join("data")),
-        Duration::from_secs(30),
-    );
-    assert_eq!(serve.status.code(), Some(2));
-    for output in [&check, &serve] {
-        let err = String::from_utf8_lossy(&output.stderr);
+    for err in common::refused_config(&path, &dir.path().join("data")) {
         assert!(err.contains("store") && err.contains("nope") && err.contains("`sqlite`"), "{err}");
     }
     assert!(!dir.path().join("data").exists(), "nothing is created for a refused config");

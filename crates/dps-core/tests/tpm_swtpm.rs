@@ -279,8 +279,9 @@ fn swtpm_imports_the_authentication_key_and_signs_with_it() {
     let mut bad = tpm2b("duplicate", &items.duplicate).unwrap();
     bad[40] ^= 1;
     write(&tpm.path("bad.dup"), &bad);
-    let err = tpm
-        .try_tool(&[
+    // TPM2_Import of a duplicate under the SRK, inner wrapper AES-128-CFB with the credential.
+    let import = |duplicate: &str, private: &str| {
+        tpm.try_tool(&[
             "tpm2_import",
             "-C",
             "0x81000001",
@@ -289,33 +290,20 @@ fn swtpm_imports_the_authentication_key_and_signs_with_it() {
             "-u",
             "key.pub",
             "-i",
-            "bad.dup",
+            duplicate,
             "-s",
             "key.seed",
             "-r",
-            "bad.priv",
+            private,
         ])
-        .expect_err("a tampered duplicate must not import");
+    };
+    let err = import("bad.dup", "bad.priv").expect_err("a tampered duplicate must not import");
     assert!(err.contains("integrity check failed"), "TPM_RC_INTEGRITY expected: {err}");
     eprintln!("tampered duplicate refused (TPM_RC_INTEGRITY), as it must be");
 
     // TPM2_Import (inner wrapper AES-128-CFB with the credential), TPM2_Load, TPM2_EvictControl
     // to the SDKs' DPS key handle, TPM2_HMAC.
-    tpm.tool(&[
-        "tpm2_import",
-        "-C",
-        "0x81000001",
-        "-k",
-        "inner.key",
-        "-u",
-        "key.pub",
-        "-i",
-        "key.dup",
-        "-s",
-        "key.seed",
-        "-r",
-        "key.priv",
-    ]);
+    import("key.dup", "key.priv").expect("the duplicate imports");
     tpm.tool(&["tpm2_load", "-C", "0x81000001", "-u", "key.pub", "-r", "key.priv", "-c", "key.ctx"]);
     tpm.tool(&["tpm2_evictcontrol", "-C", "o", "-c", "key.ctx", "0x81000100"]);
     tpm.tool(&["tpm2_flushcontext", "-t"]);

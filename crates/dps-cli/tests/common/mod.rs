@@ -332,6 +332,24 @@ pub fn key(seed: u8) -> String {
     BASE64.encode([seed; 32])
 }
 
+/// Runs `dps config check` and `dps serve` (with `data_dir`) on a config file that must be
+/// refused: both exit with status 2 before anything starts. Returns their stderr.
+pub fn refused_config(path: &Path, data_dir: &Path) -> [String; 2] {
+    let check = output_within(
+        Command::new(env!("CARGO_BIN_EXE_dps")).args(["config", "check"]).arg(path),
+        Duration::from_secs(30),
+    );
+    let serve = output_within(
+        Command::new(env!("CARGO_BIN_EXE_dps")).args(["serve", "--config"]).arg(path).arg("--data-dir").arg(data_dir),
+        Duration::from_secs(30),
+    );
+    let [check, serve] =
+        [check, serve].map(|out| (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned()));
+    assert_eq!(check.0, Some(2), "dps config check: {}", check.1);
+    assert_eq!(serve.0, Some(2), "dps serve: {}", serve.1);
+    [check.1, serve.1]
+}
+
 pub fn file_mode(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
