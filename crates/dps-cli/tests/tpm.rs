@@ -57,6 +57,7 @@ async fn challenge(dps: &Dps, id: &str, t: &SoftwareTpm) -> Vec<u8> {
     assert!(body.get("status").is_none(), "a challenge has no status (the C SDK relies on it): {body}");
     assert_eq!(body["keyName"], "registration", "{body}");
     assert!(headers.get("retry-after").is_none());
+    assert!(headers.get("x-ms-error-code").is_none() && body.get("errorCode").is_none(), "not an error: {body}");
     let blob = BASE64.decode(body["authenticationKey"].as_str().expect("authenticationKey")).unwrap();
     t.import(&blob).expect("the blob opens with the device's TPM")
 }
