@@ -317,3 +317,18 @@ fn signing(public: &TpmPublic) -> TpmPublic {
     assert!(matches!(p.params, PublicParams::Rsa(_)));
     p
 }
+
+#[tokio::test]
+async fn challenges_count_against_the_per_device_request_limit() {
+    let dps =
+        Dps::start(&format!("{HUBS}[throttling]\ndevice_requests_per_min = 1\ndevice_requests_burst = 2\n")).await;
+    let t = tpm(10);
+    let id = "tpm-device-throttled";
+    enroll(&dps, id, &t, json!({})).await;
+    challenge(&dps, id, &t).await;
+    challenge(&dps, id, &t).await;
+    let (status, headers, body) = dps.register(id, None, first_leg(id, &t)).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(headers.get("retry-after").is_some());
+    assert!(body.get("authenticationKey").is_none());
+}

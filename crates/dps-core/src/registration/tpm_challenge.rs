@@ -104,6 +104,9 @@ impl DeviceRuntime {
                 .await;
             return Err(unauthorized(tpm_not_accepted(registration_id)));
         }
+        // A challenge replaces the key of the one before, so who knows a device's (public) EK
+        // can make it start again: the per-device request limit bounds how often.
+        self.admit(registration_id, false)?;
         let mut key = [0u8; TPM_KEY_BYTES];
         rand::thread_rng().fill_bytes(&mut key);
         let blob = build_authentication_key(&ek, &srk, &key, &mut rand::thread_rng())
