@@ -1,7 +1,10 @@
 //! The ceiling: the least a server can do for the bench's requests on the same TLS settings
 //! as dps (the same certificate and key, [`crate::tls::server_config`]). HTTPS: hyper
 //! HTTP/1.1 with keep-alive answering every request with a fixed `202` and an `assigned`
-//! operation, body read but not parsed. MQTT: CONNACK, SUBACK, PUBACK and a fixed `200`
+//! operation, body read but not parsed. The one exception is a TPM device's first request
+//! (no Authorization, a `tpm` object in the body): it gets the `401` challenge with an
+//! authentication key built for the device's keys (the crypto a TPM challenge cannot do
+//! without), so that the device can go on. MQTT: CONNACK, SUBACK, PUBACK and a fixed `200`
 //! response, no authentication, no store. Run in a process of its own, like dps (`dps
 //! bench-ceiling`), so both get the same share of the machine.
 
@@ -10,6 +13,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 use bytes::Bytes;
 use dps_proto::mqtt::{ConnectReturnCode, Packet, Publish};
 use dps_proto::mqtt_io::PacketStream;
@@ -63,7 +68,19 @@ async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, mqtt: bool) {
 async fn serve_https(stream: Stream) {
     {
         let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-            let _ = req.into_body().collect().await;
+            let unauthenticated = !req.headers().contains_key("authorization");
+            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            if unauthenticated {
+                if let Some(challenge) = tpm_challenge(&body) {
+                    return Ok::<_, Infallible>(
+                        hyper::Response::builder()
+                            .status(401)
+                            .header("content-type", "application/json; charset=utf-8")
+                            .body(Full::new(Bytes::from(challenge)))
+                            .unwrap_or_default(),
+                    );
+                }
+            }
             Ok::<_, Infallible>(
                 hyper::Response::builder()
                     .status(202)
@@ -78,6 +95,24 @@ async fn serve_https(stream: Stream) {
             .serve_connection(TokioIo::new(stream), service)
             .await;
     }
+}
+
+/// The `401` body for a TPM device's first request (`tpm.endorsementKey` and
+/// `tpm.storageRootKey` in `body`): an authentication key for a fixed HMAC key. `None` for
+/// any other body.
+fn tpm_challenge(body: &[u8]) -> Option<Vec<u8>> {
+    use dps_core::tpm::{build_authentication_key, parse_device_key, DeviceKey};
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let tpm = v.get("tpm")?;
+    let ek = parse_device_key("ek", tpm["endorsementKey"].as_str()?, DeviceKey::Endorsement).ok()?;
+    let srk = parse_device_key("srk", tpm["storageRootKey"].as_str()?, DeviceKey::StorageRoot).ok()?;
+    let blob = build_authentication_key(&ek, &srk, &[0x42; 32], &mut rand::rngs::OsRng).ok()?;
+    let answer = serde_json::json!({
+        "authenticationKey": BASE64.encode(blob),
+        "keyName": "registration",
+        "message": "ceiling: import the authenticationKey and send the request again",
+    });
+    serde_json::to_vec(&answer).ok()
 }
 
 async fn serve_mqtt(stream: Stream) {
@@ -120,5 +155,28 @@ async fn serve_mqtt(stream: Stream) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dps_core::tpm::software::SoftwareTpm;
+
+    #[test]
+    fn a_tpm_first_request_gets_a_challenge_the_device_can_import() {
+        let tpm = SoftwareTpm::generate(&mut rand::rngs::OsRng).unwrap();
+        let b64 = |p: &dps_proto::tpm::TpmPublic| BASE64.encode(p.marshal_tpm2b().unwrap());
+        let body = serde_json::json!({"registrationId": "d",
+            "tpm": {"endorsementKey": b64(tpm.endorsement_key()), "storageRootKey": b64(tpm.storage_root_key())}});
+        let answer: serde_json::Value =
+            serde_json::from_slice(&tpm_challenge(body.to_string().as_bytes()).unwrap()).unwrap();
+        assert_eq!(answer["keyName"], "registration");
+        let blob = BASE64.decode(answer["authenticationKey"].as_str().unwrap()).unwrap();
+        assert_eq!(tpm.import(&blob).unwrap(), vec![0x42; 32]);
+        // Anything else gets the fixed answer.
+        assert!(tpm_challenge(br#"{"registrationId": "d"}"#).is_none());
+        assert!(tpm_challenge(br#"{"registrationId": "d", "tpm": {"endorsementKey": "AAAA"}}"#).is_none());
+        assert!(tpm_challenge(b"not json").is_none());
     }
 }

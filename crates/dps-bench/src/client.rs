@@ -1,10 +1,15 @@
 //! The device side: one registration over HTTPS (on a kept-alive or a fresh connection) or
-//! over a fresh MQTT connection, reduced to an outcome the report can count.
+//! over a fresh MQTT connection, reduced to an outcome the report can count. A TPM device
+//! (HTTPS only) first asks for its authentication key (the `401` challenge), imports it in its
+//! software TPM and then registers with a SAS token signed by that key.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 use bytes::Bytes;
+use dps_core::tpm::software::SoftwareTpm;
 use dps_proto::mqtt::{Connect, ConnectReturnCode, Packet, Publish};
 use dps_proto::mqtt_io::{FrameError, PacketStream};
 use http_body_util::{BodyExt, Full};
@@ -49,6 +54,36 @@ pub enum DeviceAuth {
     Sas(String),
     /// A TLS client configuration that presents the device certificate.
     X509(Arc<rustls::ClientConfig>),
+    /// A (software) TPM: the SAS key comes from the server's challenge (HTTPS only).
+    Tpm(Arc<TpmIdentity>),
+}
+
+/// A device's TPM, in software, with the public keys it sends in its first request.
+pub struct TpmIdentity {
+    /// The TPM that imports the authentication-key blob.
+    pub tpm: SoftwareTpm,
+    /// `tpm.endorsementKey`: base64 of the EK's marshalled TPM2B_PUBLIC.
+    pub endorsement_key: String,
+    /// `tpm.storageRootKey`: base64 of the SRK's marshalled TPM2B_PUBLIC.
+    pub storage_root_key: String,
+}
+
+impl TpmIdentity {
+    /// The identity of `tpm` (its public areas marshalled and base64-encoded).
+    pub fn new(tpm: SoftwareTpm) -> Result<TpmIdentity, String> {
+        let b64 = |p: &dps_proto::tpm::TpmPublic| {
+            p.marshal_tpm2b().map(|b| BASE64.encode(b)).map_err(|e| format!("marshalling a TPM key: {e}"))
+        };
+        let endorsement_key = b64(tpm.endorsement_key())?;
+        let storage_root_key = b64(tpm.storage_root_key())?;
+        Ok(TpmIdentity { tpm, endorsement_key, storage_root_key })
+    }
+}
+
+impl std::fmt::Debug for TpmIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TpmIdentity").field("endorsement_key", &self.endorsement_key).finish_non_exhaustive()
+    }
 }
 
 /// One simulated device.
@@ -71,10 +106,17 @@ impl Device {
         serde_json::to_vec(&body).unwrap_or_default()
     }
 
+    /// The body of a TPM device's first request: its ID and both public keys.
+    fn tpm_first_leg(&self, id: &TpmIdentity) -> Vec<u8> {
+        let body = serde_json::json!({"registrationId": self.registration_id,
+            "tpm": {"endorsementKey": id.endorsement_key, "storageRootKey": id.storage_root_key}});
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+
     fn tls<'a>(&'a self, plain: &'a Arc<rustls::ClientConfig>) -> &'a Arc<rustls::ClientConfig> {
         match &self.auth {
             DeviceAuth::X509(c) => c,
-            DeviceAuth::Sas(_) => plain,
+            DeviceAuth::Sas(_) | DeviceAuth::Tpm(_) => plain,
         }
     }
 }
@@ -142,7 +184,7 @@ impl HttpsConn {
         method: hyper::Method,
         target: &Target,
         path: String,
-        device: &Device,
+        token: Option<&str>,
         body: Vec<u8>,
     ) -> Result<(u16, Option<u64>, Value), Failure> {
         let mut req = hyper::Request::builder()
@@ -152,8 +194,8 @@ impl HttpsConn {
             .header("content-type", "application/json")
             .header("accept", "application/json")
             .header("user-agent", "dps-bench");
-        if let DeviceAuth::Sas(token) = &device.auth {
-            req = req.header("authorization", token.as_str());
+        if let Some(token) = token {
+            req = req.header("authorization", token);
         }
         let req = req.body(Full::new(Bytes::from(body))).map_err(|e| Failure::new("http request", e.to_string()))?;
         self.sender.ready().await.map_err(|e| Failure::new("http: connection closed", e.to_string()))?;
@@ -167,15 +209,58 @@ impl HttpsConn {
         Ok((status, retry_after, json))
     }
 
+    /// A TPM device's first request: sends its keys without a token, imports the
+    /// authentication key of the `401` challenge (on a blocking thread: two RSA private-key
+    /// operations) and returns a SAS token signed with it.
+    async fn tpm_challenge(
+        &mut self,
+        target: &Target,
+        device: &Device,
+        id: &Arc<TpmIdentity>,
+    ) -> Result<String, Failure> {
+        let path =
+            format!("/{}/registrations/{}/register?api-version={API_VERSION}", target.id_scope, device.registration_id);
+        let (status, _, answer) = self.call(hyper::Method::PUT, target, path, None, device.tpm_first_leg(id)).await?;
+        let blob = match (status, answer["authenticationKey"].as_str()) {
+            (401, Some(blob)) => blob,
+            (s, _) if s >= 300 && answer["errorCode"].is_u64() => return Err(dps_failure(s, &answer)),
+            (s, _) => {
+                return Err(Failure::new(
+                    format!("tpm: no challenge (http {s})"),
+                    format!("{s}: expected a 401 with authenticationKey, got {answer}"),
+                ))
+            }
+        };
+        let blob = BASE64.decode(blob).map_err(|e| Failure::new("tpm: authenticationKey not base64", e.to_string()))?;
+        let id = id.clone();
+        let key = tokio::task::spawn_blocking(move || id.tpm.import(&blob))
+            .await
+            .map_err(|e| Failure::new("tpm: import task", e.to_string()))?
+            .map_err(|e| Failure::new("tpm: import failed", e.to_string()))?;
+        let expiry = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) + 3600;
+        let resource = dps_proto::sas::device_resource(&target.id_scope, &device.registration_id);
+        Ok(dps_proto::sas::build_token(&resource, &key, expiry, Some("registration")))
+    }
+
     /// Registers `device` and polls until the operation ends; the final registration state.
+    /// A TPM device answers the server's challenge first.
     pub async fn register(&mut self, target: &Target, device: &Device) -> Result<Value, Failure> {
+        let tpm_token;
+        let token = match &device.auth {
+            DeviceAuth::Sas(token) => Some(token.as_str()),
+            DeviceAuth::X509(_) => None,
+            DeviceAuth::Tpm(id) => {
+                tpm_token = self.tpm_challenge(target, device, id).await?;
+                Some(tpm_token.as_str())
+            }
+        };
         let base = format!("/{}/registrations/{}", target.id_scope, device.registration_id);
         let (mut status, mut retry_after, mut op) = self
             .call(
                 hyper::Method::PUT,
                 target,
                 format!("{base}/register?api-version={API_VERSION}"),
-                device,
+                token,
                 device.body(),
             )
             .await?;
@@ -193,7 +278,7 @@ impl HttpsConn {
                     hyper::Method::GET,
                     target,
                     format!("{base}/operations/{op_id}?api-version={API_VERSION}"),
-                    device,
+                    token,
                     Vec::new(),
                 )
                 .await?;
@@ -299,6 +384,13 @@ pub async fn mqtt_register(
     device: &Device,
 ) -> Result<Value, Failure> {
     let addr = target.mqtt_addr.ok_or_else(|| Failure::new("mqtt disabled", "the server has no MQTT listener"))?;
+    let password = match &device.auth {
+        DeviceAuth::Sas(token) => Some(token.clone().into_bytes()),
+        DeviceAuth::X509(_) => None,
+        DeviceAuth::Tpm(_) => {
+            return Err(Failure::new("tpm over mqtt", "the bench's TPM devices register over HTTPS only"))
+        }
+    };
     let stream = tls_connect(addr, &target.host, device.tls(tls)).await?;
     let mut c = MqttConn { stream: PacketStream::new(stream, 1 << 20) };
     let id = &device.registration_id;
@@ -313,10 +405,7 @@ pub async fn mqtt_register(
             "{}/registrations/{id}/api-version={API_VERSION}&ClientVersion=dps-bench",
             target.id_scope
         )),
-        password: match &device.auth {
-            DeviceAuth::Sas(token) => Some(token.clone().into_bytes()),
-            DeviceAuth::X509(_) => None,
-        },
+        password,
     }))
     .await?;
     match c.recv().await? {

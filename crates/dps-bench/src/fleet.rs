@@ -10,7 +10,9 @@ use dps_proto::sas::{build_token, derive_device_key, device_resource};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{json, Value};
 
-use crate::client::{client_tls, https_register_fresh, mqtt_register, Device, DeviceAuth, Failure, HttpsConn};
+use crate::client::{
+    client_tls, https_register_fresh, mqtt_register, Device, DeviceAuth, Failure, HttpsConn, TpmIdentity,
+};
 use crate::report::{BenchReport, Cpu, Latency, Memory, PhaseReport};
 use crate::setup::{allocation_fields, merge, symmetric_key_attestation, ServiceClient};
 use crate::target::Target;
@@ -46,7 +48,15 @@ pub enum Attestation {
     Group,
     /// One X.509 enrollment group on a bench CA uploaded as verified; a certificate per device.
     X509,
+    /// An individual TPM enrollment per device, created in bulk first (HTTPS only). Each
+    /// device asks for its key (the 401 challenge), imports it in a software TPM and registers
+    /// with a SAS token signed by it; the devices share a pool of 8 TPMs ([`TPM_POOL`]).
+    Tpm,
 }
+
+/// Software TPMs made for a TPM run (RSA key generation is slow): device `i` uses TPM
+/// `i % TPM_POOL`, so several enrollments share an endorsement key.
+pub const TPM_POOL: usize = 8;
 
 impl Attestation {
     fn name(self) -> &'static str {
@@ -54,6 +64,7 @@ impl Attestation {
             Attestation::Individual => "individual",
             Attestation::Group => "group",
             Attestation::X509 => "x509",
+            Attestation::Tpm => "tpm",
         }
     }
 }
@@ -133,6 +144,11 @@ impl FleetOptions {
                 "X.509 devices present their own certificate in the TLS handshake, so they cannot share kept-alive connections: use --transport https-new-conn or mqtt".into(),
             ));
         }
+        if self.attestation == Attestation::Tpm && self.transport == Transport::Mqtt {
+            return Err(BenchError::Input(
+                "TPM devices get their key from an HTTPS challenge (a 401 with authenticationKey), which the bench does not do over MQTT: use --transport https or https-new-conn".into(),
+            ));
+        }
         if self.attestation == Attestation::X509 && self.devices > 200_000 {
             return Err(BenchError::Input(
                 "--attestation x509 makes a certificate per device up front: at most 200000 devices".into(),
@@ -172,6 +188,7 @@ enum Credentials {
     Individual { secret: Vec<u8> },
     Group { key: Vec<u8> },
     X509 { configs: Vec<Arc<rustls::ClientConfig>> },
+    Tpm { pool: Vec<Arc<TpmIdentity>> },
 }
 
 struct Fleet {
@@ -179,6 +196,8 @@ struct Fleet {
     credentials: Credentials,
     /// Expected in `registrationState.payload` of custom allocations.
     check_payload: bool,
+    /// `registrationState.tpm.authenticationKey` expected (TPM devices against dps).
+    check_tpm: bool,
     plain_tls: Arc<rustls::ClientConfig>,
 }
 
@@ -201,6 +220,7 @@ impl Fleet {
                 DeviceAuth::Sas(build_token(&resource, &key, expiry, Some("registration")))
             }
             Credentials::X509 { configs } => DeviceAuth::X509(configs[i % configs.len()].clone()),
+            Credentials::Tpm { pool } => DeviceAuth::Tpm(pool[i % pool.len()].clone()),
         };
         let payload = (self.opts.payload_bytes > 0).then(|| {
             let base = json!({"modelId": "bench-thermostat", "serial": i, "pad": ""});
@@ -215,6 +235,12 @@ impl Fleet {
             return Err(Failure {
                 key: "custom allocation payload missing".into(),
                 detail: format!("registrationState has no payload object: {state}"),
+            });
+        }
+        if self.check_tpm && state["tpm"]["authenticationKey"].as_str().is_none_or(str::is_empty) {
+            return Err(Failure {
+                key: "tpm.authenticationKey missing".into(),
+                detail: format!("the assigned registrationState has no tpm.authenticationKey: {state}"),
             });
         }
         Ok(())
@@ -420,6 +446,41 @@ fn device_certificate(
     Ok((cert.der().clone(), PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))))
 }
 
+/// Prints setup progress (every 5 s and at the end) unless quiet.
+fn setup_progress(opts: &FleetOptions, kind: &'static str) -> Arc<dyn Fn(usize) + Send + Sync> {
+    let shown = Mutex::new(Instant::now());
+    let (total, mode) = (opts.devices, opts.progress);
+    Arc::new(move |n: usize| {
+        if mode == Progress::Quiet {
+            return;
+        }
+        if let Ok(mut last) = shown.lock() {
+            if last.elapsed() > Duration::from_secs(5) || n == total {
+                *last = Instant::now();
+                eprintln!("setup: {n}/{total} {kind} enrollments created");
+            }
+        }
+    })
+}
+
+/// Generates the [`TPM_POOL`] software TPMs of a TPM run, in parallel on blocking threads.
+async fn tpm_pool() -> Result<Vec<Arc<TpmIdentity>>, BenchError> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..TPM_POOL {
+        tasks.spawn_blocking(|| {
+            let tpm = dps_core::tpm::software::SoftwareTpm::generate(&mut rand::rngs::OsRng)
+                .map_err(|e| format!("generating a software TPM: {e}"))?;
+            TpmIdentity::new(tpm).map(Arc::new)
+        });
+    }
+    let mut pool = Vec::with_capacity(TPM_POOL);
+    while let Some(r) = tasks.join_next().await {
+        let identity = r.map_err(|e| BenchError::Setup(format!("software TPM task: {e}")))?;
+        pool.push(identity.map_err(BenchError::Setup)?);
+    }
+    Ok(pool)
+}
+
 /// Runs the fleet against `target` and, when given, against the ceiling server (the same
 /// target with the ceiling's addresses). The webhook of `Allocation::Webhook` runs in this
 /// process.
@@ -461,22 +522,27 @@ pub async fn run(target: &Target, ceiling: Option<&Target>, opts: FleetOptions) 
                 let key = derive_device_key(&secret2, &id);
                 merge(json!({"registrationId": id, "attestation": symmetric_key_attestation(&key)}), alloc.clone())
             });
-            let shown = Arc::new(Mutex::new(Instant::now()));
-            let (total, mode) = (opts.devices, opts.progress);
-            let progress = Arc::new(move |n: usize| {
-                if mode == Progress::Quiet {
-                    return;
-                }
-                if let Ok(mut last) = shown.lock() {
-                    if last.elapsed() > Duration::from_secs(5) || n == total {
-                        *last = Instant::now();
-                        eprintln!("setup: {n}/{total} individual enrollments created");
-                    }
-                }
-            });
+            let progress = setup_progress(&opts, "individual");
             service.create_individual_enrollments(opts.devices, opts.setup_parallel, make, progress).await?;
             enrollments_created = opts.devices;
             Credentials::Individual { secret }
+        }
+        Attestation::Tpm => {
+            let pool = tpm_pool().await?;
+            let eks: Vec<String> = pool.iter().map(|t| t.endorsement_key.clone()).collect();
+            let prefix = opts.id_prefix.clone();
+            let make = Arc::new(move |i: usize| {
+                let ek = &eks[i % eks.len()];
+                merge(
+                    json!({"registrationId": format!("{prefix}{i}"),
+                           "attestation": {"type": "tpm", "tpm": {"endorsementKey": ek}}}),
+                    alloc.clone(),
+                )
+            });
+            let progress = setup_progress(&opts, "TPM");
+            service.create_individual_enrollments(opts.devices, opts.setup_parallel, make, progress).await?;
+            enrollments_created = opts.devices;
+            Credentials::Tpm { pool }
         }
         Attestation::X509 => {
             let (ca, ca_key) = bench_ca()?;
@@ -505,7 +571,13 @@ pub async fn run(target: &Target, ceiling: Option<&Target>, opts: FleetOptions) 
     let setup_seconds = setup_started.elapsed().as_secs_f64();
     let resume = opts.transport == Transport::Https;
     let plain_tls = client_tls(target.roots.clone(), None, alpn, resume).map_err(BenchError::Setup)?;
-    let fleet = Arc::new(Fleet { opts: opts.clone(), credentials, check_payload: webhook_url.is_some(), plain_tls });
+    let fleet = Arc::new(Fleet {
+        opts: opts.clone(),
+        credentials,
+        check_payload: webhook_url.is_some(),
+        check_tpm: opts.attestation == Attestation::Tpm,
+        plain_tls,
+    });
 
     // dps, with its memory sampled.
     let before = target.memory_kib();
@@ -556,8 +628,10 @@ pub async fn run(target: &Target, ceiling: Option<&Target>, opts: FleetOptions) 
                     Credentials::Individual { secret } => Credentials::Individual { secret: secret.clone() },
                     Credentials::Group { key } => Credentials::Group { key: key.clone() },
                     Credentials::X509 { configs } => Credentials::X509 { configs: configs.clone() },
+                    Credentials::Tpm { pool } => Credentials::Tpm { pool: pool.clone() },
                 },
                 check_payload: false,
+                check_tpm: false,
                 plain_tls: fleet.plain_tls.clone(),
             });
             Some(phase(&ceiling_fleet, c, "ceiling").await?)
@@ -587,4 +661,50 @@ pub async fn run(target: &Target, ceiling: Option<&Target>, opts: FleetOptions) 
         cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         server_key: target.server_key.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(attestation: Attestation, transport: Transport) -> FleetOptions {
+        FleetOptions {
+            devices: 10,
+            concurrency: 2,
+            transport,
+            attestation,
+            allocation: Allocation::Hashed,
+            payload_bytes: 0,
+            rate: None,
+            id_prefix: "t-".into(),
+            device_timeout: Duration::from_secs(5),
+            setup_parallel: 1,
+            progress: Progress::Quiet,
+        }
+    }
+
+    #[test]
+    fn tpm_runs_over_https_only() {
+        assert!(options(Attestation::Tpm, Transport::Https).validate().is_ok());
+        assert!(options(Attestation::Tpm, Transport::HttpsNewConn).validate().is_ok());
+        let err = options(Attestation::Tpm, Transport::Mqtt).validate().unwrap_err().to_string();
+        assert!(err.contains("use --transport https or https-new-conn"), "{err}");
+    }
+
+    #[test]
+    fn an_assigned_tpm_device_must_get_its_authentication_key() {
+        let plain_tls = client_tls(Arc::new(rustls::RootCertStore::empty()), None, &[], false).unwrap();
+        let fleet = Fleet {
+            opts: options(Attestation::Tpm, Transport::Https),
+            credentials: Credentials::Tpm { pool: Vec::new() },
+            check_payload: false,
+            check_tpm: true,
+            plain_tls,
+        };
+        assert!(fleet.check(&json!({"assignedHub": "h", "tpm": {"authenticationKey": "AAEC"}})).is_ok());
+        for state in [json!({"assignedHub": "h"}), json!({"tpm": {}}), json!({"tpm": {"authenticationKey": ""}})] {
+            let failure = fleet.check(&state).unwrap_err();
+            assert_eq!(failure.key, "tpm.authenticationKey missing", "{state}");
+        }
+    }
 }

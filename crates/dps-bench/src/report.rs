@@ -81,7 +81,7 @@ pub struct Memory {
 pub struct BenchReport {
     /// `https`, `https-new-conn` or `mqtt`.
     pub transport: String,
-    /// `individual`, `group` or `x509`.
+    /// `individual`, `group`, `x509` or `tpm`.
     pub attestation: String,
     /// `hashed`, `webhook` or `rules://<name>`.
     pub allocation: String,

@@ -34,7 +34,8 @@ pub struct BenchArgs {
     /// How devices connect.
     #[arg(long, value_enum, default_value = "https")]
     transport: Transport,
-    /// How devices attest (individual enrollments are created in bulk first).
+    /// How devices attest (individual and tpm enrollments are created in bulk first; tpm
+    /// devices use software TPMs and need --transport https or https-new-conn).
     #[arg(long, value_enum, default_value = "group")]
     attestation: Attestation,
     /// Allocation: hashed (the default policy), webhook (a webhook in this process), rules

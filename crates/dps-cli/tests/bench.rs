@@ -104,6 +104,45 @@ fn bench_smoke_runs_every_transport_without_errors() {
     assert!(r["ceiling"].is_null());
 }
 
+/// TPM devices: an individual TPM enrollment each (the devices share a pool of software
+/// TPMs), the 401 challenge, the import, the SAS token signed with the imported key; every
+/// assigned answer carries `tpm.authenticationKey` (the bench counts a failure otherwise).
+/// The ceiling answers the challenge too, so both phases run the same two legs.
+#[test]
+fn bench_tpm_devices_register_through_the_challenge() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+
+    let (code, r, err) = bench(&data, &["-n", "20", "-c", "4", "--transport", "https", "--attestation", "tpm"]);
+    assert_eq!(code, 0, "{err} {r}");
+    assert_clean(&r, 20, "https", &err);
+    assert_eq!(r["attestation"], "tpm");
+    assert_eq!(r["enrollments_created"], 20, "{r:#}");
+
+    // A new connection per device, with a payload through the webhook: the payload goes with
+    // the second leg and comes back.
+    let (code, r, err) = bench(
+        &data,
+        &[
+            "-n",
+            "20",
+            "-c",
+            "4",
+            "--transport",
+            "https-new-conn",
+            "--attestation",
+            "tpm",
+            "--allocation",
+            "webhook",
+            "--payload-bytes",
+            "200",
+        ],
+    );
+    assert_eq!(code, 0, "{err} {r}");
+    assert_clean(&r, 20, "https-new-conn", &err);
+    assert_eq!(r["attestation"], "tpm");
+}
+
 #[test]
 fn bench_refuses_impossible_combinations_before_starting_anything() {
     let dir = tempfile::tempdir().unwrap();
@@ -111,6 +150,9 @@ fn bench_refuses_impossible_combinations_before_starting_anything() {
     let (code, _, err) = bench(&data, &["--attestation", "x509", "--transport", "https"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("https-new-conn or mqtt"), "{err}");
+    let (code, _, err) = bench(&data, &["--attestation", "tpm", "--transport", "mqtt"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("use --transport https or https-new-conn"), "{err}");
     let (code, _, err) = bench(&data, &["--allocation", "round-robin"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("expected hashed, webhook, rules"), "{err}");
