@@ -166,3 +166,19 @@ impl ClientCertVerifier for DeviceCertificates {
         self.algorithms.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::GeneratedKey;
+
+    #[test]
+    fn generated_key_names_parse_back() {
+        for k in GeneratedKey::ALL {
+            assert_eq!(k.as_str().parse::<GeneratedKey>(), Ok(k));
+            assert_eq!(k.to_string(), k.as_str());
+        }
+        assert_eq!(GeneratedKey::default(), GeneratedKey::Rsa2048);
+        let err = "ed25519".parse::<GeneratedKey>().unwrap_err();
+        assert_eq!(err, "unknown key type 'ed25519': expected rsa-2048 or ecdsa-p256");
+    }
+}
