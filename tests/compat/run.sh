@@ -3,6 +3,7 @@
 # then, inside a private network namespace (so dps can take port 443 as the SDKs expect,
 # without touching the host's ports), starts fresh dps servers and drives them with:
 #   - node/suite.js      npm azure-iot-provisioning-service + -device + -device-http + -device-mqtt
+#   - node/tpm.js        the Node TPM client (-device-http + azure-iot-security-tpm) against swtpm
 #   - python/suite.py    PyPI azure-iot-deviceprovisioning + azure-iot-device
 # each under a time limit, and checks that each ran its expected number of cases to the end.
 # Usage: tests/compat/run.sh [path/to/dps]   (default: target/release/dps, else target/debug/dps)
@@ -116,12 +117,36 @@ DPS_WEBHOOK_SECRET=compat-example-webhook-secret python3 "$root/examples/allocat
   > "$work/example-webhook.log" 2>&1 &
 pids+=($!)
 export DPS_EXAMPLE_WEBHOOK_URL="http://127.0.0.1:8081/alloc"
-for port in 8080 8081; do
-  for _ in $(seq 1 100); do
+# Software TPMs for the Node TPM client (node/tpm.js): the device's swtpm (raw TPM commands on
+# TCP 2421, control 2422) behind tpm/mssim-shim.py on 2321/2322, the Microsoft TPM simulator
+# protocol that tss.js speaks in simulator mode (`new Tpm(true)`); and a second swtpm (2431/2432)
+# whose EK is "another TPM's" for the wrong-EK case. Fresh states: each run has new EKs.
+command -v swtpm > /dev/null && command -v tpm2_createek > /dev/null \
+  || { echo "compat: swtpm and tpm2-tools are needed (apt-get install swtpm swtpm-tools tpm2-tools)"; exit 2; }
+tpm="$work/tpm"
+start_swtpm() { # start_swtpm NAME PORT: data on PORT, control on PORT+1
+  mkdir -p "$tpm/$1"
+  swtpm socket --tpm2 --tpmstate dir="$tpm/$1" --flags not-need-init,startup-clear \
+    --server type=tcp,port="$2",bindaddr=127.0.0.1 --ctrl type=tcp,port=$(($2 + 1)),bindaddr=127.0.0.1 \
+    > "$tpm/$1.log" 2>&1 &
+  pids+=($!)
+}
+start_swtpm device 2421
+start_swtpm other 2431
+python3 "$here/tpm/mssim-shim.py" --listen 2321 --swtpm 2421 > "$tpm/shim.log" 2>&1 &
+pids+=($!)
+export DPS_TPM_SIMULATOR=127.0.0.1:2321
+for port in 8080 8081 2421 2422 2431 2432 2321 2322; do
+  for i in $(seq 1 100); do
     (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    [ "$i" = 100 ] && { tail -n 5 "$work"/*.log "$tpm"/*.log || true; echo "compat: nothing listens on 127.0.0.1:$port"; exit 1; }
     sleep 0.1
   done
 done
+TPM2TOOLS_TCTI="swtpm:host=127.0.0.1,port=2431" tpm2_createek -c - -G rsa -u "$tpm/other-ek.pub" > /dev/null \
+  || { cat "$tpm/other.log"; echo "compat: could not read the second swtpm's EK"; exit 1; }
+DPS_TPM_OTHER_EK="$(base64 -w0 "$tpm/other-ek.pub")"
+export DPS_TPM_OTHER_EK
 # A test PKI (openssl): root and intermediate CAs, device certificates (leaf + intermediate
 # chains) for the X.509 cases, and a self-signed device for an individual enrollment. The root
 # is put in the certificate store as verified, as an operator would with `dps cert add`.
@@ -166,7 +191,8 @@ export NODE_EXTRA_CA_CERTS="$work/ca-bundle.pem"
 # The number of cases each suite must report: a case that silently disappears (a loop that
 # runs no more, a promise that never settles and lets node exit early) fails the run.
 node_cases=44
-python_cases=25
+tpm_cases=9
+python_cases=26
 suite_timeout=600
 problems=0
 suite_problem() { # suite_problem NAME MESSAGE
@@ -199,10 +225,11 @@ run_suite() {
   fi
 }
 run_suite node "$node_cases" node "$here/node/suite.js"
+run_suite tpm "$tpm_cases" node "$here/node/tpm.js"
 run_suite python "$python_cases" "$venv/bin/python" "$here/python/suite.py"
 
-p=$(cat "$work/node.txt" "$work/python.txt" | grep -c '^ok - ' || true)
-f=$(cat "$work/node.txt" "$work/python.txt" | grep -c '^not ok - ' || true)
+p=$(cat "$work/node.txt" "$work/tpm.txt" "$work/python.txt" | grep -c '^ok - ' || true)
+f=$(cat "$work/node.txt" "$work/tpm.txt" "$work/python.txt" | grep -c '^not ok - ' || true)
 f=$((f + problems))
 status=0
 if [ "$f" != 0 ]; then

@@ -166,6 +166,31 @@ def enrollment_create_get_update_delete():
     STATE["ind_key"] = keys["primaryKey"]
 
 
+# An EK as swtpm makes it from the SDKs' template (base64 TPM2B_PUBLIC).
+SWTPM_EK = "AToAAQALAAMAsgAgg3GXZ0SEs/gakMyNRqXXJP1S124GUgtk8qHaGzMUaaoABgCAAEMAEAgAAAAAAAEAwvAzM1GSNLZrMA9doPi69i2afOd/WimX/Y912Upwu9g2TuLQV1upTtMtf5X2kBc0AxwT/ejJ5s2D6aqMjW56zn8byaQztFsb3oJZS3pToiWKSidu9u5Lss2VmSo68ce9LSgtD3OrR06+4i+UJR27HjuG/jxYGbWltla/8nhUSDU5IC3WYSADRBb0BFmyoN1xOReLF2nMxIMdhwq6dkKad4b1ByNGRa7Z5YNvdx/ri83yx0EK2lpSeSmWobqDndBLz0X01pFPC3sb6+D57osbLATIPy6BjIMo5RzWCAhbCW+0gBGa7f28Q7BksdpoTnPmCtxT6NPB7PXs/aw31UbB+w=="
+
+
+@test
+def tpm_enrollment_create_get_and_tpm_groups_refused():
+    rid = f"{RUN}-tpm"
+    e = CLIENT.enrollment.create_or_update(
+        id=rid, enrollment={"registrationId": rid, "attestation": {"type": "tpm", "tpm": {"endorsementKey": SWTPM_EK}}}
+    )
+    assert e["attestation"]["type"] == "tpm", e
+    got = CLIENT.enrollment.get(id=rid)
+    assert got["attestation"]["tpm"]["endorsementKey"] == SWTPM_EK, got
+    att = CLIENT.enrollment.get_attestation_mechanism(id=rid)
+    assert att["type"] == "tpm" and att["tpm"]["endorsementKey"] == SWTPM_EK, att
+    # A truncated EK, and a TPM group (DPS has none), are refused with 400 400004.
+    bad = {"registrationId": rid, "attestation": {"type": "tpm", "tpm": {"endorsementKey": SWTPM_EK[:40]}}}
+    assert error_of(lambda: CLIENT.enrollment.create_or_update(id=rid, enrollment=bad)) == (400, 400004)
+    group = {"enrollmentGroupId": f"{RUN}-tpm-group", "attestation": {"type": "tpm", "tpm": {"endorsementKey": SWTPM_EK}}}
+    assert error_of(
+        lambda: CLIENT.enrollment_group.create_or_update(id=group["enrollmentGroupId"], enrollment_group=group)
+    ) == (400, 400004)
+    CLIENT.enrollment.delete(id=rid)
+
+
 @test
 def group_create_and_members_register():
     g = CLIENT.enrollment_group.create_or_update(
