@@ -24,6 +24,9 @@ need python3 || missing+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 need swtpm || missing+=(swtpm swtpm-tools)
 need tpm2_import || missing+=(tpm2-tools)
+# dps-device's `tpm` feature (built and tested below) links tss-esapi against tpm2-tss.
+need pkg-config || missing+=(pkg-config)
+pkg-config --exists tss2-esys 2>/dev/null || missing+=(libtss2-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test: installing ${missing[*]}"
   apt-get update -qq && apt-get install -y -qq "${missing[@]}" || { echo "test: could not install ${missing[*]}"; exit 1; }
@@ -96,9 +99,10 @@ closing_line() {
 }
 
 stage fmt one_check cargo fmt --all -- --check
-stage clippy one_check cargo clippy --workspace --all-targets --locked -- -D warnings
+# With TPM attestation in dps-device and `dps device` (the `tpm` feature, off by default).
+stage clippy one_check cargo clippy --workspace --all-targets --locked --features dps-cli/tpm -- -D warnings
 stage imports one_check python3 scripts/import-cycles.py crates
-stage cargo cargo_cases cargo test --workspace --locked
+stage cargo cargo_cases cargo test --workspace --locked --features dps-cli/tpm
 if [ -x target/debug/dps ]; then
   stage compat closing_line bash tests/compat/run.sh target/debug/dps
 else

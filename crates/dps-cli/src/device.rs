@@ -5,14 +5,15 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use dps_device::{ClientConfig, DeviceClient, DeviceCredential, DeviceError, Transport};
+use dps_device::{ClientConfig, DeviceClient, DeviceCredential, DeviceError, TpmConfig, Transport};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 /// Flags of `dps device register` and `dps device reprovision`.
 #[derive(Debug, clap::Args)]
 pub struct DeviceArgs {
-    /// IoT Edge style config file (`[provisioning]` section); flags override it.
+    /// IoT Edge style config file (`[provisioning]` section, and `[tpm]` for TPM attestation);
+    /// flags override it.
     #[arg(long, short)]
     config: Option<PathBuf>,
     /// Service endpoint, e.g. https://localhost:8443 (port optional, default 443).
@@ -65,8 +66,76 @@ pub struct DeviceArgs {
 struct FileConfig {
     trust_bundle_cert: Option<String>,
     provisioning: Option<Provisioning>,
+    /// aziot's `[tpm]` table: which TPM, and where the DPS key is kept.
+    tpm: Option<TpmTable>,
     #[serde(default)]
     dps_device: DpsDevice,
+}
+
+/// aziot's `[tpm]` table (IoT Edge `config.toml`).
+#[derive(Debug, Deserialize)]
+struct TpmTable {
+    /// The TCTI: "device" (default: /dev/tpmrm0), "swtpm:host=…,port=…", "mssim:…", "tabrmd".
+    tcti: Option<String>,
+    /// Offset of the DPS key's persistent handle from 0x81000000 (default 0x00_01_00): a TOML
+    /// integer, or a string as IoT Edge's docs write it ("0x00_01_00").
+    auth_key_index: Option<IndexValue>,
+    hierarchy_authorization: Option<HierarchyAuthorization>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum IndexValue {
+    Int(i64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+struct HierarchyAuthorization {
+    endorsement: Option<String>,
+    owner: Option<String>,
+}
+
+/// Largest `auth_key_index` (TPM 2.0 Part 3 §28.5.1: persistent handles end at 0x81ffffff;
+/// aziot limits the offset to 0x7F_FF_FF).
+const MAX_AUTH_KEY_INDEX: u32 = 0x7F_FF_FF;
+
+fn auth_key_index(value: &IndexValue) -> Option<u32> {
+    let n = match value {
+        IndexValue::Int(n) => u32::try_from(*n).ok()?,
+        IndexValue::Text(t) => {
+            let t = t.trim().replace('_', "");
+            match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+                Some(hex) => u32::from_str_radix(hex, 16).ok()?,
+                None => t.parse().ok()?,
+            }
+        }
+    };
+    Some(n).filter(|n| *n <= MAX_AUTH_KEY_INDEX)
+}
+
+/// The TPM credential from the config's `[tpm]` table (absent: the kernel's TPM, default key
+/// handle).
+fn tpm_credential(table: Option<&TpmTable>, cfg_name: &str) -> Result<DeviceCredential, InputError> {
+    if !dps_device::TPM_SUPPORTED {
+        return Err(InputError(format!(
+            "config file {cfg_name}: attestation method 'tpm': this dps was built without TPM support; build it with `cargo build --release -p dps-cli --features tpm` (needs libtss2-dev)"
+        )));
+    }
+    let mut tpm = TpmConfig::new(table.and_then(|t| t.tcti.as_deref()).unwrap_or("device"));
+    if let Some(index) = table.and_then(|t| t.auth_key_index.as_ref()) {
+        let index = auth_key_index(index).ok_or_else(|| {
+            InputError(format!(
+                "config file {cfg_name}: tpm.auth_key_index {index:?} is not an index from 0x00_00_00 to 0x7F_FF_FF"
+            ))
+        })?;
+        tpm.auth_key_handle = dps_device::PERSISTENT_HANDLE_BASE + index;
+    }
+    if let Some(auth) = table.and_then(|t| t.hierarchy_authorization.as_ref()) {
+        tpm.endorsement_auth = auth.endorsement.clone();
+        tpm.owner_auth = auth.owner.clone();
+    }
+    Ok(DeviceCredential::Tpm(tpm))
 }
 
 #[derive(Debug, Deserialize)]
@@ -260,9 +329,10 @@ fn resolve(args: &DeviceArgs) -> Result<Resolved, InputError> {
                     key_pem: read_text(&file_path(pk, &base), "key file")?,
                 }
             }
+            "tpm" => tpm_credential(file.tpm.as_ref(), &cfg_name)?,
             other => {
                 return Err(InputError(format!(
-                    "config file {cfg_name}: attestation method '{other}' is not supported (symmetric_key or x509)"
+                    "config file {cfg_name}: attestation method '{other}' is not supported (symmetric_key, x509 or tpm)"
                 )))
             }
         }
@@ -320,6 +390,11 @@ fn print(result: &Value, json_out: bool) {
 
 /// Runs `register` (`reprovision = false`: reuse a cached assignment) or `reprovision`.
 pub fn run(args: DeviceArgs, reprovision: bool) -> ExitCode {
+    // tpm2-tss logs its own warnings and errors to stderr; the error dps prints already names
+    // the TPM's answer. `TSS2_LOG=all+warning` shows them again. (Still single-threaded here.)
+    if dps_device::TPM_SUPPORTED && std::env::var_os("TSS2_LOG").is_none() {
+        std::env::set_var("TSS2_LOG", "all+none");
+    }
     let resolved = match resolve(&args) {
         Ok(r) => r,
         Err(InputError(m)) => {
@@ -416,5 +491,75 @@ mod tests {
         assert_eq!(parse_endpoint("https://[::1]:9443/").ok(), Some(("::1".into(), 9443)));
         assert!(parse_endpoint("http://x").is_err());
         assert!(parse_endpoint("https://h:port").is_err());
+    }
+
+    #[test]
+    fn auth_key_indexes() {
+        assert_eq!(auth_key_index(&IndexValue::Int(0x00_01_00)), Some(0x100));
+        assert_eq!(auth_key_index(&IndexValue::Text("0x00_01_00".into())), Some(0x100));
+        assert_eq!(auth_key_index(&IndexValue::Text("256".into())), Some(256));
+        assert_eq!(auth_key_index(&IndexValue::Int(0x80_00_00)), None);
+        assert_eq!(auth_key_index(&IndexValue::Int(-1)), None);
+        assert_eq!(auth_key_index(&IndexValue::Text("0xzz".into())), None);
+    }
+
+    fn resolve_toml(toml: &str) -> Result<Resolved, InputError> {
+        let dir = tempfile::tempdir().map_err(|e| InputError(e.to_string()))?;
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, toml).map_err(|e| InputError(e.to_string()))?;
+        let args = DeviceArgs {
+            config: Some(path),
+            endpoint: None,
+            id_scope: None,
+            registration_id: None,
+            symmetric_key: None,
+            group_key: None,
+            cert: None,
+            key: None,
+            payload_file: None,
+            ca: None,
+            transport: None,
+            mqtt_port: None,
+            state_file: None,
+            timeout: None,
+            json: false,
+        };
+        resolve(&args)
+    }
+
+    #[test]
+    fn tpm_attestation_from_the_config() {
+        let head = "[provisioning]\nsource = \"dps\"\nglobal_endpoint = \"https://localhost:8443\"\nid_scope = \"0ne00000001\"\n\
+                    [provisioning.attestation]\nmethod = \"tpm\"\nregistration_id = \"tpm-1\"\n";
+        let with_table = format!(
+            "{head}[tpm]\ntcti = \"swtpm:host=127.0.0.1,port=2321\"\nauth_key_index = 0x00_02_00\n\
+             [tpm.hierarchy_authorization]\nendorsement = \"e\"\nowner = \"o\"\n"
+        );
+        for (toml, tcti, handle) in [
+            (head.to_string(), "device", 0x8100_0100),
+            (with_table, "swtpm:host=127.0.0.1,port=2321", 0x8100_0200),
+            (format!("{head}[tpm]\nauth_key_index = \"0x00_01_01\"\n"), "device", 0x8100_0101),
+        ] {
+            match (dps_device::TPM_SUPPORTED, resolve_toml(&toml)) {
+                (true, Ok(r)) => {
+                    let DeviceCredential::Tpm(tpm) = &r.config.credential else { panic!("not TPM: {toml}") };
+                    assert_eq!(tpm.tcti, tcti);
+                    assert_eq!(tpm.auth_key_handle, handle);
+                    assert_eq!(r.config.registration_id, "tpm-1");
+                }
+                (false, Err(InputError(m))) => {
+                    assert!(m.contains("built without TPM support") && m.contains("--features tpm"), "{m}");
+                    assert_eq!(m.lines().count(), 1, "one line: {m}");
+                }
+                (supported, Ok(_)) => panic!("TPM support {supported}: {toml} was accepted"),
+                (supported, Err(InputError(m))) => panic!("TPM support {supported}: {m}"),
+            }
+        }
+        let bad = format!("{head}[tpm]\nauth_key_index = 0x80_00_00\n");
+        match resolve_toml(&bad) {
+            Err(InputError(m)) if dps_device::TPM_SUPPORTED => assert!(m.contains("tpm.auth_key_index"), "{m}"),
+            Err(InputError(m)) => assert!(m.contains("built without TPM support"), "{m}"),
+            Ok(_) => panic!("an index past 0x7F_FF_FF is refused"),
+        }
     }
 }

@@ -32,10 +32,8 @@
 //! tpm2_hmac -c 0x81000100 -g sha256 -o hmac.out data.txt
 //! ```
 
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 use dps_proto::tpm::{tpm2b, AuthenticationKeyBlob, TpmPublic};
 use hmac::{Hmac, Mac};
@@ -57,89 +55,12 @@ const TOOLS: [&str; 12] = [
     "tpm2_hmac",
 ];
 
-/// Ports swtpm must never take on a shared machine (other services' defaults).
-const AVOID: [u16; 7] = [5432, 6379, 1883, 4222, 5672, 3306, 8883];
+#[path = "../../../tests/support/swtpm.rs"]
+mod swtpm;
 
-fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
-        .unwrap_or(false)
-}
-
-/// Two consecutive free local ports (server, control), from the kernel's ephemeral range.
-fn free_port_pair() -> u16 {
-    for _ in 0..50 {
-        let Ok(l) = TcpListener::bind("127.0.0.1:0") else { continue };
-        let Ok(addr) = l.local_addr() else { continue };
-        let port = addr.port();
-        if port < 1024 || port == u16::MAX || AVOID.contains(&port) || AVOID.contains(&(port + 1)) {
-            continue;
-        }
-        if TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no two consecutive free local ports found");
-}
-
-/// A running swtpm in a temporary directory; killed (and the directory removed) on drop.
-struct Swtpm {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
+use swtpm::{on_path, Swtpm};
 
 impl Swtpm {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let state = dir.path().join("state");
-        std::fs::create_dir(&state).expect("state directory");
-        for attempt in 0..5 {
-            let port = free_port_pair();
-            let args = [
-                "socket".to_string(),
-                "--tpm2".into(),
-                "--server".into(),
-                format!("type=tcp,port={port},bindaddr=127.0.0.1"),
-                "--ctrl".into(),
-                format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1),
-                "--tpmstate".into(),
-                format!("dir={}", state.display()),
-                "--flags".into(),
-                "not-need-init,startup-clear".into(),
-            ];
-            eprintln!("$ swtpm {}", args.join(" "));
-            let mut child = Command::new("swtpm")
-                .args(&args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("swtpm starts");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Self { child, port, dir };
-                }
-                if let Ok(Some(status)) = child.try_wait() {
-                    eprintln!("swtpm exited with {status} (attempt {attempt}); trying other ports");
-                    break;
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("swtpm did not listen on 127.0.0.1:{port} within 10 s");
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        panic!("swtpm would not start");
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
     /// Runs a tpm2-tools command against this TPM in its directory; panics with the command,
     /// its output and the TPM's error text when it fails.
     fn tool(&self, args: &[&str]) -> String {
@@ -150,8 +71,8 @@ impl Swtpm {
         eprintln!("$ {}", args.join(" "));
         let out = Command::new(args[0])
             .args(&args[1..])
-            .current_dir(self.dir.path())
-            .env("TPM2TOOLS_TCTI", format!("swtpm:host=127.0.0.1,port={}", self.port))
+            .current_dir(self.dir())
+            .env("TPM2TOOLS_TCTI", self.tcti())
             .stdin(Stdio::null())
             .output()
             .map_err(|e| format!("{}: cannot run: {e}", args[0]))?;
@@ -166,13 +87,6 @@ impl Swtpm {
                 String::from_utf8_lossy(&out.stderr)
             ))
         }
-    }
-}
-
-impl Drop for Swtpm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -6,6 +6,13 @@
 //! result carries the assigned hub, the device ID and the payload a custom allocation webhook
 //! returned (`registrationState.payload`).
 //!
+//! With the cargo feature `tpm` (which needs the tpm2-tss libraries, Debian `libtss2-dev`), a
+//! device can also attest with its TPM 2.0 over HTTPS ([`DeviceCredential::Tpm`]): it sends its
+//! endorsement and storage root keys, imports the authentication key DPS answers the first
+//! request with (`401` with `authenticationKey`), signs its SAS tokens in the TPM and, once
+//! assigned, imports the key of the final answer (`registrationState.tpm.authenticationKey`,
+//! its IoT Hub key) at the same persistent handle. See [`tpm`].
+//!
 //! ```no_run
 //! use dps_device::{ClientConfig, DeviceClient, DeviceCredential, Transport};
 //!
@@ -29,6 +36,8 @@
 
 mod https;
 mod mqtt;
+#[cfg(feature = "tpm")]
+pub mod tpm;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -58,6 +67,61 @@ pub enum DeviceCredential {
         /// Private key, PEM (PKCS#8, PKCS#1 or SEC1).
         key_pem: String,
     },
+    /// The device's TPM 2.0 (HTTPS only; needs the cargo feature `tpm`, see [`TPM_SUPPORTED`]).
+    ///
+    /// The registration ID is configured; the official SDKs derive it from the endorsement key
+    /// instead (the C SDK: lower-case base32 of SHA-256 over the marshalled EK), which an
+    /// enrollment may use as its registration ID too.
+    Tpm(TpmConfig),
+}
+
+/// Whether this build has TPM support (the cargo feature `tpm`).
+pub const TPM_SUPPORTED: bool = cfg!(feature = "tpm");
+
+/// Where the imported DPS authentication key is kept unless configured otherwise: the
+/// persistent handle the C, C# and Node SDKs use, and IoT Edge's `0x81000000 +
+/// auth_key_index` with its default index `0x00_01_00`.
+pub const DEFAULT_AUTH_KEY_HANDLE: u32 = 0x8100_0100;
+
+/// Base of the persistent handles IoT Edge's `auth_key_index` is an offset from.
+pub const PERSISTENT_HANDLE_BASE: u32 = 0x8100_0000;
+
+/// How to reach the device's TPM and where to keep the key DPS hands it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TpmConfig {
+    /// The TCTI: `device:/dev/tpmrm0` (`device` alone means that too), `swtpm:host=H,port=P`,
+    /// `mssim:host=H,port=P` or `tabrmd`.
+    pub tcti: String,
+    /// The persistent handle the authentication key is imported to (and signed with),
+    /// replacing what is there; [`DEFAULT_AUTH_KEY_HANDLE`] by default.
+    pub auth_key_handle: u32,
+    /// The endorsement hierarchy's authorization value, if it has one.
+    pub endorsement_auth: Option<String>,
+    /// The owner (storage) hierarchy's authorization value, if it has one.
+    pub owner_auth: Option<String>,
+}
+
+impl TpmConfig {
+    /// A TPM behind `tcti` with the default key handle and empty hierarchy authorizations.
+    pub fn new(tcti: &str) -> Self {
+        Self {
+            tcti: tcti.to_string(),
+            auth_key_handle: DEFAULT_AUTH_KEY_HANDLE,
+            endorsement_auth: None,
+            owner_auth: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for TpmConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TpmConfig")
+            .field("tcti", &self.tcti)
+            .field("auth_key_handle", &format_args!("0x{:08x}", self.auth_key_handle))
+            .field("endorsement_auth", &self.endorsement_auth.as_ref().map(|_| "<redacted>"))
+            .field("owner_auth", &self.owner_auth.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for DeviceCredential {
@@ -66,6 +130,7 @@ impl std::fmt::Debug for DeviceCredential {
             DeviceCredential::SymmetricKey(_) => "SymmetricKey(<redacted>)",
             DeviceCredential::GroupKey(_) => "GroupKey(<redacted>)",
             DeviceCredential::X509 { .. } => "X509(<chain and key>)",
+            DeviceCredential::Tpm(_) => "Tpm(<TPM>)",
         })
     }
 }
@@ -165,6 +230,10 @@ pub enum DeviceError {
     /// The registration did not finish in time.
     #[error("no result within {0:?}")]
     Timeout(Duration),
+    /// The TPM could not be used, or refused what it was given (an authentication key that was
+    /// not made for it).
+    #[error("TPM: {0}")]
+    Tpm(String),
 }
 
 /// A finished registration.
@@ -259,12 +328,56 @@ pub(crate) struct Prepared {
 }
 
 impl Prepared {
+    /// The registration SAS token of a key credential (signed in software).
     pub(crate) fn sas_token(&self) -> Option<String> {
         let key = self.device_key.as_ref()?;
-        let expiry = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) + 3600;
-        let resource = format!("{}/registrations/{}", self.config.id_scope, self.config.registration_id);
-        Some(dps_proto::sas::build_token(&resource, key, expiry, Some("registration")))
+        let sas = self.sas_to_sign();
+        Some(sas.token(&hmac_sha256(key, &sas.string_to_sign()), Some("registration")))
     }
+
+    /// The registration SAS token's fields, valid for an hour, ready to be signed.
+    pub(crate) fn sas_to_sign(&self) -> SasToSign {
+        let expiry = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) + 3600;
+        SasToSign::new(&dps_proto::sas::device_resource(&self.config.id_scope, &self.config.registration_id), expiry)
+    }
+}
+
+/// A registration SAS token before its signature (protocol.md §2.1): `sr` (the URL-encoded
+/// resource) and `se`; the signature is over `{sr}\n{se}`, by whatever holds the key — HMAC in
+/// software for symmetric keys, `TPM2_HMAC` for a TPM.
+pub(crate) struct SasToSign {
+    sr: String,
+    se: String,
+}
+
+impl SasToSign {
+    pub(crate) fn new(resource: &str, expiry: u64) -> Self {
+        Self { sr: dps_proto::sas::encode_component(resource), se: expiry.to_string() }
+    }
+
+    /// The bytes the key signs.
+    pub(crate) fn string_to_sign(&self) -> Vec<u8> {
+        format!("{}\n{}", self.sr, self.se).into_bytes()
+    }
+
+    /// The token with `signature` (raw HMAC bytes) and the key name `skn`.
+    pub(crate) fn token(&self, signature: &[u8], key_name: Option<&str>) -> String {
+        let sig = dps_proto::sas::encode_component(&BASE64.encode(signature));
+        let mut token = format!("SharedAccessSignature sr={}&sig={sig}&se={}", self.sr, self.se);
+        if let Some(name) = key_name {
+            token.push_str("&skn=");
+            token.push_str(&dps_proto::sas::encode_component(name));
+        }
+        token
+    }
+}
+
+fn hmac_sha256(key: &[u8], data: &[u8]) -> Vec<u8> {
+    use hmac::Mac as _;
+    // HMAC takes keys of any length: this cannot fail.
+    let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(data);
+    mac.finalize().into_bytes().to_vec()
 }
 
 /// A device client: validated configuration and TLS material, ready to register.
@@ -328,6 +441,27 @@ impl DeviceClient {
                 let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
                     .map_err(|e| DeviceError::Config(format!("private key: {e}")))?;
                 (None, Some((chain, Arc::new(key))))
+            }
+            DeviceCredential::Tpm(tpm) => {
+                if !TPM_SUPPORTED {
+                    return Err(DeviceError::Config(
+                        "TPM attestation: this build has no TPM support (build with the cargo feature `tpm`, which needs libtss2-dev)"
+                            .into(),
+                    ));
+                }
+                if config.transport != Transport::Https {
+                    return Err(DeviceError::Config(
+                        "TPM attestation works over HTTPS only (DPS has no TPM over MQTT); use the https transport"
+                            .into(),
+                    ));
+                }
+                if !(PERSISTENT_HANDLE_BASE..=0x81ff_ffff).contains(&tpm.auth_key_handle) {
+                    return Err(DeviceError::Config(format!(
+                        "TPM key handle 0x{:08x} is not a persistent handle (0x81000000..0x81ffffff)",
+                        tpm.auth_key_handle
+                    )));
+                }
+                (None, None)
             }
         };
         let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -442,5 +576,38 @@ mod tests {
         ));
         let c = cfg(DeviceCredential::X509 { chain_pem: "nothing".into(), key_pem: "nothing".into() });
         assert!(matches!(DeviceClient::new(c), Err(DeviceError::Config(_))));
+    }
+
+    #[test]
+    fn tpm_needs_the_feature_and_https() {
+        let tpm =
+            || ClientConfig::new("localhost", "0ne00000001", "d", DeviceCredential::Tpm(TpmConfig::new("device")));
+        if TPM_SUPPORTED {
+            assert!(DeviceClient::new(tpm()).is_ok());
+            let mqtt = ClientConfig { transport: Transport::Mqtt, ..tpm() };
+            assert!(matches!(DeviceClient::new(mqtt), Err(DeviceError::Config(m)) if m.contains("HTTPS only")));
+            let bad = ClientConfig {
+                credential: DeviceCredential::Tpm(TpmConfig {
+                    auth_key_handle: 0x8000_0001,
+                    ..TpmConfig::new("device")
+                }),
+                ..tpm()
+            };
+            assert!(matches!(DeviceClient::new(bad), Err(DeviceError::Config(m)) if m.contains("0x80000001")));
+        } else {
+            assert!(matches!(DeviceClient::new(tpm()), Err(DeviceError::Config(m)) if m.contains("feature `tpm`")));
+        }
+    }
+
+    #[test]
+    fn the_sas_string_to_sign_is_the_symmetric_key_one() {
+        let key = [7u8; 32];
+        let resource = dps_proto::sas::device_resource("0ne00000001", "dev:1/ü");
+        let sas = SasToSign::new(&resource, 1_800_000_000);
+        assert_eq!(sas.string_to_sign(), b"0ne00000001%2Fregistrations%2Fdev%3A1%2F%C3%BC\n1800000000");
+        assert_eq!(
+            sas.token(&hmac_sha256(&key, &sas.string_to_sign()), Some("registration")),
+            dps_proto::sas::build_token(&resource, &key, 1_800_000_000, Some("registration"))
+        );
     }
 }

@@ -334,7 +334,7 @@ impl DeviceRuntime {
             Credential::TpmEndorsement(_) => return Err(unauthorized(tpm_not_accepted(registration_id))),
             Credential::None => {
                 return Err(unauthorized(
-                    "no credential: send a SAS token signed with the enrollment's symmetric key (HTTP Authorization header, MQTT password), or a client certificate in the TLS handshake",
+                    "no credential: send a SAS token signed with the enrollment's symmetric key (HTTP Authorization header, MQTT password), a client certificate in the TLS handshake, or (TPM) the register request with tpm.endorsementKey and tpm.storageRootKey to get the key to sign it with",
                 ))
             }
         };
