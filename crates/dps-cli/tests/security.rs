@@ -147,7 +147,7 @@ async fn keys_reach_only_callers_that_may_read_enrollments() {
 }
 
 /// Request parsing: one Authorization header, object bodies only, field names instead of Rust
-/// type names, no repeated keys in either API, no TPM enrollments before TPM is served, and an
+/// type names, no repeated keys in either API, a truncated TPM endorsement key, and an
 /// oversized Content-Length refused at once.
 #[tokio::test]
 async fn requests_are_parsed_strictly() {
@@ -208,10 +208,12 @@ async fn requests_are_parsed_strictly() {
     expect(400, 400001, "attestation.symmetricKey: invalid type: array, expected a JSON object")(send(req).await);
     let resp = dps.service(Method::GET, "/enrollments/dup").send().await.unwrap();
     assert_eq!(resp.status(), 404, "nothing stored");
-    // TPM enrollments are refused until TPM attestation is served.
+    // A TPM enrollment's endorsement key is read as strictly (a truncated TPM2B_PUBLIC).
     let tpm = json!({"registrationId": "t", "attestation": {"type": "tpm", "tpm": {"endorsementKey": "AToAAQAL"}}});
     let req = dps.service(Method::PUT, "/enrollments/t").json(&tpm);
-    expect(400, 400004, "TPM attestation is not served")(send(req).await);
+    expect(400, 400004, "attestation.tpm.endorsementKey is not a marshalled TPM2B_PUBLIC: TPM2B_PUBLIC is truncated")(
+        send(req).await,
+    );
 
     // A Content-Length over the limit gets 413 at once, without waiting for the body.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
