@@ -10,6 +10,7 @@
 //! the same key bytes in software.
 
 use aes::Aes128;
+use aws_lc_rs::rsa::{OaepPublicEncryptingKey, PublicEncryptingKey, OAEP_SHA256_MGF1SHA256};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use cfb_mode::cipher::{AsyncStreamCipher, KeyIvInit};
@@ -19,7 +20,8 @@ use dps_proto::tpm::{
 };
 use hmac::{Hmac, Mac};
 use rand::{CryptoRng, RngCore};
-use rsa::{BigUint, Oaep, RsaPublicKey};
+use rsa::pkcs8::EncodePublicKey;
+use rsa::{BigUint, RsaPublicKey};
 use sha2::{Digest, Sha256};
 
 pub mod software;
@@ -75,8 +77,10 @@ pub enum TpmError {
     /// changed on the way).
     #[error("the authentication key does not open with this TPM: {0}")]
     Open(&'static str),
-    /// The modulus and exponent do not form an RSA key the `rsa` crate accepts, or encryption
-    /// to it failed.
+    /// The key cannot be used for RSA-OAEP (the OAEP implementation refused it or failed).
+    #[error("the {0} cannot be used for RSA-OAEP")]
+    Oaep(&'static str),
+    /// The modulus and exponent do not form an RSA key the `rsa` crate accepts.
     #[error("the {which} cannot be used for RSA-OAEP: {source}")]
     Rsa {
         /// `endorsement key` or `storage root key`.
@@ -157,6 +161,34 @@ fn rsa_target(public: &TpmPublic, which: &'static str) -> Result<RsaPublicKey, T
         .map_err(|source| TpmError::Rsa { which, source })
 }
 
+/// The key in the form the OAEP implementation takes (aws-lc: assembly bignums; the `rsa`
+/// crate's took four times as long per operation, protocol work BENCHMARKS.md measured).
+fn oaep_target(public: &TpmPublic, which: &'static str) -> Result<OaepPublicEncryptingKey, TpmError> {
+    let key = rsa_target(public, which)?;
+    let der = key.to_public_key_der().map_err(|_| TpmError::Oaep(which))?;
+    PublicEncryptingKey::from_der(der.as_bytes())
+        .ok()
+        .and_then(|k| OaepPublicEncryptingKey::new(k).ok())
+        .ok_or(TpmError::Oaep(which))
+}
+
+/// RSA-OAEP with SHA-256 and MGF1-SHA-256 under `label` (TPM 2.0 Part 1 §B.10.3: the label's
+/// trailing NUL included).
+fn oaep_encrypt(
+    key: &OaepPublicEncryptingKey,
+    label: &[u8],
+    plaintext: &[u8],
+    which: &'static str,
+) -> Result<Vec<u8>, TpmError> {
+    let mut out = vec![0u8; key.ciphertext_size()];
+    let len = key
+        .encrypt(&OAEP_SHA256_MGF1SHA256, plaintext, &mut out, Some(label))
+        .map_err(|_| TpmError::Oaep(which))?
+        .len();
+    out.truncate(len);
+    Ok(out)
+}
+
 /// HMAC-SHA-256 over the concatenation of `parts`.
 fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     // HMAC takes keys of any length: this cannot fail.
@@ -225,16 +257,14 @@ pub fn build_authentication_key(
     if hmac_key.is_empty() || hmac_key.len() > MAX_SYM_DATA {
         return Err(TpmError::HmacKeyLength(hmac_key.len()));
     }
-    let ek_key = rsa_target(ek, EK)?;
-    let srk_key = rsa_target(srk, SRK)?;
+    let ek_key = oaep_target(ek, EK)?;
+    let srk_key = oaep_target(srk, SRK)?;
     let srk_name = srk.name()?;
 
     // 2–3. The credential: the inner wrap key, encrypted to the EK, bound to the SRK's Name.
     let inner_key: [u8; INNER_KEY_LEN] = random(rng);
     let seed1: [u8; 32] = random(rng);
-    let enc_secret1 = ek_key
-        .encrypt(rng, Oaep::new_with_label::<Sha256, _>("IDENTITY\0"), &seed1)
-        .map_err(|source| TpmError::Rsa { which: EK, source })?;
+    let enc_secret1 = oaep_encrypt(&ek_key, b"IDENTITY\0", &seed1, EK)?;
     let sym_key1 = key16(&kdfa(&seed1, b"STORAGE", &srk_name, &[], 128));
     let mut enc_identity = tpm2b("credential", &inner_key)?;
     cfb_encrypt(&sym_key1, &mut enc_identity);
@@ -261,9 +291,7 @@ pub fn build_authentication_key(
 
     // 6. Outer wrapper, to the SRK.
     let seed2: [u8; 32] = random(rng);
-    let enc_secret2 = srk_key
-        .encrypt(rng, Oaep::new_with_label::<Sha256, _>("DUPLICATE\0"), &seed2)
-        .map_err(|source| TpmError::Rsa { which: SRK, source })?;
+    let enc_secret2 = oaep_encrypt(&srk_key, b"DUPLICATE\0", &seed2, SRK)?;
     let sym_key2 = key16(&kdfa(&seed2, b"STORAGE", &key_name, &[], 128));
     let mut dup_sensitive = enc_sensitive;
     cfb_encrypt(&sym_key2, &mut dup_sensitive);

@@ -6,13 +6,15 @@
 //! client's compat tests are.
 
 use aes::Aes128;
+use aws_lc_rs::rsa::{OaepPrivateDecryptingKey, PrivateDecryptingKey, OAEP_SHA256_MGF1SHA256};
 use cfb_mode::cipher::{AsyncStreamCipher, KeyIvInit};
 use dps_proto::tpm::{
     AuthenticationKeyBlob, PublicParams, RsaPublic, RsaScheme, TpmPublic, TPM_ALG_KEYEDHASH, TPM_ALG_SHA256,
 };
 use rand::{CryptoRng, RngCore};
+use rsa::pkcs8::EncodePrivateKey;
 use rsa::traits::PublicKeyParts;
-use rsa::{Oaep, RsaPrivateKey};
+use rsa::RsaPrivateKey;
 use sha2::{Digest, Sha256};
 
 use super::{hmac_sha256, kdfa, TpmError, AES_128_CFB, INNER_KEY_LEN};
@@ -28,10 +30,9 @@ pub const EK_ATTRIBUTES: u32 = 0x0003_00B2;
 pub const SRK_ATTRIBUTES: u32 = 0x0003_0472;
 
 /// A software TPM's two keys.
-#[derive(Clone)]
 pub struct SoftwareTpm {
-    ek: RsaPrivateKey,
-    srk: RsaPrivateKey,
+    ek: OaepPrivateDecryptingKey,
+    srk: OaepPrivateDecryptingKey,
     ek_public: TpmPublic,
     srk_public: TpmPublic,
 }
@@ -58,6 +59,31 @@ fn template(key: &RsaPrivateKey, attributes: u32, policy: &[u8]) -> TpmPublic {
     }
 }
 
+/// The private key in the form the OAEP implementation takes.
+fn decrypting(key: &RsaPrivateKey, which: &'static str) -> Result<OaepPrivateDecryptingKey, TpmError> {
+    let der = key.to_pkcs8_der().map_err(|_| TpmError::Oaep(which))?;
+    PrivateDecryptingKey::from_pkcs8(der.as_bytes())
+        .ok()
+        .and_then(|k| OaepPrivateDecryptingKey::new(k).ok())
+        .ok_or(TpmError::Oaep(which))
+}
+
+/// RSA-OAEP decryption (SHA-256, MGF1-SHA-256) under `label`.
+fn oaep_decrypt(
+    key: &OaepPrivateDecryptingKey,
+    label: &[u8],
+    ciphertext: &[u8],
+    failure: &'static str,
+) -> Result<Vec<u8>, TpmError> {
+    let mut out = vec![0u8; key.min_output_size()];
+    let len = key
+        .decrypt(&OAEP_SHA256_MGF1SHA256, ciphertext, &mut out, Some(label))
+        .map_err(|_| open_failed(failure))?
+        .len();
+    out.truncate(len);
+    Ok(out)
+}
+
 fn open_failed(what: &'static str) -> TpmError {
     TpmError::Open(what)
 }
@@ -81,17 +107,23 @@ fn cfb_decrypt(key: &[u8], buf: &mut [u8]) -> Result<(), TpmError> {
 
 impl SoftwareTpm {
     /// Two fresh RSA-2048 keys with the SDKs' EK and SRK templates.
-    pub fn generate(rng: &mut (impl RngCore + CryptoRng)) -> Result<Self, rsa::Error> {
-        let ek = RsaPrivateKey::new(rng, 2048)?;
-        let srk = RsaPrivateKey::new(rng, 2048)?;
-        Ok(Self::from_keys(ek, srk))
+    pub fn generate(rng: &mut (impl RngCore + CryptoRng)) -> Result<Self, TpmError> {
+        let ek = RsaPrivateKey::new(rng, 2048).map_err(|source| TpmError::Rsa { which: "endorsement key", source })?;
+        let srk =
+            RsaPrivateKey::new(rng, 2048).map_err(|source| TpmError::Rsa { which: "storage root key", source })?;
+        Self::from_keys(&ek, &srk)
     }
 
     /// A software TPM with these keys (each RSA-2048) as EK and SRK.
-    pub fn from_keys(ek: RsaPrivateKey, srk: RsaPrivateKey) -> Self {
-        let ek_public = template(&ek, EK_ATTRIBUTES, &EK_AUTH_POLICY);
-        let srk_public = template(&srk, SRK_ATTRIBUTES, &[]);
-        Self { ek, srk, ek_public, srk_public }
+    pub fn from_keys(ek: &RsaPrivateKey, srk: &RsaPrivateKey) -> Result<Self, TpmError> {
+        let ek_public = template(ek, EK_ATTRIBUTES, &EK_AUTH_POLICY);
+        let srk_public = template(srk, SRK_ATTRIBUTES, &[]);
+        Ok(Self {
+            ek: decrypting(ek, "endorsement key")?,
+            srk: decrypting(srk, "storage root key")?,
+            ek_public,
+            srk_public,
+        })
     }
 
     /// The endorsement key's public area.
@@ -111,10 +143,12 @@ impl SoftwareTpm {
         let blob = AuthenticationKeyBlob::parse(blob)?;
         let srk_name = self.srk_public.name()?;
         // TPM2_ActivateCredential.
-        let seed1 = self
-            .ek
-            .decrypt(Oaep::new_with_label::<Sha256, _>("IDENTITY\0"), &blob.encrypted_secret)
-            .map_err(|_| open_failed("the credential's secret is not encrypted to this EK"))?;
+        let seed1 = oaep_decrypt(
+            &self.ek,
+            b"IDENTITY\0",
+            &blob.encrypted_secret,
+            "the credential's secret is not encrypted to this EK",
+        )?;
         let (integrity, enc_identity) = split2b(&blob.id_object, "the credential")?;
         let hmac_key1 = kdfa(&seed1, b"INTEGRITY", &[], &[], 256);
         if integrity != hmac_sha256(&hmac_key1, &[enc_identity, &srk_name]) {
@@ -129,10 +163,8 @@ impl SoftwareTpm {
         // TPM2_Import: the outer wrapper, then the inner one.
         let public = TpmPublic::parse(&blob.public)?;
         let key_name = public.name()?;
-        let seed2 = self
-            .srk
-            .decrypt(Oaep::new_with_label::<Sha256, _>("DUPLICATE\0"), &blob.import_seed)
-            .map_err(|_| open_failed("the import seed is not encrypted to this SRK"))?;
+        let seed2 =
+            oaep_decrypt(&self.srk, b"DUPLICATE\0", &blob.import_seed, "the import seed is not encrypted to this SRK")?;
         let (outer_hmac, dup_sensitive) = split2b(&blob.duplicate, "the duplicate")?;
         let hmac_key2 = kdfa(&seed2, b"INTEGRITY", &[], &[], 256);
         if outer_hmac != hmac_sha256(&hmac_key2, &[dup_sensitive, &key_name]) {
