@@ -50,7 +50,7 @@ pub enum Attestation {
     X509,
     /// An individual TPM enrollment per device, created in bulk first (HTTPS only). Each
     /// device asks for its key (the 401 challenge), imports it in a software TPM and registers
-    /// with a SAS token signed by it; the devices share a pool of 8 TPMs ([`TPM_POOL`]).
+    /// with a SAS token signed by it; the devices share a pool of 8 TPMs.
     Tpm,
 }
 

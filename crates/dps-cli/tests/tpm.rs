@@ -332,3 +332,23 @@ async fn challenges_count_against_the_per_device_request_limit() {
     assert!(headers.get("retry-after").is_some());
     assert!(body.get("authenticationKey").is_none());
 }
+
+#[tokio::test]
+async fn refused_challenges_count_as_failed_authentications_issued_ones_do_not() {
+    let dps = Dps::start(&format!(
+        "{HUBS}[device]\nauth_failure_delay_ms = 0\n[throttling]\nfailed_auth_per_min = 1\nfailed_auth_burst = 2\n"
+    ))
+    .await;
+    let (t, stranger) = (tpm(11), tpm(12));
+    let id = "tpm-device-failures";
+    enroll(&dps, id, &t, json!({})).await;
+    for _ in 0..3 {
+        challenge(&dps, id, &t).await;
+    }
+    for _ in 0..2 {
+        let (status, _, body) = dps.register(id, None, first_leg(id, &stranger)).await;
+        assert_eq!(status, 401, "{body}");
+    }
+    let (status, _, body) = dps.register(id, None, first_leg(id, &t)).await;
+    assert_eq!((status, body["errorCode"].as_u64()), (429, Some(429001)), "{body}");
+}

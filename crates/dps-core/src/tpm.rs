@@ -314,28 +314,14 @@ pub fn build_authentication_key(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dps_proto::tpm::{PublicParams, RsaPublic, RsaScheme};
+    use dps_proto::tpm::PublicParams;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
-    use rsa::traits::PublicKeyParts;
     use rsa::RsaPrivateKey;
 
     use software::{SoftwareTpm, EK_ATTRIBUTES, EK_AUTH_POLICY, SRK_ATTRIBUTES};
 
-    fn public_of(key: &RsaPrivateKey, attributes: u32, policy: &[u8]) -> TpmPublic {
-        TpmPublic {
-            name_alg: TPM_ALG_SHA256,
-            object_attributes: attributes,
-            auth_policy: policy.to_vec(),
-            params: PublicParams::Rsa(RsaPublic {
-                symmetric: Some(AES_128_CFB),
-                scheme: RsaScheme::Null,
-                key_bits: 2048,
-                exponent: 0,
-                modulus: key.n().to_bytes_be(),
-            }),
-        }
-    }
+    use software::template as public_of;
 
     #[test]
     fn the_blob_opens_to_the_hmac_key_in_software() {

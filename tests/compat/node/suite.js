@@ -64,27 +64,7 @@ async function test(name, fn) {
     console.log(`not ok - node: ${name}: ${e && e.stack ? e.stack : e}`);
   }
 }
-function assert(cond, msg) {
-  if (!cond) throw new Error(`assertion failed: ${msg}`);
-}
-// Deep equality; object key order does not matter (JSON objects are unordered).
-function eq(a, b, msg) {
-  if (!require('util').isDeepStrictEqual(a, b)) {
-    throw new Error(`${msg}: expected ${JSON.stringify(b)}, got ${JSON.stringify(a)}`);
-  }
-}
-async function rejects(promise, check, msg) {
-  try {
-    await promise;
-  } catch (e) {
-    check(e);
-    return;
-  }
-  throw new Error(`${msg}: expected an error, got success`);
-}
-function statusOf(e) {
-  return (e.response && e.response.statusCode) || (e.responseBody && e.responseBody.statusCode) || e.statusCode;
-}
+const { assert, eq, rejects, statusOf } = require('./check');
 // The errorCode of the DPS error body an SDK error carries (responseBody is the JSON text).
 function errorCodeOf(e) {
   try {

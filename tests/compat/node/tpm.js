@@ -95,26 +95,7 @@ function serverLog(ids) {
     return [];
   }
 }
-function assert(cond, msg) {
-  if (!cond) throw new Error(`assertion failed: ${msg}`);
-}
-function eq(a, b, msg) {
-  if (!require('util').isDeepStrictEqual(a, b)) {
-    throw new Error(`${msg}: expected ${JSON.stringify(b)}, got ${JSON.stringify(a)}`);
-  }
-}
-async function rejects(promise, check, msg) {
-  try {
-    await promise;
-  } catch (e) {
-    check(e);
-    return;
-  }
-  throw new Error(`${msg}: expected an error, got success`);
-}
-function statusOf(e) {
-  return (e.response && e.response.statusCode) || (e.responseBody && e.responseBody.statusCode) || e.statusCode;
-}
+const { assert, eq, rejects, statusOf } = require('./check');
 function parseJson(text) {
   try {
     return typeof text === 'string' ? JSON.parse(text) : text;
@@ -175,6 +156,15 @@ function checkEkTemplate(ek, what) {
     `${what}: TPM2B_PUBLIC of the standard RSA-2048 EK template`
   );
   return t;
+}
+
+// The result of a registration that must succeed; a failure says what the client saw.
+async function registered(done, seen) {
+  try {
+    return await done;
+  } catch (err) {
+    throw new Error(`register failed: ${err.name}: ${err.message}; ${trace(seen)}`);
+  }
 }
 
 // One registration through the official client, with observers that pass everything through
@@ -331,12 +321,7 @@ async function main() {
     assert(e.attestation.tpm && e.attestation.tpm.endorsementKey, `endorsementKey returned: ${JSON.stringify(e.attestation)}`);
     const security = tpmClient();
     const { done, seen } = registerTpm(security);
-    let r;
-    try {
-      r = await done;
-    } catch (err) {
-      throw new Error(`register failed: ${err.name}: ${err.message}; ${trace(seen)}`);
-    }
+    const r = await registered(done, seen);
     const state = checkAssigned(r, seen, derivedId);
     eq(state.deviceId, `${run}-device`, 'deviceId from the enrollment');
     // The imported key signs (what the device then does for its IoT Hub SAS).
@@ -355,12 +340,7 @@ async function main() {
     });
     const payload = { modelId: 'dtmi:contoso:thermostat;1', custom: { n: 1, s: 'x' } };
     const { done, seen } = registerTpm(tpmClient(id), payload);
-    let r;
-    try {
-      r = await done;
-    } catch (err) {
-      throw new Error(`register failed: ${err.name}: ${err.message}; ${trace(seen)}`);
-    }
+    const r = await registered(done, seen);
     const state = checkAssigned(r, seen, id);
     eq(state.assignedHub, hubs[hubs.length - 1], 'the webhook chose the last linked hub');
     eq(state.payload, { echo: payload, group: null }, 'registrationState.payload from the webhook');
@@ -411,12 +391,7 @@ async function main() {
     assert(first, 'the individual enrollment case registered');
     caseIds.push(derivedId);
     const { done, seen } = registerTpm(tpmClient());
-    let r;
-    try {
-      r = await done;
-    } catch (err) {
-      throw new Error(`register failed: ${err.name}: ${err.message}; ${trace(seen)}`);
-    }
+    const r = await registered(done, seen);
     const state = checkAssigned(r, seen, derivedId);
     eq(state.assignedHub, first.hub, 'same hub');
     assert(seen.legs[0].body.authenticationKey !== first.challenge, 'a fresh challenge');
@@ -439,12 +414,7 @@ async function main() {
     const id = `${run}-strict`;
     await tpmEnrollment(id, ek, {}, ProvisioningServiceClient.fromConnectionString(strict.serviceConnectionString));
     const { done, seen } = registerTpm(tpmClient(id), undefined, { host: strict.hostName, scope: strict.idScope });
-    let r;
-    try {
-      r = await done;
-    } catch (err) {
-      throw new Error(`register failed: ${err.name}: ${err.message}; ${trace(seen)}`);
-    }
+    const r = await registered(done, seen);
     eq([seen.legs.length, seen.legs[1].status, seen.legs[1].body.status], [2, 202, 'assigning'], `the signed PUT is answered assigning: ${trace(seen)}`);
     assert(seen.polls.length >= 1 && seen.polls.every((p) => p.status === 200), `the client polled: ${trace(seen)}`);
     eq(seen.polls[seen.polls.length - 1].body, r, 'the result is the last poll\'s answer');

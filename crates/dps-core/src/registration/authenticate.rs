@@ -186,22 +186,45 @@ impl DeviceRuntime {
         credential: &Credential,
     ) -> Result<Authentication, Error> {
         self.check_scope_and_id(id_scope, registration_id)?;
-        let certificates_version = match credential {
-            // Read before what it guards: a write in between only makes the next check a full one.
-            Credential::X509(_) => Some(self.store.version(Collection::Certificates).await?),
-            _ => None,
-        };
+        let certificates_version = self.certificates_version_for(credential).await?;
         Ok(match self.authenticate_or_challenge(id_scope, registration_id, credential).await? {
-            Resolved::Enrollment(enrollment) => Authentication::Authenticated(AuthenticatedDevice {
-                id_scope: id_scope.to_string(),
-                registration_id: registration_id.to_string(),
-                credential: credential.clone(),
+            Resolved::Enrollment(enrollment) => Authentication::Authenticated(self.device(
+                id_scope,
+                registration_id,
+                credential,
                 enrollment,
                 certificates_version,
-                valid_until: self.valid_until(credential),
-            }),
+            )),
             Resolved::Challenge(challenge) => Authentication::Challenge(challenge),
         })
+    }
+
+    /// The certificate store's version for an X.509 device, read before what it guards: a
+    /// write in between only makes the next check a full one.
+    async fn certificates_version_for(&self, credential: &Credential) -> Result<Option<u64>, Error> {
+        Ok(match credential {
+            Credential::X509(_) => Some(self.store.version(Collection::Certificates).await?),
+            _ => None,
+        })
+    }
+
+    /// The device as a connection keeps it after it authenticated.
+    fn device(
+        &self,
+        id_scope: &str,
+        registration_id: &str,
+        credential: &Credential,
+        enrollment: ResolvedEnrollment,
+        certificates_version: Option<u64>,
+    ) -> AuthenticatedDevice {
+        AuthenticatedDevice {
+            id_scope: id_scope.to_string(),
+            registration_id: registration_id.to_string(),
+            credential: credential.clone(),
+            enrollment,
+            certificates_version,
+            valid_until: self.valid_until(credential),
+        }
     }
 
     /// The authentication stage itself: a TPM's endorsement key without a token goes to the
@@ -227,20 +250,9 @@ impl DeviceRuntime {
         registration_id: &str,
         credential: &Credential,
     ) -> Result<AuthenticatedDevice, Error> {
-        let certificates_version = match credential {
-            // Read before what it guards: a write in between only makes the next check a full one.
-            Credential::X509(_) => Some(self.store.version(Collection::Certificates).await?),
-            _ => None,
-        };
+        let certificates_version = self.certificates_version_for(credential).await?;
         let enrollment = self.authenticate(id_scope, registration_id, credential).await?;
-        Ok(AuthenticatedDevice {
-            id_scope: id_scope.to_string(),
-            registration_id: registration_id.to_string(),
-            credential: credential.clone(),
-            enrollment,
-            certificates_version,
-            valid_until: self.valid_until(credential),
-        })
+        Ok(self.device(id_scope, registration_id, credential, enrollment, certificates_version))
     }
 
     /// The enrollment of an authenticated device for its next request: the one it was checked

@@ -44,7 +44,7 @@ impl std::fmt::Debug for SoftwareTpm {
 }
 
 /// The public area the SDK templates give an RSA-2048 key.
-fn template(key: &RsaPrivateKey, attributes: u32, policy: &[u8]) -> TpmPublic {
+pub(super) fn template(key: &RsaPrivateKey, attributes: u32, policy: &[u8]) -> TpmPublic {
     TpmPublic {
         name_alg: TPM_ALG_SHA256,
         object_attributes: attributes,
