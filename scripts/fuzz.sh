@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target (fuzz/Cargo.toml) for a bounded time each (default 20 s): the
-# MQTT codec, SAS tokens and connection strings, device and service JSON bodies, X.509
+# MQTT and AMQP codecs, SAS tokens and connection strings, device and service JSON bodies, X.509
 # handling, identifiers, topics and HTTP paths, webhook answers, config files, TPM public
 # areas and authentication-key blobs. Seeds are in fuzz/corpus/<target>; new inputs go to a
 # temporary directory, crashes to fuzz/artifacts/<target>. Usage: scripts/fuzz.sh [seconds per target]

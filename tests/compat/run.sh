@@ -4,6 +4,8 @@
 # without touching the host's ports), starts fresh dps servers and drives them with:
 #   - node/suite.js      npm azure-iot-provisioning-service + -device + -device-http + -device-mqtt
 #   - node/tpm.js        the Node TPM client (-device-http + azure-iot-security-tpm) against swtpm
+#   - node/amqp.js       the Node device client over AMQP and AMQP over WebSocket (-device-amqp
+#                        `Amqp` on 5671, `AmqpWs` on 443): keys, X.509, TPM (SASL TPM, same swtpm)
 #   - python/suite.py    PyPI azure-iot-deviceprovisioning + azure-iot-device
 # each under a time limit, and checks that each ran its expected number of cases to the end.
 # Usage: tests/compat/run.sh [path/to/dps]   (default: target/release/dps, else target/debug/dps)
@@ -63,6 +65,7 @@ main_config="$(cat <<'TOML'
 [listen]
 https = "127.0.0.1:443"
 mqtt = "127.0.0.1:8883"
+amqp = "127.0.0.1:5671"
 [[hubs]]
 host_name = "hub-a.compat.test"
 [[hubs]]
@@ -92,6 +95,7 @@ start_dps main "$main_config"
 start_dps strict '[listen]
 https = "127.0.0.2:443"
 mqtt = "127.0.0.2:8883"
+amqp = "127.0.0.2:5671"
 [tls]
 host_names = ["127.0.0.2"]
 generated_key = "ecdsa-p256"
@@ -103,6 +107,7 @@ retry_after_secs = 1' 'info,dps_core=debug'
 start_dps throttled '[listen]
 https = "127.0.0.3:443"
 mqtt = "127.0.0.3:8883"
+amqp = "127.0.0.3:5671"
 [tls]
 host_names = ["127.0.0.3"]
 [throttling]
@@ -120,7 +125,8 @@ export DPS_EXAMPLE_WEBHOOK_URL="http://127.0.0.1:8081/alloc"
 # Software TPMs for the Node TPM client (node/tpm.js): the device's swtpm (raw TPM commands on
 # TCP 2421, control 2422) behind tpm/mssim-shim.py on 2321/2322, the Microsoft TPM simulator
 # protocol that tss.js speaks in simulator mode (`new Tpm(true)`); and a second swtpm (2431/2432)
-# whose EK is "another TPM's" for the wrong-EK case. Fresh states: each run has new EKs.
+# whose EK is "another TPM's" for the wrong-EK case. Fresh states: each run has new EKs. node/amqp.js
+# uses the device's swtpm too, after node/tpm.js (the suites run one at a time).
 command -v swtpm > /dev/null && command -v tpm2_createek > /dev/null \
   || { echo "compat: swtpm and tpm2-tools are needed (apt-get install swtpm swtpm-tools tpm2-tools)"; exit 2; }
 tpm="$work/tpm"
@@ -168,7 +174,8 @@ issue() { # issue NAME CN ISSUER EXT
     -extfile <(printf '%s\n' "$4") -out "$pki/$1.pem" 2>/dev/null
 }
 issue inter "Compat Test Intermediate" root "$ca_ext"
-for id in compat-x509-node-http compat-x509-node-mqtt compat-x509-node-mqttws compat-x509-py-mqtt compat-x509-py-ws; do
+for id in compat-x509-node-http compat-x509-node-mqtt compat-x509-node-mqttws compat-x509-py-mqtt compat-x509-py-ws \
+  compat-x509-node-amqp compat-x509-node-amqpws compat-x509-node-amqp-member compat-x509-node-amqpws-member; do
   issue "$id" "$id" inter "$leaf_ext"
   cat "$pki/$id.pem" "$pki/inter.pem" > "$pki/$id.chain.pem"
 done
@@ -192,6 +199,7 @@ export NODE_EXTRA_CA_CERTS="$work/ca-bundle.pem"
 # runs no more, a promise that never settles and lets node exit early) fails the run.
 node_cases=44
 tpm_cases=9
+amqp_cases=17
 python_cases=26
 suite_timeout=600
 problems=0
@@ -226,10 +234,11 @@ run_suite() {
 }
 run_suite node "$node_cases" node "$here/node/suite.js"
 run_suite tpm "$tpm_cases" node "$here/node/tpm.js"
+run_suite amqp "$amqp_cases" node "$here/node/amqp.js"
 run_suite python "$python_cases" "$venv/bin/python" "$here/python/suite.py"
 
-p=$(cat "$work/node.txt" "$work/tpm.txt" "$work/python.txt" | grep -c '^ok - ' || true)
-f=$(cat "$work/node.txt" "$work/tpm.txt" "$work/python.txt" | grep -c '^not ok - ' || true)
+p=$(cat "$work/node.txt" "$work/tpm.txt" "$work/amqp.txt" "$work/python.txt" | grep -c '^ok - ' || true)
+f=$(cat "$work/node.txt" "$work/tpm.txt" "$work/amqp.txt" "$work/python.txt" | grep -c '^not ok - ' || true)
 f=$((f + problems))
 status=0
 if [ "$f" != 0 ]; then

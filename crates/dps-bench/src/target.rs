@@ -168,6 +168,7 @@ generated_key = "{}"
 [listen]
 https = "127.0.0.1:0"
 mqtt = "127.0.0.1:0"
+amqp = "127.0.0.1:0"
 
 [store]
 synchronous = "full"

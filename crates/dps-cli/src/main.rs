@@ -119,6 +119,9 @@ struct ServeArgs {
     /// MQTT-over-TLS listen address, e.g. 127.0.0.1:8883; overrides `listen.mqtt`.
     #[arg(long)]
     mqtt_listen: Option<SocketAddr>,
+    /// AMQP-over-TLS listen address, e.g. 127.0.0.1:5671; overrides `listen.amqp`.
+    #[arg(long)]
+    amqp_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -267,6 +270,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     if let Some(addr) = args.mqtt_listen {
         config.listen.mqtt = addr;
+    }
+    if let Some(addr) = args.amqp_listen {
+        config.listen.amqp = addr;
     }
     init_logging(&config.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

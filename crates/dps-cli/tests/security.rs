@@ -308,7 +308,7 @@ async fn the_owner_key_is_printed_only_on_the_first_start() {
     std::fs::write(
         &config,
         format!(
-            "data_dir = {:?}\n[listen]\nhttps = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"\n",
+            "data_dir = {:?}\n[listen]\nhttps = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"\namqp = \"127.0.0.1:0\"\n",
             dir.path().join("data").display().to_string()
         ),
     )
@@ -680,7 +680,7 @@ async fn connection_caps_fit_the_descriptor_limit_and_emfile_does_not_stop_accep
         std::fs::write(
             &path,
             format!(
-                "data_dir = {:?}\n[listen]\nhttps = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"\n{extra}",
+                "data_dir = {:?}\n[listen]\nhttps = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"\namqp = \"127.0.0.1:0\"\n{extra}",
                 dir.path().join("data").display().to_string()
             ),
         )
@@ -698,7 +698,8 @@ async fn connection_caps_fit_the_descriptor_limit_and_emfile_does_not_stop_accep
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("limits.max_connections (5000)") && err.contains("may open 1000"), "{err}");
-    // Unset caps are fitted to it: 1000 - 128 - 256 (webhooks) = 616, a fifth for HTTPS.
+    // Unset caps are fitted to it: 1000 - 128 - 256 (webhooks) = 616, a fifth for HTTPS, the
+    // rest split between MQTT and AMQP.
     let config = write("");
     let log = std::fs::File::create(dir.path().join("fit.log")).unwrap();
     let mut child = Command::new("prlimit")
@@ -719,7 +720,7 @@ async fn connection_caps_fit_the_descriptor_limit_and_emfile_does_not_stop_accep
     };
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(text.contains("connection caps https=123 mqtt=493 descriptor_limit=1000"), "{text}");
+    assert!(text.contains("connection caps https=123 mqtt=246 amqp=246 descriptor_limit=1000"), "{text}");
 
     // Out of descriptors at run time (the soft limit lowered under the running server).
     let dps = Dps::start("").await;

@@ -318,6 +318,12 @@ pub struct DevCredentials {
     pub mqtt_address: Option<String>,
     /// Port of the MQTT listener, when MQTT is enabled.
     pub mqtt_port: Option<u16>,
+    /// Address the AMQP listener is bound to, when AMQP is enabled.
+    #[serde(default)]
+    pub amqp_address: Option<String>,
+    /// Port of the AMQP listener, when AMQP is enabled.
+    #[serde(default)]
+    pub amqp_port: Option<u16>,
     /// Service connection string for the owner policy (HostName carries the port when it is
     /// not 443).
     pub service_connection_string: Option<String>,
@@ -337,6 +343,7 @@ pub fn dev_credentials(
     tls: &TlsFiles,
     https: SocketAddr,
     mqtt: Option<SocketAddr>,
+    amqp: Option<SocketAddr>,
 ) -> DevCredentials {
     let host = config.tls.host_names[0].clone();
     let host_port = if https.port() == 443 { host.clone() } else { format!("{host}:{}", https.port()) };
@@ -348,6 +355,8 @@ pub fn dev_credentials(
         https_port: https.port(),
         mqtt_address: mqtt.map(|a| a.to_string()),
         mqtt_port: mqtt.map(|a| a.port()),
+        amqp_address: amqp.map(|a| a.to_string()),
+        amqp_port: amqp.map(|a| a.port()),
         service_connection_string: owner
             .map(|p| format!("HostName={host_port};SharedAccessKeyName={};SharedAccessKey={}", p.name, p.primary_key)),
         ca_certificate_path: tls.ca.clone(),

@@ -74,6 +74,8 @@ pub struct Config {
     pub rules: Vec<RuleSetConfig>,
     /// MQTT device transport.
     pub mqtt: MqttConfig,
+    /// AMQP device transport.
+    pub amqp: AmqpConfig,
     /// X.509 attestation.
     pub x509: X509Config,
     /// Request limits.
@@ -145,6 +147,8 @@ pub struct ListenConfig {
     pub https: SocketAddr,
     /// MQTT over TLS.
     pub mqtt: SocketAddr,
+    /// AMQP over TLS.
+    pub amqp: SocketAddr,
 }
 
 /// `[x509]`.
@@ -207,6 +211,71 @@ impl Default for MqttConfig {
             connect_timeout_secs: 10,
             idle_timeout_secs: 1800,
             write_timeout_secs: 30,
+            max_connections: None,
+            max_connections_per_address: 1000,
+        }
+    }
+}
+
+/// `[amqp]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    /// Serve AMQP 1.0 over TLS on `listen.amqp`.
+    pub enabled: bool,
+    /// Serve AMQP over WebSocket (subprotocol `AMQPWSB10`) on the HTTPS port.
+    pub websocket: bool,
+    /// Largest AMQP frame accepted (and the `max-frame-size` announced), in bytes.
+    pub max_frame_bytes: u32,
+    /// Largest request message (all transfer frames of one delivery), in bytes.
+    pub max_message_bytes: usize,
+    /// Seconds a new connection has to complete the TLS handshake, and then to send its
+    /// protocol header and `open`.
+    pub connect_timeout_secs: u64,
+    /// Seconds the whole SASL exchange may take (a TPM device works its TPM between the
+    /// challenges).
+    pub sasl_timeout_secs: u64,
+    /// The `idle-time-out` announced in `open`: a connection that sends no frame for this
+    /// long is closed.
+    pub idle_timeout_secs: u64,
+    /// Seconds a write may wait for a client that does not read.
+    pub write_timeout_secs: u64,
+    /// Sessions per connection at most (`channel-max` + 1).
+    pub max_sessions: u16,
+    /// Links per connection at most (the SDKs attach two).
+    pub max_links: u32,
+    /// Open AMQP connections at most (TCP and WebSocket together); unset: fitted to the
+    /// file-descriptor limit at start (at most [`AMQP_MAX_CONNECTIONS`]).
+    pub max_connections: Option<usize>,
+    /// Open AMQP-over-TLS connections per source address (IPv6: per /64) at most.
+    pub max_connections_per_address: usize,
+}
+
+/// The most AMQP connections an unset `amqp.max_connections` is fitted to.
+pub const AMQP_MAX_CONNECTIONS: usize = 50_000;
+/// The highest `amqp.max_frame_bytes` accepted by the config (1 MiB).
+pub const MAX_AMQP_FRAME_LIMIT: u32 = 1024 * 1024;
+
+impl AmqpConfig {
+    /// The cap in force (fitted at start when unset).
+    pub fn max_connections(&self) -> usize {
+        self.max_connections.unwrap_or(AMQP_MAX_CONNECTIONS)
+    }
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            websocket: true,
+            max_frame_bytes: 65_536,
+            max_message_bytes: 131_072,
+            connect_timeout_secs: 10,
+            sasl_timeout_secs: 30,
+            idle_timeout_secs: 240,
+            write_timeout_secs: 30,
+            max_sessions: 4,
+            max_links: 8,
             max_connections: None,
             max_connections_per_address: 1000,
         }
@@ -486,6 +555,7 @@ impl Default for Config {
             webhooks: Vec::new(),
             rules: Vec::new(),
             mqtt: MqttConfig::default(),
+            amqp: AmqpConfig::default(),
             x509: X509Config::default(),
             limits: LimitsConfig::default(),
             store: StoreConfig::default(),
@@ -496,7 +566,11 @@ impl Default for Config {
 
 impl Default for ListenConfig {
     fn default() -> Self {
-        Self { https: SocketAddr::from(([0, 0, 0, 0], 443)), mqtt: SocketAddr::from(([0, 0, 0, 0], 8883)) }
+        Self {
+            https: SocketAddr::from(([0, 0, 0, 0], 443)),
+            mqtt: SocketAddr::from(([0, 0, 0, 0], 8883)),
+            amqp: SocketAddr::from(([0, 0, 0, 0], 5671)),
+        }
     }
 }
 

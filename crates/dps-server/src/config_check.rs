@@ -68,6 +68,40 @@ impl Config {
         if m.enabled && self.listen.mqtt == self.listen.https && self.listen.https.port() != 0 {
             return Err(invalid("listen.mqtt", "must differ from listen.https".into()));
         }
+        let q = &self.amqp;
+        if !(4096..=crate::config::MAX_AMQP_FRAME_LIMIT).contains(&q.max_frame_bytes) {
+            return Err(invalid(
+                "amqp.max_frame_bytes",
+                format!("must be 4096..={}", crate::config::MAX_AMQP_FRAME_LIMIT),
+            ));
+        }
+        if !(1024..=MAX_PACKET_LIMIT).contains(&q.max_message_bytes) {
+            return Err(invalid(
+                "amqp.max_message_bytes",
+                format!("must be 1024..={MAX_PACKET_LIMIT} (a register carries up to 96 KiB of JSON)"),
+            ));
+        }
+        if q.connect_timeout_secs == 0
+            || q.sasl_timeout_secs == 0
+            || q.idle_timeout_secs == 0
+            || q.idle_timeout_secs > 3600
+            || q.write_timeout_secs == 0
+            || q.max_sessions == 0
+            || q.max_links < 2
+            || q.max_connections == Some(0)
+            || q.max_connections_per_address == 0
+        {
+            return Err(invalid(
+                "amqp",
+                "connect_timeout_secs, sasl_timeout_secs, write_timeout_secs, max_sessions, max_connections and max_connections_per_address must be ≥ 1, idle_timeout_secs 1..=3600, max_links ≥ 2".into(),
+            ));
+        }
+        if q.enabled
+            && (self.listen.amqp == self.listen.https || (m.enabled && self.listen.amqp == self.listen.mqtt))
+            && self.listen.amqp.port() != 0
+        {
+            return Err(invalid("listen.amqp", "must differ from listen.https and listen.mqtt".into()));
+        }
         let a = &self.allocation;
         if a.webhook_timeout_secs == 0 || a.webhook_timeout_secs > 300 {
             return Err(invalid("allocation.webhook_timeout_secs", "must be 1..=300".into()));

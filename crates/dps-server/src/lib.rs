@@ -1,11 +1,17 @@
 //! The dps-rs server: configuration, bootstrap, TLS listeners, the device runtime API over
-//! HTTPS and MQTT (TLS and WebSocket), and the service API over HTTPS. The binary (`dps serve`) is a thin wrapper around [`Server`].
+//! HTTPS, MQTT and AMQP (each over TLS and WebSocket), and the service API over HTTPS. The binary (`dps serve`) is a thin wrapper around [`Server`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod accept;
 pub mod address_policy;
 pub mod admin;
+pub mod amqp;
+pub mod amqp_address;
+pub mod amqp_context;
+mod amqp_request;
+mod amqp_sasl;
+pub mod amqp_ws;
 pub mod auth_failures;
 pub mod bootstrap;
 pub mod config;

@@ -10,6 +10,7 @@ use dps_core::{Engine, EngineSettings};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::amqp::AmqpContext;
 use crate::bootstrap::{self, DevCredentials, DEV_CREDENTIALS_FILE};
 use crate::config::Config;
 use crate::error::ServerError;
@@ -40,7 +41,14 @@ impl Server {
         let plan = crate::descriptors::fit(&config, limit)?;
         config.limits.max_connections = Some(plan.https);
         config.mqtt.max_connections = Some(plan.mqtt.max(1));
-        tracing::info!(https = plan.https, mqtt = plan.mqtt, descriptor_limit = limit, "connection caps");
+        config.amqp.max_connections = Some(plan.amqp.max(1));
+        tracing::info!(
+            https = plan.https,
+            mqtt = plan.mqtt,
+            amqp = plan.amqp,
+            descriptor_limit = limit,
+            "connection caps"
+        );
         let data_dir = bootstrap::prepare_data_dir(&config.data_dir)?;
         let store = crate::store::open_store(&config.store, &data_dir)?;
         let tls_files = bootstrap::ensure_tls(&config, &data_dir)?;
@@ -87,8 +95,14 @@ impl Server {
             false => None,
         };
         let mqtt_bound = mqtt_listener.as_ref().map(|(_, a)| *a);
+        let amqp_listener = match config.amqp.enabled {
+            true => Some(bind(config.listen.amqp, "--amqp-listen").await?),
+            false => None,
+        };
+        let amqp_bound = amqp_listener.as_ref().map(|(_, a)| *a);
 
-        let creds = bootstrap::dev_credentials(&config, &id_scope, &policies, &tls_files, bound, mqtt_bound);
+        let creds =
+            bootstrap::dev_credentials(&config, &id_scope, &policies, &tls_files, bound, mqtt_bound, amqp_bound);
         let creds_path = data_dir.join(DEV_CREDENTIALS_FILE);
         let creds_json = serde_json::to_vec_pretty(&creds).map_err(|e| ServerError::Bootstrap(e.to_string()))?;
         bootstrap::write_atomic(&creds_path, &creds_json, true)?;
@@ -109,6 +123,10 @@ impl Server {
             .mqtt
             .enabled
             .then(|| Arc::new(MqttContext::new(engine.clone(), config.mqtt.clone(), auth_failures.clone())));
+        let amqp = config
+            .amqp
+            .enabled
+            .then(|| Arc::new(AmqpContext::new(engine.clone(), config.amqp.clone(), auth_failures.clone())));
         let state = Arc::new(AppState {
             engine: engine.clone(),
             policies,
@@ -119,6 +137,9 @@ impl Server {
             websocket: WsRoutes {
                 mqtt: mqtt.as_ref().filter(|ctx| ctx.config.websocket).map(|ctx| {
                     Arc::new(crate::mqtt_ws::MqttOverWs::new(ctx.clone())) as Arc<dyn crate::ws::WsTransport>
+                }),
+                amqp: amqp.as_ref().filter(|ctx| ctx.config.websocket).map(|ctx| {
+                    Arc::new(crate::amqp_ws::AmqpOverWs::new(ctx.clone())) as Arc<dyn crate::ws::WsTransport>
                 }),
             },
             auth_failures,
@@ -138,6 +159,18 @@ impl Server {
             }
             _ => None,
         };
+        let amqp_task = match (amqp_listener, amqp) {
+            (Some((listener, _)), Some(ctx)) => {
+                let gate = Gate::new(GateLimits {
+                    max_connections: plan.amqp,
+                    max_per_address: config.amqp.max_connections_per_address,
+                    handshake_timeout: Duration::from_secs(config.amqp.connect_timeout_secs),
+                    busy_handshake_timeout: busy,
+                });
+                Some(tokio::spawn(crate::amqp::serve_tls(listener, tls.clone(), ctx, gate, stop_rx.clone())))
+            }
+            _ => None,
+        };
         let https_gate = Gate::new(GateLimits {
             max_connections: plan.https,
             max_per_address: config.limits.max_connections_per_address,
@@ -152,12 +185,12 @@ impl Server {
             https_gate,
             stop_rx,
         ));
-        tracing::info!(https = %bound, mqtt = ?mqtt_bound, id_scope, "dps serving");
+        tracing::info!(https = %bound, mqtt = ?mqtt_bound, amqp = ?amqp_bound, id_scope, "dps serving");
         shutdown.await;
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
         let _ = https.await;
-        if let Some(task) = mqtt_task {
+        for task in [mqtt_task, amqp_task].into_iter().flatten() {
             let _ = task.await;
         }
         let _ = purge.await;
@@ -186,6 +219,9 @@ fn print_banner(creds: &DevCredentials, path: &std::path::Path, show_secret: boo
     println!("  HTTPS listener:     {}", creds.https_address);
     if let Some(mqtt) = &creds.mqtt_address {
         println!("  MQTT listener:      {mqtt} (and MQTT over WebSocket on the HTTPS port)");
+    }
+    if let Some(amqp) = &creds.amqp_address {
+        println!("  AMQP listener:      {amqp} (and AMQP over WebSocket on the HTTPS port)");
     }
     println!("  ID scope:           {}", creds.id_scope);
     match &creds.service_connection_string {

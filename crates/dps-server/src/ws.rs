@@ -1,7 +1,7 @@
 //! WebSocket on the HTTPS port (docs/protocol-notes.md §1.3): an `Upgrade: websocket` request
 //! goes to the transport its `Sec-WebSocket-Protocol` names ([`WsRoutes`], wired by the server):
-//! `mqtt` (any case) becomes an MQTT session (`mqtt_ws.rs`); `AMQPWSB10` is refused with
-//! a DPS error saying AMQP is not served; others are refused too. Plain requests never get
+//! `mqtt` (any case) becomes an MQTT session (`mqtt_ws.rs`), `AMQPWSB10` an AMQP connection
+//! (`amqp_ws.rs`); others are refused with a DPS error naming the ones served. Plain requests never get
 //! here. Any path is accepted (`/$iothub/websocket` from C, Node and Python; `/` from C#), query
 //! strings are ignored. This file owns the upgrade and the bridge from binary messages to a
 //! byte stream; it knows no transport, and answers refusals as a [`Refusal`] that the HTTP
@@ -99,7 +99,7 @@ impl Subprotocol {
     fn disabled(self) -> &'static str {
         match self {
             Subprotocol::Mqtt => "MQTT over WebSocket is disabled on this server (mqtt.websocket)",
-            Subprotocol::Amqp => "AMQP over WebSocket is disabled on this server",
+            Subprotocol::Amqp => "AMQP over WebSocket is disabled on this server (amqp.websocket)",
         }
     }
 }
@@ -110,11 +110,13 @@ impl Subprotocol {
 pub struct WsRoutes {
     /// `mqtt` (`None` when MQTT or `mqtt.websocket` is off).
     pub mqtt: Option<Arc<dyn WsTransport>>,
+    /// `AMQPWSB10` (`None` when AMQP or `amqp.websocket` is off).
+    pub amqp: Option<Arc<dyn WsTransport>>,
 }
 
 impl std::fmt::Debug for WsRoutes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WsRoutes").field("mqtt", &self.mqtt.is_some()).finish()
+        f.debug_struct("WsRoutes").field("mqtt", &self.mqtt.is_some()).field("amqp", &self.amqp.is_some()).finish()
     }
 }
 
@@ -137,18 +139,15 @@ impl WsRoutes {
             .filter(|p| !p.is_empty())
             .collect();
         let Some((subprotocol, protocol)) = Subprotocol::choose(&offered) else {
-            return Err(refusal(format!("unsupported WebSocket subprotocol {offered:?}; this server speaks 'mqtt'")));
+            return Err(refusal(format!(
+                "unsupported WebSocket subprotocol {offered:?}; this server speaks 'mqtt' and 'AMQPWSB10'"
+            )));
         };
         let protocol = protocol.to_string();
         let transport = match subprotocol {
             // `None` (off) is refused below, after the handshake headers are checked.
             Subprotocol::Mqtt => self.mqtt.as_ref(),
-            // AMQP lands later: its transport goes here.
-            Subprotocol::Amqp => {
-                return Err(refusal(
-                    "AMQP over WebSocket is not served by this server yet; use MQTT over WebSocket (subprotocol mqtt) or HTTPS",
-                ))
-            }
+            Subprotocol::Amqp => self.amqp.as_ref(),
         };
         if headers.get("sec-websocket-version").and_then(|v| v.to_str().ok()) != Some("13") {
             return Err(refusal("Sec-WebSocket-Version must be 13"));

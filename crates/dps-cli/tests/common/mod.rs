@@ -2,6 +2,7 @@
 //! directory and talks to it over real TLS, trusting the test CA it generated.
 #![allow(dead_code)]
 
+pub mod amqp;
 pub mod mqtt;
 pub mod pki;
 pub mod webhook;
@@ -56,7 +57,7 @@ impl Dps {
             dir: tmp.path().to_path_buf(),
             _tmp: Some(tmp),
             config_extra: config_extra.to_string(),
-            listen: "https = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"".into(),
+            listen: "https = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"\namqp = \"127.0.0.1:0\"".into(),
             creds: Value::Null,
             addr: "127.0.0.1:1".parse().unwrap(),
             client: reqwest::Client::new(),
@@ -199,9 +200,10 @@ impl Dps {
     /// with them reach the restarted server).
     pub fn pin_ports(&mut self) {
         self.listen = format!(
-            "https = \"{}\"\nmqtt = \"{}\"",
+            "https = \"{}\"\nmqtt = \"{}\"\namqp = \"{}\"",
             self.creds["httpsAddress"].as_str().unwrap(),
-            self.creds["mqttAddress"].as_str().unwrap()
+            self.creds["mqttAddress"].as_str().unwrap(),
+            self.creds["amqpAddress"].as_str().unwrap()
         );
     }
 

@@ -36,7 +36,13 @@ pub async fn tls(dps: &Dps, port: u16) -> TlsStream<TcpStream> {
     tls_as(dps, port, None).await
 }
 
-async fn tls_as(dps: &Dps, port: u16, identity: Option<&ClientIdentity>) -> TlsStream<TcpStream> {
+pub async fn tls_as(dps: &Dps, port: u16, identity: Option<&ClientIdentity>) -> TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tls_over(dps, tcp, identity).await
+}
+
+/// TLS on a connected socket, trusting the server's test CA.
+pub async fn tls_over(dps: &Dps, tcp: TcpStream, identity: Option<&ClientIdentity>) -> TlsStream<TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     let ca = std::fs::read(dps.creds["caCertificatePath"].as_str().unwrap()).unwrap();
     for cert in rustls_pemfile_certs(&ca) {
@@ -53,7 +59,6 @@ async fn tls_as(dps: &Dps, port: u16, identity: Option<&ClientIdentity>) -> TlsS
             .unwrap(),
     };
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
     connector.connect(name, tcp).await.unwrap()
 }

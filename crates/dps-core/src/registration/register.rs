@@ -189,13 +189,25 @@ impl DeviceRuntime {
 
     /// Registers a device that authenticated when it connected (MQTT, AMQP): as
     /// [`DeviceRuntime::register`], with the credential re-checked only as far as something changed
-    /// (see [`AuthenticatedDevice`]). No `forceRegistration` on these transports.
+    /// (see [`AuthenticatedDevice`]). No `forceRegistration` (MQTT has none; AMQP: see
+    /// [`DeviceRuntime::register_device_forced`]).
     pub async fn register_device(&self, device: &mut AuthenticatedDevice, body: &[u8]) -> Result<DeviceReply, Error> {
+        self.register_device_forced(device, body, false).await
+    }
+
+    /// [`DeviceRuntime::register_device`] with `forceRegistration` (AMQP's
+    /// `iotdps-forceRegistration`): reprovision even when nothing changed.
+    pub async fn register_device_forced(
+        &self,
+        device: &mut AuthenticatedDevice,
+        body: &[u8],
+        force: bool,
+    ) -> Result<DeviceReply, Error> {
         let registration_id = device.registration_id().to_string();
         let parsed = self.parse_registration_body(&registration_id, body)?;
         let payload = self.check_payload(parsed.payload)?;
         let enrollment = self.recheck(device).await?;
-        self.register_enrollment(registration_id, device.credential(), enrollment, payload, false).await
+        self.register_enrollment(registration_id, device.credential(), enrollment, payload, force).await
     }
 
     /// The register path after authentication.
