@@ -413,6 +413,28 @@ async fn protocol_violations_and_limits_close_only_that_connection() {
     let _ = amqp_port(&dps);
 }
 
+/// Delivery `i`: a settled poll of an unknown operation, answered with an error reply (about
+/// 400 bytes) that waits for the client's credit.
+fn settled_poll(i: u32) -> Frame {
+    let poll = dps_proto::amqp_message::Message {
+        application_properties: vec![
+            ("iotdps-operation-type".into(), Value::String("iotdps-get-operationstatus".into())),
+            ("iotdps-operation-id".into(), Value::String("x".into())),
+        ],
+        ..Default::default()
+    };
+    let mut payload = Vec::new();
+    poll.encode(&mut payload);
+    let transfer = dps_proto::amqp_frame::Transfer {
+        handle: 1,
+        delivery_id: Some(i),
+        delivery_tag: Some(i.to_be_bytes().to_vec()),
+        settled: Some(true),
+        ..Default::default()
+    };
+    Frame::Amqp { channel: 0, performative: Performative::Transfer(transfer), payload }
+}
+
 #[tokio::test]
 async fn a_client_that_grants_no_reply_credit_is_disconnected() {
     let dps = Dps::start("[amqp]\nwrite_timeout_secs = 1\n").await;
@@ -463,26 +485,10 @@ async fn a_client_that_grants_no_reply_credit_is_disconnected() {
     .await;
     c.performative().await;
     c.performative().await;
-    let poll = dps_proto::amqp_message::Message {
-        application_properties: vec![
-            ("iotdps-operation-type".into(), Value::String("iotdps-get-operationstatus".into())),
-            ("iotdps-operation-id".into(), Value::String("x".into())),
-        ],
-        ..Default::default()
-    };
-    let mut payload = Vec::new();
-    poll.encode(&mut payload);
     // Settled requests: their errors come back as replies, which wait for credit.
     let mut closed = false;
     for i in 0..40u32 {
-        let t = dps_proto::amqp_frame::Transfer {
-            handle: 1,
-            delivery_id: Some(i),
-            delivery_tag: Some(i.to_be_bytes().to_vec()),
-            settled: Some(true),
-            ..Default::default()
-        };
-        c.send(Frame::Amqp { channel: 0, performative: Performative::Transfer(t), payload: payload.clone() }).await;
+        c.send(settled_poll(i)).await;
         if i % 4 == 3 {
             // Credit top-ups come as flows.
             loop {
@@ -517,26 +523,10 @@ async fn a_client_that_never_reads_is_disconnected_after_the_write_timeout() {
     c.links_with_credit(&address(&dps, "amqp-deaf"), 1_000_000).await.unwrap();
     // Settled polls of an unknown operation: each is answered with an error reply (~400 bytes)
     // that this client never reads.
-    let poll = dps_proto::amqp_message::Message {
-        application_properties: vec![
-            ("iotdps-operation-type".into(), Value::String("iotdps-get-operationstatus".into())),
-            ("iotdps-operation-id".into(), Value::String("x".into())),
-        ],
-        ..Default::default()
-    };
-    let mut payload = Vec::new();
-    poll.encode(&mut payload);
     let mut sent = 0u32;
     for i in 0..20_000u32 {
-        let t = dps_proto::amqp_frame::Transfer {
-            handle: 1,
-            delivery_id: Some(i),
-            delivery_tag: Some(i.to_be_bytes().to_vec()),
-            settled: Some(true),
-            ..Default::default()
-        };
         let mut out = Vec::new();
-        Frame::Amqp { channel: 0, performative: Performative::Transfer(t), payload: payload.clone() }.encode(&mut out);
+        settled_poll(i).encode(&mut out);
         if !c.try_send_raw(&out, Duration::from_millis(500)).await {
             break;
         }

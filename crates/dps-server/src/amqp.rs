@@ -1,6 +1,6 @@
 //! The AMQP 1.0 device transport (docs/protocol-notes.md §5): one connection per device, over
-//! TLS on `listen.amqp` or over WebSocket on the HTTPS port (subprotocol `AMQPWSB10`, see
-//! [`crate::amqp_ws`]).
+//! TLS on `listen.amqp` or over WebSocket on the HTTPS port (subprotocol `AMQPWSB10`; both
+//! through [`crate::connection`]).
 //!
 //! A connection starts with a protocol header: SASL (`AMQP 3 1 0 0`), where the device proves
 //! who it is with `PLAIN` or `TPM` ([`crate::amqp_sasl`]), or bare AMQP (`AMQP 0 1 0 0`), where
@@ -25,8 +25,7 @@ use dps_proto::amqp_frame::{
 };
 use dps_proto::amqp_io::FrameStream;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
 use crate::amqp_address::{self, RegistrationAddress};
@@ -34,31 +33,33 @@ pub use crate::amqp_context::AmqpContext;
 use crate::amqp_context::{write_frames, End};
 use crate::amqp_request;
 
-/// Serves AMQP over TLS on `listener` until `shutdown` turns true; then closes the listener and
-/// gives open connections up to 10 s to end. Connections are admitted by `gate`, then need one
-/// of the `amqp.max_connections` slots AMQP over WebSocket shares.
-pub async fn serve_tls(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    ctx: Arc<AmqpContext>,
-    gate: Arc<crate::gate::Gate>,
-    shutdown: watch::Receiver<bool>,
-) {
-    let stop = shutdown.clone();
-    crate::accept::accept_tls(listener, tls, gate, shutdown, "amqp", move |tls, peer, ticket| {
-        let ctx = ctx.clone();
-        let stop = stop.clone();
-        async move {
-            let _ticket = ticket;
-            let Some(_permit) = ctx.try_slot() else {
-                tracing::warn!(%peer, max = ctx.config.max_connections(), "AMQP connection refused: amqp.max_connections reached");
-                return;
-            };
-            let client_chain = crate::tls::peer_chain(tls.get_ref().1);
-            run_connection(tls, &ctx, peer, client_chain, "amqp", stop).await;
-        }
-    })
-    .await;
+impl crate::connection::ConnectionTransport for AmqpContext {
+    const NAME: &'static str = "AMQP";
+    const LISTENER: &'static str = "amqp";
+    const WS_LISTENER: &'static str = "amqp-ws";
+
+    fn try_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    fn max_connections(&self) -> usize {
+        self.config.max_connections()
+    }
+
+    fn max_ws_message_bytes(&self) -> usize {
+        self.config.max_frame_bytes as usize + 1024
+    }
+
+    fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &self,
+        stream: S,
+        peer: std::net::SocketAddr,
+        client_chain: Option<Arc<Vec<Vec<u8>>>>,
+        transport: &'static str,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        run_connection(stream, self, peer, client_chain, transport, stop)
+    }
 }
 
 /// Runs one AMQP connection over any byte stream (TLS, or a WebSocket bridged to bytes) until

@@ -9,7 +9,7 @@ use dps_core::Engine;
 use dps_proto::amqp_frame::{AmqpError, Frame, FrameError};
 use dps_proto::amqp_io::{FrameIoError, FrameStream};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 
 use crate::auth_failures::AuthFailures;
 use crate::config::AmqpConfig;
@@ -37,11 +37,6 @@ impl AmqpContext {
     pub fn new(engine: Engine, config: AmqpConfig, auth_failures: Arc<AuthFailures>) -> Self {
         let slots = Arc::new(Semaphore::new(config.max_connections()));
         Self { engine, config, slots, auth_failures }
-    }
-
-    /// Takes a connection slot, or `None` when `max_connections` are open.
-    pub fn try_slot(&self) -> Option<OwnedSemaphorePermit> {
-        self.slots.clone().try_acquire_owned().ok()
     }
 }
 

@@ -1,5 +1,5 @@
 //! The MQTT device transport (docs/protocol-notes.md §4): one session per connection, over TLS on
-//! `listen.mqtt` or over WebSocket on the HTTPS port (see [`crate::ws`]).
+//! `listen.mqtt` or over WebSocket on the HTTPS port (both through [`crate::connection`]).
 //!
 //! A session authenticates once, at CONNECT (the SAS token in the password, or the client
 //! certificate of the TLS session when there is no password), then answers
@@ -20,7 +20,6 @@ use dps_proto::mqtt_io::{FrameError, PacketStream};
 use dps_proto::mqtt_topic::{self, DeviceRequest};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::auth_failures::AuthFailures;
@@ -52,39 +51,35 @@ impl MqttContext {
         let slots = Arc::new(Semaphore::new(config.max_connections()));
         Self { engine, config, slots, auth_failures }
     }
-
-    /// Takes a connection slot, or `None` when `max_connections` are open.
-    pub fn try_slot(&self) -> Option<OwnedSemaphorePermit> {
-        self.slots.clone().try_acquire_owned().ok()
-    }
 }
 
-/// Serves MQTT over TLS on `listener` until `shutdown` turns true; then closes the listener and
-/// gives open sessions up to 10 s to end. Connections are admitted by `gate` (its cap and
-/// per-address limit), then need one of the `mqtt.max_connections` slots MQTT over WebSocket
-/// shares.
-pub async fn serve_tls(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    ctx: Arc<MqttContext>,
-    gate: Arc<crate::gate::Gate>,
-    shutdown: watch::Receiver<bool>,
-) {
-    let stop = shutdown.clone();
-    crate::accept::accept_tls(listener, tls, gate, shutdown, "mqtt", move |tls, peer, ticket| {
-        let ctx = ctx.clone();
-        let stop = stop.clone();
-        async move {
-            let _ticket = ticket;
-            let Some(_permit) = ctx.try_slot() else {
-                tracing::warn!(%peer, max = ctx.config.max_connections(), "MQTT connection refused: mqtt.max_connections reached");
-                return;
-            };
-            let client_chain = crate::tls::peer_chain(tls.get_ref().1);
-            run_session(tls, &ctx, peer, client_chain, "mqtt", stop).await;
-        }
-    })
-    .await;
+impl crate::connection::ConnectionTransport for MqttContext {
+    const NAME: &'static str = "MQTT";
+    const LISTENER: &'static str = "mqtt";
+    const WS_LISTENER: &'static str = "mqtt-ws";
+
+    fn try_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    fn max_connections(&self) -> usize {
+        self.config.max_connections()
+    }
+
+    fn max_ws_message_bytes(&self) -> usize {
+        self.config.max_packet_bytes + 1024
+    }
+
+    fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &self,
+        stream: S,
+        peer: SocketAddr,
+        client_chain: Option<Arc<Vec<Vec<u8>>>>,
+        transport: &'static str,
+        stop: watch::Receiver<bool>,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        run_session(stream, self, peer, client_chain, transport, stop)
+    }
 }
 
 /// Why a session ended.

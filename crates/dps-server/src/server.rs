@@ -136,10 +136,10 @@ impl Server {
             default_page_size: config.service.default_page_size,
             websocket: WsRoutes {
                 mqtt: mqtt.as_ref().filter(|ctx| ctx.config.websocket).map(|ctx| {
-                    Arc::new(crate::mqtt_ws::MqttOverWs::new(ctx.clone())) as Arc<dyn crate::ws::WsTransport>
+                    Arc::new(crate::connection::OverWs::new(ctx.clone())) as Arc<dyn crate::ws::WsTransport>
                 }),
                 amqp: amqp.as_ref().filter(|ctx| ctx.config.websocket).map(|ctx| {
-                    Arc::new(crate::amqp_ws::AmqpOverWs::new(ctx.clone())) as Arc<dyn crate::ws::WsTransport>
+                    Arc::new(crate::connection::OverWs::new(ctx.clone())) as Arc<dyn crate::ws::WsTransport>
                 }),
             },
             auth_failures,
@@ -155,7 +155,7 @@ impl Server {
                     handshake_timeout: Duration::from_secs(config.mqtt.connect_timeout_secs),
                     busy_handshake_timeout: busy,
                 });
-                Some(tokio::spawn(crate::mqtt::serve_tls(listener, tls.clone(), ctx, gate, stop_rx.clone())))
+                Some(tokio::spawn(crate::connection::serve_tls(listener, tls.clone(), ctx, gate, stop_rx.clone())))
             }
             _ => None,
         };
@@ -167,7 +167,7 @@ impl Server {
                     handshake_timeout: Duration::from_secs(config.amqp.connect_timeout_secs),
                     busy_handshake_timeout: busy,
                 });
-                Some(tokio::spawn(crate::amqp::serve_tls(listener, tls.clone(), ctx, gate, stop_rx.clone())))
+                Some(tokio::spawn(crate::connection::serve_tls(listener, tls.clone(), ctx, gate, stop_rx.clone())))
             }
             _ => None,
         };

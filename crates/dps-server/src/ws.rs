@@ -1,7 +1,7 @@
 //! WebSocket on the HTTPS port (docs/protocol-notes.md §1.3): an `Upgrade: websocket` request
 //! goes to the transport its `Sec-WebSocket-Protocol` names ([`WsRoutes`], wired by the server):
-//! `mqtt` (any case) becomes an MQTT session (`mqtt_ws.rs`), `AMQPWSB10` an AMQP connection
-//! (`amqp_ws.rs`); others are refused with a DPS error naming the ones served. Plain requests never get
+//! `mqtt` (any case) becomes an MQTT session, `AMQPWSB10` an AMQP connection (both through
+//! `connection.rs`); others are refused with a DPS error naming the ones served. Plain requests never get
 //! here. Any path is accepted (`/$iothub/websocket` from C, Node and Python; `/` from C#), query
 //! strings are ignored. This file owns the upgrade and the bridge from binary messages to a
 //! byte stream; it knows no transport, and answers refusals as a [`Refusal`] that the HTTP
