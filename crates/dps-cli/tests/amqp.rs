@@ -204,6 +204,25 @@ async fn a_tpm_device_answers_three_sasl_challenges() {
         c.send(Frame::Sasl(Sasl::Response([&[0u8][..], &srk].concat()))).await;
         assert!(matches!(c.sasl().await, Sasl::Outcome { code: 1, .. }), "{rid}");
     }
+    // The exchange abandoned after each step: nothing is left waiting, the next device is served.
+    for steps in 0..4 {
+        let mut c = RawAmqp::tls(&dps).await;
+        c.sasl_init("TPM", &initial).await;
+        if steps > 0 {
+            c.send(Frame::Sasl(Sasl::Response([&[0u8][..], &srk].concat()))).await;
+            c.sasl().await;
+        }
+        if steps > 1 {
+            c.send(Frame::Sasl(Sasl::Response(vec![0x00]))).await;
+            c.sasl().await;
+        }
+        if steps > 2 {
+            // The SASL header again, out of turn.
+            c.send_raw(&SASL_HEADER).await;
+            c.closed("a header in the middle of SASL").await;
+        }
+        drop(c);
+    }
     // A wrong control byte on the acknowledgement, and a stale key (the previous challenge's).
     let mut c = RawAmqp::tls(&dps).await;
     c.sasl_init("TPM", &initial).await;
