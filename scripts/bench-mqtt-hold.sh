@@ -7,7 +7,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 n="${1:-10000}"
 cargo build --release --locked -p dps-cli -p dps-bench --manifest-path "$root/Cargo.toml" >&2
 work="$(mktemp -d)"
-printf 'data_dir = "%s/data"\nlog = "warn"\n[listen]\nhttps = "127.0.0.1:0"\nmqtt = "127.0.0.1:0"\namqp = "127.0.0.1:0"\n[mqtt]\nmax_connections_per_address = 1000000\n' "$work" > "$work/dps.toml"
+printf 'data_dir = "%s/data"\nlog = "warn"\n[listen]\nhttps = "127.0.0.1:0"\nmqtt = "127.0.0.1:0"\namqp = "127.0.0.1:0"\n[mqtt]\nmax_connections_per_address = 1000000\n[amqp]\nenabled = false\n' "$work" > "$work/dps.toml"
 "$root/target/release/dps" serve --config "$work/dps.toml" > "$work/dps.out" 2> "$work/dps.log" &
 pid=$!
 trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT

@@ -5,7 +5,11 @@
 //! (no Authorization, a `tpm` object in the body): it gets the `401` challenge with an
 //! authentication key built for the device's keys (the crypto a TPM challenge cannot do
 //! without), so that the device can go on. MQTT: CONNACK, SUBACK, PUBACK and a fixed `200`
-//! response, no authentication, no store. Run in a process of its own, like dps (`dps
+//! response, no authentication, no store. AMQP ([`crate::ceiling_amqp`]): the protocol
+//! headers, a SASL outcome `ok` without checking anything (but the three challenges of the
+//! `TPM` mechanism, with a real authentication key as for the HTTPS `401`), open, begin,
+//! attach and flow answers, and for each request an `accepted` disposition and the fixed reply
+//! with the request's correlation-id. Run in a process of its own, like dps (`dps
 //! bench-ceiling`), so both get the same share of the machine.
 
 use std::convert::Infallible;
@@ -28,26 +32,46 @@ use crate::BenchError;
 /// The fixed answer: what dps sends for an assigned device, give or take the IDs.
 pub const FIXED_OPERATION: &str = r#"{"operationId":"4.0000000000000000.00000000-0000-0000-0000-000000000000","status":"assigned","registrationState":{"registrationId":"ceiling","createdDateTimeUtc":"2026-01-01T00:00:00.0000000Z","assignedHub":"hub-1.bench.localhost","deviceId":"ceiling","status":"assigned","substatus":"initialAssignment","lastUpdatedDateTimeUtc":"2026-01-01T00:00:00.0000000Z","etag":"IjAwMDAwMDAwLTAwMDAtMDAwMC0wMDAwLTAwMDAwMDAwMDAwMCI="}}"#;
 
-/// Binds both ceiling listeners on loopback (free ports) and serves them until the process
-/// ends. Calls `ready` with the HTTPS and MQTT addresses once bound.
-pub async fn serve(cert: &Path, key: &Path, ready: impl FnOnce(SocketAddr, SocketAddr)) -> Result<(), BenchError> {
+/// The addresses of the ceiling's listeners.
+#[derive(Debug, Clone, Copy)]
+pub struct Listeners {
+    /// HTTPS.
+    pub https: SocketAddr,
+    /// MQTT over TLS.
+    pub mqtt: SocketAddr,
+    /// AMQP over TLS.
+    pub amqp: SocketAddr,
+}
+
+/// Which protocol a ceiling listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Https,
+    Mqtt,
+    Amqp,
+}
+
+/// Binds the ceiling listeners on loopback (free ports) and serves them until the process
+/// ends. Calls `ready` with their addresses once bound.
+pub async fn serve(cert: &Path, key: &Path, ready: impl FnOnce(Listeners)) -> Result<(), BenchError> {
     let tls = crate::tls::server_config(cert, key)?;
     let acceptor = TlsAcceptor::from(tls);
-    let https = TcpListener::bind(("127.0.0.1", 0)).await.map_err(BenchError::io("cannot bind the ceiling"))?;
-    let mqtt = TcpListener::bind(("127.0.0.1", 0)).await.map_err(BenchError::io("cannot bind the ceiling"))?;
-    ready(
-        https.local_addr().map_err(BenchError::io("ceiling address"))?,
-        mqtt.local_addr().map_err(BenchError::io("ceiling address"))?,
-    );
-    let https_task = tokio::spawn(accept_loop(https, acceptor.clone(), false));
-    let mqtt_task = tokio::spawn(accept_loop(mqtt, acceptor, true));
-    let _ = tokio::join!(https_task, mqtt_task);
+    let bind =
+        || async { TcpListener::bind(("127.0.0.1", 0)).await.map_err(BenchError::io("cannot bind the ceiling")) };
+    let (https, mqtt, amqp) = (bind().await?, bind().await?, bind().await?);
+    let addr = |l: &TcpListener| l.local_addr().map_err(BenchError::io("ceiling address"));
+    ready(Listeners { https: addr(&https)?, mqtt: addr(&mqtt)?, amqp: addr(&amqp)? });
+    let https_task = tokio::spawn(accept_loop(https, acceptor.clone(), Protocol::Https));
+    let mqtt_task = tokio::spawn(accept_loop(mqtt, acceptor.clone(), Protocol::Mqtt));
+    let amqp_task = tokio::spawn(accept_loop(amqp, acceptor, Protocol::Amqp));
+    let _ = tokio::join!(https_task, mqtt_task, amqp_task);
     Ok(())
 }
 
-type Stream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+/// A TLS connection accepted by the ceiling.
+pub(crate) type Stream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
 
-async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, mqtt: bool) {
+async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, protocol: Protocol) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -56,10 +80,12 @@ async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, mqtt: bool) {
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) if mqtt => serve_mqtt(stream).await,
-                Ok(Ok(stream)) => serve_https(stream).await,
-                _ => {}
+            if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                match protocol {
+                    Protocol::Https => serve_https(stream).await,
+                    Protocol::Mqtt => serve_mqtt(stream).await,
+                    Protocol::Amqp => crate::ceiling_amqp::serve_amqp(stream).await,
+                }
             }
         });
     }
@@ -101,18 +127,26 @@ async fn serve_https(stream: Stream) {
 /// `tpm.storageRootKey` in `body`): an authentication key for a fixed HMAC key. `None` for
 /// any other body.
 fn tpm_challenge(body: &[u8]) -> Option<Vec<u8>> {
-    use dps_core::tpm::{build_authentication_key, parse_device_key, DeviceKey};
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
     let tpm = v.get("tpm")?;
-    let ek = parse_device_key("ek", tpm["endorsementKey"].as_str()?, DeviceKey::Endorsement).ok()?;
-    let srk = parse_device_key("srk", tpm["storageRootKey"].as_str()?, DeviceKey::StorageRoot).ok()?;
-    let blob = build_authentication_key(&ek, &srk, &[0x42; 32], &mut rand::rngs::OsRng).ok()?;
+    let blob = authentication_key(tpm["endorsementKey"].as_str()?, tpm["storageRootKey"].as_str()?)?;
     let answer = serde_json::json!({
         "authenticationKey": BASE64.encode(blob),
         "keyName": "registration",
         "message": "ceiling: import the authenticationKey and send the request again",
     });
     serde_json::to_vec(&answer).ok()
+}
+
+/// The authentication-key blob of a TPM challenge for the device keys `ek` and `srk` (base64
+/// of their marshalled TPM2B_PUBLIC): the fixed HMAC key `[0x42; 32]`, encrypted to them as
+/// dps does (an RSA encryption each and the blob's AES and HMAC). `None` when a key is not a
+/// valid TPM key.
+pub(crate) fn authentication_key(ek: &str, srk: &str) -> Option<Vec<u8>> {
+    use dps_core::tpm::{build_authentication_key, parse_device_key, DeviceKey};
+    let ek = parse_device_key("ek", ek, DeviceKey::Endorsement).ok()?;
+    let srk = parse_device_key("srk", srk, DeviceKey::StorageRoot).ok()?;
+    build_authentication_key(&ek, &srk, &[0x42; 32], &mut rand::rngs::OsRng).ok()
 }
 
 async fn serve_mqtt(stream: Stream) {

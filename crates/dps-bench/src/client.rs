@@ -1,7 +1,8 @@
 //! The device side: one registration over HTTPS (on a kept-alive or a fresh connection) or
-//! over a fresh MQTT connection, reduced to an outcome the report can count. A TPM device
-//! (HTTPS only) first asks for its authentication key (the `401` challenge), imports it in its
-//! software TPM and then registers with a SAS token signed by that key.
+//! over a fresh MQTT connection, reduced to an outcome the report can count (AMQP is in
+//! [`crate::amqp_client`]). A TPM device over HTTPS first asks for its authentication key
+//! (the `401` challenge), imports it in its software TPM and then registers with a SAS token
+//! signed by that key.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -25,7 +26,7 @@ use crate::target::Target;
 /// API version the bench devices speak.
 pub const API_VERSION: &str = "2021-06-01";
 /// Most status polls per registration.
-const MAX_POLLS: usize = 60;
+pub(crate) const MAX_POLLS: usize = 60;
 
 /// Why one device did not end up assigned. `key` groups failures in the report (a DPS
 /// error code, an HTTP status, an I/O error kind); `detail` is the first message of its kind.
@@ -38,11 +39,11 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn new(key: impl Into<String>, detail: impl Into<String>) -> Failure {
+    pub(crate) fn new(key: impl Into<String>, detail: impl Into<String>) -> Failure {
         Failure { key: key.into(), detail: detail.into() }
     }
 
-    fn io(stage: &str, e: &std::io::Error) -> Failure {
+    pub(crate) fn io(stage: &str, e: &std::io::Error) -> Failure {
         Failure::new(format!("{stage}: {:?}", e.kind()), format!("{stage}: {e}"))
     }
 }
@@ -54,7 +55,8 @@ pub enum DeviceAuth {
     Sas(String),
     /// A TLS client configuration that presents the device certificate.
     X509(Arc<rustls::ClientConfig>),
-    /// A (software) TPM: the SAS key comes from the server's challenge (HTTPS only).
+    /// A (software) TPM: the SAS key comes from the server's challenge (HTTPS: the `401`;
+    /// AMQP: SASL `TPM`, in [`crate::amqp_client`]).
     Tpm(Arc<TpmIdentity>),
 }
 
@@ -98,7 +100,7 @@ pub struct Device {
 }
 
 impl Device {
-    fn body(&self) -> Vec<u8> {
+    pub(crate) fn body(&self) -> Vec<u8> {
         let mut body = serde_json::json!({"registrationId": self.registration_id});
         if let Some(p) = &self.payload {
             body["payload"] = p.clone();
@@ -113,7 +115,7 @@ impl Device {
         serde_json::to_vec(&body).unwrap_or_default()
     }
 
-    fn tls<'a>(&'a self, plain: &'a Arc<rustls::ClientConfig>) -> &'a Arc<rustls::ClientConfig> {
+    pub(crate) fn tls<'a>(&'a self, plain: &'a Arc<rustls::ClientConfig>) -> &'a Arc<rustls::ClientConfig> {
         match &self.auth {
             DeviceAuth::X509(c) => c,
             DeviceAuth::Sas(_) | DeviceAuth::Tpm(_) => plain,
@@ -144,7 +146,7 @@ pub fn client_tls(
     Ok(Arc::new(config))
 }
 
-async fn tls_connect(
+pub(crate) async fn tls_connect(
     addr: std::net::SocketAddr,
     host: &str,
     tls: &Arc<rustls::ClientConfig>,
@@ -287,20 +289,20 @@ impl HttpsConn {
     }
 }
 
-async fn poll_pause(retry_after: Option<u64>) {
+pub(crate) async fn poll_pause(retry_after: Option<u64>) {
     // Real devices wait Retry-After (3 s by default); the bench caps it at 1 s.
     let secs = retry_after.unwrap_or(1).clamp(0, 1);
     tokio::time::sleep(Duration::from_millis(secs * 1000).max(Duration::from_millis(50))).await;
 }
 
-fn dps_failure(status: u16, body: &Value) -> Failure {
+pub(crate) fn dps_failure(status: u16, body: &Value) -> Failure {
     match body["errorCode"].as_u64() {
         Some(code) => Failure::new(format!("dps {code}"), format!("{status}: {}", body["message"])),
         None => Failure::new(format!("http {status}"), format!("{status}: {body}")),
     }
 }
 
-fn finished(op: &Value) -> Result<Value, Failure> {
+pub(crate) fn finished(op: &Value) -> Result<Value, Failure> {
     let state = &op["registrationState"];
     match op["status"].as_str() {
         Some("assigned") => Ok(state.clone()),
@@ -388,7 +390,7 @@ pub async fn mqtt_register(
         DeviceAuth::Sas(token) => Some(token.clone().into_bytes()),
         DeviceAuth::X509(_) => None,
         DeviceAuth::Tpm(_) => {
-            return Err(Failure::new("tpm over mqtt", "the bench's TPM devices register over HTTPS only"))
+            return Err(Failure::new("tpm over mqtt", "the bench's TPM devices register over HTTPS or AMQP"))
         }
     };
     let stream = tls_connect(addr, &target.host, device.tls(tls)).await?;

@@ -10,6 +10,7 @@ use dps_proto::sas::{build_token, derive_device_key, device_resource};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{json, Value};
 
+use crate::amqp_client::amqp_register;
 use crate::client::{
     client_tls, https_register_fresh, mqtt_register, Device, DeviceAuth, Failure, HttpsConn, TpmIdentity,
 };
@@ -27,6 +28,9 @@ pub enum Transport {
     HttpsNewConn,
     /// MQTT over TLS; a new connection (full handshake, CONNECT, SUBSCRIBE) for every device.
     Mqtt,
+    /// AMQP 1.0 over TLS; a new connection for every device (full handshake, SASL PLAIN or
+    /// TPM, or none for X.509; open, session, two links, close).
+    Amqp,
 }
 
 impl Transport {
@@ -35,6 +39,7 @@ impl Transport {
             Transport::Https => "https",
             Transport::HttpsNewConn => "https-new-conn",
             Transport::Mqtt => "mqtt",
+            Transport::Amqp => "amqp",
         }
     }
 }
@@ -48,9 +53,10 @@ pub enum Attestation {
     Group,
     /// One X.509 enrollment group on a bench CA uploaded as verified; a certificate per device.
     X509,
-    /// An individual TPM enrollment per device, created in bulk first (HTTPS only). Each
-    /// device asks for its key (the 401 challenge), imports it in a software TPM and registers
-    /// with a SAS token signed by it; the devices share a pool of 8 TPMs.
+    /// An individual TPM enrollment per device, created in bulk first (HTTPS or AMQP). Each
+    /// device asks for its key (over HTTPS the 401 challenge, over AMQP SASL TPM), imports it
+    /// in a software TPM and registers with a SAS token signed by it; the devices share a pool
+    /// of 8 TPMs.
     Tpm,
 }
 
@@ -141,12 +147,12 @@ impl FleetOptions {
         }
         if self.attestation == Attestation::X509 && self.transport == Transport::Https {
             return Err(BenchError::Input(
-                "X.509 devices present their own certificate in the TLS handshake, so they cannot share kept-alive connections: use --transport https-new-conn or mqtt".into(),
+                "X.509 devices present their own certificate in the TLS handshake, so they cannot share kept-alive connections: use --transport https-new-conn, mqtt or amqp".into(),
             ));
         }
         if self.attestation == Attestation::Tpm && self.transport == Transport::Mqtt {
             return Err(BenchError::Input(
-                "TPM devices get their key from an HTTPS challenge (a 401 with authenticationKey), which the bench does not do over MQTT: use --transport https or https-new-conn".into(),
+                "TPM devices get their key from a challenge (an HTTPS 401 with authenticationKey, or SASL TPM over AMQP), which DPS has no MQTT form of: use --transport https, https-new-conn or amqp".into(),
             ));
         }
         if self.attestation == Attestation::X509 && self.devices > 200_000 {
@@ -292,6 +298,7 @@ async fn worker(
                 }
                 Transport::HttpsNewConn => https_register_fresh(&target, &fleet.plain_tls, &device).await,
                 Transport::Mqtt => mqtt_register(&target, &fleet.plain_tls, &device).await,
+                Transport::Amqp => amqp_register(&target, &fleet.plain_tls, &device).await,
             }
         };
         let outcome = match tokio::time::timeout(fleet.opts.device_timeout, attempt).await {
@@ -489,6 +496,20 @@ pub async fn run(target: &Target, ceiling: Option<&Target>, opts: FleetOptions) 
     if opts.transport == Transport::Mqtt && target.mqtt_addr.is_none() {
         return Err(BenchError::Input("the server has no MQTT listener (mqtt.enabled = false?)".into()));
     }
+    if opts.transport == Transport::Amqp && target.amqp_addr.is_none() {
+        return Err(BenchError::Input(
+            "the server has no AMQP listener (no amqpAddress in its credentials: amqp.enabled = false, or no listen.amqp?)"
+                .into(),
+        ));
+    }
+    // A ceiling without an AMQP listener (an older binary) cannot take an AMQP run.
+    let ceiling = ceiling.filter(|c| {
+        let usable = opts.transport != Transport::Amqp || c.amqp_addr.is_some();
+        if !usable {
+            eprintln!("note: the ceiling server has no AMQP listener; no ceiling run");
+        }
+        usable
+    });
     let setup_started = Instant::now();
     let service = ServiceClient::new(target)?;
     let webhook_url = match &opts.allocation {
@@ -498,7 +519,7 @@ pub async fn run(target: &Target, ceiling: Option<&Target>, opts: FleetOptions) 
     };
     let alloc = allocation_fields(webhook_url.as_deref());
     let group_id = format!("{}group", opts.id_prefix);
-    let alpn: &[&[u8]] = if opts.transport == Transport::Mqtt { &[] } else { &[b"http/1.1"] };
+    let alpn: &[&[u8]] = if matches!(opts.transport, Transport::Mqtt | Transport::Amqp) { &[] } else { &[b"http/1.1"] };
     let mut enrollments_created = 0;
     let credentials = match opts.attestation {
         Attestation::Group => {
@@ -684,11 +705,21 @@ mod tests {
     }
 
     #[test]
-    fn tpm_runs_over_https_only() {
+    fn tpm_runs_over_https_and_amqp_only() {
         assert!(options(Attestation::Tpm, Transport::Https).validate().is_ok());
         assert!(options(Attestation::Tpm, Transport::HttpsNewConn).validate().is_ok());
+        assert!(options(Attestation::Tpm, Transport::Amqp).validate().is_ok());
         let err = options(Attestation::Tpm, Transport::Mqtt).validate().unwrap_err().to_string();
-        assert!(err.contains("use --transport https or https-new-conn"), "{err}");
+        assert!(err.contains("use --transport https, https-new-conn or amqp"), "{err}");
+    }
+
+    #[test]
+    fn x509_runs_on_a_connection_per_device() {
+        for t in [Transport::HttpsNewConn, Transport::Mqtt, Transport::Amqp] {
+            assert!(options(Attestation::X509, t).validate().is_ok(), "{t:?}");
+        }
+        let err = options(Attestation::X509, Transport::Https).validate().unwrap_err().to_string();
+        assert!(err.contains("https-new-conn, mqtt or amqp"), "{err}");
     }
 
     #[test]

@@ -1,14 +1,16 @@
 //! `dps bench`: a fleet load generator for dps, and the baseline it is compared with.
 //!
 //! [`run`] simulates N devices registering with C in flight (HTTPS with keep-alive, HTTPS
-//! with a new TLS connection per device, or MQTT with a new connection per device), after
-//! creating the enrollments they need through the service API. [`ceiling`] is a minimal
-//! hyper + rustls server (and a minimal MQTT responder) that answers the same requests with a
-//! fixed reply on the same TLS settings as dps, so a report can state dps's throughput as a
-//! share of what the HTTP/TLS stack alone does on the machine. See BENCHMARKS.md.
+//! with a new TLS connection per device, or MQTT or AMQP with a new connection per device),
+//! after creating the enrollments they need through the service API. [`ceiling`] is a minimal
+//! hyper + rustls server (and minimal MQTT and AMQP responders) that answers the same
+//! requests with a fixed reply on the same TLS settings as dps, so a report can state dps's
+//! throughput as a share of what the HTTP/TLS stack alone does on the machine. See BENCHMARKS.md.
 #![forbid(unsafe_code)]
 
+pub mod amqp_client;
 pub mod ceiling;
+pub mod ceiling_amqp;
 pub mod client;
 pub mod fleet;
 pub mod report;

@@ -6,6 +6,10 @@
 //! every one still answers PINGREQ, registers through a sample of them, and reports the
 //! times, the failures and the server's resident memory (read from /proc for the pid in the
 //! credentials file, so run it on the server's machine).
+//!
+//! `dps-bench amqp-hold` does the same over AMQP: each connection is a TLS handshake, SASL
+//! PLAIN with a group-derived SAS token, open, a session and the two links; liveness is an
+//! operation-status query each held connection must get an answer to (a `404` rejection).
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
@@ -34,6 +38,24 @@ struct Cli {
 enum Command {
     /// Hold many MQTT device connections open, then register through some of them.
     MqttHold {
+        /// dev-credentials.json of the dps under test.
+        #[arg(long)]
+        credentials: std::path::PathBuf,
+        /// Connections to open and hold.
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        /// Connection attempts in flight at once.
+        #[arg(long, default_value_t = 128)]
+        concurrency: usize,
+        /// Seconds to hold every connection before checking them.
+        #[arg(long, default_value_t = 10)]
+        hold_secs: u64,
+        /// Registrations to run through held connections at the end.
+        #[arg(long, default_value_t = 200)]
+        registrations: usize,
+    },
+    /// Hold many AMQP device connections open, then register through some of them.
+    AmqpHold {
         /// dev-credentials.json of the dps under test.
         #[arg(long)]
         credentials: std::path::PathBuf,
@@ -325,6 +347,153 @@ async fn mqtt_hold(
     }
 }
 
+async fn amqp_hold(
+    credentials: &std::path::Path,
+    connections: usize,
+    concurrency: usize,
+    hold_secs: u64,
+    registrations: usize,
+) -> Result<(), Error> {
+    use dps_bench::amqp_client::AmqpConnection;
+    use dps_bench::client::{client_tls, Device, DeviceAuth};
+    let target = Arc::new(dps_bench::Target::from_credentials(credentials)?);
+    if target.amqp_addr.is_none() {
+        return Err("amqpAddress missing in the credentials: is AMQP enabled?".into());
+    }
+    let pid = u64::from(target.pid.unwrap_or(0));
+    let tls = client_tls(target.roots.clone(), None, &[], false)?;
+    let group_id = format!("bench-amqp-{}", now());
+    let group_key = derive_device_key(b"dps-bench", &group_id);
+    let service = dps_bench::setup::ServiceClient::new(&target)?;
+    service
+        .put_group(
+            &group_id,
+            serde_json::json!({"enrollmentGroupId": group_id,
+                "attestation": dps_bench::setup::symmetric_key_attestation(&group_key)}),
+        )
+        .await?;
+    let device = {
+        let (target, group_id, group_key) = (target.clone(), group_id.clone(), group_key.clone());
+        Arc::new(move |i: usize| {
+            let id = format!("{group_id}-{i}");
+            let key = derive_device_key(&group_key, &id);
+            let resource = format!("{}/registrations/{id}", target.id_scope);
+            let token = build_token(&resource, &key, now() + 7200, Some("registration"));
+            Device { registration_id: id, auth: DeviceAuth::Sas(token), payload: None }
+        })
+    };
+    let before = rss_kib(pid);
+
+    let started = Instant::now();
+    let gate = Arc::new(Semaphore::new(concurrency));
+    let mut tasks = Vec::with_capacity(connections);
+    for i in 0..connections {
+        let (target, tls, gate, device) = (target.clone(), tls.clone(), gate.clone(), device.clone());
+        tasks.push(tokio::spawn(async move {
+            let _slot = gate.acquire_owned().await;
+            let t = Instant::now();
+            let d = device(i);
+            let c = tokio::time::timeout(Duration::from_secs(60), AmqpConnection::open(&target, &tls, &d)).await;
+            (c, t.elapsed(), d)
+        }));
+    }
+    let mut held = Vec::with_capacity(connections);
+    let mut setup = Vec::with_capacity(connections);
+    let mut failures: Vec<String> = Vec::new();
+    for task in tasks {
+        match task.await? {
+            (Ok(Ok(c)), t, d) => {
+                held.push((c, d));
+                setup.push(t);
+            }
+            (Ok(Err(e)), _, _) => failures.push(e.detail),
+            (Err(_), _, _) => failures.push("timed out after 60 s".into()),
+        }
+    }
+    let open_secs = started.elapsed().as_secs_f64();
+    setup.sort();
+    println!(
+        "opened {} of {connections} AMQP connections in {open_secs:.1} s ({:.0}/s); TLS+SASL+open+links p50 {:?} p99 {:?}; {} failed",
+        held.len(),
+        held.len() as f64 / open_secs,
+        percentile(&setup, 0.5),
+        percentile(&setup, 0.99),
+        failures.len()
+    );
+    if let Some(first) = failures.first() {
+        println!("  first failure: {first}");
+    }
+    let during = rss_kib(pid);
+
+    tokio::time::sleep(Duration::from_secs(hold_secs)).await;
+    // Every held connection still answers: a status query for no operation gets a rejection.
+    let started = Instant::now();
+    let mut checks = Vec::new();
+    for (mut c, d) in held {
+        checks.push(tokio::spawn(async move {
+            let answer = tokio::time::timeout(Duration::from_secs(30), c.status("no-such-operation")).await;
+            let ok = matches!(&answer, Ok(Err(f)) if f.key.starts_with("dps "));
+            (ok, c, d)
+        }));
+    }
+    let mut held = Vec::new();
+    for check in checks {
+        let (ok, c, d) = check.await?;
+        if ok {
+            held.push((c, d));
+        }
+    }
+    let alive = held.len();
+    println!(
+        "after {hold_secs} s: {alive} of them answered a status query (checked in {:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
+
+    let started = Instant::now();
+    let mut regs = Vec::new();
+    for (mut c, d) in held.drain(..registrations.min(alive)) {
+        regs.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let r = c.register(&d).await;
+            (r.is_ok(), t.elapsed(), c)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut assigned = 0;
+    let mut keep = Vec::new();
+    for reg in regs {
+        let (ok, t, c) = reg.await?;
+        assigned += usize::from(ok);
+        latencies.push(t);
+        keep.push(c);
+    }
+    latencies.sort();
+    println!(
+        "{assigned} of {} registrations assigned in {:.2} s; latency p50 {:?} p99 {:?} (all started together)",
+        latencies.len(),
+        started.elapsed().as_secs_f64(),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99)
+    );
+    match (before, during, rss_kib(pid)) {
+        (Some(b), Some(d), Some(a)) => println!(
+            "dps resident memory: {} MiB before, {} MiB with the connections open, {} MiB at the end (peak {} MiB)",
+            b.0 / 1024,
+            d.0 / 1024,
+            a.0 / 1024,
+            a.1 / 1024
+        ),
+        _ => println!("dps resident memory: not readable (is dps on this machine, pid {pid}?)"),
+    }
+    drop(keep);
+    drop(held);
+    if failures.is_empty() && alive == connections {
+        Ok(())
+    } else {
+        Err(format!("{} connections failed, {} of {connections} alive", failures.len(), alive).into())
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let _ = rlimit::increase_nofile_limit(u64::MAX);
@@ -338,6 +507,9 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::MqttHold { credentials, connections, concurrency, hold_secs, registrations } => {
             runtime.block_on(mqtt_hold(&credentials, connections, concurrency, hold_secs, registrations))
+        }
+        Command::AmqpHold { credentials, connections, concurrency, hold_secs, registrations } => {
+            runtime.block_on(amqp_hold(&credentials, connections, concurrency, hold_secs, registrations))
         }
     };
     match result {

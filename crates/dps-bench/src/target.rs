@@ -25,6 +25,8 @@ pub struct Target {
     pub https_addr: std::net::SocketAddr,
     /// MQTT listener, when enabled.
     pub mqtt_addr: Option<std::net::SocketAddr>,
+    /// AMQP-over-TLS listener (`amqpAddress`), when enabled.
+    pub amqp_addr: Option<std::net::SocketAddr>,
     /// Roots that verify the server certificate.
     pub roots: Arc<rustls::RootCertStore>,
     /// CA certificate file.
@@ -116,6 +118,7 @@ impl Target {
             host: field("hostName")?,
             https_addr: loopback(&field("httpsAddress")?)?,
             mqtt_addr: v["mqttAddress"].as_str().map(loopback).transpose()?,
+            amqp_addr: v["amqpAddress"].as_str().map(loopback).transpose()?,
             roots: Arc::new(roots),
             ca_path,
             policy: (conn.key_name.clone(), conn.key.clone()),
@@ -178,6 +181,9 @@ synchronous = "full"
 max_connections_per_address = 1000000
 
 [mqtt]
+max_connections_per_address = 1000000
+
+[amqp]
 max_connections_per_address = 1000000
 
 [[rules]]
@@ -253,6 +259,7 @@ fn placeholder_target() -> Target {
         host: String::new(),
         https_addr: ([127, 0, 0, 1], 0).into(),
         mqtt_addr: None,
+        amqp_addr: None,
         roots: Arc::new(rustls::RootCertStore::empty()),
         ca_path: PathBuf::new(),
         policy: (String::new(), Vec::new()),

@@ -35,7 +35,7 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "https")]
     transport: Transport,
     /// How devices attest (individual and tpm enrollments are created in bulk first; tpm
-    /// devices use software TPMs and need --transport https or https-new-conn).
+    /// devices use software TPMs and need --transport https, https-new-conn or amqp).
     #[arg(long, value_enum, default_value = "group")]
     attestation: Attestation,
     /// Allocation: hashed (the default policy), webhook (a webhook in this process), rules
@@ -49,7 +49,8 @@ pub struct BenchArgs {
     /// then counted from each device's scheduled start.
     #[arg(long)]
     rate: Option<f64>,
-    /// Skip the ceiling run (the same devices against a fixed-answer hyper + rustls server).
+    /// Skip the ceiling run (the same devices against a fixed-answer server on the same TLS
+    /// settings: hyper + rustls, and minimal MQTT and AMQP responders).
     #[arg(long)]
     no_ceiling: bool,
     /// Registration ID prefix; default bench-<unix time in ms>-<pid>- (new devices each run).
@@ -84,7 +85,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
-/// Serves the ceiling until stdin closes; prints `{"https": addr, "mqtt": addr}` when ready.
+/// Serves the ceiling until stdin closes; prints `{"https": addr, "mqtt": addr, "amqp": addr}`
+/// when ready.
 pub fn ceiling(args: CeilingArgs) -> ExitCode {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let rt = match runtime() {
@@ -100,8 +102,11 @@ pub fn ceiling(args: CeilingArgs) -> ExitCode {
         while std::io::stdin().lock().read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {}
         std::process::exit(0);
     });
-    let result = rt.block_on(dps_bench::ceiling::serve(&args.cert, &args.key, |https, mqtt| {
-        println!("{}", serde_json::json!({"https": https.to_string(), "mqtt": mqtt.to_string()}));
+    let result = rt.block_on(dps_bench::ceiling::serve(&args.cert, &args.key, |l| {
+        println!(
+            "{}",
+            serde_json::json!({"https": l.https.to_string(), "mqtt": l.mqtt.to_string(), "amqp": l.amqp.to_string()})
+        );
     }));
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -158,6 +163,8 @@ fn start_ceiling(target: &Target) -> Result<Option<(CeilingProcess, Target)>, Be
     let mut c = target.clone();
     c.https_addr = addr("https")?;
     c.mqtt_addr = Some(addr("mqtt")?);
+    // A ceiling that predates AMQP prints no "amqp": AMQP runs then skip the ceiling.
+    c.amqp_addr = v["amqp"].as_str().and_then(|a| a.parse().ok());
     c.pid = None;
     Ok(Some((process, c)))
 }

@@ -1,6 +1,6 @@
-//! `dps bench` smoke runs: a few hundred devices over each transport (and each attestation
-//! and allocation kind) against a dps the bench starts, checking that the report is produced
-//! and error-free. Speed is not asserted here; BENCHMARKS.md has the figures.
+//! `dps bench` smoke runs: a few hundred devices over each transport (HTTPS, MQTT, AMQP; and
+//! each attestation and allocation kind) against a dps the bench starts, checking that the
+//! report is produced and error-free. Speed is not asserted here; BENCHMARKS.md has the figures.
 
 use std::process::Command;
 
@@ -143,16 +143,45 @@ fn bench_tpm_devices_register_through_the_challenge() {
     assert_eq!(r["attestation"], "tpm");
 }
 
+/// AMQP: a new TLS connection per device; symmetric keys over SASL PLAIN, X.509 devices
+/// without SASL (the certificate in the handshake), TPM devices through SASL TPM's three
+/// challenges. The ceiling speaks AMQP too, so every phase is checked.
+#[test]
+fn bench_amqp_devices_register_with_each_attestation() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+
+    let (code, r, err) = bench(&data, &["-n", "200", "-c", "16", "--transport", "amqp", "--attestation", "individual"]);
+    assert_eq!(code, 0, "{err} {r}");
+    assert_clean(&r, 200, "amqp", &err);
+    assert_eq!(r["attestation"], "individual");
+
+    let (code, r, err) = bench(&data, &["-n", "200", "-c", "16", "--transport", "amqp", "--payload-bytes", "100"]);
+    assert_eq!(code, 0, "{err} {r}");
+    assert_clean(&r, 200, "amqp", &err);
+    assert_eq!(r["attestation"], "group");
+
+    let (code, r, err) = bench(&data, &["-n", "100", "-c", "8", "--transport", "amqp", "--attestation", "x509"]);
+    assert_eq!(code, 0, "{err} {r}");
+    assert_clean(&r, 100, "amqp", &err);
+    assert_eq!(r["attestation"], "x509");
+
+    let (code, r, err) = bench(&data, &["-n", "20", "-c", "4", "--transport", "amqp", "--attestation", "tpm"]);
+    assert_eq!(code, 0, "{err} {r}");
+    assert_clean(&r, 20, "amqp", &err);
+    assert_eq!(r["attestation"], "tpm");
+}
+
 #[test]
 fn bench_refuses_impossible_combinations_before_starting_anything() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("never-created");
     let (code, _, err) = bench(&data, &["--attestation", "x509", "--transport", "https"]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("https-new-conn or mqtt"), "{err}");
+    assert!(err.contains("https-new-conn, mqtt or amqp"), "{err}");
     let (code, _, err) = bench(&data, &["--attestation", "tpm", "--transport", "mqtt"]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("use --transport https or https-new-conn"), "{err}");
+    assert!(err.contains("use --transport https, https-new-conn or amqp"), "{err}");
     let (code, _, err) = bench(&data, &["--allocation", "round-robin"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("expected hashed, webhook, rules"), "{err}");
@@ -161,4 +190,33 @@ fn bench_refuses_impossible_combinations_before_starting_anything() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("at most 100 characters"), "{err}");
     assert!(!data.exists(), "nothing may be started for a refused run");
+}
+
+/// A server whose credentials name no AMQP listener: `--transport amqp` is refused before
+/// anything is created (nothing listens at the addresses of this file).
+#[test]
+fn bench_refuses_amqp_when_the_server_has_no_amqp_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, ca.cert.pem()).unwrap();
+    let creds = dir.path().join("dev-credentials.json");
+    let file = serde_json::json!({
+        "idScope": "0ne00000000",
+        "hostName": "localhost",
+        "httpsAddress": "127.0.0.1:9",
+        "mqttAddress": "127.0.0.1:9",
+        "caCertificatePath": ca_path,
+        "serviceConnectionString": "HostName=localhost;SharedAccessKeyName=provisioningserviceowner;SharedAccessKey=AAAA",
+    });
+    std::fs::write(&creds, file.to_string()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dps"))
+        .args(["bench", "--target"])
+        .arg(&creds)
+        .args(["--transport", "amqp", "-n", "1"])
+        .output()
+        .expect("run dps bench");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("the server has no AMQP listener"), "{err}");
 }
