@@ -259,12 +259,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
             .await
             .map_err(|_| End::Limit("the client did not read the protocol header".into()))?
             .map_err(End::from)?;
-        let open = match tokio::time::timeout_at(
-            connect_deadline.max(Instant::now() + Duration::from_secs(config.connect_timeout_secs)),
-            self.stream.read(),
-        )
-        .await
-        {
+        // A fresh allowance after SASL, as for the header.
+        let open_deadline = Instant::now() + Duration::from_secs(config.connect_timeout_secs);
+        let open = match tokio::time::timeout_at(open_deadline, self.stream.read()).await {
             Err(_) => {
                 return Err(End::Limit(format!(
                     "no open within {} s (amqp.connect_timeout_secs)",
@@ -307,7 +304,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
         self.remote_max_frame = open.max_frame_size.min(config.max_frame_bytes);
         self.stream.set_max_frame_size(config.max_frame_bytes);
         let ours = Open {
-            container_id: format!("dps-rs-{}", self.ctx.engine.settings().id_scope),
+            // Nothing about this instance: the peer may not have authenticated yet (X.509).
+            container_id: "dps-rs".to_string(),
             hostname: None,
             max_frame_size: config.max_frame_bytes,
             channel_max: config.max_sessions.saturating_sub(1),
