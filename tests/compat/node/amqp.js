@@ -31,7 +31,8 @@ const { TpmSecurityClient } = require('azure-iot-security-tpm');
 const { SaslTpm } = require('azure-iot-provisioning-device-amqp/dist/sasl_tpm');
 // tss.js is the TPM library azure-iot-security-tpm itself uses (its dependency, not ours).
 const tss = require(require.resolve('tss.js', { paths: [path.dirname(require.resolve('azure-iot-security-tpm'))] }));
-const { assert, eq, rejects, statusOf } = require('./check');
+const shared = require('./check');
+const { assert, eq, rejects, statusOf } = shared;
 
 const creds = JSON.parse(fs.readFileSync(process.env.DPS_CREDENTIALS, 'utf8'));
 const host = creds.hostName;
@@ -48,26 +49,8 @@ const { defaultPollingInterval } = require('azure-iot-provisioning-device').Prov
 // suite within run.sh's suite_timeout).
 const CALL_TIMEOUT_MS = 20000;
 const CASE_TIMEOUT_MS = 30000;
-function within(promise, what, ms = CALL_TIMEOUT_MS) {
-  let timer;
-  const expired = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms / 1000} s: ${what}`)), ms);
-  });
-  return Promise.race([promise, expired]).finally(() => clearTimeout(timer));
-}
-// A service client whose every promise is raced by within().
-function timed(target, what) {
-  return new Proxy(target, {
-    get(t, prop) {
-      const value = Reflect.get(t, prop, t);
-      if (typeof value !== 'function') return value;
-      return (...args) => {
-        const r = value.apply(t, args);
-        return r && typeof r.then === 'function' ? within(r, `${what}.${String(prop)}`) : r;
-      };
-    },
-  });
-}
+const within = (promise, what, ms = CALL_TIMEOUT_MS) => shared.within(promise, what, ms);
+const timed = (target, what) => shared.timed(target, what, CALL_TIMEOUT_MS);
 const serviceFor = (c) => timed(ProvisioningServiceClient.fromConnectionString(c.serviceConnectionString), `service ${c.hostName}`);
 const service = serviceFor(creds);
 

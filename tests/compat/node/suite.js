@@ -17,6 +17,7 @@ const { Http } = require('azure-iot-provisioning-device-http');
 const { Mqtt, MqttWs } = require('azure-iot-provisioning-device-mqtt');
 const { SymmetricKeySecurityClient } = require('azure-iot-security-symmetric-key');
 const { X509Security } = require('azure-iot-security-x509');
+const shared = require('./check');
 
 const creds = JSON.parse(fs.readFileSync(process.env.DPS_CREDENTIALS, 'utf8'));
 const host = creds.hostName;
@@ -27,28 +28,8 @@ const run = `n${Date.now().toString(36)}`; // unique prefix per run
 // No SDK call has a deadline of its own, and a promise that never settles ends node with exit
 // code 0 in the middle of the suite: every SDK call below is raced against CALL_TIMEOUT_MS.
 const CALL_TIMEOUT_MS = 60000;
-function within(promise, what) {
-  let timer;
-  const expired = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${CALL_TIMEOUT_MS / 1000} s: ${what}`)), CALL_TIMEOUT_MS);
-  });
-  return Promise.race([promise, expired]).finally(() => clearTimeout(timer));
-}
-// A service client (or one of its queries) whose every promise is raced by within().
-function timed(target, what) {
-  return new Proxy(target, {
-    get(t, prop) {
-      const value = Reflect.get(t, prop, t);
-      if (typeof value !== 'function') return value;
-      return (...args) => {
-        const r = value.apply(t, args);
-        if (r && typeof r.then === 'function') return within(r, `${what}.${String(prop)}`);
-        if (r && typeof r === 'object' && 'hasMoreResults' in r) return timed(r, `${what}.${String(prop)}()`);
-        return r;
-      };
-    },
-  });
-}
+const within = (promise, what) => shared.within(promise, what, CALL_TIMEOUT_MS);
+const timed = (target, what) => shared.timed(target, what, CALL_TIMEOUT_MS);
 const serviceFor = (c) => timed(ProvisioningServiceClient.fromConnectionString(c.serviceConnectionString), `service ${c.hostName}`);
 const service = serviceFor(creds);
 
@@ -64,7 +45,7 @@ async function test(name, fn) {
     console.log(`not ok - node: ${name}: ${e && e.stack ? e.stack : e}`);
   }
 }
-const { assert, eq, rejects, statusOf } = require('./check');
+const { assert, eq, rejects, statusOf } = shared;
 // The errorCode of the DPS error body an SDK error carries (responseBody is the JSON text).
 function errorCodeOf(e) {
   try {

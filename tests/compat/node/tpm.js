@@ -26,6 +26,7 @@ const { Http } = require('azure-iot-provisioning-device-http');
 const { TpmSecurityClient } = require('azure-iot-security-tpm');
 // tss.js is the TPM library azure-iot-security-tpm itself uses (its dependency, not ours).
 const tss = require(require.resolve('tss.js', { paths: [path.dirname(require.resolve('azure-iot-security-tpm'))] }));
+const shared = require('./check');
 
 const creds = JSON.parse(fs.readFileSync(process.env.DPS_CREDENTIALS, 'utf8'));
 const host = creds.hostName;
@@ -38,13 +39,7 @@ const otherEk = process.env.DPS_TPM_OTHER_EK || '';
 // Every SDK call is raced against CALL_TIMEOUT_MS (a promise that never settles would end node
 // with exit code 0 in the middle of the suite).
 const CALL_TIMEOUT_MS = 60000;
-function within(promise, what) {
-  let timer;
-  const expired = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${CALL_TIMEOUT_MS / 1000} s: ${what}`)), CALL_TIMEOUT_MS);
-  });
-  return Promise.race([promise, expired]).finally(() => clearTimeout(timer));
-}
+const within = (promise, what) => shared.within(promise, what, CALL_TIMEOUT_MS);
 const service = ProvisioningServiceClient.fromConnectionString(creds.serviceConnectionString);
 const svc = (what, promise) => within(promise, `service ${what}`);
 
@@ -95,7 +90,7 @@ function serverLog(ids) {
     return [];
   }
 }
-const { assert, eq, rejects, statusOf } = require('./check');
+const { assert, eq, rejects, statusOf } = shared;
 function parseJson(text) {
   try {
     return typeof text === 'string' ? JSON.parse(text) : text;
