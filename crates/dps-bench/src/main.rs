@@ -320,31 +320,11 @@ async fn mqtt_hold(
         latencies.push(t);
         keep.push(c);
     }
-    latencies.sort();
-    println!(
-        "{assigned} of {} registrations assigned in {:.2} s; latency p50 {:?} p99 {:?} (all started together)",
-        latencies.len(),
-        started.elapsed().as_secs_f64(),
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.99)
-    );
-    match (before, during, rss_kib(pid)) {
-        (Some(b), Some(d), Some(a)) => println!(
-            "dps resident memory: {} MiB before, {} MiB with the connections open, {} MiB at the end (peak {} MiB)",
-            b.0 / 1024,
-            d.0 / 1024,
-            a.0 / 1024,
-            a.1 / 1024
-        ),
-        _ => println!("dps resident memory: not readable (is dps on this machine, pid {pid}?)"),
-    }
+    report_registrations(assigned, &mut latencies, started);
+    report_memory(before, during, pid);
     drop(keep);
     drop(held);
-    if failures.is_empty() && alive == connections {
-        Ok(())
-    } else {
-        Err(format!("{} connections failed, {} of {connections} alive", failures.len(), alive).into())
-    }
+    held_outcome(failures.len(), alive, connections)
 }
 
 async fn amqp_hold(
@@ -467,14 +447,27 @@ async fn amqp_hold(
         latencies.push(t);
         keep.push(c);
     }
+    report_registrations(assigned, &mut latencies, started);
+    report_memory(before, during, pid);
+    drop(keep);
+    drop(held);
+    held_outcome(failures.len(), alive, connections)
+}
+
+/// Prints how the registrations through held connections went.
+fn report_registrations(assigned: usize, latencies: &mut [Duration], started: Instant) {
     latencies.sort();
     println!(
         "{assigned} of {} registrations assigned in {:.2} s; latency p50 {:?} p99 {:?} (all started together)",
         latencies.len(),
         started.elapsed().as_secs_f64(),
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.99)
+        percentile(latencies, 0.5),
+        percentile(latencies, 0.99)
     );
+}
+
+/// Prints dps's resident memory before, with the connections open and now (`(rss, peak)` KiB).
+fn report_memory(before: Option<(u64, u64)>, during: Option<(u64, u64)>, pid: u64) {
     match (before, during, rss_kib(pid)) {
         (Some(b), Some(d), Some(a)) => println!(
             "dps resident memory: {} MiB before, {} MiB with the connections open, {} MiB at the end (peak {} MiB)",
@@ -485,12 +478,14 @@ async fn amqp_hold(
         ),
         _ => println!("dps resident memory: not readable (is dps on this machine, pid {pid}?)"),
     }
-    drop(keep);
-    drop(held);
-    if failures.is_empty() && alive == connections {
+}
+
+/// A hold run succeeds when every connection opened and stayed alive.
+fn held_outcome(failed: usize, alive: usize, connections: usize) -> Result<(), Error> {
+    if failed == 0 && alive == connections {
         Ok(())
     } else {
-        Err(format!("{} connections failed, {} of {connections} alive", failures.len(), alive).into())
+        Err(format!("{failed} connections failed, {alive} of {connections} alive").into())
     }
 }
 
