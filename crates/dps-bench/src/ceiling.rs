@@ -27,10 +27,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+pub use crate::ceiling_answer::FIXED_OPERATION;
+use crate::ceiling_answer::{authentication_key, Stream};
 use crate::BenchError;
-
-/// The fixed answer: what dps sends for an assigned device, give or take the IDs.
-pub const FIXED_OPERATION: &str = r#"{"operationId":"4.0000000000000000.00000000-0000-0000-0000-000000000000","status":"assigned","registrationState":{"registrationId":"ceiling","createdDateTimeUtc":"2026-01-01T00:00:00.0000000Z","assignedHub":"hub-1.bench.localhost","deviceId":"ceiling","status":"assigned","substatus":"initialAssignment","lastUpdatedDateTimeUtc":"2026-01-01T00:00:00.0000000Z","etag":"IjAwMDAwMDAwLTAwMDAtMDAwMC0wMDAwLTAwMDAwMDAwMDAwMCI="}}"#;
 
 /// The addresses of the ceiling's listeners.
 #[derive(Debug, Clone, Copy)]
@@ -67,9 +66,6 @@ pub async fn serve(cert: &Path, key: &Path, ready: impl FnOnce(Listeners)) -> Re
     let _ = tokio::join!(https_task, mqtt_task, amqp_task);
     Ok(())
 }
-
-/// A TLS connection accepted by the ceiling.
-pub(crate) type Stream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
 
 async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, protocol: Protocol) {
     loop {
@@ -136,17 +132,6 @@ fn tpm_challenge(body: &[u8]) -> Option<Vec<u8>> {
         "message": "ceiling: import the authenticationKey and send the request again",
     });
     serde_json::to_vec(&answer).ok()
-}
-
-/// The authentication-key blob of a TPM challenge for the device keys `ek` and `srk` (base64
-/// of their marshalled TPM2B_PUBLIC): the fixed HMAC key `[0x42; 32]`, encrypted to them as
-/// dps does (an RSA encryption each and the blob's AES and HMAC). `None` when a key is not a
-/// valid TPM key.
-pub(crate) fn authentication_key(ek: &str, srk: &str) -> Option<Vec<u8>> {
-    use dps_core::tpm::{build_authentication_key, parse_device_key, DeviceKey};
-    let ek = parse_device_key("ek", ek, DeviceKey::Endorsement).ok()?;
-    let srk = parse_device_key("srk", srk, DeviceKey::StorageRoot).ok()?;
-    build_authentication_key(&ek, &srk, &[0x42; 32], &mut rand::rngs::OsRng).ok()
 }
 
 async fn serve_mqtt(stream: Stream) {

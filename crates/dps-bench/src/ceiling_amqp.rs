@@ -1,10 +1,10 @@
 //! The ceiling's AMQP responder: the least an AMQP 1.0 server does for a DPS device. It
 //! answers the protocol headers; SASL with an outcome `ok` whatever the credentials (PLAIN),
 //! except that a `TPM` device gets its three challenges, the second and third carrying a real
-//! authentication key for its EK and SRK ([`crate::ceiling::authentication_key`], the crypto a
+//! authentication key for its EK and SRK ([`crate::ceiling_answer::authentication_key`], the crypto a
 //! TPM challenge cannot do without); `open`, `begin`, `attach` with credit for the device's
 //! sender link; and each request an `accepted` disposition and the fixed operation
-//! ([`crate::ceiling::FIXED_OPERATION`]) as the reply, with the request's correlation-id. No
+//! ([`crate::ceiling_answer::FIXED_OPERATION`]) as the reply, with the request's correlation-id. No
 //! authentication, no store, no limits beyond the frame size.
 
 use std::time::Duration;
@@ -18,7 +18,7 @@ use dps_proto::amqp_frame::{
 use dps_proto::amqp_io::FrameStream;
 use dps_proto::amqp_message::{decode_message, Body, Message, Properties};
 
-use crate::ceiling::{authentication_key, Stream, FIXED_OPERATION};
+use crate::ceiling_answer::{authentication_key, Stream, FIXED_OPERATION};
 
 /// Largest frame the ceiling reads and announces.
 const MAX_FRAME: u32 = 65_536;

@@ -11,6 +11,7 @@
 pub mod amqp_client;
 pub mod ceiling;
 pub mod ceiling_amqp;
+pub mod ceiling_answer;
 pub mod client;
 pub mod fleet;
 pub mod report;
