@@ -257,19 +257,7 @@ async fn mqtt_hold(
             (Err(_), _) => failures.push("timed out after 60 s".into()),
         }
     }
-    let open_secs = started.elapsed().as_secs_f64();
-    setup.sort();
-    println!(
-        "opened {} of {connections} connections in {open_secs:.1} s ({:.0}/s); CONNECT+SUBSCRIBE p50 {:?} p99 {:?}; {} failed",
-        held.len(),
-        held.len() as f64 / open_secs,
-        percentile(&setup, 0.5),
-        percentile(&setup, 0.99),
-        failures.len()
-    );
-    if let Some(first) = failures.first() {
-        println!("  first failure: {first}");
-    }
+    report_opened("", "CONNECT+SUBSCRIBE", held.len(), connections, started, &mut setup, &failures);
     let during = rss_kib(pid);
 
     tokio::time::sleep(Duration::from_secs(hold_secs)).await;
@@ -390,19 +378,7 @@ async fn amqp_hold(
             (Err(_), _, _) => failures.push("timed out after 60 s".into()),
         }
     }
-    let open_secs = started.elapsed().as_secs_f64();
-    setup.sort();
-    println!(
-        "opened {} of {connections} AMQP connections in {open_secs:.1} s ({:.0}/s); TLS+SASL+open+links p50 {:?} p99 {:?}; {} failed",
-        held.len(),
-        held.len() as f64 / open_secs,
-        percentile(&setup, 0.5),
-        percentile(&setup, 0.99),
-        failures.len()
-    );
-    if let Some(first) = failures.first() {
-        println!("  first failure: {first}");
-    }
+    report_opened("AMQP ", "TLS+SASL+open+links", held.len(), connections, started, &mut setup, &failures);
     let during = rss_kib(pid);
 
     tokio::time::sleep(Duration::from_secs(hold_secs)).await;
@@ -452,6 +428,31 @@ async fn amqp_hold(
     drop(keep);
     drop(held);
     held_outcome(failures.len(), alive, connections)
+}
+
+/// Prints how opening the held connections went (`kind` prefixes "connections", `steps` names
+/// what each one's setup time covers).
+fn report_opened(
+    kind: &str,
+    steps: &str,
+    opened: usize,
+    connections: usize,
+    started: Instant,
+    setup: &mut [Duration],
+    failures: &[String],
+) {
+    let open_secs = started.elapsed().as_secs_f64();
+    setup.sort();
+    println!(
+        "opened {opened} of {connections} {kind}connections in {open_secs:.1} s ({:.0}/s); {steps} p50 {:?} p99 {:?}; {} failed",
+        opened as f64 / open_secs,
+        percentile(setup, 0.5),
+        percentile(setup, 0.99),
+        failures.len()
+    );
+    if let Some(first) = failures.first() {
+        println!("  first failure: {first}");
+    }
 }
 
 /// Prints how the registrations through held connections went.
