@@ -173,4 +173,10 @@ pub trait Store: Send + Sync + 'static {
     /// so it must be cheap (a point read). A failure is a store failure like any other: a
     /// caller must not take it as "nothing changed".
     async fn version(&self, collection: Collection) -> Result<u64, StoreError>;
+
+    /// Whether the store can serve now (reachable, schema current): what `/readyz` reports.
+    /// Embedded stores are always ready once open.
+    async fn ready(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }

@@ -275,3 +275,44 @@ pub async fn shared_versions(a: &dyn Store, b: &dyn Store) {
     b.write(vec![put(Collection::Registrations, doc("shared-dev", "1", Some("g")), Condition::Always)]).await.unwrap();
     assert_eq!(a.version(g).await.unwrap(), ga3);
 }
+
+/// Two handles on one backend racing, as two nodes do: creations of one registration ID
+/// through both end with exactly one record, and of two `If-Match` replacements of one ETag
+/// exactly one wins. Call it with two handles of one fresh, empty backend.
+pub async fn shared_races(a: &dyn Store, b: &dyn Store) {
+    let r = Collection::Registrations;
+    let o = Collection::Operations;
+    let attempt = |store: &'static str, i: usize| {
+        let handle = if store == "a" { a } else { b };
+        handle.write(vec![
+            put(o, doc(&format!("node-race-{store}-{i}"), "x", Some("node-race")), Condition::IfAbsent),
+            put(r, doc("Node-Race", &format!("{store}{i}"), None), Condition::IfAbsent),
+        ])
+    };
+    let racers = (0..16).flat_map(|i| [attempt("a", i), attempt("b", i)]);
+    let results = futures_util::future::join_all(racers).await;
+    let wins = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(wins, 1, "exactly one creation through either handle wins: {results:?}");
+    assert!(results.iter().all(|r| matches!(r, Ok(()) | Err(StoreError::AlreadyExists(_)))), "{results:?}");
+    let stored = a.get(r, "node-race").await.unwrap().expect("the winner's record");
+    assert_eq!(b.get(r, "NODE-RACE").await.unwrap().as_ref(), Some(&stored), "both handles read the same record");
+    let ops = a.list(o, Some("node-race"), None, 100).await.unwrap();
+    assert_eq!(ops.documents.len(), 1, "only the winner's operation is stored");
+    // If-Match races: both handles replace the ETag they read; one wins each round.
+    let mut etag = stored.etag.clone();
+    for round in 0..8 {
+        let (ea, eb) = (format!("ra{round}"), format!("rb{round}"));
+        let (ra, rb) = futures_util::future::join(
+            a.write(vec![put(r, doc("node-race", &ea, None), Condition::IfMatch(etag.clone()))]),
+            b.write(vec![put(r, doc("node-race", &eb, None), Condition::IfMatch(etag.clone()))]),
+        )
+        .await;
+        let now = b.get(r, "node-race").await.unwrap().expect("the record").etag;
+        match (&ra, &rb) {
+            (Ok(()), Err(StoreError::PreconditionFailed(_))) => assert_eq!(now, ea),
+            (Err(StoreError::PreconditionFailed(_)), Ok(())) => assert_eq!(now, eb),
+            other => panic!("round {round}: exactly one If-Match replacement must win: {other:?}"),
+        }
+        etag = now;
+    }
+}

@@ -3,7 +3,7 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine as _;
-use dps_core::store::StoreError;
+use dps_core::store::{Document, Page, StoreError};
 
 /// The token that continues a listing after `key`.
 pub(crate) fn encode(key: &str) -> String {
@@ -21,4 +21,17 @@ pub(crate) fn decode(token: Option<&str>) -> Result<Option<String>, StoreError> 
                 .ok_or_else(|| StoreError::Corrupt("the continuation token was not issued by this server".into()))
         })
         .transpose()
+}
+
+/// The page of `rows` (documents with their keys, in key order, fetched with one more than
+/// `limit` so that a further page shows): at most `limit` documents, and a token after the
+/// last one when more follow.
+pub(crate) fn page(mut rows: Vec<(Document, String)>, limit: usize) -> Page {
+    let continuation = if rows.len() > limit {
+        rows.truncate(limit);
+        rows.last().map(|(_, key)| encode(key))
+    } else {
+        None
+    };
+    Page { documents: rows.into_iter().map(|(d, _)| d).collect(), continuation }
 }

@@ -2,6 +2,7 @@
 //!
 //! [`SqliteStore`] is the embedded default: one file in the data directory, WAL journal,
 //! `synchronous = FULL` by default so a write is on disk before any client hears of it.
+//! [`PostgresStore`] keeps everything in a PostgreSQL database that several `dps` nodes share.
 //! [`MemoryStore`] keeps everything in memory, for tests of the engine (with a switch that
 //! simulates an outage).
 #![forbid(unsafe_code)]
@@ -10,7 +11,12 @@
 pub mod conformance;
 mod continuation;
 mod memory;
+mod postgres;
+mod scratch;
 mod sqlite;
+mod version_cache;
 
 pub use memory::MemoryStore;
+pub use postgres::{PostgresOptions, PostgresStore};
+pub use scratch::ScratchDatabase;
 pub use sqlite::{SqliteStore, Synchronous, OTHER_WRITERS_SEEN_WITHIN};

@@ -1,13 +1,15 @@
 //! The embedded SQLite store.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use dps_core::store::{Collection, Condition, Document, Page, Store, StoreError, Write};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use crate::version_cache::{collection_of, VersionCache, TAGS};
 
 /// SQLite `synchronous` setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -52,20 +54,6 @@ const VERSION_ROWS: i64 = 0;
 /// point read of the version on most group registrations.
 pub const OTHER_WRITERS_SEEN_WITHIN: Duration = Duration::from_millis(100);
 
-/// Slots for per-collection counters, indexed by [`Collection::tag`].
-const TAGS: usize = 8;
-
-/// A collection's version as last read from the file.
-#[derive(Clone, Copy)]
-struct SeenVersion {
-    /// This handle's write count of the collection when it was read.
-    local: u64,
-    /// When it was read.
-    at: Instant,
-    /// The version read.
-    version: u64,
-}
-
 /// Most registrations' writes committed in one transaction (one fsync).
 const MAX_BATCH: usize = 512;
 /// Read connections (WAL readers run beside the writer).
@@ -97,13 +85,9 @@ struct Inner {
     next_reader: AtomicUsize,
     writer: Option<mpsc::Sender<Job>>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
-    /// Acknowledged writes of this handle per collection tag (moved after the commit, before
-    /// the writer is answered).
-    local_writes: [AtomicU64; TAGS],
-    /// Each collection's version as last read from the file.
-    seen: Mutex<[Option<SeenVersion>; TAGS]>,
-    /// [`OTHER_WRITERS_SEEN_WITHIN`], or what the handle was opened with.
-    refresh: Duration,
+    /// This handle's writes and the versions it read ([`OTHER_WRITERS_SEEN_WITHIN`], or what
+    /// the handle was opened with).
+    versions: VersionCache,
 }
 
 impl Drop for Inner {
@@ -221,9 +205,7 @@ impl SqliteStore {
                 next_reader: AtomicUsize::new(0),
                 writer: Some(tx),
                 writer_thread: Some(writer_thread),
-                local_writes: Default::default(),
-                seen: Mutex::new([None; TAGS]),
-                refresh,
+                versions: VersionCache::new(refresh),
             }),
         })
     }
@@ -340,17 +322,14 @@ fn commit_batch(conn: &mut Connection, batch: Vec<(Vec<Write>, Reply)>) {
     let committed = (|| {
         let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
         // Writes per collection tag of the requests that succeeded: what their versions move by.
-        let mut written = [0i64; 8];
+        let mut written = [0i64; TAGS];
         for (writes, _) in &batch {
             let sp = tx.savepoint().map_err(sql_err)?;
             let r = apply(&sp, writes);
             if r.is_ok() {
                 sp.commit().map_err(sql_err)?;
                 for w in writes {
-                    let c = match w {
-                        Write::Put { collection, .. } | Write::Delete { collection, .. } => *collection,
-                    };
-                    if let Some(n) = usize::try_from(c.tag()).ok().and_then(|i| written.get_mut(i)) {
+                    if let Some(n) = usize::try_from(collection_of(w).tag()).ok().and_then(|i| written.get_mut(i)) {
                         *n += 1;
                     }
                 }
@@ -480,22 +459,12 @@ impl Store for SqliteStore {
         if writes.is_empty() {
             return Ok(());
         }
-        let mut tags = [false; TAGS];
-        for w in &writes {
-            let (Write::Put { collection, .. } | Write::Delete { collection, .. }) = w;
-            if let Some(t) = usize::try_from(collection.tag()).ok().and_then(|i| tags.get_mut(i)) {
-                *t = true;
-            }
-        }
+        let written: Vec<Collection> = writes.iter().map(collection_of).collect();
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.send(Job::Write { writes, reply })?;
         answer.await.map_err(|_| StoreError::Unavailable("the store's writer thread has stopped".into()))??;
         // Committed: this handle's next version read of these collections goes to the file.
-        for (i, written) in tags.iter().enumerate() {
-            if *written {
-                self.inner.local_writes[i].fetch_add(1, Ordering::AcqRel);
-            }
-        }
+        self.inner.versions.wrote(written);
         Ok(())
     }
 
@@ -527,13 +496,7 @@ impl Store for SqliteStore {
             for row in rows {
                 docs.push(row.map_err(sql_err)?);
             }
-            let continuation = if docs.len() > limit {
-                docs.truncate(limit);
-                docs.last().map(|(_, key)| crate::continuation::encode(key))
-            } else {
-                None
-            };
-            Ok(Page { documents: docs.into_iter().map(|(d, _)| d).collect(), continuation })
+            Ok(crate::continuation::page(docs, limit))
         })
         .await
     }
@@ -560,11 +523,7 @@ impl Store for SqliteStore {
             })
             .await?;
         // Only the collections something was deleted from have changed.
-        for (c, _) in &purged {
-            if let Some(counter) = usize::try_from(c.tag()).ok().and_then(|i| self.inner.local_writes.get(i)) {
-                counter.fetch_add(1, Ordering::AcqRel);
-            }
-        }
+        self.inner.versions.wrote(purged.iter().map(|(c, _)| *c));
         Ok(purged.iter().map(|(_, n)| n).sum())
     }
 
@@ -597,20 +556,12 @@ impl Store for SqliteStore {
     }
 
     async fn version(&self, collection: Collection) -> Result<u64, StoreError> {
-        let slot = usize::try_from(collection.tag()).ok().filter(|i| *i < TAGS);
-        let local = slot.map(|i| self.inner.local_writes[i].load(Ordering::Acquire));
-        if let (Some(i), Some(local)) = (slot, local) {
-            let seen = self.inner.seen.lock().unwrap_or_else(|p| p.into_inner())[i];
-            if let Some(s) = seen.filter(|s| s.local == local && s.at.elapsed() < self.inner.refresh) {
-                return Ok(s.version);
-            }
-        }
-        let read_at = Instant::now();
+        let ticket = match self.inner.versions.lookup(collection) {
+            Ok(version) => return Ok(version),
+            Err(ticket) => ticket,
+        };
         let version = self.stored_version(collection)?;
-        if let (Some(i), Some(local)) = (slot, local) {
-            self.inner.seen.lock().unwrap_or_else(|p| p.into_inner())[i] =
-                Some(SeenVersion { local, at: read_at, version });
-        }
+        self.inner.versions.record(ticket, version);
         Ok(version)
     }
 }

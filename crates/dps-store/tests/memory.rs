@@ -12,6 +12,7 @@ async fn memory_passes_conformance() {
 async fn clones_share_one_store() {
     let store = MemoryStore::new();
     conformance::shared_versions(&store, &store.clone()).await;
+    conformance::shared_races(&store, &store.clone()).await;
 }
 
 fn put(id: &str, etag: &str) -> Write {

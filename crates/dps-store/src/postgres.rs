@@ -1,0 +1,882 @@
+//! The PostgreSQL store: several `dps` nodes share one database.
+//!
+//! Documents live in one table keyed by (collection, lower-cased ID), like the SQLite store's.
+//! Writes go through a few writer tasks, each owning a connection while it commits: a writer
+//! takes every write request waiting and commits them in one transaction ("group commit"), so
+//! the commit rate is not one round trip per device. Inside it, each write is one conditional
+//! statement (`INSERT … ON CONFLICT DO NOTHING`, `UPDATE … WHERE etag = …`, …) whose row count
+//! says whether its condition held, and all statements of the batch are sent at once
+//! (pipelined). A request whose writes partly applied is undone by rolling the transaction back
+//! and running the batch again without it; nobody hears of a write before its transaction
+//! committed. Conditions are checked by the statement that writes, under the row lock it takes,
+//! so two nodes racing for one record serialise on that row (no advisory locks, no
+//! `SERIALIZABLE` needed on PostgreSQL; on databases that run everything serialisable, such as
+//! CockroachDB, serialisation failures (SQLSTATE 40001) and deadlocks (40P01) are retried
+//! with backoff).
+
+use std::future::Future;
+use std::str::FromStr as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
+use dps_core::store::{Collection, Condition, Document, Page, Store, StoreError, Write};
+use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Row, Statement};
+
+use crate::version_cache::{collection_of, VersionCache, TAGS};
+
+/// Migrations, applied in order; `dps_schema.version` records how many ran.
+const MIGRATIONS: &[&str] = &[
+    // 1: documents, settings, collection versions.
+    r#"CREATE TABLE dps_documents (
+        collection SMALLINT NOT NULL,
+        key        TEXT COLLATE "C" NOT NULL,
+        id         TEXT NOT NULL,
+        etag       TEXT NOT NULL,
+        partition  TEXT COLLATE "C",
+        body       TEXT NOT NULL,
+        expires_at BIGINT,
+        PRIMARY KEY (collection, key)
+     );
+     CREATE INDEX dps_documents_by_partition ON dps_documents (collection, partition, key) WHERE partition IS NOT NULL;
+     CREATE INDEX dps_documents_by_expiry ON dps_documents (collection, expires_at) WHERE expires_at IS NOT NULL;
+     CREATE TABLE dps_settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+     CREATE TABLE dps_versions (collection SMALLINT PRIMARY KEY, version BIGINT NOT NULL);"#,
+];
+
+/// Most write requests committed in one transaction.
+const MAX_BATCH: usize = 256;
+/// Attempts of a transaction that failed with a serialisation failure or a deadlock.
+const SERIALIZATION_ATTEMPTS: u32 = 6;
+
+/// How to reach the database and how to use it.
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// libpq-style URL or key/value string (`postgres://user:password@host:5432/db`). Holds the
+    /// password: never logged (see [`PostgresOptions::describe`]).
+    pub url: String,
+    /// Connections in the pool (reads and writers together); at least `writers + 1`.
+    pub pool_size: usize,
+    /// Writer tasks, each committing batches on a connection of its own.
+    pub writers: usize,
+    /// `synchronous_commit` for this node's sessions (`on`, `remote_apply`, `remote_write`,
+    /// `local`, `off`), or the server's default when `None`.
+    pub synchronous_commit: Option<String>,
+    /// PEM file of the CA that signs the database server's certificate; needed for
+    /// `sslmode=require` (then the connection is TLS and the certificate verified).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// How long the first start keeps trying to reach an unreachable database.
+    pub start_timeout: Duration,
+    /// How long a version read is reused while this handle has written nothing to the
+    /// collection ([`Store::version`]): other nodes' writes are seen within it.
+    pub refresh: Duration,
+}
+
+impl PostgresOptions {
+    /// Options with the defaults for everything but the URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        PostgresOptions {
+            url: url.into(),
+            pool_size: 16,
+            writers: 2,
+            synchronous_commit: None,
+            ca_file: None,
+            start_timeout: Duration::from_secs(60),
+            refresh: crate::OTHER_WRITERS_SEEN_WITHIN,
+        }
+    }
+
+    /// `user@host:port/database`, without the password: what logs and errors name.
+    pub fn describe(&self) -> String {
+        match tokio_postgres::Config::from_str(&self.url) {
+            Ok(c) => describe(&c),
+            Err(_) => "the configured database".into(),
+        }
+    }
+}
+
+fn describe(c: &tokio_postgres::Config) -> String {
+    let host = match c.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = c.get_ports().first().copied().unwrap_or(5432);
+    format!("{}@{host}:{port}/{}", c.get_user().unwrap_or("?"), c.get_dbname().unwrap_or("?"))
+}
+
+/// One write request waiting for a writer.
+struct Job {
+    writes: Vec<Write>,
+    reply: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// The PostgreSQL store. Cheap to clone.
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    jobs: mpsc::UnboundedSender<Job>,
+    versions: VersionCache,
+    /// `user@host:port/db`, for messages.
+    target: String,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore").field("target", &self.inner.target).finish_non_exhaustive()
+    }
+}
+
+/// Whether a failure is the database asking for the transaction to be tried again.
+fn is_retryable(e: &tokio_postgres::Error) -> bool {
+    matches!(e.code(), Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED)
+}
+
+/// Maps a driver error to the store's: connection and capacity trouble is `Unavailable` (the
+/// caller answers `503` with a retry hint); the message never carries the URL.
+fn pg_err(e: tokio_postgres::Error) -> StoreError {
+    if let Some(db) = e.as_db_error() {
+        let class = &db.code().code()[..2];
+        let message = format!("database error {}: {}", db.code().code(), db.message());
+        return match class {
+            // connection exception, insufficient resources, operator intervention, transaction
+            // rollback (serialisation failure or deadlock after the retries), lock timeout.
+            "08" | "53" | "57" | "40" | "55" => StoreError::Unavailable(message),
+            _ => StoreError::Other(message),
+        };
+    }
+    if e.is_closed() {
+        return StoreError::Unavailable("the database connection was lost".into());
+    }
+    StoreError::Unavailable(format!("database: {e}"))
+}
+
+fn pool_err(e: PoolError) -> StoreError {
+    match e {
+        PoolError::Backend(e) => pg_err(e),
+        PoolError::Timeout(_) => StoreError::Unavailable("no database connection within the pool timeout".into()),
+        other => StoreError::Unavailable(format!("database pool: {other}")),
+    }
+}
+
+/// Whether a connection failure at start will not go away by waiting (wrong password, unknown
+/// database or user, bad TLS setup): fail at once with one clear line.
+fn is_permanent(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        Some(c) => {
+            let code = c.code();
+            code.starts_with("28") || code == "3D000" || code.starts_with("42")
+        }
+        None => {
+            let text = e.to_string();
+            text.contains("certificate") || text.contains("tls") || text.contains("TLS")
+        }
+    }
+}
+
+fn tag(collection: Collection) -> i16 {
+    i16::try_from(collection.tag()).unwrap_or(i16::MAX)
+}
+
+fn key_of(id: &str) -> String {
+    id.to_ascii_lowercase()
+}
+
+fn read_doc(row: &Row) -> Result<Document, StoreError> {
+    let get = |e: tokio_postgres::Error| StoreError::Corrupt(format!("a stored document cannot be read: {e}"));
+    Ok(Document {
+        id: row.try_get(0).map_err(get)?,
+        etag: row.try_get(1).map_err(get)?,
+        partition: row.try_get(2).map_err(get)?,
+        body: row.try_get(3).map_err(get)?,
+        expires_at: row.try_get(4).map_err(get)?,
+    })
+}
+
+const UPSERT: &str = "INSERT INTO dps_documents (collection, key, id, etag, partition, body, expires_at)
+     VALUES ($1, $2, $3, $4, $5, $6, $7)
+     ON CONFLICT (collection, key) DO UPDATE SET id = excluded.id, etag = excluded.etag,
+       partition = excluded.partition, body = excluded.body, expires_at = excluded.expires_at";
+const INSERT_IF_ABSENT: &str = "INSERT INTO dps_documents (collection, key, id, etag, partition, body, expires_at)
+     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (collection, key) DO NOTHING";
+const UPDATE_IF_EXISTS: &str = "UPDATE dps_documents SET id = $3, etag = $4, partition = $5, body = $6, expires_at = $7
+     WHERE collection = $1 AND key = $2";
+const UPDATE_IF_MATCH: &str = "UPDATE dps_documents SET id = $3, etag = $4, partition = $5, body = $6, expires_at = $7
+     WHERE collection = $1 AND key = $2 AND etag = $8";
+const DELETE: &str = "DELETE FROM dps_documents WHERE collection = $1 AND key = $2";
+const DELETE_IF_MATCH: &str = "DELETE FROM dps_documents WHERE collection = $1 AND key = $2 AND etag = $3";
+const EXISTS: &str = "SELECT 1 FROM dps_documents WHERE collection = $1 AND key = $2";
+const BUMP_VERSION: &str = "INSERT INTO dps_versions (collection, version) VALUES ($1, $2)
+     ON CONFLICT (collection) DO UPDATE SET version = dps_versions.version + excluded.version";
+
+/// The statements of a write, in the order of [`Statements::all`].
+#[derive(Clone, Copy)]
+enum Kind {
+    Upsert,
+    InsertIfAbsent,
+    UpdateIfExists,
+    UpdateIfMatch,
+    Delete,
+    DeleteIfMatch,
+    Exists,
+}
+
+/// One write, flattened into owned parameters.
+struct Planned {
+    kind: Kind,
+    collection: i16,
+    key: String,
+    id: String,
+    etag: String,
+    partition: Option<String>,
+    body: String,
+    expires_at: Option<i64>,
+    /// The ETag an `IfMatch` compares with.
+    expected: String,
+    /// The error when the statement touched no row (for `Exists`: when it found one).
+    failure: fn(&str) -> StoreError,
+}
+
+impl Planned {
+    fn of(write: &Write) -> Planned {
+        let (collection, condition) = match write {
+            Write::Put { collection, condition, .. } | Write::Delete { collection, condition, .. } => {
+                (*collection, condition)
+            }
+        };
+        let (kind, failure): (Kind, fn(&str) -> StoreError) = match (write, condition) {
+            (Write::Put { .. }, Condition::Always) => {
+                (Kind::Upsert, |w| StoreError::Other(format!("{w} was not written")))
+            }
+            (Write::Put { .. }, Condition::IfAbsent) => {
+                (Kind::InsertIfAbsent, |w| StoreError::AlreadyExists(format!("{w} already exists")))
+            }
+            (Write::Put { .. }, Condition::IfExists) => {
+                (Kind::UpdateIfExists, |w| StoreError::PreconditionFailed(format!("{w} does not exist")))
+            }
+            (Write::Put { .. }, Condition::IfMatch(_)) => (Kind::UpdateIfMatch, |w| {
+                StoreError::PreconditionFailed(format!("{w} does not exist or has another etag"))
+            }),
+            (Write::Delete { .. }, Condition::Always) => {
+                (Kind::Delete, |w| StoreError::NotFound(format!("{w} does not exist")))
+            }
+            (Write::Delete { .. }, Condition::IfExists) => {
+                (Kind::Delete, |w| StoreError::PreconditionFailed(format!("{w} does not exist")))
+            }
+            (Write::Delete { .. }, Condition::IfMatch(_)) => (Kind::DeleteIfMatch, |w| {
+                StoreError::PreconditionFailed(format!("{w} does not exist or has another etag"))
+            }),
+            // Deleting what must be absent never succeeds: it exists (condition failed) or it
+            // does not (nothing to delete).
+            (Write::Delete { .. }, Condition::IfAbsent) => {
+                (Kind::Exists, |w| StoreError::NotFound(format!("{w} does not exist")))
+            }
+        };
+        let expected = match condition {
+            Condition::IfMatch(e) => e.clone(),
+            _ => String::new(),
+        };
+        let (etag, partition, body, expires_at, id) = match write {
+            Write::Put { document: d, .. } => {
+                (d.etag.clone(), d.partition.clone(), d.body.clone(), d.expires_at, d.id.clone())
+            }
+            Write::Delete { id, .. } => (String::new(), None, String::new(), None, id.clone()),
+        };
+        Planned {
+            kind,
+            collection: tag(collection),
+            key: key_of(&id),
+            id,
+            etag,
+            partition,
+            body,
+            expires_at,
+            expected,
+            failure,
+        }
+    }
+
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        match self.kind {
+            Kind::Upsert | Kind::InsertIfAbsent | Kind::UpdateIfExists => {
+                vec![&self.collection, &self.key, &self.id, &self.etag, &self.partition, &self.body, &self.expires_at]
+            }
+            Kind::UpdateIfMatch => vec![
+                &self.collection,
+                &self.key,
+                &self.id,
+                &self.etag,
+                &self.partition,
+                &self.body,
+                &self.expires_at,
+                &self.expected,
+            ],
+            Kind::Delete | Kind::Exists => vec![&self.collection, &self.key],
+            Kind::DeleteIfMatch => vec![&self.collection, &self.key, &self.expected],
+        }
+    }
+
+    /// What the statement's row count means: `Ok` it wrote, `Err` its condition failed.
+    fn outcome(&self, rows: u64, collection: Collection) -> Result<(), StoreError> {
+        let wrote = match self.kind {
+            Kind::Exists => {
+                if rows > 0 {
+                    return Err(StoreError::AlreadyExists(format!("{collection:?} '{}' already exists", self.id)));
+                }
+                false
+            }
+            _ => rows > 0,
+        };
+        if wrote {
+            Ok(())
+        } else {
+            Err((self.failure)(&format!("{collection:?} '{}'", self.id)))
+        }
+    }
+}
+
+/// The prepared statements of one connection, one per [`Kind`] in its order.
+struct Statements {
+    all: Vec<Statement>,
+    bump: Statement,
+}
+
+impl Statements {
+    async fn prepare(client: &Object) -> Result<Statements, tokio_postgres::Error> {
+        let texts = [UPSERT, INSERT_IF_ABSENT, UPDATE_IF_EXISTS, UPDATE_IF_MATCH, DELETE, DELETE_IF_MATCH, EXISTS];
+        let mut all = Vec::with_capacity(texts.len());
+        for t in texts {
+            all.push(client.prepare_cached(t).await?);
+        }
+        let bump = client.prepare_cached(BUMP_VERSION).await?;
+        Ok(Statements { all, bump })
+    }
+
+    fn of(&self, kind: Kind) -> &Statement {
+        &self.all[kind as usize]
+    }
+}
+
+impl PostgresStore {
+    /// Connects (trying again with backoff while the database cannot be reached, up to
+    /// `start_timeout`; a wrong password or an unknown database fails at once), creates or
+    /// migrates the schema (safe when several nodes start at once), and starts the writers.
+    pub async fn connect(options: PostgresOptions) -> Result<Self, StoreError> {
+        let mut config = tokio_postgres::Config::from_str(&options.url).map_err(|e| {
+            StoreError::Unavailable(format!("[store] url is not a PostgreSQL URL or key=value string: {e}"))
+        })?;
+        let target = describe(&config);
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        config.keepalives(true).keepalives_idle(Duration::from_secs(30));
+        if let Some(mode) = &options.synchronous_commit {
+            let extra = format!("-c synchronous_commit={mode}");
+            let joined = match config.get_options() {
+                Some(o) if !o.is_empty() => format!("{o} {extra}"),
+                _ => extra,
+            };
+            config.options(&joined);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("dps");
+        }
+        let manager_config = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let manager = match (config.get_ssl_mode(), &options.ca_file) {
+            (_, Some(ca)) => Manager::from_config(config, tls_connector(ca)?, manager_config),
+            (tokio_postgres::config::SslMode::Require, None) => {
+                return Err(StoreError::Unavailable(
+                    "[store] url asks for sslmode=require: set [store] ca_file to the CA of the database server's certificate".into(),
+                ))
+            }
+            // `prefer` without a CA to verify against: plain TCP, as the server is not verified anyway.
+            (_, None) => {
+                let mut plain = config;
+                plain.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                Manager::from_config(plain, tokio_postgres::NoTls, manager_config)
+            }
+        };
+        let writers = options.writers.max(1);
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(writers + 1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(5)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .recycle_timeout(Some(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("cannot set up the database pool: {e}")))?;
+        let first = first_connection(&pool, &target, options.start_timeout).await?;
+        migrate(first, &target).await?;
+        let (jobs, rx) = mpsc::unbounded_channel();
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..writers {
+            tokio::spawn(writer_loop(pool.clone(), rx.clone()));
+        }
+        tracing::info!(database = %target, writers, pool = pool.status().max_size, "PostgreSQL store ready");
+        Ok(PostgresStore {
+            inner: Arc::new(Inner { pool, jobs, versions: VersionCache::new(options.refresh), target }),
+        })
+    }
+
+    /// The schema version the database holds.
+    pub async fn schema_version(&self) -> Result<usize, StoreError> {
+        let client = self.inner.pool.get().await.map_err(pool_err)?;
+        let row = client.query_one("SELECT version FROM dps_schema WHERE id = 1", &[]).await.map_err(pg_err)?;
+        let v: i32 = row.try_get(0).map_err(pg_err)?;
+        Ok(usize::try_from(v).unwrap_or(0))
+    }
+
+    /// The migrations this build knows.
+    pub fn known_schema_version() -> usize {
+        MIGRATIONS.len()
+    }
+
+    async fn client(&self) -> Result<Object, StoreError> {
+        self.inner.pool.get().await.map_err(pool_err)
+    }
+}
+
+fn tls_connector(ca: &std::path::Path) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    use rustls_pki_types::pem::PemObject as _;
+    let bad = |e: String| StoreError::Unavailable(format!("[store] ca_file {}: {e}", ca.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = rustls_pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| bad(e.to_string()))?;
+    for cert in certs {
+        roots.add(cert.map_err(|e| bad(e.to_string()))?).map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("holds no certificate".into()));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// The first connection, retried with backoff while the database cannot be reached.
+async fn first_connection(pool: &Pool, target: &str, patience: Duration) -> Result<Object, StoreError> {
+    let started = tokio::time::Instant::now();
+    let mut wait = Duration::from_millis(250);
+    loop {
+        match pool.get().await {
+            Ok(client) => return Ok(client),
+            Err(PoolError::Backend(e)) if is_permanent(&e) => {
+                let reason = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
+                return Err(StoreError::Unavailable(format!(
+                    "PostgreSQL at {target} refused the connection: {reason}; check [store] url"
+                )));
+            }
+            Err(e) => {
+                let reason = match e {
+                    PoolError::Backend(e) => e.to_string(),
+                    other => other.to_string(),
+                };
+                if started.elapsed() + wait > patience {
+                    return Err(StoreError::Unavailable(format!(
+                        "PostgreSQL at {target} cannot be reached ({reason}); gave up after {}s ([store] start_timeout_secs)",
+                        started.elapsed().as_secs()
+                    )));
+                }
+                tracing::warn!(database = %target, error = %reason, retry_in_ms = wait.as_millis() as u64,
+                    "the database cannot be reached yet; trying again");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Creates the schema table, then applies the missing migrations under its row lock, so that
+/// nodes starting at once run each migration exactly once.
+async fn migrate(mut client: Object, target: &str) -> Result<(), StoreError> {
+    for attempt in 0.. {
+        // Two sessions creating the same table at once can collide in the catalogue even with
+        // IF NOT EXISTS; the loser sees the table on the next try.
+        match client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS dps_schema (id INT PRIMARY KEY, version INT NOT NULL);
+                 INSERT INTO dps_schema (id, version) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;",
+            )
+            .await
+        {
+            Ok(()) => break,
+            Err(e)
+                if attempt < 5
+                    && matches!(e.code(), Some(c) if *c == SqlState::UNIQUE_VIOLATION || *c == SqlState::DUPLICATE_TABLE || is_retryable(&e)) =>
+            {
+                tokio::time::sleep(Duration::from_millis(50 * (attempt + 1))).await;
+            }
+            Err(e) => return Err(pg_err(e)),
+        }
+    }
+    for attempt in 1..=SERIALIZATION_ATTEMPTS {
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let result: Result<(), tokio_postgres::Error> = async {
+            let row = tx.query_one("SELECT version FROM dps_schema WHERE id = 1 FOR UPDATE", &[]).await?;
+            let current: i32 = row.try_get(0)?;
+            let current = usize::try_from(current).unwrap_or(usize::MAX);
+            if current > MIGRATIONS.len() {
+                return Ok(());
+            }
+            for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+                tx.batch_execute(sql).await?;
+                let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
+                tx.execute("UPDATE dps_schema SET version = $1 WHERE id = 1", &[&version]).await?;
+                tracing::info!(version = i + 1, database = %target, "store schema migrated");
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                tx.commit().await.map_err(pg_err)?;
+                break;
+            }
+            Err(e) if is_retryable(&e) && attempt < SERIALIZATION_ATTEMPTS => continue,
+            Err(e) => return Err(pg_err(e)),
+        }
+    }
+    let row = client.query_one("SELECT version FROM dps_schema WHERE id = 1", &[]).await.map_err(pg_err)?;
+    let current: i32 = row.try_get(0).map_err(pg_err)?;
+    if usize::try_from(current).unwrap_or(usize::MAX) > MIGRATIONS.len() {
+        return Err(StoreError::Unavailable(format!(
+            "the database {target} has schema version {current}, newer than this dps understands ({}); upgrade dps",
+            MIGRATIONS.len()
+        )));
+    }
+    Ok(())
+}
+
+/// A writer task: takes every write request waiting (up to [`MAX_BATCH`]) and commits them in
+/// one transaction, then answers each.
+async fn writer_loop(pool: Pool, jobs: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>) {
+    loop {
+        let batch = {
+            let mut rx = jobs.lock().await;
+            let Some(first) = rx.recv().await else { return };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        commit_batch(&pool, batch).await;
+    }
+}
+
+async fn commit_batch(pool: &Pool, batch: Vec<Job>) {
+    let writes: Vec<&[Write]> = batch.iter().map(|j| j.writes.as_slice()).collect();
+    match commit_with_retries(pool, &writes).await {
+        Ok(results) => {
+            for (job, r) in batch.into_iter().zip(results) {
+                let _ = job.reply.send(r);
+            }
+        }
+        // A statement failed for a reason of its own (not a condition, not the connection):
+        // run the requests one by one so that one bad request fails alone.
+        Err(StoreError::Other(_)) if batch.len() > 1 => {
+            for job in batch {
+                let r = match commit_with_retries(pool, &[job.writes.as_slice()]).await {
+                    Ok(mut one) => one.pop().unwrap_or(Ok(())),
+                    Err(e) => Err(e),
+                };
+                let _ = job.reply.send(r);
+            }
+        }
+        Err(e) => {
+            dps_core::warn_limited!("store-write", error = %e, requests = batch.len(),
+                "store transaction failed; nothing of it was written");
+            for job in batch {
+                let _ = job.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// Commits `requests` in one transaction, retrying it on serialisation failures and deadlocks.
+async fn commit_with_retries(pool: &Pool, requests: &[&[Write]]) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut client = pool.get().await.map_err(pool_err)?;
+        match commit_once(&mut client, requests).await {
+            Ok(results) => return Ok(results),
+            Err(e) if is_retryable(&e) && attempt < SERIALIZATION_ATTEMPTS => {
+                let jitter = u64::from(rand::random::<u8>());
+                tokio::time::sleep(Duration::from_millis((5 << attempt) + jitter % 10)).await;
+            }
+            Err(e) => return Err(pg_err(e)),
+        }
+    }
+}
+
+/// One attempt: runs every request's statements pipelined; a request that partly applied is
+/// dropped (answered with its failure) and the transaction run again without it.
+async fn commit_once(
+    client: &mut Object,
+    requests: &[&[Write]],
+) -> Result<Vec<Result<(), StoreError>>, tokio_postgres::Error> {
+    let statements = Statements::prepare(client).await?;
+    let planned: Vec<Vec<Planned>> = requests.iter().map(|ws| ws.iter().map(Planned::of).collect()).collect();
+    let mut results: Vec<Option<Result<(), StoreError>>> = vec![None; requests.len()];
+    let mut dropped = vec![false; requests.len()];
+    loop {
+        let tx = client.transaction().await?;
+        let live: Vec<usize> = (0..requests.len()).filter(|i| !dropped[*i]).collect();
+        let params: Vec<Vec<&(dyn ToSql + Sync)>> =
+            live.iter().flat_map(|i| planned[*i].iter().map(Planned::params)).collect();
+        let kinds: Vec<Kind> = live.iter().flat_map(|i| planned[*i].iter().map(|p| p.kind)).collect();
+        let runs = kinds.iter().zip(&params).map(|(k, p)| tx.execute(statements.of(*k), p.as_slice()));
+        let counts = futures_util::future::join_all(runs).await;
+        let mut counts = counts.into_iter();
+        let mut partly: Option<(usize, StoreError)> = None;
+        let mut round: Vec<(usize, Result<(), StoreError>)> = Vec::with_capacity(live.len());
+        for &i in &live {
+            let mut first_failure = None;
+            let mut wrote_any = false;
+            for (p, w) in planned[i].iter().zip(requests[i].iter()) {
+                let rows = counts.next().unwrap_or(Ok(0))?;
+                match p.outcome(rows, collection_of(w)) {
+                    Ok(()) => wrote_any = true,
+                    Err(e) => {
+                        first_failure.get_or_insert(e);
+                    }
+                }
+            }
+            match first_failure {
+                Some(e) if wrote_any => {
+                    partly.get_or_insert((i, e));
+                }
+                Some(e) => round.push((i, Err(e))),
+                None => round.push((i, Ok(()))),
+            }
+        }
+        if let Some((i, e)) = partly {
+            // Everything after it may have seen its partial writes: run the rest again.
+            tx.rollback().await?;
+            dropped[i] = true;
+            results[i] = Some(Err(e));
+            continue;
+        }
+        let mut written = [0i64; TAGS];
+        for (i, r) in &round {
+            if r.is_ok() {
+                for w in requests[*i] {
+                    if let Some(n) = usize::try_from(collection_of(w).tag()).ok().and_then(|t| written.get_mut(t)) {
+                        *n += 1;
+                    }
+                }
+            }
+        }
+        let bumps: Vec<(i16, i64)> = written
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(t, n)| (i16::try_from(t).unwrap_or(i16::MAX), *n))
+            .collect();
+        let bump_params: Vec<[&(dyn ToSql + Sync); 2]> = bumps.iter().map(|(t, n)| [t as _, n as _]).collect();
+        let bump_runs = bump_params.iter().map(|p| tx.execute(&statements.bump, p));
+        for r in futures_util::future::join_all(bump_runs).await {
+            r?;
+        }
+        tx.commit().await?;
+        for (i, r) in round {
+            results[i] = Some(r);
+        }
+        return Ok(results.into_iter().map(|r| r.unwrap_or(Ok(()))).collect());
+    }
+}
+
+/// Runs `f` with retries on serialisation failures, on a pooled connection.
+async fn with_retries<T, F, Fut>(store: &PostgresStore, mut f: F) -> Result<T, StoreError>
+where
+    F: FnMut(Object) -> Fut,
+    Fut: Future<Output = Result<T, tokio_postgres::Error>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let client = store.client().await?;
+        match f(client).await {
+            Ok(v) => return Ok(v),
+            Err(e) if is_retryable(&e) && attempt < SERIALIZATION_ATTEMPTS => {
+                tokio::time::sleep(Duration::from_millis(5 << attempt)).await;
+            }
+            Err(e) => return Err(pg_err(e)),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn get(&self, collection: Collection, id: &str) -> Result<Option<Document>, StoreError> {
+        let client = self.client().await?;
+        let st = client
+            .prepare_cached(
+                "SELECT id, etag, partition, body, expires_at FROM dps_documents WHERE collection = $1 AND key = $2",
+            )
+            .await
+            .map_err(pg_err)?;
+        let row = client.query_opt(&st, &[&tag(collection), &key_of(id)]).await.map_err(pg_err)?;
+        row.as_ref().map(read_doc).transpose()
+    }
+
+    async fn write(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let written: Vec<Collection> = writes.iter().map(collection_of).collect();
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .jobs
+            .send(Job { writes, reply })
+            .map_err(|_| StoreError::Unavailable("the store's writers have stopped".into()))?;
+        answer.await.map_err(|_| StoreError::Unavailable("the store's writers have stopped".into()))??;
+        self.inner.versions.wrote(written);
+        Ok(())
+    }
+
+    async fn list(
+        &self,
+        collection: Collection,
+        partition: Option<&str>,
+        continuation: Option<&str>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        let after = crate::continuation::decode(continuation)?;
+        let limit = limit.max(1);
+        let fetch = i64::try_from(limit).unwrap_or(i64::MAX - 1) + 1;
+        let client = self.client().await?;
+        let columns = "SELECT id, etag, partition, body, expires_at, key FROM dps_documents WHERE collection = $1";
+        let c = tag(collection);
+        let rows = match (partition, after.as_deref()) {
+            (None, None) => {
+                let st = client.prepare_cached(&format!("{columns} ORDER BY key LIMIT $2")).await.map_err(pg_err)?;
+                client.query(&st, &[&c, &fetch]).await
+            }
+            (Some(p), None) => {
+                let st = client
+                    .prepare_cached(&format!("{columns} AND partition = $2 ORDER BY key LIMIT $3"))
+                    .await
+                    .map_err(pg_err)?;
+                client.query(&st, &[&c, &p, &fetch]).await
+            }
+            (None, Some(a)) => {
+                let st = client
+                    .prepare_cached(&format!("{columns} AND key > $2 ORDER BY key LIMIT $3"))
+                    .await
+                    .map_err(pg_err)?;
+                client.query(&st, &[&c, &a, &fetch]).await
+            }
+            (Some(p), Some(a)) => {
+                let st = client
+                    .prepare_cached(&format!("{columns} AND partition = $2 AND key > $3 ORDER BY key LIMIT $4"))
+                    .await
+                    .map_err(pg_err)?;
+                client.query(&st, &[&c, &p, &a, &fetch]).await
+            }
+        }
+        .map_err(pg_err)?;
+        let mut docs = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let key: String =
+                row.try_get(5).map_err(|e| StoreError::Corrupt(format!("a stored key cannot be read: {e}")))?;
+            docs.push((read_doc(row)?, key));
+        }
+        Ok(crate::continuation::page(docs, limit))
+    }
+
+    async fn purge_expired(&self, now_millis: i64) -> Result<u64, StoreError> {
+        let purged = with_retries(self, |mut client| async move {
+            let tx = client.transaction().await?;
+            let mut purged = Vec::new();
+            for c in Collection::ALL {
+                let n = tx
+                    .execute(
+                        "DELETE FROM dps_documents WHERE collection = $1 AND expires_at IS NOT NULL AND expires_at < $2",
+                        &[&tag(c), &now_millis],
+                    )
+                    .await?;
+                if n > 0 {
+                    tx.execute(BUMP_VERSION, &[&tag(c), &i64::try_from(n).unwrap_or(i64::MAX)]).await?;
+                    purged.push((c, n));
+                }
+            }
+            tx.commit().await?;
+            Ok(purged)
+        })
+        .await?;
+        self.inner.versions.wrote(purged.iter().map(|(c, _)| *c));
+        Ok(purged.iter().map(|(_, n)| n).sum())
+    }
+
+    async fn get_setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let client = self.client().await?;
+        let row = client.query_opt("SELECT value FROM dps_settings WHERE key = $1", &[&key]).await.map_err(pg_err)?;
+        row.map(|r| r.try_get(0).map_err(pg_err)).transpose()
+    }
+
+    async fn init_setting(&self, key: &str, value: &str) -> Result<String, StoreError> {
+        let (key, value) = (key.to_string(), value.to_string());
+        with_retries(self, |client| {
+            let (key, value) = (key.clone(), value.clone());
+            async move {
+                client
+                    .execute(
+                        "INSERT INTO dps_settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+                        &[&key, &value],
+                    )
+                    .await?;
+                let row = client.query_one("SELECT value FROM dps_settings WHERE key = $1", &[&key]).await?;
+                row.try_get(0)
+            }
+        })
+        .await
+    }
+
+    async fn version(&self, collection: Collection) -> Result<u64, StoreError> {
+        let ticket = match self.inner.versions.lookup(collection) {
+            Ok(version) => return Ok(version),
+            Err(ticket) => ticket,
+        };
+        let client = self.client().await?;
+        let st =
+            client.prepare_cached("SELECT version FROM dps_versions WHERE collection = $1").await.map_err(pg_err)?;
+        let row = client.query_opt(&st, &[&tag(collection)]).await.map_err(pg_err)?;
+        let stored: i64 = match row {
+            Some(r) => r.try_get(0).map_err(pg_err)?,
+            None => 0,
+        };
+        let version = u64::try_from(stored)
+            .map_err(|_| StoreError::Corrupt(format!("the stored version of {collection:?} is negative")))?;
+        self.inner.versions.record(ticket, version);
+        Ok(version)
+    }
+
+    async fn ready(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let row = client.query_one("SELECT version FROM dps_schema WHERE id = 1", &[]).await.map_err(pg_err)?;
+        let v: i32 = row.try_get(0).map_err(pg_err)?;
+        if usize::try_from(v).ok() != Some(MIGRATIONS.len()) {
+            return Err(StoreError::Unavailable(format!(
+                "the database holds schema version {v}; this dps expects {}",
+                MIGRATIONS.len()
+            )));
+        }
+        Ok(())
+    }
+}
