@@ -227,6 +227,24 @@ impl Engine {
     pub async fn purge_expired(&self) -> Result<u64, Error> {
         Ok(self.devices.store.purge_expired(self.devices.clock.now_millis()).await?)
     }
+
+    /// This engine's node identity: random per process, the holder name of its leases.
+    pub fn node(&self) -> &str {
+        &self.devices.operation_prefix
+    }
+
+    /// Takes or renews the lease on the background work `name` for `ttl` ([`crate::lease`]):
+    /// `true` when this node may do the work now.
+    pub async fn hold_lease(&self, name: &str, ttl: std::time::Duration) -> Result<bool, Error> {
+        let ttl = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let now = self.devices.clock.now_millis();
+        Ok(crate::lease::acquire(self.devices.store.as_ref(), name, self.node(), now, ttl).await?)
+    }
+
+    /// Whether the store can serve now (`/readyz`).
+    pub async fn ready(&self) -> Result<(), Error> {
+        Ok(self.devices.store.ready().await?)
+    }
 }
 
 impl Core {

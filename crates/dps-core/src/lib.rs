@@ -18,6 +18,7 @@ pub mod engine;
 pub mod enrollment;
 pub mod error;
 pub mod etag;
+pub mod lease;
 pub mod log_limit;
 pub mod registration;
 pub mod reprovision;

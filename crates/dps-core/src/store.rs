@@ -20,17 +20,21 @@ pub enum Collection {
     /// The TPM challenge last issued to a registration ID (the key it delivers), keyed by
     /// registration ID; each expires after the challenge lifetime.
     TpmChallenges,
+    /// Leases on background work that one node at a time does (the purge sweep), keyed by
+    /// the work's name ([`crate::lease`]).
+    Leases,
 }
 
 impl Collection {
     /// All collections.
-    pub const ALL: [Collection; 6] = [
+    pub const ALL: [Collection; 7] = [
         Collection::Enrollments,
         Collection::EnrollmentGroups,
         Collection::Registrations,
         Collection::Operations,
         Collection::Certificates,
         Collection::TpmChallenges,
+        Collection::Leases,
     ];
 
     /// A stable small number for storage.
@@ -42,6 +46,7 @@ impl Collection {
             Collection::Operations => 4,
             Collection::Certificates => 5,
             Collection::TpmChallenges => 6,
+            Collection::Leases => 7,
         }
     }
 }

@@ -62,8 +62,12 @@ pub async fn cert(config: &Config, action: CertAction) -> Result<Value, String> 
             }
             db.display().to_string()
         }
+        StoreConfig::Postgres(pg) => match pg.url() {
+            Some(url) => dps_store::PostgresOptions::new(url).describe(),
+            None => return Err("[store] backend \"postgres\" needs [store] url or DPS_STORE_URL".into()),
+        },
     };
-    let store = open_store(&config.store, &config.data_dir).map_err(|e| match e {
+    let store = open_store(&config.store, &config.data_dir).await.map_err(|e| match e {
         ServerError::Store(e) => format!("cannot open {where_}: {e}"),
         other => format!("cannot open {where_}: {other}"),
     })?;

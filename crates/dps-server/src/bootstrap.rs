@@ -193,6 +193,55 @@ fn rc_err(e: rcgen::Error) -> ServerError {
     ServerError::Bootstrap(format!("certificate generation failed: {e}"))
 }
 
+/// The setting that holds the test CA (certificate and key, PEM) when nodes share the store.
+const SHARED_TEST_CA: &str = "tls.test_ca";
+
+#[derive(Serialize, Deserialize)]
+struct SharedCa {
+    certificate: String,
+    key: String,
+}
+
+/// Nodes sharing one store share one test CA: the first node to start keeps its CA (the one in
+/// its data directory, else a new one) in the store, and every node writes that CA to its own
+/// `<data_dir>/tls` before [`ensure_tls`] issues its server certificate from it. So one CA file
+/// is trusted for every node behind one address. Does nothing when `tls.cert`/`tls.key` are
+/// configured (then every node must be given the same certificate, or ones from one CA).
+pub async fn share_test_ca(config: &Config, data_dir: &Path, store: &dyn Store) -> Result<(), ServerError> {
+    if config.tls.cert.is_some() && config.tls.key.is_some() {
+        return Ok(());
+    }
+    let dir = data_dir.join("tls");
+    create_private_dir(&dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
+    let (ca_cert_path, ca_key_path) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
+    let stored = match store.get_setting(SHARED_TEST_CA).await? {
+        Some(stored) => stored,
+        None => {
+            let local = (std::fs::read_to_string(&ca_cert_path), std::fs::read_to_string(&ca_key_path));
+            let candidate = match local {
+                (Ok(certificate), Ok(key)) if load_key_pair(&key).is_ok() => SharedCa { certificate, key },
+                _ => {
+                    let (key, key_pem) = rsa_key_pair()?;
+                    let cert = ca_params(&key)?.self_signed(&key).map_err(rc_err)?;
+                    SharedCa { certificate: cert.pem(), key: key_pem }
+                }
+            };
+            let text = serde_json::to_string(&candidate).map_err(|e| ServerError::Bootstrap(e.to_string()))?;
+            store.init_setting(SHARED_TEST_CA, &text).await?
+        }
+    };
+    let shared: SharedCa = serde_json::from_str(&stored)
+        .map_err(|e| ServerError::Bootstrap(format!("the shared test CA in the store cannot be read: {e}")))?;
+    if std::fs::read_to_string(&ca_cert_path).ok().as_deref() != Some(shared.certificate.as_str()) {
+        tracing::info!(path = %ca_cert_path.display(), "using the test CA shared by the nodes on this store");
+        write_atomic(&ca_key_path, shared.key.as_bytes(), true)?;
+        write_atomic(&ca_cert_path, shared.certificate.as_bytes(), false)?;
+        // Issued by another CA: issue it again from the shared one.
+        let _ = std::fs::remove_file(dir.join("server.pem"));
+    }
+    Ok(())
+}
+
 /// Makes sure a server certificate exists: the configured one, or a generated one signed by
 /// a test CA in `<data_dir>/tls`. The generated certificate is re-issued (by the same CA)
 /// when `tls.host_names` or `tls.generated_key` changes.

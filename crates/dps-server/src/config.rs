@@ -495,17 +495,76 @@ impl LimitsConfig {
 pub enum StoreConfig {
     /// `backend = "sqlite"`: one SQLite database file in the data directory.
     Sqlite(SqliteStoreConfig),
+    /// `backend = "postgres"`: a PostgreSQL database that several nodes may share.
+    Postgres(PostgresStoreConfig),
 }
 
 impl StoreConfig {
     /// Every `backend` value.
-    pub const BACKENDS: [&'static str; 1] = ["sqlite"];
+    pub const BACKENDS: [&'static str; 2] = ["sqlite", "postgres"];
 
     /// The `backend` value of this configuration.
     pub fn backend(&self) -> &'static str {
         match self {
             StoreConfig::Sqlite(_) => "sqlite",
+            StoreConfig::Postgres(_) => "postgres",
         }
+    }
+
+    /// Whether other processes (other `dps` nodes) share this store.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, StoreConfig::Postgres(_))
+    }
+}
+
+/// The environment variable that holds the PostgreSQL URL (it wins over `[store] url`), so
+/// that the password need not be in the configuration file.
+pub const STORE_URL_ENV: &str = "DPS_STORE_URL";
+
+/// `[store]` settings of `backend = "postgres"`.
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresStoreConfig {
+    /// `postgres://user:password@host:port/database` (or libpq key=value); the environment
+    /// variable [`STORE_URL_ENV`] wins over it.
+    pub url: Option<String>,
+    /// Connections of this node to the database (reads and writers together).
+    pub pool_size: usize,
+    /// Writer tasks, each committing batches of writes on a connection of its own.
+    pub writers: usize,
+    /// `synchronous_commit` of this node's sessions; unset: the database's default.
+    pub synchronous_commit: Option<String>,
+    /// CA certificate (PEM) of the database server's TLS certificate; with it the connection
+    /// is TLS and verified.
+    pub ca_file: Option<PathBuf>,
+    /// How long a start keeps trying to reach an unreachable database.
+    pub start_timeout_secs: u64,
+}
+
+impl PostgresStoreConfig {
+    /// The URL in force: the environment's, else the file's.
+    pub fn url(&self) -> Option<String> {
+        std::env::var(STORE_URL_ENV).ok().filter(|u| !u.is_empty()).or_else(|| self.url.clone())
+    }
+}
+
+impl std::fmt::Debug for PostgresStoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold the password.
+        f.debug_struct("PostgresStoreConfig")
+            .field("url", &self.url.as_ref().map(|_| "<redacted>"))
+            .field("pool_size", &self.pool_size)
+            .field("writers", &self.writers)
+            .field("synchronous_commit", &self.synchronous_commit)
+            .field("ca_file", &self.ca_file)
+            .field("start_timeout_secs", &self.start_timeout_secs)
+            .finish()
+    }
+}
+
+impl Default for PostgresStoreConfig {
+    fn default() -> Self {
+        Self { url: None, pool_size: 16, writers: 2, synchronous_commit: None, ca_file: None, start_timeout_secs: 60 }
     }
 }
 

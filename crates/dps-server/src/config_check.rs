@@ -8,7 +8,10 @@ use std::path::Path;
 
 use dps_proto::service::AllocationPolicy;
 
-use crate::config::{Config, ConfigError, StoreConfig, MAX_PACKET_LIMIT, RIGHTS};
+use crate::config::{Config, ConfigError, StoreConfig, MAX_PACKET_LIMIT, RIGHTS, STORE_URL_ENV};
+
+/// The values PostgreSQL takes for `synchronous_commit`.
+const SYNCHRONOUS_COMMIT: [&str; 5] = ["on", "remote_apply", "remote_write", "local", "off"];
 
 impl Config {
     /// Parses TOML text.
@@ -179,6 +182,34 @@ impl Config {
                 "full" | "normal" => {}
                 other => return Err(invalid("store.synchronous", format!("'{other}' is not 'full' or 'normal'"))),
             },
+            StoreConfig::Postgres(pg) => {
+                if pg.url().is_none() {
+                    return Err(invalid(
+                        "store.url",
+                        format!("backend \"postgres\" needs the database URL in [store] url or in {STORE_URL_ENV}"),
+                    ));
+                }
+                if pg.pool_size < 2 || pg.pool_size > 1000 {
+                    return Err(invalid("store.pool_size", format!("{} is not between 2 and 1000", pg.pool_size)));
+                }
+                if pg.writers == 0 || pg.writers >= pg.pool_size {
+                    return Err(invalid(
+                        "store.writers",
+                        format!("{} must be at least 1 and less than pool_size ({})", pg.writers, pg.pool_size),
+                    ));
+                }
+                if let Some(mode) = &pg.synchronous_commit {
+                    if !SYNCHRONOUS_COMMIT.contains(&mode.as_str()) {
+                        return Err(invalid(
+                            "store.synchronous_commit",
+                            format!("'{mode}' is not one of {}", SYNCHRONOUS_COMMIT.join(", ")),
+                        ));
+                    }
+                }
+                if pg.start_timeout_secs == 0 || pg.start_timeout_secs > 3600 {
+                    return Err(invalid("store.start_timeout_secs", "must be between 1 and 3600".to_string()));
+                }
+            }
         }
         let l = &self.limits;
         if l.max_body_bytes < 1024
@@ -297,8 +328,34 @@ mod tests {
             assert_eq!(config.store.backend(), "sqlite");
         }
         for backend in StoreConfig::BACKENDS {
-            let config = Config::from_toml(&format!("[store]\nbackend = \"{backend}\"\n"), Path::new("c")).unwrap();
+            let url = if backend == "postgres" { "url = \"postgres://db/dps\"\n" } else { "" };
+            let config =
+                Config::from_toml(&format!("[store]\nbackend = \"{backend}\"\n{url}"), Path::new("c")).unwrap();
             assert_eq!(config.store.backend(), backend);
+        }
+    }
+
+    #[test]
+    fn the_postgres_backend_is_checked_and_its_url_never_shown() {
+        let text = "[store]\nbackend = \"postgres\"\nurl = \"postgres://dps:s3cret@db:5432/dps\"\npool_size = 8\n";
+        let config = Config::from_toml(text, Path::new("c.toml")).unwrap();
+        config.validate().unwrap();
+        assert!(config.store.is_shared());
+        let StoreConfig::Postgres(pg) = &config.store else { panic!("postgres") };
+        assert_eq!((pg.pool_size, pg.writers, pg.start_timeout_secs), (8, 2, 60));
+        assert!(!format!("{config:?}").contains("s3cret"), "Debug output hides the password");
+        for (extra, needle) in [
+            ("synchronous_commit = \"sometimes\"\n", "store.synchronous_commit"),
+            ("writers = 8\n", "store.writers"),
+            ("start_timeout_secs = 0\n", "store.start_timeout_secs"),
+        ] {
+            let err = Config::from_toml(&format!("{text}{extra}"), Path::new("c.toml")).unwrap_err().to_string();
+            assert!(err.contains(needle), "{extra}: {err}");
+        }
+        if std::env::var(crate::config::STORE_URL_ENV).is_err() {
+            let err =
+                Config::from_toml("[store]\nbackend = \"postgres\"\n", Path::new("c.toml")).unwrap_err().to_string();
+            assert!(err.contains("store.url") && err.contains("DPS_STORE_URL"), "{err}");
         }
     }
 

@@ -50,7 +50,10 @@ impl Server {
             "connection caps"
         );
         let data_dir = bootstrap::prepare_data_dir(&config.data_dir)?;
-        let store = crate::store::open_store(&config.store, &data_dir)?;
+        let store = crate::store::open_store(&config.store, &data_dir).await?;
+        if config.store.is_shared() {
+            bootstrap::share_test_ca(&config, &data_dir, store.as_ref()).await?;
+        }
         let tls_files = bootstrap::ensure_tls(&config, &data_dir)?;
         let tls = crate::tls::server_config(&tls_files.cert, &tls_files.key)?;
         let id_scope = bootstrap::ensure_id_scope(&config, store.as_ref()).await?;
@@ -238,11 +241,36 @@ fn print_banner(creds: &DevCredentials, path: &std::path::Path, show_secret: boo
     println!("  Credentials file:   {}", path.display());
 }
 
+/// How often the sweep of expired operations runs.
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+/// How long the sweep's lease holds without renewal: the node that holds it renews it every
+/// [`PURGE_EVERY`]; when it dies, another node takes the sweep over within this time.
+const PURGE_LEASE: Duration = Duration::from_secs(150);
+
+/// Sweeps expired operations, on one node at a time of those sharing the store (the holder of
+/// the `purge` lease, [`dps_core::lease`]).
 async fn purge_loop(engine: Engine, mut stop: watch::Receiver<bool>) {
+    let mut held = false;
     loop {
         tokio::select! {
             _ = stop.changed() => return,
-            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            _ = tokio::time::sleep(PURGE_EVERY) => {}
+        }
+        match engine.hold_lease("purge", PURGE_LEASE).await {
+            Ok(true) => {
+                if !held {
+                    tracing::debug!(node = engine.node(), "this node sweeps expired operations");
+                }
+                held = true;
+            }
+            Ok(false) => {
+                held = false;
+                continue;
+            }
+            Err(e) => {
+                dps_core::warn_limited!("purge", error = %e, "the purge lease cannot be read");
+                continue;
+            }
         }
         match engine.purge_expired().await {
             Ok(0) => {}

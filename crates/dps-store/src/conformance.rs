@@ -316,3 +316,29 @@ pub async fn shared_races(a: &dyn Store, b: &dyn Store) {
         etag = now;
     }
 }
+
+/// Leases ([`dps_core::lease`]) through two handles, as two nodes take them: one holder at a
+/// time, renewals keep it, an expired lease passes to the other, and of two nodes taking an
+/// expired lease at once exactly one wins.
+pub async fn shared_leases(a: &dyn Store, b: &dyn Store) {
+    use dps_core::lease::{acquire, holder};
+    let ttl = 1_000;
+    assert!(acquire(a, "sweep", "node-a", 10_000, ttl).await.unwrap(), "a free lease is taken");
+    assert!(!acquire(b, "sweep", "node-b", 10_500, ttl).await.unwrap(), "a held lease is refused");
+    assert!(acquire(a, "sweep", "node-a", 10_900, ttl).await.unwrap(), "the holder renews");
+    assert!(!acquire(b, "sweep", "node-b", 11_500, ttl).await.unwrap(), "renewed: still held");
+    assert!(acquire(b, "sweep", "node-b", 12_000, ttl).await.unwrap(), "expired: another node takes it over");
+    assert!(!acquire(a, "sweep", "node-a", 12_100, ttl).await.unwrap(), "the old holder has lost it");
+    assert_eq!(holder(a, "sweep").await.unwrap().map(|h| h.holder).as_deref(), Some("node-b"));
+    let mut now = 20_000;
+    for round in 0..8 {
+        now += 2 * ttl;
+        let (ra, rb) = futures_util::future::join(
+            acquire(a, "sweep", "node-a", now, ttl),
+            acquire(b, "sweep", "node-b", now, ttl),
+        )
+        .await;
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        assert!(ra != rb, "round {round}: exactly one node takes the expired lease ({ra}, {rb})");
+    }
+}

@@ -18,5 +18,5 @@ mod version_cache;
 
 pub use memory::MemoryStore;
 pub use postgres::{PostgresOptions, PostgresStore};
-pub use scratch::ScratchDatabase;
+pub use scratch::{ScratchDatabase, DEFAULT_TEST_SERVER, TEST_SERVER_ENV};
 pub use sqlite::{SqliteStore, Synchronous, OTHER_WRITERS_SEEN_WITHIN};

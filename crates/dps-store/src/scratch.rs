@@ -23,7 +23,21 @@ async fn admin_client(admin_url: &str) -> Result<tokio_postgres::Client, StoreEr
     Ok(client)
 }
 
+/// The environment variable naming the PostgreSQL server tests use.
+pub const TEST_SERVER_ENV: &str = "DPS_TEST_POSTGRES_URL";
+/// The server tests use when [`TEST_SERVER_ENV`] is unset: the CI machine's (trust auth).
+pub const DEFAULT_TEST_SERVER: &str = "postgres://postgres@127.0.0.1:5432/test";
+
 impl ScratchDatabase {
+    /// A scratch database on the test server ([`TEST_SERVER_ENV`], else
+    /// [`DEFAULT_TEST_SERVER`]); the error says which server was tried and how to name another.
+    pub async fn for_test(prefix: &str) -> Result<ScratchDatabase, StoreError> {
+        let server = std::env::var(TEST_SERVER_ENV).unwrap_or_else(|_| DEFAULT_TEST_SERVER.into());
+        Self::create(&server, prefix).await.map_err(|e| {
+            StoreError::Unavailable(format!("this test needs PostgreSQL at {server} (set {TEST_SERVER_ENV}): {e}"))
+        })
+    }
+
     /// Creates `dps_<prefix>_<random>` on the server `admin_url` names (connected to without TLS;
     /// the role needs `CREATEDB`).
     pub async fn create(admin_url: &str, prefix: &str) -> Result<ScratchDatabase, StoreError> {

@@ -13,6 +13,7 @@ async fn clones_share_one_store() {
     let store = MemoryStore::new();
     conformance::shared_versions(&store, &store.clone()).await;
     conformance::shared_races(&store, &store.clone()).await;
+    conformance::shared_leases(&store, &store.clone()).await;
 }
 
 fn put(id: &str, etag: &str) -> Write {

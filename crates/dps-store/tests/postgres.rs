@@ -9,14 +9,8 @@ use std::time::{Duration, Instant};
 use dps_core::store::{Collection, Condition, Document, Store, Write};
 use dps_store::{conformance, PostgresOptions, PostgresStore, ScratchDatabase};
 
-fn admin_url() -> String {
-    std::env::var("DPS_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
 async fn scratch(prefix: &str) -> ScratchDatabase {
-    ScratchDatabase::create(&admin_url(), prefix)
-        .await
-        .unwrap_or_else(|e| panic!("these tests need PostgreSQL at DPS_TEST_POSTGRES_URL ({}): {e}", admin_url()))
+    ScratchDatabase::for_test(prefix).await.unwrap()
 }
 
 async fn open(url: &str, refresh: Duration) -> PostgresStore {
@@ -50,6 +44,7 @@ async fn two_handles_share_versions_and_race_safely() {
     let b = open(&db.url, Duration::ZERO).await;
     conformance::shared_versions(&a, &b).await;
     conformance::shared_races(&a, &b).await;
+    conformance::shared_leases(&a, &b).await;
     drop((a, b));
     db.drop_database().await.unwrap();
 }

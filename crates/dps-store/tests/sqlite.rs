@@ -61,6 +61,7 @@ async fn two_opens_of_one_file_share_versions() {
     let b = SqliteStore::open_with_refresh(&path, Synchronous::Full, Duration::ZERO).unwrap();
     conformance::shared_versions(&a, &b).await;
     conformance::shared_races(&a, &b).await;
+    conformance::shared_leases(&a, &b).await;
 }
 
 /// With the default refresh, a handle sees its own writes in the version at once, and another

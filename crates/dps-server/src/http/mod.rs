@@ -5,6 +5,7 @@
 //! 404 and wrong methods 405, both with a DPS error body.
 
 mod device;
+mod health;
 mod response;
 mod service;
 
@@ -251,6 +252,8 @@ enum Route {
     DeviceRegister { scope: String, id: String },
     DeviceOperation { scope: String, id: String, operation: String },
     DeviceStatus { scope: String, id: String },
+    Health,
+    Ready,
 }
 
 impl Route {
@@ -273,6 +276,8 @@ impl Route {
             Route::DeviceRegister { .. } => "device register",
             Route::DeviceOperation { .. } => "device operation status",
             Route::DeviceStatus { .. } => "device registration status",
+            Route::Health => "health",
+            Route::Ready => "readiness",
         }
     }
 
@@ -290,6 +295,7 @@ impl Route {
             Route::DeviceRegister { .. } => &[Method::PUT],
             Route::DeviceOperation { .. } => &[Method::GET],
             Route::DeviceStatus { .. } => &[Method::POST],
+            Route::Health | Route::Ready => &[Method::GET],
         }
     }
 }
@@ -297,6 +303,8 @@ impl Route {
 fn match_route(method: &Method, s: &[String]) -> Option<Route> {
     let s: Vec<&str> = s.iter().map(String::as_str).collect();
     let route = match s.as_slice() {
+        [h] if eq(h, "healthz") => Route::Health,
+        [r] if eq(r, "readyz") => Route::Ready,
         [e] if eq(e, "enrollments") => Route::EnrollmentBulk,
         [e, q] if eq(e, "enrollments") && eq(q, "query") && method == Method::POST => Route::EnrollmentQuery,
         [e, id] if eq(e, "enrollments") => Route::Enrollment(id.to_string()),
@@ -368,6 +376,8 @@ async fn route(state: &AppState, call: Call) -> Response<Full<Bytes>> {
         Route::Certificate(name) => service::certificate(state, &call, &name).await,
         Route::CertificateVerificationCode(name) => service::certificate_verification_code(state, &call, &name).await,
         Route::CertificateVerify(name) => service::certificate_verify(state, &call, &name).await,
+        Route::Health => Ok(health::healthz(&call)),
+        Route::Ready => Ok(health::readyz(state, &call).await),
     };
     result.unwrap_or_else(|err| error_response(&err, &call.request_id))
 }
