@@ -27,6 +27,10 @@ need tpm2_import || missing+=(tpm2-tools)
 # dps-device's `tpm` feature (built and tested below) links tss-esapi against tpm2-tss.
 need pkg-config || missing+=(pkg-config)
 pkg-config --exists tss2-esys 2>/dev/null || missing+=(libtss2-dev)
+# The PostgreSQL tests start a server of their own for the outage test (initdb, pg_ctl as the
+# postgres user); the shared server is DPS_TEST_POSTGRES_URL (default 127.0.0.1:5432, db test).
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+need runuser || missing+=(util-linux)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test: installing ${missing[*]}"
   apt-get update -qq && apt-get install -y -qq "${missing[@]}" || { echo "test: could not install ${missing[*]}"; exit 1; }

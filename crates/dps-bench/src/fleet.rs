@@ -372,19 +372,20 @@ fn progress_task(
 }
 
 async fn phase(fleet: &Arc<Fleet>, target: &Target, label: &'static str) -> Result<PhaseReport, BenchError> {
-    let target = Arc::new(target.clone());
+    // Worker `i` talks to node `i % nodes` (one node unless the target has peers).
     let (next, done, failed) =
         (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let stop = Arc::new(AtomicBool::new(false));
     let progress =
         progress_task(label, fleet.opts.devices, fleet.opts.progress, done.clone(), failed.clone(), stop.clone());
     let workers = fleet.opts.concurrency.min(fleet.opts.devices);
+    let targets: Vec<Arc<Target>> = (0..workers).map(|i| Arc::new(target.node(i))).collect();
     // Keep-alive HTTPS measures registrations over open connections: the connections are
     // opened before the clock starts (a worker whose connection failed opens one itself).
     let mut conns: Vec<Option<HttpsConn>> = Vec::with_capacity(workers);
     if fleet.opts.transport == Transport::Https {
         let mut opening = tokio::task::JoinSet::new();
-        for _ in 0..workers {
+        for target in &targets {
             let (target, tls, limit) = (target.clone(), fleet.plain_tls.clone(), fleet.opts.device_timeout);
             opening.spawn(async move { tokio::time::timeout(limit, HttpsConn::open(&target, &tls)).await.ok()?.ok() });
         }
@@ -395,8 +396,8 @@ async fn phase(fleet: &Arc<Fleet>, target: &Target, label: &'static str) -> Resu
     conns.resize_with(workers, || None);
     let t0 = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for conn in conns {
-        tasks.spawn(worker(fleet.clone(), target.clone(), next.clone(), done.clone(), failed.clone(), t0, conn));
+    for (conn, target) in conns.into_iter().zip(targets) {
+        tasks.spawn(worker(fleet.clone(), target, next.clone(), done.clone(), failed.clone(), t0, conn));
     }
     let mut total = Tally::default();
     while let Some(r) = tasks.join_next().await {
@@ -603,6 +604,7 @@ pub async fn run(target: &Target, ceiling: Option<&Target>, opts: FleetOptions) 
     // dps, with its memory sampled.
     let before = target.memory_kib();
     let cpu_before = (target.cpu_seconds(), crate::target::process_cpu_seconds("/proc/self/stat"));
+    let database_before = crate::target::database_cpu_seconds();
     let sampling = Arc::new(AtomicBool::new(true));
     let sampler = {
         let (target, sampling) = (target.clone(), sampling.clone());
@@ -623,6 +625,11 @@ pub async fn run(target: &Target, ceiling: Option<&Target>, opts: FleetOptions) 
             dps_seconds: d1 - d0,
             dps_us_per_device: (d1 - d0) * 1e6 / dps.assigned.max(1) as f64,
             bench_seconds: b1 - b0,
+            database_seconds: database_before.zip(crate::target::database_cpu_seconds()).map(|(a, b)| b - a),
+            database_us_per_device: database_before
+                .zip(crate::target::database_cpu_seconds())
+                .map(|(a, b)| (b - a) * 1e6 / dps.assigned.max(1) as f64),
+            nodes: 1 + target.peers.len(),
         }),
         _ => None,
     };

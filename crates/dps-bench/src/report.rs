@@ -61,6 +61,13 @@ pub struct Cpu {
     pub dps_us_per_device: f64,
     /// Seconds of CPU the load generator (this process) used.
     pub bench_seconds: f64,
+    /// Seconds of CPU every `postgres` process on this machine used (the database, when it
+    /// runs here; anything else it serves counts too).
+    pub database_seconds: Option<f64>,
+    /// That per assigned device, microseconds.
+    pub database_us_per_device: Option<f64>,
+    /// dps nodes the load was spread over (their CPU is summed in `dps_seconds`).
+    pub nodes: usize,
 }
 
 /// Server memory figures, MiB.
@@ -167,11 +174,15 @@ impl BenchReport {
             let _ = writeln!(out, "ratio    dps does {:.0}% of the ceiling's throughput", r * 100.0);
         }
         if let Some(c) = &self.cpu {
+            let nodes = if c.nodes > 1 { format!(" over {} nodes", c.nodes) } else { String::new() };
             let _ = writeln!(
                 out,
-                "cpu      dps {:.1} s ({:.0} µs per device), load generator {:.1} s",
+                "cpu      dps {:.1} s{nodes} ({:.0} µs per device), load generator {:.1} s",
                 c.dps_seconds, c.dps_us_per_device, c.bench_seconds
             );
+            if let (Some(s), Some(us)) = (c.database_seconds, c.database_us_per_device) {
+                let _ = writeln!(out, "cpu      postgres processes {s:.1} s ({us:.0} µs per device)");
+            }
         }
         if let Some(m) = &self.server_memory {
             let _ = writeln!(

@@ -43,6 +43,31 @@ pub struct Target {
     /// Key algorithm of the server certificate (`rsa-2048`, `ecdsa-p256`, ...), when its
     /// file is on this machine.
     pub server_key: Option<String>,
+    /// The other nodes of the same service (sharing its store), for runs spread over several
+    /// nodes: worker `i` talks to node `i % (1 + peers.len())`, node 0 being this one.
+    pub peers: Vec<Peer>,
+}
+
+/// Another node of the service a [`Target`] names.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Its HTTPS listener.
+    pub https_addr: std::net::SocketAddr,
+    /// Its MQTT listener, when enabled.
+    pub mqtt_addr: Option<std::net::SocketAddr>,
+    /// Its AMQP listener, when enabled.
+    pub amqp_addr: Option<std::net::SocketAddr>,
+    /// Its process ID, when on this machine.
+    pub pid: Option<u32>,
+}
+
+/// Which store the bench's own servers use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BenchStore {
+    /// The embedded SQLite file, `synchronous = "full"`.
+    Sqlite,
+    /// A PostgreSQL database (the URL), shared by every node of the run.
+    Postgres(String),
 }
 
 /// User + system CPU seconds from a `/proc/<pid>/stat` file (fields 14 and 15, in the
@@ -55,6 +80,23 @@ pub fn process_cpu_seconds(stat_path: &str) -> Option<f64> {
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some((utime + stime) as f64 / 100.0)
+}
+
+/// CPU seconds used so far by every process on this machine named `postgres` (the database
+/// server and its backends, when the database runs here); `None` when there is none.
+pub fn database_cpu_seconds() -> Option<f64> {
+    let mut total = None;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "postgres" {
+            if let Some(s) = process_cpu_seconds(&format!("/proc/{pid}/stat")) {
+                *total.get_or_insert(0.0) += s;
+            }
+        }
+    }
+    total
 }
 
 /// The key algorithm of the first certificate in a PEM file: `rsa-<bits>` or `ecdsa-<curve>`.
@@ -129,13 +171,36 @@ impl Target {
                 .as_array()
                 .map(|a| a.iter().filter_map(|h| h.as_str().map(str::to_string)).collect())
                 .unwrap_or_default(),
+            peers: Vec::new(),
         })
+    }
+
+    /// This target as another node of the same service.
+    pub fn as_peer(&self) -> Peer {
+        Peer { https_addr: self.https_addr, mqtt_addr: self.mqtt_addr, amqp_addr: self.amqp_addr, pid: self.pid }
+    }
+
+    /// The target worker `i` talks to: this node or one of its peers, in turn.
+    pub fn node(&self, i: usize) -> Target {
+        let n = i % (1 + self.peers.len());
+        let mut t = self.clone();
+        if n > 0 {
+            let p = &self.peers[n - 1];
+            (t.https_addr, t.mqtt_addr, t.amqp_addr, t.pid) = (p.https_addr, p.mqtt_addr, p.amqp_addr, p.pid);
+        }
+        t.peers.clear();
+        t
     }
 
     /// CPU time (user + system, seconds) the server process has used so far, when it runs on
     /// this machine.
+    /// With peers, the sum over every node.
     pub fn cpu_seconds(&self) -> Option<f64> {
-        process_cpu_seconds(&format!("/proc/{}/stat", self.pid?))
+        let mut total = process_cpu_seconds(&format!("/proc/{}/stat", self.pid?))?;
+        for p in &self.peers {
+            total += process_cpu_seconds(&format!("/proc/{}/stat", p.pid?))?;
+        }
+        Some(total)
     }
 
     /// Resident and peak resident memory of the server process, in KiB.
@@ -159,8 +224,14 @@ pub struct SpawnedServer {
 }
 
 /// The config a bench server runs with: loopback listeners on free ports, the durable store
-/// (`synchronous = "full"`), three linked hubs and the `bench` rule set.
-pub fn server_config(data_dir: &Path, server_key: GeneratedKey) -> String {
+/// (SQLite `synchronous = "full"`, or PostgreSQL with the database's default
+/// `synchronous_commit`), three linked hubs and the `bench` rule set.
+pub fn server_config(data_dir: &Path, server_key: GeneratedKey, store: &BenchStore) -> String {
+    let quote = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let store = match store {
+        BenchStore::Sqlite => "synchronous = \"full\"".to_string(),
+        BenchStore::Postgres(url) => format!("backend = \"postgres\"\nurl = \"{}\"", quote(url)),
+    };
     format!(
         r#"data_dir = "{}"
 log = "warn"
@@ -174,7 +245,7 @@ mqtt = "127.0.0.1:0"
 amqp = "127.0.0.1:0"
 
 [store]
-synchronous = "full"
+{}
 
 [limits]
 # One load generator, one address: no per-address cap; the caps fit the descriptor limit.
@@ -199,20 +270,26 @@ host_name = "hub-2.bench.localhost"
 [[hubs]]
 host_name = "hub-3.bench.localhost"
 "#,
-        data_dir.display().to_string().replace('\\', "\\\\").replace('"', "\\\""),
-        server_key.as_str()
+        quote(&data_dir.display().to_string()),
+        server_key.as_str(),
+        store
     )
 }
 
 impl SpawnedServer {
     /// Starts `dps serve` (the binary at `dps_exe`) on `data_dir` with [`server_config`], and
     /// waits until it has written its credentials.
-    pub fn start(dps_exe: &Path, data_dir: &Path, server_key: GeneratedKey) -> Result<SpawnedServer, BenchError> {
+    pub fn start(
+        dps_exe: &Path,
+        data_dir: &Path,
+        server_key: GeneratedKey,
+        store: &BenchStore,
+    ) -> Result<SpawnedServer, BenchError> {
         std::fs::create_dir_all(data_dir).map_err(BenchError::io(format!("cannot create {}", data_dir.display())))?;
         let data_dir =
             data_dir.canonicalize().map_err(BenchError::io(format!("cannot resolve {}", data_dir.display())))?;
         let config = data_dir.join("bench-dps.toml");
-        std::fs::write(&config, server_config(&data_dir, server_key))
+        std::fs::write(&config, server_config(&data_dir, server_key, store))
             .map_err(BenchError::io(format!("cannot write {}", config.display())))?;
         let log = data_dir.join("bench-dps.log");
         let log_file =
@@ -267,6 +344,7 @@ fn placeholder_target() -> Target {
         server_tls: None,
         server_key: None,
         linked_hubs: Vec::new(),
+        peers: Vec::new(),
     }
 }
 

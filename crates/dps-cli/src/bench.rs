@@ -6,8 +6,17 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
 
 use dps_bench::fleet::{default_prefix, Progress};
-use dps_bench::target::{GeneratedKey, SpawnedServer};
+use dps_bench::target::{BenchStore, GeneratedKey, SpawnedServer};
 use dps_bench::{Allocation, Attestation, BenchError, FleetOptions, Target, Transport};
+
+/// `--store` of `dps bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    /// The embedded SQLite store.
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+}
 
 /// `dps bench` options.
 #[derive(Debug, clap::Args)]
@@ -25,6 +34,24 @@ pub struct BenchArgs {
     /// second, depends on it.
     #[arg(long, default_value = "rsa-2048", conflicts_with = "target")]
     server_key: GeneratedKey,
+    /// Store of the dps that dps bench starts: sqlite (a file in its data directory,
+    /// synchronous = "full") or postgres (a database created on the --store-url server for the
+    /// run and dropped afterwards, unless --store-database names one to use and keep).
+    #[arg(long, value_enum, default_value = "sqlite", conflicts_with = "target")]
+    store: StoreKind,
+    /// PostgreSQL server for --store postgres; the role needs CREATEDB unless
+    /// --store-database is given. Default: $DPS_STORE_URL, else
+    /// postgres://postgres@127.0.0.1:5432/postgres.
+    #[arg(long, value_name = "URL", conflicts_with = "target")]
+    store_url: Option<String>,
+    /// Use (and keep) this existing database on the --store-url server instead of a fresh one:
+    /// a way to measure against a large store.
+    #[arg(long, value_name = "NAME", requires = "store_url", conflicts_with = "target")]
+    store_database: Option<String>,
+    /// dps nodes to start on the one PostgreSQL database (--store postgres); the load is
+    /// spread over them, worker i on node i mod N.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=8), conflicts_with = "target")]
+    nodes: u16,
     /// Devices to register.
     #[arg(long, short = 'n', default_value_t = 1000)]
     devices: usize,
@@ -166,6 +193,7 @@ fn start_ceiling(target: &Target) -> Result<Option<(CeilingProcess, Target)>, Be
     // A ceiling that predates AMQP prints no "amqp": AMQP runs then skip the ceiling.
     c.amqp_addr = v["amqp"].as_str().and_then(|a| a.parse().ok());
     c.pid = None;
+    c.peers.clear();
     Ok(Some((process, c)))
 }
 
@@ -221,37 +249,77 @@ pub fn run(args: BenchArgs) -> ExitCode {
 }
 
 fn execute(args: &BenchArgs, opts: FleetOptions) -> Result<dps_bench::BenchReport, BenchError> {
-    // A dps of our own unless --target: in --data-dir, or in a temporary directory.
-    let mut temp = None;
-    let server = match &args.target {
-        Some(_) => None,
-        None => {
-            let dir = match &args.data_dir {
-                Some(d) => d.clone(),
+    if args.nodes > 1 && args.store != StoreKind::Postgres {
+        return Err(BenchError::Input("--nodes above 1 needs --store postgres (nodes share one database)".into()));
+    }
+    let rt = runtime().map_err(BenchError::Setup)?;
+    // A database of the run's own unless --store-database.
+    let (store, scratch) = match args.store {
+        StoreKind::Sqlite => (BenchStore::Sqlite, None),
+        StoreKind::Postgres => {
+            let server = args
+                .store_url
+                .clone()
+                .or_else(|| std::env::var("DPS_STORE_URL").ok())
+                .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into());
+            match &args.store_database {
+                Some(name) => (
+                    BenchStore::Postgres(
+                        dps_store::ScratchDatabase::url_of(&server, name)
+                            .map_err(|e| BenchError::Input(e.to_string()))?,
+                    ),
+                    None,
+                ),
                 None => {
-                    let t = tempfile::Builder::new()
-                        .prefix("dps-bench-")
-                        .tempdir()
-                        .map_err(BenchError::io("cannot create a temporary directory"))?;
-                    let p = t.path().to_path_buf();
-                    temp = Some(t);
-                    p
+                    let db = rt
+                        .block_on(dps_store::ScratchDatabase::create(&server, "bench"))
+                        .map_err(|e| BenchError::Setup(e.to_string()))?;
+                    (BenchStore::Postgres(db.url.clone()), Some(db))
                 }
-            };
-            let exe = std::env::current_exe().map_err(BenchError::io("cannot find the dps binary"))?;
-            Some(SpawnedServer::start(&exe, &dir, args.server_key)?)
+            }
         }
     };
-    let target = match (&server, &args.target) {
-        (Some(s), _) => s.target.clone(),
+    // dps nodes of our own unless --target: in --data-dir, or in a temporary directory.
+    let mut temp = None;
+    let mut servers = Vec::new();
+    if args.target.is_none() {
+        let dir = match &args.data_dir {
+            Some(d) => d.clone(),
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("dps-bench-")
+                    .tempdir()
+                    .map_err(BenchError::io("cannot create a temporary directory"))?;
+                let p = t.path().to_path_buf();
+                temp = Some(t);
+                p
+            }
+        };
+        let exe = std::env::current_exe().map_err(BenchError::io("cannot find the dps binary"))?;
+        // The first node creates the schema and the service identity; the others join it.
+        for i in 0..args.nodes {
+            let node_dir = if args.nodes == 1 { dir.clone() } else { dir.join(format!("node-{i}")) };
+            servers.push(SpawnedServer::start(&exe, &node_dir, args.server_key, &store)?);
+        }
+    }
+    let target = match (servers.first(), &args.target) {
+        (Some(first), _) => {
+            let mut t = first.target.clone();
+            t.peers = servers.iter().skip(1).map(|s| s.target.as_peer()).collect();
+            t
+        }
         (None, Some(path)) => Target::from_credentials(path)?,
         (None, None) => return Err(BenchError::Input("no target".into())),
     };
     let ceiling = if args.no_ceiling { None } else { start_ceiling(&target)? };
-    let rt = runtime().map_err(BenchError::Setup)?;
     let report = rt.block_on(dps_bench::run(&target, ceiling.as_ref().map(|(_, t)| t), opts));
     drop(ceiling);
-    drop(server);
+    drop(servers);
     drop(temp);
+    if let Some(db) = scratch {
+        if let Err(e) = rt.block_on(db.drop_database()) {
+            eprintln!("note: {e}");
+        }
+    }
     report
 }

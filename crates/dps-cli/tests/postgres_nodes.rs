@@ -483,3 +483,42 @@ async fn the_database_stopped_and_started_under_load() {
         assert_eq!(code, 200, "{id} was acknowledged: {record}");
     }
 }
+
+/// `dps serve` on a database it cannot use: an unreachable one is retried for
+/// `start_timeout_secs`, then one clear line; an unknown database fails at once. Neither shows
+/// the password, and both exit non-zero without binding anything.
+#[test]
+fn serve_refuses_a_database_it_cannot_use_with_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    for (url, needle, within) in [
+        (format!("postgres://dps:hunter2-secret@127.0.0.1:{closed}/dps"), "cannot be reached", Duration::from_secs(15)),
+        (
+            "postgres://postgres:hunter2-secret@127.0.0.1:5432/dps_no_such_db".to_string(),
+            "check [store] url",
+            Duration::from_secs(5),
+        ),
+    ] {
+        let config = dir.path().join("node.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {:?}\n[listen]\nhttps = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"\namqp = \"127.0.0.1:0\"\n\
+                 [store]\nbackend = \"postgres\"\nurl = {url:?}\nstart_timeout_secs = 2\n",
+                dir.path().join("data").display().to_string()
+            ),
+        )
+        .unwrap();
+        let started = Instant::now();
+        let out = common::output_within(
+            Command::new(env!("CARGO_BIN_EXE_dps")).args(["serve", "--config"]).arg(&config),
+            Duration::from_secs(30),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(last.contains(needle), "the last line says what is wrong: {stderr}");
+        assert!(!stderr.contains("hunter2"), "the password is never shown: {stderr}");
+        assert!(started.elapsed() < within, "{url}: took {:?}", started.elapsed());
+    }
+}

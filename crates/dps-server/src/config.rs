@@ -532,6 +532,8 @@ pub struct PostgresStoreConfig {
     pub pool_size: usize,
     /// Writer tasks, each committing batches of writes on a connection of its own.
     pub writers: usize,
+    /// Connections shared by every read of this node.
+    pub readers: usize,
     /// `synchronous_commit` of this node's sessions; unset: the database's default.
     pub synchronous_commit: Option<String>,
     /// CA certificate (PEM) of the database server's TLS certificate; with it the connection
@@ -555,6 +557,7 @@ impl std::fmt::Debug for PostgresStoreConfig {
             .field("url", &self.url.as_ref().map(|_| "<redacted>"))
             .field("pool_size", &self.pool_size)
             .field("writers", &self.writers)
+            .field("readers", &self.readers)
             .field("synchronous_commit", &self.synchronous_commit)
             .field("ca_file", &self.ca_file)
             .field("start_timeout_secs", &self.start_timeout_secs)
@@ -564,7 +567,15 @@ impl std::fmt::Debug for PostgresStoreConfig {
 
 impl Default for PostgresStoreConfig {
     fn default() -> Self {
-        Self { url: None, pool_size: 16, writers: 2, synchronous_commit: None, ca_file: None, start_timeout_secs: 60 }
+        Self {
+            url: None,
+            pool_size: 16,
+            writers: 1,
+            readers: 1,
+            synchronous_commit: None,
+            ca_file: None,
+            start_timeout_secs: 60,
+        }
     }
 }
 

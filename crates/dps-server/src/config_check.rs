@@ -198,6 +198,17 @@ impl Config {
                         format!("{} must be at least 1 and less than pool_size ({})", pg.writers, pg.pool_size),
                     ));
                 }
+                if pg.readers == 0 || pg.writers + pg.readers > pg.pool_size {
+                    return Err(invalid(
+                        "store.readers",
+                        format!(
+                            "{} must be at least 1, and writers + readers ({}) at most pool_size ({})",
+                            pg.readers,
+                            pg.writers + pg.readers,
+                            pg.pool_size
+                        ),
+                    ));
+                }
                 if let Some(mode) = &pg.synchronous_commit {
                     if !SYNCHRONOUS_COMMIT.contains(&mode.as_str()) {
                         return Err(invalid(
@@ -342,11 +353,13 @@ mod tests {
         config.validate().unwrap();
         assert!(config.store.is_shared());
         let StoreConfig::Postgres(pg) = &config.store else { panic!("postgres") };
-        assert_eq!((pg.pool_size, pg.writers, pg.start_timeout_secs), (8, 2, 60));
+        assert_eq!((pg.pool_size, pg.writers, pg.readers, pg.start_timeout_secs), (8, 1, 1, 60));
         assert!(!format!("{config:?}").contains("s3cret"), "Debug output hides the password");
         for (extra, needle) in [
             ("synchronous_commit = \"sometimes\"\n", "store.synchronous_commit"),
             ("writers = 8\n", "store.writers"),
+            ("readers = 0\n", "store.readers"),
+            ("writers = 4\nreaders = 5\n", "store.readers"),
             ("start_timeout_secs = 0\n", "store.start_timeout_secs"),
         ] {
             let err = Config::from_toml(&format!("{text}{extra}"), Path::new("c.toml")).unwrap_err().to_string();

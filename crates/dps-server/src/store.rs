@@ -26,6 +26,7 @@ pub async fn open_store(config: &StoreConfig, data_dir: &Path) -> Result<Arc<dyn
             let mut options = PostgresOptions::new(url);
             options.pool_size = pg.pool_size;
             options.writers = pg.writers;
+            options.readers = pg.readers;
             options.synchronous_commit = pg.synchronous_commit.clone();
             options.ca_file = pg.ca_file.clone();
             options.start_timeout = Duration::from_secs(pg.start_timeout_secs);

@@ -45,7 +45,8 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX dps_documents_by_partition ON dps_documents (collection, partition, key) WHERE partition IS NOT NULL;
      CREATE INDEX dps_documents_by_expiry ON dps_documents (collection, expires_at) WHERE expires_at IS NOT NULL;
      CREATE TABLE dps_settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-     CREATE TABLE dps_versions (collection SMALLINT PRIMARY KEY, version BIGINT NOT NULL);"#,
+     CREATE TABLE dps_versions (collection SMALLINT NOT NULL, slot SMALLINT NOT NULL, version BIGINT NOT NULL,
+       PRIMARY KEY (collection, slot));"#,
 ];
 
 /// Most write requests committed in one transaction.
@@ -61,8 +62,12 @@ pub struct PostgresOptions {
     pub url: String,
     /// Connections in the pool (reads and writers together); at least `writers + 1`.
     pub pool_size: usize,
-    /// Writer tasks, each committing batches on a connection of its own.
+    /// Writer tasks, each committing batches on a connection of its own. One writer makes the
+    /// biggest batches (everything that arrived during the previous commit goes into the next).
     pub writers: usize,
+    /// Connections shared by all reads (the reads of concurrent requests go out together on
+    /// each): more spread the reads over more database processes, fewer batch them better.
+    pub readers: usize,
     /// `synchronous_commit` for this node's sessions (`on`, `remote_apply`, `remote_write`,
     /// `local`, `off`), or the server's default when `None`.
     pub synchronous_commit: Option<String>,
@@ -82,7 +87,8 @@ impl PostgresOptions {
         PostgresOptions {
             url: url.into(),
             pool_size: 16,
-            writers: 2,
+            writers: 1,
+            readers: 1,
             synchronous_commit: None,
             ca_file: None,
             start_timeout: Duration::from_secs(60),
@@ -124,10 +130,17 @@ pub struct PostgresStore {
 
 struct Inner {
     pool: Pool,
+    /// Connections shared by every read: queries of concurrent readers on one connection go
+    /// out together (tokio-postgres pipelines them), which saves the database a wake-up and
+    /// the node a round trip per read. A closed one is replaced from the pool on next use.
+    readers: Vec<std::sync::Mutex<Option<Arc<Object>>>>,
+    next_reader: std::sync::atomic::AtomicUsize,
     jobs: mpsc::UnboundedSender<Job>,
     versions: VersionCache,
     /// `user@host:port/db`, for messages.
     target: String,
+    /// The `dps_versions` slot of this handle's purges (its writers use this one and the next).
+    slot: i16,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -215,8 +228,12 @@ const UPDATE_IF_MATCH: &str = "UPDATE dps_documents SET id = $3, etag = $4, part
 const DELETE: &str = "DELETE FROM dps_documents WHERE collection = $1 AND key = $2";
 const DELETE_IF_MATCH: &str = "DELETE FROM dps_documents WHERE collection = $1 AND key = $2 AND etag = $3";
 const EXISTS: &str = "SELECT 1 FROM dps_documents WHERE collection = $1 AND key = $2";
-const BUMP_VERSION: &str = "INSERT INTO dps_versions (collection, version) VALUES ($1, $2)
-     ON CONFLICT (collection) DO UPDATE SET version = dps_versions.version + excluded.version";
+const BUMP_VERSION: &str = "INSERT INTO dps_versions (collection, slot, version) VALUES ($1, $2, $3)
+     ON CONFLICT (collection, slot) DO UPDATE SET version = dps_versions.version + excluded.version";
+/// A collection's version is the sum of its rows in `dps_versions`, one per slot: each writer
+/// moves the row of its own slot, so that writers (of this node and of others) do not queue
+/// for one row lock held until each other's commit is flushed.
+const VERSION_SLOTS: i16 = 16;
 
 /// The statements of a write, in the order of [`Statements::all`].
 #[derive(Clone, Copy)]
@@ -418,12 +435,24 @@ impl PostgresStore {
         migrate(first, &target).await?;
         let (jobs, rx) = mpsc::unbounded_channel();
         let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..writers {
-            tokio::spawn(writer_loop(pool.clone(), rx.clone()));
+        let base_slot = rand::random::<u16>() % VERSION_SLOTS as u16;
+        for k in 0..writers {
+            let slot = i16::try_from((base_slot as usize + k) % VERSION_SLOTS as usize).unwrap_or(0);
+            tokio::spawn(writer_loop(pool.clone(), rx.clone(), slot));
         }
-        tracing::info!(database = %target, writers, pool = pool.status().max_size, "PostgreSQL store ready");
+        let max = pool.status().max_size;
+        let readers = options.readers.clamp(1, max.saturating_sub(writers).max(1));
+        tracing::info!(database = %target, writers, readers, pool = max, "PostgreSQL store ready");
         Ok(PostgresStore {
-            inner: Arc::new(Inner { pool, jobs, versions: VersionCache::new(options.refresh), target }),
+            inner: Arc::new(Inner {
+                pool,
+                readers: (0..readers).map(|_| std::sync::Mutex::new(None)).collect(),
+                next_reader: std::sync::atomic::AtomicUsize::new(0),
+                jobs,
+                versions: VersionCache::new(options.refresh),
+                target,
+                slot: i16::try_from(base_slot).unwrap_or(0),
+            }),
         })
     }
 
@@ -442,6 +471,19 @@ impl PostgresStore {
 
     async fn client(&self) -> Result<Object, StoreError> {
         self.inner.pool.get().await.map_err(pool_err)
+    }
+
+    /// A shared read connection, in turn.
+    async fn reader(&self) -> Result<Arc<Object>, StoreError> {
+        let readers = &self.inner.readers;
+        let i = self.inner.next_reader.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % readers.len();
+        let slot = &readers[i];
+        if let Some(client) = slot.lock().unwrap_or_else(|p| p.into_inner()).as_ref().filter(|c| !c.is_closed()) {
+            return Ok(client.clone());
+        }
+        let fresh = Arc::new(self.client().await?);
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(fresh.clone());
+        Ok(fresh)
     }
 }
 
@@ -560,7 +602,7 @@ async fn migrate(mut client: Object, target: &str) -> Result<(), StoreError> {
 
 /// A writer task: takes every write request waiting (up to [`MAX_BATCH`]) and commits them in
 /// one transaction, then answers each.
-async fn writer_loop(pool: Pool, jobs: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>) {
+async fn writer_loop(pool: Pool, jobs: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>, slot: i16) {
     loop {
         let batch = {
             let mut rx = jobs.lock().await;
@@ -574,13 +616,13 @@ async fn writer_loop(pool: Pool, jobs: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>)
             }
             batch
         };
-        commit_batch(&pool, batch).await;
+        commit_batch(&pool, batch, slot).await;
     }
 }
 
-async fn commit_batch(pool: &Pool, batch: Vec<Job>) {
+async fn commit_batch(pool: &Pool, batch: Vec<Job>, slot: i16) {
     let writes: Vec<&[Write]> = batch.iter().map(|j| j.writes.as_slice()).collect();
-    match commit_with_retries(pool, &writes).await {
+    match commit_with_retries(pool, &writes, slot).await {
         Ok(results) => {
             for (job, r) in batch.into_iter().zip(results) {
                 let _ = job.reply.send(r);
@@ -590,7 +632,7 @@ async fn commit_batch(pool: &Pool, batch: Vec<Job>) {
         // run the requests one by one so that one bad request fails alone.
         Err(StoreError::Other(_)) if batch.len() > 1 => {
             for job in batch {
-                let r = match commit_with_retries(pool, &[job.writes.as_slice()]).await {
+                let r = match commit_with_retries(pool, &[job.writes.as_slice()], slot).await {
                     Ok(mut one) => one.pop().unwrap_or(Ok(())),
                     Err(e) => Err(e),
                 };
@@ -608,12 +650,16 @@ async fn commit_batch(pool: &Pool, batch: Vec<Job>) {
 }
 
 /// Commits `requests` in one transaction, retrying it on serialisation failures and deadlocks.
-async fn commit_with_retries(pool: &Pool, requests: &[&[Write]]) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+async fn commit_with_retries(
+    pool: &Pool,
+    requests: &[&[Write]],
+    slot: i16,
+) -> Result<Vec<Result<(), StoreError>>, StoreError> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let mut client = pool.get().await.map_err(pool_err)?;
-        match commit_once(&mut client, requests).await {
+        let client = pool.get().await.map_err(pool_err)?;
+        match commit_once(&client, requests, slot).await {
             Ok(results) => return Ok(results),
             Err(e) if is_retryable(&e) && attempt < SERIALIZATION_ATTEMPTS => {
                 let jitter = u64::from(rand::random::<u8>());
@@ -625,23 +671,42 @@ async fn commit_with_retries(pool: &Pool, requests: &[&[Write]]) -> Result<Vec<R
 }
 
 /// One attempt: runs every request's statements pipelined; a request that partly applied is
-/// dropped (answered with its failure) and the transaction run again without it.
+/// dropped (answered with its failure) and the transaction run again without it. The
+/// transaction is driven by hand (`BEGIN` sent with the batch's statements, `COMMIT` with the
+/// version moves) so that a batch costs two round trips; on any error it is rolled back
+/// before the connection goes back to the pool.
 async fn commit_once(
-    client: &mut Object,
+    client: &Object,
     requests: &[&[Write]],
+    slot: i16,
 ) -> Result<Vec<Result<(), StoreError>>, tokio_postgres::Error> {
     let statements = Statements::prepare(client).await?;
+    let result = transaction_rounds(client, &statements, requests, slot).await;
+    if result.is_err() {
+        // Best effort: a broken connection is dropped by the pool anyway.
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    result
+}
+
+async fn transaction_rounds(
+    client: &Object,
+    statements: &Statements,
+    requests: &[&[Write]],
+    slot: i16,
+) -> Result<Vec<Result<(), StoreError>>, tokio_postgres::Error> {
     let planned: Vec<Vec<Planned>> = requests.iter().map(|ws| ws.iter().map(Planned::of).collect()).collect();
     let mut results: Vec<Option<Result<(), StoreError>>> = vec![None; requests.len()];
     let mut dropped = vec![false; requests.len()];
     loop {
-        let tx = client.transaction().await?;
         let live: Vec<usize> = (0..requests.len()).filter(|i| !dropped[*i]).collect();
         let params: Vec<Vec<&(dyn ToSql + Sync)>> =
             live.iter().flat_map(|i| planned[*i].iter().map(Planned::params)).collect();
         let kinds: Vec<Kind> = live.iter().flat_map(|i| planned[*i].iter().map(|p| p.kind)).collect();
-        let runs = kinds.iter().zip(&params).map(|(k, p)| tx.execute(statements.of(*k), p.as_slice()));
-        let counts = futures_util::future::join_all(runs).await;
+        let begin = client.batch_execute("BEGIN");
+        let runs = kinds.iter().zip(&params).map(|(k, p)| client.execute(statements.of(*k), p.as_slice()));
+        let (begun, counts) = futures_util::future::join(begin, futures_util::future::join_all(runs)).await;
+        begun?;
         let mut counts = counts.into_iter();
         let mut partly: Option<(usize, StoreError)> = None;
         let mut round: Vec<(usize, Result<(), StoreError>)> = Vec::with_capacity(live.len());
@@ -667,7 +732,7 @@ async fn commit_once(
         }
         if let Some((i, e)) = partly {
             // Everything after it may have seen its partial writes: run the rest again.
-            tx.rollback().await?;
+            client.batch_execute("ROLLBACK").await?;
             dropped[i] = true;
             results[i] = Some(Err(e));
             continue;
@@ -688,12 +753,16 @@ async fn commit_once(
             .filter(|(_, n)| **n > 0)
             .map(|(t, n)| (i16::try_from(t).unwrap_or(i16::MAX), *n))
             .collect();
-        let bump_params: Vec<[&(dyn ToSql + Sync); 2]> = bumps.iter().map(|(t, n)| [t as _, n as _]).collect();
-        let bump_runs = bump_params.iter().map(|p| tx.execute(&statements.bump, p));
-        for r in futures_util::future::join_all(bump_runs).await {
+        let bump_params: Vec<[&(dyn ToSql + Sync); 3]> =
+            bumps.iter().map(|(t, n)| [t as _, &slot as _, n as _]).collect();
+        let bump_runs = bump_params.iter().map(|p| client.execute(&statements.bump, p));
+        let (bumped, committed) =
+            futures_util::future::join(futures_util::future::join_all(bump_runs), client.batch_execute("COMMIT")).await;
+        // A COMMIT after a failed statement only rolls back: check the statements first.
+        for r in bumped {
             r?;
         }
-        tx.commit().await?;
+        committed?;
         for (i, r) in round {
             results[i] = Some(r);
         }
@@ -724,7 +793,7 @@ where
 #[async_trait]
 impl Store for PostgresStore {
     async fn get(&self, collection: Collection, id: &str) -> Result<Option<Document>, StoreError> {
-        let client = self.client().await?;
+        let client = self.reader().await?;
         let st = client
             .prepare_cached(
                 "SELECT id, etag, partition, body, expires_at FROM dps_documents WHERE collection = $1 AND key = $2",
@@ -760,7 +829,7 @@ impl Store for PostgresStore {
         let after = crate::continuation::decode(continuation)?;
         let limit = limit.max(1);
         let fetch = i64::try_from(limit).unwrap_or(i64::MAX - 1) + 1;
-        let client = self.client().await?;
+        let client = self.reader().await?;
         let columns = "SELECT id, etag, partition, body, expires_at, key FROM dps_documents WHERE collection = $1";
         let c = tag(collection);
         let rows = match (partition, after.as_deref()) {
@@ -801,6 +870,7 @@ impl Store for PostgresStore {
     }
 
     async fn purge_expired(&self, now_millis: i64) -> Result<u64, StoreError> {
+        let slot = self.inner.slot;
         let purged = with_retries(self, |mut client| async move {
             let tx = client.transaction().await?;
             let mut purged = Vec::new();
@@ -812,7 +882,7 @@ impl Store for PostgresStore {
                     )
                     .await?;
                 if n > 0 {
-                    tx.execute(BUMP_VERSION, &[&tag(c), &i64::try_from(n).unwrap_or(i64::MAX)]).await?;
+                    tx.execute(BUMP_VERSION, &[&tag(c), &slot, &i64::try_from(n).unwrap_or(i64::MAX)]).await?;
                     purged.push((c, n));
                 }
             }
@@ -825,7 +895,7 @@ impl Store for PostgresStore {
     }
 
     async fn get_setting(&self, key: &str) -> Result<Option<String>, StoreError> {
-        let client = self.client().await?;
+        let client = self.reader().await?;
         let row = client.query_opt("SELECT value FROM dps_settings WHERE key = $1", &[&key]).await.map_err(pg_err)?;
         row.map(|r| r.try_get(0).map_err(pg_err)).transpose()
     }
@@ -853,9 +923,11 @@ impl Store for PostgresStore {
             Ok(version) => return Ok(version),
             Err(ticket) => ticket,
         };
-        let client = self.client().await?;
-        let st =
-            client.prepare_cached("SELECT version FROM dps_versions WHERE collection = $1").await.map_err(pg_err)?;
+        let client = self.reader().await?;
+        let st = client
+            .prepare_cached("SELECT COALESCE(SUM(version), 0)::BIGINT FROM dps_versions WHERE collection = $1")
+            .await
+            .map_err(pg_err)?;
         let row = client.query_opt(&st, &[&tag(collection)]).await.map_err(pg_err)?;
         let stored: i64 = match row {
             Some(r) => r.try_get(0).map_err(pg_err)?,
@@ -868,7 +940,7 @@ impl Store for PostgresStore {
     }
 
     async fn ready(&self) -> Result<(), StoreError> {
-        let client = self.client().await?;
+        let client = self.reader().await?;
         let row = client.query_one("SELECT version FROM dps_schema WHERE id = 1", &[]).await.map_err(pg_err)?;
         let v: i32 = row.try_get(0).map_err(pg_err)?;
         if usize::try_from(v).ok() != Some(MIGRATIONS.len()) {

@@ -52,6 +52,11 @@ impl ScratchDatabase {
         Ok(ScratchDatabase { url, name, admin: admin_url.to_string() })
     }
 
+    /// The URL of database `name` on the server `server_url` names.
+    pub fn url_of(server_url: &str, name: &str) -> Result<String, StoreError> {
+        with_database(server_url, name)
+    }
+
     /// Drops the database (closing the sessions still on it).
     pub async fn drop_database(&self) -> Result<(), StoreError> {
         let client = admin_client(&self.admin).await?;
