@@ -371,13 +371,24 @@ fn pg_bin(name: &str) -> String {
 }
 
 impl OwnPostgres {
+    /// Trust authentication, plain TCP.
     fn start() -> OwnPostgres {
+        Self::start_with(&["-A", "trust"], |_| {})
+    }
+
+    /// `initdb` with `initdb_args`, then `configure(data directory)` before the first start.
+    fn start_with(initdb_args: &[&str], configure: impl FnOnce(&Path)) -> OwnPostgres {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let status = Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status().unwrap();
         assert!(status.success(), "chown the PostgreSQL directory to the postgres user");
         let data = dir.path().join("data");
-        as_postgres(&[&pg_bin("initdb"), "-D", &data.display().to_string(), "-A", "trust", "-U", "postgres"]);
+        let mut args = vec![pg_bin("initdb"), "-D".into(), data.display().to_string(), "-U".into(), "postgres".into()];
+        args.extend(initdb_args.iter().map(|a| a.to_string()));
+        as_postgres(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        configure(&data);
+        let status = Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status().unwrap();
+        assert!(status.success());
         let pg = OwnPostgres { dir, port };
         pg.run();
         pg
@@ -521,4 +532,87 @@ fn serve_refuses_a_database_it_cannot_use_with_one_clear_line() {
         assert!(!stderr.contains("hunter2"), "the password is never shown: {stderr}");
         assert!(started.elapsed() < within, "{url}: took {:?}", started.elapsed());
     }
+}
+
+/// TLS to the database with `[store] ca_file`, and a wrong password, on a PostgreSQL of the
+/// test's own that takes only TLS connections with a password (scram-sha-256) from TCP: the
+/// right password over TLS verified against the CA serves devices; a wrong password, a server
+/// certificate from another CA, and `sslmode=require` without `ca_file` each stop the start at
+/// once with one line that says what to fix and never shows the password.
+#[tokio::test]
+async fn tls_to_the_database_and_a_wrong_password() {
+    let scratch = tempfile::tempdir().unwrap();
+    let ca = common::pki::ca("db test CA", None);
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
+    let server_key = rcgen::KeyPair::generate().unwrap();
+    let server_cert = params.signed_by(&server_key, &ca.cert, &ca.key).unwrap();
+    let other_ca = common::pki::ca("another CA", None);
+    let (ca_file, other_ca_file) = (scratch.path().join("db-ca.pem"), scratch.path().join("other-ca.pem"));
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    std::fs::write(&other_ca_file, other_ca.pem()).unwrap();
+    let pwfile = scratch.path().join("pw");
+    std::fs::write(&pwfile, "right-db-pass\n").unwrap();
+    Command::new("chmod").arg("644").arg(&pwfile).status().unwrap();
+    let pg = OwnPostgres::start_with(
+        &["--auth-local=trust", "--auth-host=scram-sha-256", &format!("--pwfile={}", pwfile.display())],
+        |data| {
+            std::fs::write(data.join("server.crt"), server_cert.pem()).unwrap();
+            std::fs::write(data.join("server.key"), server_key.serialize_pem()).unwrap();
+            Command::new("chmod").arg("600").arg(data.join("server.key")).status().unwrap();
+            let mut conf = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+            conf.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+            std::fs::write(data.join("postgresql.conf"), conf).unwrap();
+            // TCP only over TLS, with a password.
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\nhostnossl all all 127.0.0.1/32 reject\n",
+            )
+            .unwrap();
+        },
+    );
+    let url = |password: &str| {
+        format!("host=localhost hostaddr=127.0.0.1 port={} user=postgres password={password} dbname=postgres sslmode=require", pg.port)
+    };
+    let refused = |url: String, ca: Option<&Path>, needle: &str| {
+        let config = scratch.path().join("refused.toml");
+        let ca_line = ca.map(|c| format!("ca_file = {:?}\n", c.display().to_string())).unwrap_or_default();
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {:?}\n[listen]\nhttps = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"\namqp = \"127.0.0.1:0\"\n\
+                 [store]\nbackend = \"postgres\"\nurl = {url:?}\nstart_timeout_secs = 20\n{ca_line}",
+                scratch.path().join("refused-data").display().to_string()
+            ),
+        )
+        .unwrap();
+        let started = Instant::now();
+        let out = common::output_within(
+            Command::new(env!("CARGO_BIN_EXE_dps")).args(["serve", "--config"]).arg(&config),
+            Duration::from_secs(30),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(last.contains(needle), "the last line says what is wrong ({needle}): {stderr}");
+        assert!(!stderr.contains("db-pass"), "the password is never shown: {stderr}");
+        assert!(started.elapsed() < Duration::from_secs(10), "at once, not after start_timeout_secs: {stderr}");
+    };
+    refused(url("wrong-db-pass"), Some(&ca_file), "password authentication failed");
+    refused(url("right-db-pass"), Some(&other_ca_file), "check [store] url");
+    refused(url("right-db-pass"), None, "ca_file");
+
+    let node =
+        Dps::start(&format!("{}ca_file = {:?}\n", store_config(&url("right-db-pass")), ca_file.display().to_string()))
+            .await;
+    let ready = node.client.get(node.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200, "{}", node.log());
+    let k = key(61);
+    node.put_enrollment(json!({"registrationId": "tls-db-dev", "attestation": {"type": "symmetricKey",
+        "symmetricKey": {"primaryKey": k, "secondaryKey": key(62)}}}))
+        .await;
+    let token = node.device_token("tls-db-dev", &k);
+    let (status, _, body) = node.register("tls-db-dev", Some(&token), json!({})).await;
+    assert_eq!((status, body["status"].as_str()), (202, Some("assigned")), "{body}");
+    assert!(!node.log().contains("db-pass"), "the password is never logged");
 }

@@ -516,7 +516,8 @@ async fn first_connection(pool: &Pool, target: &str, patience: Duration) -> Resu
             Err(PoolError::Backend(e)) if is_permanent(&e) => {
                 let reason = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
                 return Err(StoreError::Unavailable(format!(
-                    "PostgreSQL at {target} refused the connection: {reason}; check [store] url"
+                    "cannot use PostgreSQL at {target}: {reason}; check [store] url (or {}) and ca_file",
+                    "DPS_STORE_URL"
                 )));
             }
             Err(e) => {
