@@ -495,6 +495,32 @@ async fn the_database_stopped_and_started_under_load() {
     }
 }
 
+/// Runs `dps serve` on `url` (with `extra` store settings) in `dir`, which must refuse to start:
+/// non-zero exit within `within`, the last line containing `needle`, and `secret` nowhere.
+fn serve_refused(dir: &Path, url: &str, extra: &str, needle: &str, secret: &str, within: Duration) {
+    let config = dir.join("refused.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[listen]\nhttps = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"\namqp = \"127.0.0.1:0\"\n\
+             [store]\nbackend = \"postgres\"\nurl = {url:?}\n{extra}",
+            dir.join("refused-data").display().to_string()
+        ),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let out = common::output_within(
+        Command::new(env!("CARGO_BIN_EXE_dps")).args(["serve", "--config"]).arg(&config),
+        Duration::from_secs(30),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.contains(needle), "the last line says what is wrong ({needle}): {stderr}");
+    assert!(!stderr.contains(secret), "the password is never shown: {stderr}");
+    assert!(started.elapsed() < within, "took {:?}: {stderr}", started.elapsed());
+}
+
 /// `dps serve` on a database it cannot use: an unreachable one is retried for
 /// `start_timeout_secs`, then one clear line; an unknown database fails at once. Neither shows
 /// the password, and both exit non-zero without binding anything.
@@ -510,27 +536,7 @@ fn serve_refuses_a_database_it_cannot_use_with_one_clear_line() {
             Duration::from_secs(5),
         ),
     ] {
-        let config = dir.path().join("node.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "data_dir = {:?}\n[listen]\nhttps = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"\namqp = \"127.0.0.1:0\"\n\
-                 [store]\nbackend = \"postgres\"\nurl = {url:?}\nstart_timeout_secs = 2\n",
-                dir.path().join("data").display().to_string()
-            ),
-        )
-        .unwrap();
-        let started = Instant::now();
-        let out = common::output_within(
-            Command::new(env!("CARGO_BIN_EXE_dps")).args(["serve", "--config"]).arg(&config),
-            Duration::from_secs(30),
-        );
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{stderr}");
-        let last = stderr.lines().last().unwrap_or_default();
-        assert!(last.contains(needle), "the last line says what is wrong: {stderr}");
-        assert!(!stderr.contains("hunter2"), "the password is never shown: {stderr}");
-        assert!(started.elapsed() < within, "{url}: took {:?}", started.elapsed());
+        serve_refused(dir.path(), &url, "start_timeout_secs = 2\n", needle, "hunter2", within);
     }
 }
 
@@ -575,28 +581,9 @@ async fn tls_to_the_database_and_a_wrong_password() {
         format!("host=localhost hostaddr=127.0.0.1 port={} user=postgres password={password} dbname=postgres sslmode=require", pg.port)
     };
     let refused = |url: String, ca: Option<&Path>, needle: &str| {
-        let config = scratch.path().join("refused.toml");
         let ca_line = ca.map(|c| format!("ca_file = {:?}\n", c.display().to_string())).unwrap_or_default();
-        std::fs::write(
-            &config,
-            format!(
-                "data_dir = {:?}\n[listen]\nhttps = \"127.0.0.1:0\"\nmqtt = \"127.0.0.1:0\"\namqp = \"127.0.0.1:0\"\n\
-                 [store]\nbackend = \"postgres\"\nurl = {url:?}\nstart_timeout_secs = 20\n{ca_line}",
-                scratch.path().join("refused-data").display().to_string()
-            ),
-        )
-        .unwrap();
-        let started = Instant::now();
-        let out = common::output_within(
-            Command::new(env!("CARGO_BIN_EXE_dps")).args(["serve", "--config"]).arg(&config),
-            Duration::from_secs(30),
-        );
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(!out.status.success(), "{stderr}");
-        let last = stderr.lines().last().unwrap_or_default();
-        assert!(last.contains(needle), "the last line says what is wrong ({needle}): {stderr}");
-        assert!(!stderr.contains("db-pass"), "the password is never shown: {stderr}");
-        assert!(started.elapsed() < Duration::from_secs(10), "at once, not after start_timeout_secs: {stderr}");
+        let extra = format!("start_timeout_secs = 20\n{ca_line}");
+        serve_refused(scratch.path(), &url, &extra, needle, "db-pass", Duration::from_secs(10));
     };
     refused(url("wrong-db-pass"), Some(&ca_file), "password authentication failed");
     refused(url("right-db-pass"), Some(&other_ca_file), "check [store] url");
