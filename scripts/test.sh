@@ -31,6 +31,8 @@ pkg-config --exists tss2-esys 2>/dev/null || missing+=(libtss2-dev)
 # postgres user); the shared server is DPS_TEST_POSTGRES_URL (default 127.0.0.1:5432, db test).
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 need runuser || missing+=(util-linux)
+# The multi-node test puts HAProxy (the docs/multi-node.md configuration) in front of two nodes.
+need haproxy || missing+=(haproxy)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test: installing ${missing[*]}"
   apt-get update -qq && apt-get install -y -qq "${missing[@]}" || { echo "test: could not install ${missing[*]}"; exit 1; }

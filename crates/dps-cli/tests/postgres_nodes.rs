@@ -603,3 +603,105 @@ async fn tls_to_the_database_and_a_wrong_password() {
     assert_eq!((status, body["status"].as_str()), (202, Some("assigned")), "{body}");
     assert!(!node.log().contains("db-pass"), "the password is never logged");
 }
+
+/// The HAProxy configuration of docs/multi-node.md (TCP mode, `/readyz` checked over TLS) in
+/// front of two nodes: devices that open a new connection each are spread over both nodes
+/// (told apart by the node part of their operation IDs); after `kill -9` of one node, HAProxy's
+/// check takes it out and every device registers through the other.
+#[tokio::test]
+async fn haproxy_in_front_of_two_nodes_spreads_devices_and_routes_around_a_dead_one() {
+    let db = scratch("haproxy").await;
+    let n = Arc::new(tokio::sync::Mutex::new(nodes(&db.url, 2, "").await));
+    let (scope, gk) = {
+        let guard = n.lock().await;
+        let gk = key(71);
+        guard[0]
+            .put_group(json!({"enrollmentGroupId": "lb-group", "attestation": {"type": "symmetricKey",
+                "symmetricKey": {"primaryKey": gk, "secondaryKey": key(72)}}}))
+            .await;
+        (guard[0].scope(), gk)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (a, b, ca) = {
+        let guard = n.lock().await;
+        (guard[0].addr, guard[1].addr, std::fs::read(guard[0].creds["caCertificatePath"].as_str().unwrap()).unwrap())
+    };
+    let config = format!(
+        "global\n  maxconn 1000\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n\
+         frontend dps_https\n  bind 127.0.0.1:{port}\n  default_backend dps_https\n\
+         backend dps_https\n  balance roundrobin\n  option httpchk GET /readyz\n  http-check expect status 200\n\
+         \x20 server a {a} check check-ssl verify none inter 300ms fall 2 rise 2\n\
+         \x20 server b {b} check check-ssl verify none inter 300ms fall 2 rise 2\n"
+    );
+    let cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(&cfg, config).unwrap();
+    let mut haproxy = Command::new("haproxy")
+        .arg("-db")
+        .arg("-f")
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("haproxy (Debian package haproxy) must be installed");
+    let lb: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    // A new connection per request, so that round robin applies per device.
+    let client = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .resolve("localhost", lb)
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let register = |id: String| {
+        let client = client.clone();
+        let (scope, gk) = (scope.clone(), gk.clone());
+        async move {
+            let key = dps_proto::sas::decode_key(&derive(&gk, &id)).unwrap();
+            let token = dps_proto::sas::build_token(
+                &format!("{scope}/registrations/{id}"),
+                &key,
+                common::now() + 3600,
+                Some("registration"),
+            );
+            let url = format!("https://localhost:{port}/{scope}/registrations/{id}/register?api-version=2019-03-31");
+            let resp = client.put(url).header("Authorization", token).json(&json!({})).send().await.ok()?;
+            let status = resp.status().as_u16();
+            let body: Value = resp.json().await.ok()?;
+            (status == 202 && body["status"] == "assigned").then(|| body["operationId"].as_str().unwrap().to_string())
+        }
+    };
+    // Wait until HAProxy has seen both nodes ready.
+    let started = Instant::now();
+    let mut prefixes = BTreeSet::new();
+    let mut i = 0;
+    while prefixes.len() < 2 {
+        assert!(started.elapsed() < Duration::from_secs(20), "both nodes serve through HAProxy: {prefixes:?}");
+        if let Some(op) = register(format!("lb-dev-{i}")).await {
+            // `5.<node>.<uuid>`: the middle part is fixed per node.
+            prefixes.insert(op.split('.').nth(1).unwrap_or_default().to_string());
+        }
+        i += 1;
+    }
+    let spread: Vec<Option<String>> =
+        futures_util::future::join_all((0..20).map(|j| register(format!("lb-spread-{j}")))).await;
+    assert!(spread.iter().all(Option::is_some), "every device through the balancer is assigned: {spread:?}");
+    n.lock().await[0].kill9();
+    // Within HAProxy's check interval × fall, devices are all routed to the survivor.
+    let killed = Instant::now();
+    let mut in_a_row = 0;
+    while in_a_row < 20 {
+        assert!(killed.elapsed() < Duration::from_secs(20), "HAProxy routes around the dead node");
+        match register(format!("lb-after-{i}")).await {
+            Some(_) => in_a_row += 1,
+            None => in_a_row = 0,
+        }
+        i += 1;
+    }
+    let _ = haproxy.kill();
+    let _ = haproxy.wait();
+    drop(n);
+    db.drop_database().await.unwrap();
+}
