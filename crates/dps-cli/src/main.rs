@@ -32,7 +32,8 @@ enum Command {
     #[command(subcommand)]
     Config(ConfigCommand),
     /// The certificate store: CA certificates that X.509 enrollment groups chain to, verified
-    /// by proof of possession (works on the data directory, with or without a running server).
+    /// by proof of possession (works on the configured store — the data directory's SQLite
+    /// file or the [store] PostgreSQL database — with or without a running server).
     Cert(CertArgs),
     /// Provision this machine as a device (a DPS client; IoT Edge style config supported).
     #[command(subcommand)]
