@@ -143,3 +143,25 @@ async fn an_unreachable_database_is_retried_then_reported() {
     assert!(!err.contains("pw@"), "{err}");
     assert!(took >= Duration::from_millis(700) && took < Duration::from_secs(8), "retried for about 2 s: {took:?}");
 }
+
+/// Under `SERIALIZABLE` isolation (what CockroachDB and YugabyteDB run by default), racing
+/// nodes make PostgreSQL abort transactions with serialisation failures (SQLSTATE 40001): the
+/// store runs them again, and every outcome is still exactly what the conformance suite asks.
+#[tokio::test]
+async fn serializable_isolation_is_retried_and_stays_correct() {
+    let db = scratch("serializable").await;
+    let (client, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("ALTER DATABASE {} SET default_transaction_isolation TO 'serializable'", db.name))
+        .await
+        .unwrap();
+    drop(client);
+    let a = open(&db.url, Duration::ZERO).await;
+    let b = open(&db.url, Duration::ZERO).await;
+    conformance::run_all(&a).await;
+    conformance::shared_races(&a, &b).await;
+    conformance::shared_leases(&a, &b).await;
+    drop((a, b));
+    db.drop_database().await.unwrap();
+}
