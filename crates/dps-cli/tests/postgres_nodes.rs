@@ -705,3 +705,50 @@ async fn haproxy_in_front_of_two_nodes_spreads_devices_and_routes_around_a_dead_
     drop(n);
     db.drop_database().await.unwrap();
 }
+
+/// The database stops answering without closing its connections (its processes frozen with
+/// SIGSTOP, as in a network partition): a registration is answered `503` with `Retry-After`
+/// within the store's answer time (15 s), never left hanging; once the database answers again
+/// the node serves by itself.
+#[tokio::test]
+async fn a_database_that_stops_answering_gives_503_not_a_hang() {
+    let pg = OwnPostgres::start();
+    let node = Dps::start(&store_config(&pg.url())).await;
+    let k = key(81);
+    node.put_enrollment(json!({"registrationId": "frozen-dev", "attestation": {"type": "symmetricKey",
+        "symmetricKey": {"primaryKey": k, "secondaryKey": key(82)}}}))
+        .await;
+    let token = node.device_token("frozen-dev", &k);
+    let client = client_for(&node, &node);
+    assert!(matches!(try_register(&node, &client, "frozen-dev", &token).await, Some((202, _, _))));
+    let pid = std::fs::read_to_string(pg.dir.path().join("data/postmaster.pid")).unwrap();
+    let postmaster = pid.lines().next().unwrap().trim().to_string();
+    let children = String::from_utf8(Command::new("pgrep").args(["-P", &postmaster]).output().unwrap().stdout).unwrap();
+    let mut pids: Vec<String> = children.split_whitespace().map(str::to_string).collect();
+    pids.push(postmaster);
+    let signal = |sig: &str| {
+        let status = Command::new("kill").arg(sig).args(&pids).status().unwrap();
+        assert!(status.success(), "kill {sig}");
+    };
+    signal("-STOP");
+    let started = Instant::now();
+    let answer = try_register(&node, &client, "frozen-dev", &token).await;
+    let took = started.elapsed();
+    signal("-CONT");
+    match answer {
+        Some((503, retry_after, body)) => {
+            assert!(retry_after.is_some(), "{body}");
+            assert_eq!(body["errorCode"], 503001, "{body}");
+        }
+        other => panic!("a frozen database gives 503: {other:?}"),
+    }
+    assert!(took < Duration::from_secs(25), "answered within the store's answer time, took {took:?}");
+    let back = Instant::now();
+    loop {
+        if let Some((202, _, _)) = try_register(&node, &client, "frozen-dev", &token).await {
+            break;
+        }
+        assert!(back.elapsed() < Duration::from_secs(30), "the node serves again by itself");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
+use deadpool_postgres::{ClientWrapper, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
 use dps_core::store::{Collection, Condition, Document, Page, Store, StoreError, Write};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio_postgres::error::SqlState;
@@ -53,6 +53,14 @@ const MIGRATIONS: &[&str] = &[
 const MAX_BATCH: usize = 256;
 /// Attempts of a transaction that failed with a serialisation failure or a deadlock.
 const SERIALIZATION_ATTEMPTS: u32 = 6;
+/// How long one read, or one batch's transaction, may wait for the database: past it the
+/// caller gets `Unavailable` (a device `503`), never a hang, and the connection is closed
+/// (a transaction it was in rolls back on the server).
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(15);
+
+fn no_answer() -> StoreError {
+    StoreError::Unavailable(format!("the database did not answer within {} s", ANSWER_WITHIN.as_secs()))
+}
 
 /// How to reach the database and how to use it.
 #[derive(Debug, Clone)]
@@ -133,7 +141,7 @@ struct Inner {
     /// Connections shared by every read: queries of concurrent readers on one connection go
     /// out together (tokio-postgres pipelines them), which saves the database a wake-up and
     /// the node a round trip per read. A closed one is replaced from the pool on next use.
-    readers: Vec<std::sync::Mutex<Option<Arc<Object>>>>,
+    readers: Vec<std::sync::Mutex<Option<Arc<ClientWrapper>>>>,
     next_reader: std::sync::atomic::AtomicUsize,
     jobs: mpsc::UnboundedSender<Job>,
     versions: VersionCache,
@@ -473,17 +481,38 @@ impl PostgresStore {
         self.inner.pool.get().await.map_err(pool_err)
     }
 
-    /// A shared read connection, in turn.
-    async fn reader(&self) -> Result<Arc<Object>, StoreError> {
+    /// A shared read connection, in turn, and its slot. Taken out of the pool for good (it
+    /// closes when the slot lets go of it and its last reader is done).
+    async fn reader(&self) -> Result<(Arc<ClientWrapper>, usize), StoreError> {
         let readers = &self.inner.readers;
         let i = self.inner.next_reader.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % readers.len();
         let slot = &readers[i];
         if let Some(client) = slot.lock().unwrap_or_else(|p| p.into_inner()).as_ref().filter(|c| !c.is_closed()) {
-            return Ok(client.clone());
+            return Ok((client.clone(), i));
         }
-        let fresh = Arc::new(self.client().await?);
+        let fresh = Arc::new(Object::take(self.client().await?));
         *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(fresh.clone());
-        Ok(fresh)
+        Ok((fresh, i))
+    }
+
+    /// Runs a read on a shared read connection within [`ANSWER_WITHIN`]; a connection that
+    /// did not answer in time is given up (the next read opens another).
+    async fn read<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(Arc<ClientWrapper>) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let (client, slot) = self.reader().await?;
+        match tokio::time::timeout(ANSWER_WITHIN, f(client.clone())).await {
+            Ok(result) => result,
+            Err(_) => {
+                let mut held = self.inner.readers[slot].lock().unwrap_or_else(|p| p.into_inner());
+                if held.as_ref().is_some_and(|c| Arc::ptr_eq(c, &client)) {
+                    *held = None;
+                }
+                Err(no_answer())
+            }
+        }
     }
 }
 
@@ -660,7 +689,13 @@ async fn commit_with_retries(
     loop {
         attempt += 1;
         let client = pool.get().await.map_err(pool_err)?;
-        match commit_once(&client, requests, slot).await {
+        let Ok(outcome) = tokio::time::timeout(ANSWER_WITHIN, commit_once(&client, requests, slot)).await else {
+            // Mid-transaction, maybe: close the connection (the server rolls back what did not
+            // commit) rather than give it back to the pool.
+            drop(Object::take(client));
+            return Err(no_answer());
+        };
+        match outcome {
             Ok(results) => return Ok(results),
             Err(e) if is_retryable(&e) && attempt < SERIALIZATION_ATTEMPTS => {
                 let jitter = u64::from(rand::random::<u8>());
@@ -771,17 +806,22 @@ async fn transaction_rounds(
     }
 }
 
-/// Runs `f` with retries on serialisation failures, on a pooled connection.
+/// Runs `f` (a rare job: a purge, a setting) with retries on serialisation failures, within
+/// [`ANSWER_WITHIN`] each, on a connection taken out of the pool: it closes when `f` is done
+/// or given up, so a transaction cut short never goes back to the pool.
 async fn with_retries<T, F, Fut>(store: &PostgresStore, mut f: F) -> Result<T, StoreError>
 where
-    F: FnMut(Object) -> Fut,
+    F: FnMut(ClientWrapper) -> Fut,
     Fut: Future<Output = Result<T, tokio_postgres::Error>>,
 {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let client = store.client().await?;
-        match f(client).await {
+        let client = Object::take(store.client().await?);
+        let Ok(outcome) = tokio::time::timeout(ANSWER_WITHIN, f(client)).await else {
+            return Err(no_answer());
+        };
+        match outcome {
             Ok(v) => return Ok(v),
             Err(e) if is_retryable(&e) && attempt < SERIALIZATION_ATTEMPTS => {
                 tokio::time::sleep(Duration::from_millis(5 << attempt)).await;
@@ -794,15 +834,18 @@ where
 #[async_trait]
 impl Store for PostgresStore {
     async fn get(&self, collection: Collection, id: &str) -> Result<Option<Document>, StoreError> {
-        let client = self.reader().await?;
-        let st = client
-            .prepare_cached(
-                "SELECT id, etag, partition, body, expires_at FROM dps_documents WHERE collection = $1 AND key = $2",
-            )
-            .await
-            .map_err(pg_err)?;
-        let row = client.query_opt(&st, &[&tag(collection), &key_of(id)]).await.map_err(pg_err)?;
-        row.as_ref().map(read_doc).transpose()
+        let key = key_of(id);
+        self.read(|client| async move {
+            let st = client
+                .prepare_cached(
+                    "SELECT id, etag, partition, body, expires_at FROM dps_documents WHERE collection = $1 AND key = $2",
+                )
+                .await
+                .map_err(pg_err)?;
+            let row = client.query_opt(&st, &[&tag(collection), &key]).await.map_err(pg_err)?;
+            row.as_ref().map(read_doc).transpose()
+        })
+        .await
     }
 
     async fn write(&self, writes: Vec<Write>) -> Result<(), StoreError> {
@@ -830,44 +873,47 @@ impl Store for PostgresStore {
         let after = crate::continuation::decode(continuation)?;
         let limit = limit.max(1);
         let fetch = i64::try_from(limit).unwrap_or(i64::MAX - 1) + 1;
-        let client = self.reader().await?;
-        let columns = "SELECT id, etag, partition, body, expires_at, key FROM dps_documents WHERE collection = $1";
-        let c = tag(collection);
-        let rows = match (partition, after.as_deref()) {
-            (None, None) => {
-                let st = client.prepare_cached(&format!("{columns} ORDER BY key LIMIT $2")).await.map_err(pg_err)?;
-                client.query(&st, &[&c, &fetch]).await
+        self.read(|client| async move {
+            let columns = "SELECT id, etag, partition, body, expires_at, key FROM dps_documents WHERE collection = $1";
+            let c = tag(collection);
+            let rows = match (partition, after.as_deref()) {
+                (None, None) => {
+                    let st =
+                        client.prepare_cached(&format!("{columns} ORDER BY key LIMIT $2")).await.map_err(pg_err)?;
+                    client.query(&st, &[&c, &fetch]).await
+                }
+                (Some(p), None) => {
+                    let st = client
+                        .prepare_cached(&format!("{columns} AND partition = $2 ORDER BY key LIMIT $3"))
+                        .await
+                        .map_err(pg_err)?;
+                    client.query(&st, &[&c, &p, &fetch]).await
+                }
+                (None, Some(a)) => {
+                    let st = client
+                        .prepare_cached(&format!("{columns} AND key > $2 ORDER BY key LIMIT $3"))
+                        .await
+                        .map_err(pg_err)?;
+                    client.query(&st, &[&c, &a, &fetch]).await
+                }
+                (Some(p), Some(a)) => {
+                    let st = client
+                        .prepare_cached(&format!("{columns} AND partition = $2 AND key > $3 ORDER BY key LIMIT $4"))
+                        .await
+                        .map_err(pg_err)?;
+                    client.query(&st, &[&c, &p, &a, &fetch]).await
+                }
             }
-            (Some(p), None) => {
-                let st = client
-                    .prepare_cached(&format!("{columns} AND partition = $2 ORDER BY key LIMIT $3"))
-                    .await
-                    .map_err(pg_err)?;
-                client.query(&st, &[&c, &p, &fetch]).await
+            .map_err(pg_err)?;
+            let mut docs = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let key: String =
+                    row.try_get(5).map_err(|e| StoreError::Corrupt(format!("a stored key cannot be read: {e}")))?;
+                docs.push((read_doc(row)?, key));
             }
-            (None, Some(a)) => {
-                let st = client
-                    .prepare_cached(&format!("{columns} AND key > $2 ORDER BY key LIMIT $3"))
-                    .await
-                    .map_err(pg_err)?;
-                client.query(&st, &[&c, &a, &fetch]).await
-            }
-            (Some(p), Some(a)) => {
-                let st = client
-                    .prepare_cached(&format!("{columns} AND partition = $2 AND key > $3 ORDER BY key LIMIT $4"))
-                    .await
-                    .map_err(pg_err)?;
-                client.query(&st, &[&c, &p, &a, &fetch]).await
-            }
-        }
-        .map_err(pg_err)?;
-        let mut docs = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let key: String =
-                row.try_get(5).map_err(|e| StoreError::Corrupt(format!("a stored key cannot be read: {e}")))?;
-            docs.push((read_doc(row)?, key));
-        }
-        Ok(crate::continuation::page(docs, limit))
+            Ok(crate::continuation::page(docs, limit))
+        })
+        .await
     }
 
     async fn purge_expired(&self, now_millis: i64) -> Result<u64, StoreError> {
@@ -896,9 +942,12 @@ impl Store for PostgresStore {
     }
 
     async fn get_setting(&self, key: &str) -> Result<Option<String>, StoreError> {
-        let client = self.reader().await?;
-        let row = client.query_opt("SELECT value FROM dps_settings WHERE key = $1", &[&key]).await.map_err(pg_err)?;
-        row.map(|r| r.try_get(0).map_err(pg_err)).transpose()
+        self.read(|client| async move {
+            let row =
+                client.query_opt("SELECT value FROM dps_settings WHERE key = $1", &[&key]).await.map_err(pg_err)?;
+            row.map(|r| r.try_get(0).map_err(pg_err)).transpose()
+        })
+        .await
     }
 
     async fn init_setting(&self, key: &str, value: &str) -> Result<String, StoreError> {
@@ -924,16 +973,19 @@ impl Store for PostgresStore {
             Ok(version) => return Ok(version),
             Err(ticket) => ticket,
         };
-        let client = self.reader().await?;
-        let st = client
-            .prepare_cached("SELECT COALESCE(SUM(version), 0)::BIGINT FROM dps_versions WHERE collection = $1")
-            .await
-            .map_err(pg_err)?;
-        let row = client.query_opt(&st, &[&tag(collection)]).await.map_err(pg_err)?;
-        let stored: i64 = match row {
-            Some(r) => r.try_get(0).map_err(pg_err)?,
-            None => 0,
-        };
+        let stored: i64 = self
+            .read(|client| async move {
+                let st = client
+                    .prepare_cached("SELECT COALESCE(SUM(version), 0)::BIGINT FROM dps_versions WHERE collection = $1")
+                    .await
+                    .map_err(pg_err)?;
+                let row = client.query_opt(&st, &[&tag(collection)]).await.map_err(pg_err)?;
+                match row {
+                    Some(r) => r.try_get(0).map_err(pg_err),
+                    None => Ok(0),
+                }
+            })
+            .await?;
         let version = u64::try_from(stored)
             .map_err(|_| StoreError::Corrupt(format!("the stored version of {collection:?} is negative")))?;
         self.inner.versions.record(ticket, version);
@@ -941,9 +993,12 @@ impl Store for PostgresStore {
     }
 
     async fn ready(&self) -> Result<(), StoreError> {
-        let client = self.reader().await?;
-        let row = client.query_one("SELECT version FROM dps_schema WHERE id = 1", &[]).await.map_err(pg_err)?;
-        let v: i32 = row.try_get(0).map_err(pg_err)?;
+        let v: i32 = self
+            .read(|client| async move {
+                let row = client.query_one("SELECT version FROM dps_schema WHERE id = 1", &[]).await.map_err(pg_err)?;
+                row.try_get(0).map_err(pg_err)
+            })
+            .await?;
         if usize::try_from(v).ok() != Some(MIGRATIONS.len()) {
             return Err(StoreError::Unavailable(format!(
                 "the database holds schema version {v}; this dps expects {}",
