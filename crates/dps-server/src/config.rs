@@ -528,7 +528,8 @@ pub struct PostgresStoreConfig {
     /// `postgres://user:password@host:port/database` (or libpq key=value); the environment
     /// variable [`STORE_URL_ENV`] wins over it.
     pub url: Option<String>,
-    /// Connections of this node to the database (reads and writers together).
+    /// Pooled connections of this node to the database (the writers, purges, settings); the
+    /// `readers` connections come on top.
     pub pool_size: usize,
     /// Writer tasks, each committing batches of writes on a connection of its own.
     pub writers: usize,

@@ -68,7 +68,8 @@ pub struct PostgresOptions {
     /// libpq-style URL or key/value string (`postgres://user:password@host:5432/db`). Holds the
     /// password: never logged (see [`PostgresOptions::describe`]).
     pub url: String,
-    /// Connections in the pool (reads and writers together); at least `writers + 1`.
+    /// Connections in the pool (the writers, and rare jobs: purges, settings); at least
+    /// `writers + 1`. The read connections are taken out of the pool and come on top.
     pub pool_size: usize,
     /// Writer tasks, each committing batches on a connection of its own. One writer makes the
     /// biggest batches (everything that arrived during the previous commit goes into the next).
