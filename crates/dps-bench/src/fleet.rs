@@ -620,15 +620,14 @@ pub async fn run(target: &Target, ceiling: Option<&Target>, opts: FleetOptions) 
         })
     };
     let dps = phase(&fleet, target, "dps").await?;
+    let database_used = database_before.zip(crate::target::database_cpu_seconds()).map(|(a, b)| b - a);
     let cpu = match (cpu_before, target.cpu_seconds(), crate::target::process_cpu_seconds("/proc/self/stat")) {
         ((Some(d0), Some(b0)), Some(d1), Some(b1)) => Some(Cpu {
             dps_seconds: d1 - d0,
             dps_us_per_device: (d1 - d0) * 1e6 / dps.assigned.max(1) as f64,
             bench_seconds: b1 - b0,
-            database_seconds: database_before.zip(crate::target::database_cpu_seconds()).map(|(a, b)| b - a),
-            database_us_per_device: database_before
-                .zip(crate::target::database_cpu_seconds())
-                .map(|(a, b)| (b - a) * 1e6 / dps.assigned.max(1) as f64),
+            database_seconds: database_used,
+            database_us_per_device: database_used.map(|s| s * 1e6 / dps.assigned.max(1) as f64),
             nodes: 1 + target.peers.len(),
         }),
         _ => None,

@@ -260,7 +260,7 @@ fn execute(args: &BenchArgs, opts: FleetOptions) -> Result<dps_bench::BenchRepor
             let server = args
                 .store_url
                 .clone()
-                .or_else(|| std::env::var("DPS_STORE_URL").ok())
+                .or_else(|| std::env::var(dps_server::config::STORE_URL_ENV).ok())
                 .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into());
             match &args.store_database {
                 Some(name) => (
@@ -279,6 +279,23 @@ fn execute(args: &BenchArgs, opts: FleetOptions) -> Result<dps_bench::BenchRepor
             }
         }
     };
+    // The database goes whatever happened to the run.
+    let report = run_nodes(args, opts, &rt, &store);
+    if let Some(db) = scratch {
+        if let Err(e) = rt.block_on(db.drop_database()) {
+            eprintln!("note: {e}");
+        }
+    }
+    report
+}
+
+/// Starts the run's dps nodes on `store` (unless `--target`), then measures.
+fn run_nodes(
+    args: &BenchArgs,
+    opts: FleetOptions,
+    rt: &tokio::runtime::Runtime,
+    store: &BenchStore,
+) -> Result<dps_bench::BenchReport, BenchError> {
     // dps nodes of our own unless --target: in --data-dir, or in a temporary directory.
     let mut temp = None;
     let mut servers = Vec::new();
@@ -299,7 +316,7 @@ fn execute(args: &BenchArgs, opts: FleetOptions) -> Result<dps_bench::BenchRepor
         // The first node creates the schema and the service identity; the others join it.
         for i in 0..args.nodes {
             let node_dir = if args.nodes == 1 { dir.clone() } else { dir.join(format!("node-{i}")) };
-            servers.push(SpawnedServer::start(&exe, &node_dir, args.server_key, &store)?);
+            servers.push(SpawnedServer::start(&exe, &node_dir, args.server_key, store)?);
         }
     }
     let target = match (servers.first(), &args.target) {
@@ -316,10 +333,5 @@ fn execute(args: &BenchArgs, opts: FleetOptions) -> Result<dps_bench::BenchRepor
     drop(ceiling);
     drop(servers);
     drop(temp);
-    if let Some(db) = scratch {
-        if let Err(e) = rt.block_on(db.drop_database()) {
-            eprintln!("note: {e}");
-        }
-    }
     report
 }

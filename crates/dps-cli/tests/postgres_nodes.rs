@@ -66,16 +66,37 @@ async fn try_register(
     Some((status, retry_after, body))
 }
 
-/// Polls `op` on `node` until it leaves `assigning` (or the deadline passes); the last answer.
-async fn poll_until_done(node: &Dps, id: &str, token: &str, op: &str, deadline: Duration) -> (u16, Value) {
+/// Polls `op` on `node` until it leaves `assigning` (for up to 10 s) and asserts that it ended
+/// `assigned`; the last answer.
+async fn assert_assigned(node: &Dps, id: &str, token: &str, op: &str) -> Value {
     let started = Instant::now();
     loop {
         let (code, body) = node.poll(id, token, op).await;
-        if body["status"] != "assigning" || started.elapsed() > deadline {
-            return (code, body);
+        if body["status"] != "assigning" || started.elapsed() > Duration::from_secs(10) {
+            assert_eq!((code, body["status"].as_str()), (200, Some("assigned")), "{id}: {body}");
+            return body;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A symmetric-key individual enrollment `id` with keys from `seed`, through `node`; its
+/// primary key.
+async fn symmetric_enrollment(node: &Dps, id: &str, seed: u8) -> String {
+    let k = key(seed);
+    node.put_enrollment(json!({"registrationId": id, "attestation": {"type": "symmetricKey",
+        "symmetricKey": {"primaryKey": k, "secondaryKey": key(seed + 1)}}}))
+        .await;
+    k
+}
+
+/// A symmetric-key enrollment group `id` with keys from `seed`, through `node`; its primary key.
+async fn symmetric_group(node: &Dps, id: &str, seed: u8) -> String {
+    let k = key(seed);
+    node.put_group(json!({"enrollmentGroupId": id, "attestation": {"type": "symmetricKey",
+        "symmetricKey": {"primaryKey": k, "secondaryKey": key(seed + 1)}}}))
+        .await;
+    k
 }
 
 async fn registration_record(node: &Dps, id: &str) -> (u16, Value) {
@@ -110,16 +131,12 @@ async fn three_nodes_share_the_service_identity_and_every_record() {
     }
 
     // An enrollment written through C; the device registers on A and polls on B.
-    let k = key(7);
-    c.put_enrollment(json!({"registrationId": "node-dev", "attestation": {"type": "symmetricKey",
-        "symmetricKey": {"primaryKey": k, "secondaryKey": key(8)}}}))
-        .await;
+    let k = symmetric_enrollment(c, "node-dev", 7).await;
     let token = a.device_token("node-dev", &k);
     let (status, _, body) = a.register("node-dev", Some(&token), json!({"registrationId": "node-dev"})).await;
     assert_eq!(status, 202, "{body}");
     let op = body["operationId"].as_str().unwrap().to_string();
-    let (code, polled) = poll_until_done(b, "node-dev", &token, &op, Duration::from_secs(10)).await;
-    assert_eq!((code, polled["status"].as_str()), (200, Some("assigned")), "{polled}");
+    let polled = assert_assigned(b, "node-dev", &token, &op).await;
     let (code, record) = registration_record(c, "node-dev").await;
     assert_eq!(code, 200, "{record}");
     assert_eq!(record["status"], "assigned");
@@ -127,10 +144,7 @@ async fn three_nodes_share_the_service_identity_and_every_record() {
 
     // A group created through C is used by A within the documented time (100 ms of version
     // refresh; we allow 2 s before calling it a failure).
-    let gk = key(21);
-    c.put_group(json!({"enrollmentGroupId": "node-group", "attestation": {"type": "symmetricKey",
-        "symmetricKey": {"primaryKey": gk, "secondaryKey": key(22)}}}))
-        .await;
+    let gk = symmetric_group(c, "node-group", 21).await;
     let member_token = a.device_token("node-member", &derive(&gk, "node-member"));
     let started = Instant::now();
     let status = loop {
@@ -206,8 +220,7 @@ async fn three_nodes_share_the_service_identity_and_every_record() {
     assert_eq!(records[1], records[2], "B and C read one record");
     assert_eq!(records[0]["status"], "assigned");
     for op in &operations {
-        let (code, polled) = poll_until_done(c, "node-dev", &token, op, Duration::from_secs(10)).await;
-        assert_eq!((code, polled["status"].as_str()), (200, Some("assigned")), "{polled}");
+        assert_assigned(c, "node-dev", &token, op).await;
     }
     drop(n);
     db.drop_database().await.unwrap();
@@ -220,10 +233,7 @@ async fn three_nodes_share_the_service_identity_and_every_record() {
 async fn kill9_of_a_node_under_load_loses_nothing_acknowledged() {
     let db = scratch("kill").await;
     let n = nodes(&db.url, 2, "").await;
-    let gk = key(31);
-    n[0].put_group(json!({"enrollmentGroupId": "kill-group", "attestation": {"type": "symmetricKey",
-        "symmetricKey": {"primaryKey": gk, "secondaryKey": key(32)}}}))
-        .await;
+    let gk = symmetric_group(&n[0], "kill-group", 31).await;
     let devices = 240;
     let clients = [client_for(&n[0], &n[0]), client_for(&n[0], &n[1])];
     let acknowledged = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
@@ -278,8 +288,7 @@ async fn kill9_of_a_node_under_load_loses_nothing_acknowledged() {
     for (id, token, op) in &finished {
         let (code, record) = registration_record(survivor, id).await;
         assert_eq!(code, 200, "{id} was acknowledged, so it must be stored: {record}");
-        let (code, polled) = poll_until_done(survivor, id, token, op, Duration::from_secs(10)).await;
-        assert_eq!((code, polled["status"].as_str()), (200, Some("assigned")), "{id}: {polled}");
+        assert_assigned(survivor, id, token, op).await;
     }
     drop(guard);
     db.drop_database().await.unwrap();
@@ -336,8 +345,7 @@ async fn a_slow_webhook_whose_node_dies_is_finished_through_another() {
     let (status, _, body) = n[1].register("slow-dev", Some(&token), json!({})).await;
     assert_eq!(status, 202, "{body}");
     let op = body["operationId"].as_str().unwrap().to_string();
-    let (code, polled) = poll_until_done(&n[1], "slow-dev", &token, &op, Duration::from_secs(10)).await;
-    assert_eq!((code, polled["status"].as_str()), (200, Some("assigned")), "{polled}");
+    assert_assigned(&n[1], "slow-dev", &token, &op).await;
     drop(n);
     db.drop_database().await.unwrap();
 }
@@ -427,10 +435,7 @@ impl Drop for OwnPostgres {
 async fn the_database_stopped_and_started_under_load() {
     let pg = OwnPostgres::start();
     let node = Dps::start(&store_config(&pg.url())).await;
-    let gk = key(51);
-    node.put_group(json!({"enrollmentGroupId": "outage-group", "attestation": {"type": "symmetricKey",
-        "symmetricKey": {"primaryKey": gk, "secondaryKey": key(52)}}}))
-        .await;
+    let gk = symmetric_group(&node, "outage-group", 51).await;
     let client = client_for(&node, &node);
     let mut acknowledged = Vec::new();
     let mut unavailable = 0;
@@ -594,10 +599,7 @@ async fn tls_to_the_database_and_a_wrong_password() {
             .await;
     let ready = node.client.get(node.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200, "{}", node.log());
-    let k = key(61);
-    node.put_enrollment(json!({"registrationId": "tls-db-dev", "attestation": {"type": "symmetricKey",
-        "symmetricKey": {"primaryKey": k, "secondaryKey": key(62)}}}))
-        .await;
+    let k = symmetric_enrollment(&node, "tls-db-dev", 61).await;
     let token = node.device_token("tls-db-dev", &k);
     let (status, _, body) = node.register("tls-db-dev", Some(&token), json!({})).await;
     assert_eq!((status, body["status"].as_str()), (202, Some("assigned")), "{body}");
@@ -614,12 +616,7 @@ async fn haproxy_in_front_of_two_nodes_spreads_devices_and_routes_around_a_dead_
     let n = Arc::new(tokio::sync::Mutex::new(nodes(&db.url, 2, "").await));
     let (scope, gk) = {
         let guard = n.lock().await;
-        let gk = key(71);
-        guard[0]
-            .put_group(json!({"enrollmentGroupId": "lb-group", "attestation": {"type": "symmetricKey",
-                "symmetricKey": {"primaryKey": gk, "secondaryKey": key(72)}}}))
-            .await;
-        (guard[0].scope(), gk)
+        (guard[0].scope(), symmetric_group(&guard[0], "lb-group", 71).await)
     };
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -714,10 +711,7 @@ async fn haproxy_in_front_of_two_nodes_spreads_devices_and_routes_around_a_dead_
 async fn a_database_that_stops_answering_gives_503_not_a_hang() {
     let pg = OwnPostgres::start();
     let node = Dps::start(&store_config(&pg.url())).await;
-    let k = key(81);
-    node.put_enrollment(json!({"registrationId": "frozen-dev", "attestation": {"type": "symmetricKey",
-        "symmetricKey": {"primaryKey": k, "secondaryKey": key(82)}}}))
-        .await;
+    let k = symmetric_enrollment(&node, "frozen-dev", 81).await;
     let token = node.device_token("frozen-dev", &k);
     let client = client_for(&node, &node);
     assert!(matches!(try_register(&node, &client, "frozen-dev", &token).await, Some((202, _, _))));

@@ -62,10 +62,10 @@ pub async fn cert(config: &Config, action: CertAction) -> Result<Value, String> 
             }
             db.display().to_string()
         }
-        StoreConfig::Postgres(pg) => match pg.url() {
-            Some(url) => dps_store::PostgresOptions::new(url).describe(),
-            None => return Err("[store] backend \"postgres\" needs [store] url or DPS_STORE_URL".into()),
-        },
+        // A missing URL is refused by `open_store`, naming both places it may come from.
+        StoreConfig::Postgres(pg) => {
+            pg.url().map(|url| dps_store::PostgresOptions::new(url).describe()).unwrap_or_else(|| "the store".into())
+        }
     };
     let store = open_store(&config.store, &config.data_dir).await.map_err(|e| match e {
         ServerError::Store(e) => format!("cannot open {where_}: {e}"),

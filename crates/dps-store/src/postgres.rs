@@ -27,7 +27,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Statement};
 
-use crate::version_cache::{collection_of, VersionCache, TAGS};
+use crate::version_cache::{collection_of, VersionCache, WriteCounts};
 
 /// Migrations, applied in order; `dps_schema.version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -256,24 +256,25 @@ enum Kind {
     Exists,
 }
 
-/// One write, flattened into owned parameters.
-struct Planned {
+/// One write as statement parameters, borrowed from the [`Write`] it comes from.
+struct Planned<'a> {
     kind: Kind,
-    collection: i16,
+    collection: Collection,
+    tag: i16,
     key: String,
-    id: String,
-    etag: String,
-    partition: Option<String>,
-    body: String,
+    id: &'a str,
+    etag: &'a str,
+    partition: Option<&'a str>,
+    body: &'a str,
     expires_at: Option<i64>,
     /// The ETag an `IfMatch` compares with.
-    expected: String,
+    expected: &'a str,
     /// The error when the statement touched no row (for `Exists`: when it found one).
     failure: fn(&str) -> StoreError,
 }
 
-impl Planned {
-    fn of(write: &Write) -> Planned {
+impl<'a> Planned<'a> {
+    fn of(write: &'a Write) -> Planned<'a> {
         let (collection, condition) = match write {
             Write::Put { collection, condition, .. } | Write::Delete { collection, condition, .. } => {
                 (*collection, condition)
@@ -308,19 +309,20 @@ impl Planned {
             }
         };
         let expected = match condition {
-            Condition::IfMatch(e) => e.clone(),
-            _ => String::new(),
+            Condition::IfMatch(e) => e.as_str(),
+            _ => "",
         };
-        let (etag, partition, body, expires_at, id) = match write {
+        let (id, etag, partition, body, expires_at) = match write {
             Write::Put { document: d, .. } => {
-                (d.etag.clone(), d.partition.clone(), d.body.clone(), d.expires_at, d.id.clone())
+                (d.id.as_str(), d.etag.as_str(), d.partition.as_deref(), d.body.as_str(), d.expires_at)
             }
-            Write::Delete { id, .. } => (String::new(), None, String::new(), None, id.clone()),
+            Write::Delete { id, .. } => (id.as_str(), "", None, "", None),
         };
         Planned {
             kind,
-            collection: tag(collection),
-            key: key_of(&id),
+            collection,
+            tag: tag(collection),
+            key: key_of(id),
             id,
             etag,
             partition,
@@ -334,10 +336,10 @@ impl Planned {
     fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
         match self.kind {
             Kind::Upsert | Kind::InsertIfAbsent | Kind::UpdateIfExists => {
-                vec![&self.collection, &self.key, &self.id, &self.etag, &self.partition, &self.body, &self.expires_at]
+                vec![&self.tag, &self.key, &self.id, &self.etag, &self.partition, &self.body, &self.expires_at]
             }
             Kind::UpdateIfMatch => vec![
-                &self.collection,
+                &self.tag,
                 &self.key,
                 &self.id,
                 &self.etag,
@@ -346,26 +348,19 @@ impl Planned {
                 &self.expires_at,
                 &self.expected,
             ],
-            Kind::Delete | Kind::Exists => vec![&self.collection, &self.key],
-            Kind::DeleteIfMatch => vec![&self.collection, &self.key, &self.expected],
+            Kind::Delete | Kind::Exists => vec![&self.tag, &self.key],
+            Kind::DeleteIfMatch => vec![&self.tag, &self.key, &self.expected],
         }
     }
 
     /// What the statement's row count means: `Ok` it wrote, `Err` its condition failed.
-    fn outcome(&self, rows: u64, collection: Collection) -> Result<(), StoreError> {
-        let wrote = match self.kind {
-            Kind::Exists => {
-                if rows > 0 {
-                    return Err(StoreError::AlreadyExists(format!("{collection:?} '{}' already exists", self.id)));
-                }
-                false
-            }
-            _ => rows > 0,
-        };
-        if wrote {
-            Ok(())
-        } else {
-            Err((self.failure)(&format!("{collection:?} '{}'", self.id)))
+    fn outcome(&self, rows: u64) -> Result<(), StoreError> {
+        let what = || format!("{:?} '{}'", self.collection, self.id);
+        match self.kind {
+            Kind::Exists if rows > 0 => Err(StoreError::AlreadyExists(format!("{} already exists", what()))),
+            Kind::Exists => Err((self.failure)(&what())),
+            _ if rows > 0 => Ok(()),
+            _ => Err((self.failure)(&what())),
         }
     }
 }
@@ -546,8 +541,7 @@ async fn first_connection(pool: &Pool, target: &str, patience: Duration) -> Resu
             Err(PoolError::Backend(e)) if is_permanent(&e) => {
                 let reason = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
                 return Err(StoreError::Unavailable(format!(
-                    "cannot use PostgreSQL at {target}: {reason}; check [store] url (or {}) and ca_file",
-                    "DPS_STORE_URL"
+                    "cannot use PostgreSQL at {target}: {reason}; check [store] url (or DPS_STORE_URL) and ca_file"
                 )));
             }
             Err(e) => {
@@ -750,9 +744,9 @@ async fn transaction_rounds(
         for &i in &live {
             let mut first_failure = None;
             let mut wrote_any = false;
-            for (p, w) in planned[i].iter().zip(requests[i].iter()) {
+            for p in &planned[i] {
                 let rows = counts.next().unwrap_or(Ok(0))?;
-                match p.outcome(rows, collection_of(w)) {
+                match p.outcome(rows) {
                     Ok(()) => wrote_any = true,
                     Err(e) => {
                         first_failure.get_or_insert(e);
@@ -774,22 +768,13 @@ async fn transaction_rounds(
             results[i] = Some(Err(e));
             continue;
         }
-        let mut written = [0i64; TAGS];
+        let mut written = WriteCounts::default();
         for (i, r) in &round {
             if r.is_ok() {
-                for w in requests[*i] {
-                    if let Some(n) = usize::try_from(collection_of(w).tag()).ok().and_then(|t| written.get_mut(t)) {
-                        *n += 1;
-                    }
-                }
+                written.add(requests[*i]);
             }
         }
-        let bumps: Vec<(i16, i64)> = written
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| **n > 0)
-            .map(|(t, n)| (i16::try_from(t).unwrap_or(i16::MAX), *n))
-            .collect();
+        let bumps: Vec<(i16, i64)> = written.moved().collect();
         let bump_params: Vec<[&(dyn ToSql + Sync); 3]> =
             bumps.iter().map(|(t, n)| [t as _, &slot as _, n as _]).collect();
         let bump_runs = bump_params.iter().map(|p| client.execute(&statements.bump, p));

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use dps_core::store::{Collection, Condition, Document, Page, Store, StoreError, Write};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use crate::version_cache::{collection_of, VersionCache, TAGS};
+use crate::version_cache::{collection_of, VersionCache, WriteCounts};
 
 /// SQLite `synchronous` setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -322,25 +322,19 @@ fn commit_batch(conn: &mut Connection, batch: Vec<(Vec<Write>, Reply)>) {
     let committed = (|| {
         let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
         // Writes per collection tag of the requests that succeeded: what their versions move by.
-        let mut written = [0i64; TAGS];
+        let mut written = WriteCounts::default();
         for (writes, _) in &batch {
             let sp = tx.savepoint().map_err(sql_err)?;
             let r = apply(&sp, writes);
             if r.is_ok() {
                 sp.commit().map_err(sql_err)?;
-                for w in writes {
-                    if let Some(n) = usize::try_from(collection_of(w).tag()).ok().and_then(|i| written.get_mut(i)) {
-                        *n += 1;
-                    }
-                }
+                written.add(writes);
             }
             // Dropping an uncommitted savepoint rolls it back.
             results.push(r);
         }
-        for (tag, n) in written.iter().enumerate() {
-            if *n > 0 {
-                bump_version(&tx, tag as i64, *n)?;
-            }
+        for (tag, n) in written.moved() {
+            bump_version(&tx, i64::from(tag), n)?;
         }
         tx.commit().map_err(sql_err)
     })();

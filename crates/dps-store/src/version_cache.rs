@@ -97,3 +97,23 @@ pub(crate) fn collection_of(write: &Write) -> Collection {
         Write::Put { collection, .. } | Write::Delete { collection, .. } => *collection,
     }
 }
+
+/// Committed writes per collection of a batch: what each collection's version moves by.
+#[derive(Default)]
+pub(crate) struct WriteCounts([i64; TAGS]);
+
+impl WriteCounts {
+    /// Counts the writes of one request that committed.
+    pub(crate) fn add(&mut self, writes: &[Write]) {
+        for w in writes {
+            if let Some(n) = usize::try_from(collection_of(w).tag()).ok().and_then(|i| self.0.get_mut(i)) {
+                *n += 1;
+            }
+        }
+    }
+
+    /// `(collection tag, writes)` of every collection written to.
+    pub(crate) fn moved(&self) -> impl Iterator<Item = (i16, i64)> + '_ {
+        self.0.iter().enumerate().filter(|(_, n)| **n > 0).map(|(t, n)| (i16::try_from(t).unwrap_or(i16::MAX), *n))
+    }
+}
