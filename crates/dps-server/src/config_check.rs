@@ -365,6 +365,12 @@ mod tests {
             let err = Config::from_toml(&format!("{text}{extra}"), Path::new("c.toml")).unwrap_err().to_string();
             assert!(err.contains(needle), "{extra}: {err}");
         }
+        for size in ["1", "1001"] {
+            let err = Config::from_toml(&text.replace("pool_size = 8", &format!("pool_size = {size}")), Path::new("c"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("store.pool_size"), "{size}: {err}");
+        }
         if std::env::var(crate::config::STORE_URL_ENV).is_err() {
             let err =
                 Config::from_toml("[store]\nbackend = \"postgres\"\n", Path::new("c.toml")).unwrap_err().to_string();

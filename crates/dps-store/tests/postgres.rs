@@ -165,3 +165,53 @@ async fn serializable_isolation_is_retried_and_stays_correct() {
     drop((a, b));
     db.drop_database().await.unwrap();
 }
+
+/// A `ca_file` that is missing or holds no certificate stops the start, naming the file.
+#[tokio::test]
+async fn a_ca_file_without_a_certificate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    for (file, needle) in [(empty.clone(), "holds no certificate"), (dir.path().join("missing.pem"), "missing.pem")] {
+        let mut options = PostgresOptions::new("postgres://postgres@127.0.0.1:5432/test?sslmode=require");
+        options.ca_file = Some(file.clone());
+        let err = PostgresStore::connect(options).await.unwrap_err().to_string();
+        assert!(err.contains("ca_file") && err.contains(needle), "{}: {err}", file.display());
+    }
+}
+
+/// A write the database refuses for a reason of its own (here a body with a NUL character,
+/// which PostgreSQL text cannot hold) fails alone: the requests committed with it in the same
+/// batch still succeed.
+#[tokio::test]
+async fn a_refused_write_fails_alone_in_its_batch() {
+    let db = scratch("refused").await;
+    let store = open(&db.url, Duration::ZERO).await;
+    let bad = Write::Put {
+        collection: Collection::EnrollmentGroups,
+        document: Document {
+            id: "bad".into(),
+            etag: "1".into(),
+            partition: None,
+            body: "{\"a\":\"\0\"}".into(),
+            expires_at: None,
+        },
+        condition: Condition::Always,
+    };
+    let mut writes: Vec<Vec<Write>> = (0..16).map(|i| vec![group(&format!("good-{i}"), "1")]).collect();
+    writes.insert(8, vec![bad]);
+    let results = futures_util::future::join_all(writes.into_iter().map(|w| store.write(w))).await;
+    for (i, r) in results.iter().enumerate() {
+        if i == 8 {
+            assert!(matches!(r, Err(dps_core::store::StoreError::Other(_))), "the bad write fails: {r:?}");
+        } else {
+            assert!(r.is_ok(), "write {i} is not held back by the bad one: {r:?}");
+        }
+    }
+    for i in 0..16 {
+        assert!(store.get(Collection::EnrollmentGroups, &format!("good-{i}")).await.unwrap().is_some());
+    }
+    assert_eq!(store.get(Collection::EnrollmentGroups, "bad").await.unwrap(), None);
+    drop(store);
+    db.drop_database().await.unwrap();
+}
