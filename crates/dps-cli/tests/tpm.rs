@@ -177,6 +177,37 @@ async fn a_challenge_expires() {
     assert_eq!(status, 401, "{body}");
 }
 
+/// The endorsement key is compared as an RSA key, not as text: an enrollment whose EK spells
+/// the default exponent out (65537 instead of 0) and carries another authPolicy is the same
+/// key as the one the device sends, for the challenge and for the proof. After the
+/// enrollment's EK is changed to another TPM's, the issued key stops counting.
+#[tokio::test]
+async fn the_endorsement_key_is_compared_as_a_key_not_as_text() {
+    let dps = Dps::start(HUBS).await;
+    let t = tpm(12);
+    let id = "tpm-device-spelled-otherwise";
+    let mut spelled = t.endorsement_key().clone();
+    if let PublicParams::Rsa(rsa) = &mut spelled.params {
+        assert_eq!(rsa.exponent, 0);
+        rsa.exponent = 65537;
+    }
+    spelled.auth_policy = vec![0x5a; 32];
+    assert_ne!(b64(&spelled), ek(&t));
+    let body = json!({"registrationId": id, "attestation": {"type": "tpm", "tpm": {"endorsementKey": b64(&spelled)}}});
+    let stored = dps.put_enrollment(body.clone()).await;
+    let key = challenge(&dps, id, &t).await;
+    let (status, _, answer) = dps.register(id, Some(&token(&dps, id, &key)), json!({})).await;
+    assert_eq!((status, &answer["status"]), (202, &json!("assigned")), "{answer}");
+
+    // The enrollment now names another TPM: the key issued for this one no longer counts.
+    let mut changed = body;
+    changed["attestation"]["tpm"]["endorsementKey"] = json!(ek(&tpm(13)));
+    changed["etag"] = stored["etag"].clone();
+    dps.put_enrollment(changed).await;
+    let (status, _, answer) = dps.register(id, Some(&token(&dps, id, &key)), json!({})).await;
+    assert_eq!(status, 401, "{answer}");
+}
+
 #[tokio::test]
 async fn a_disabled_tpm_enrollment_answers_disabled_after_the_proof() {
     let dps = Dps::start(HUBS).await;

@@ -9,7 +9,7 @@ use dps_proto::ids::{validate_id_scope, validate_registration_id};
 use dps_proto::sas::{device_resource, SasToken};
 use dps_proto::service::{AttestationType, EnrollmentGroup, IndividualEnrollment, ProvisioningStatus};
 
-use super::records::ResolvedEnrollment;
+use super::records::{ResolvedEnrollment, TpmHubKey};
 use crate::attestation::{verify_group, verify_individual};
 use crate::engine::{parse_stored, DeviceRuntime};
 use crate::error::Error;
@@ -38,13 +38,24 @@ pub struct TpmEndorsement {
     pub storage_root_key: Option<String>,
 }
 
+/// A device the authentication stage accepted: the enrollment it resolved to and, for a TPM
+/// device, the key its token is signed with (the last challenge's key, its hub key), so that
+/// the register path need not look the challenge up again.
+#[derive(Debug)]
+pub(super) struct Proven {
+    /// The enrollment.
+    pub(super) enrollment: ResolvedEnrollment,
+    /// TPM devices: the key the token was checked against.
+    pub(super) tpm_key: Option<TpmHubKey>,
+}
+
 /// The authentication stage's outcome for one request: the enrollment the device resolved to,
 /// or the challenge it must answer first.
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)]
 pub(super) enum Resolved {
     /// Authenticated, with this enrollment.
-    Enrollment(ResolvedEnrollment),
+    Enrollment(Proven),
     /// A challenge to send.
     Challenge(Challenge),
 }
@@ -188,11 +199,11 @@ impl DeviceRuntime {
         self.check_scope_and_id(id_scope, registration_id)?;
         let certificates_version = self.certificates_version_for(credential).await?;
         Ok(match self.authenticate_or_challenge(id_scope, registration_id, credential).await? {
-            Resolved::Enrollment(enrollment) => Authentication::Authenticated(self.device(
+            Resolved::Enrollment(proven) => Authentication::Authenticated(self.device(
                 id_scope,
                 registration_id,
                 credential,
-                enrollment,
+                proven.enrollment,
                 certificates_version,
             )),
             Resolved::Challenge(challenge) => Authentication::Challenge(challenge),
@@ -251,7 +262,7 @@ impl DeviceRuntime {
         credential: &Credential,
     ) -> Result<AuthenticatedDevice, Error> {
         let certificates_version = self.certificates_version_for(credential).await?;
-        let enrollment = self.authenticate(id_scope, registration_id, credential).await?;
+        let enrollment = self.authenticate(id_scope, registration_id, credential).await?.enrollment;
         Ok(self.device(id_scope, registration_id, credential, enrollment, certificates_version))
     }
 
@@ -317,12 +328,12 @@ impl DeviceRuntime {
     /// the first symmetric-key group (by ID) whose derived key validates the token. A refusal
     /// is answered no sooner than `auth_failure_delay_ms` after the call began, so that the
     /// answer time does not tell an unknown ID from a wrong key either.
-    pub async fn authenticate(
+    pub(super) async fn authenticate(
         &self,
         id_scope: &str,
         registration_id: &str,
         credential: &Credential,
-    ) -> Result<ResolvedEnrollment, Error> {
+    ) -> Result<Proven, Error> {
         let started = tokio::time::Instant::now();
         let result = self.resolve_credential(id_scope, registration_id, credential).await;
         if matches!(result, Err(Error::Unauthorized(_))) {
@@ -337,10 +348,13 @@ impl DeviceRuntime {
         id_scope: &str,
         registration_id: &str,
         credential: &Credential,
-    ) -> Result<ResolvedEnrollment, Error> {
+    ) -> Result<Proven, Error> {
         let text = match credential {
             Credential::Sas(t) => t,
-            Credential::X509(chain) => return self.authenticate_x509(registration_id, chain).await,
+            Credential::X509(chain) => {
+                let enrollment = self.authenticate_x509(registration_id, chain).await?;
+                return Ok(Proven { enrollment, tpm_key: None });
+            }
             // Only a register request can start the challenge (`authenticate_device`); a TPM
             // device's other requests carry the SAS signed with the key it was given.
             Credential::TpmEndorsement(_) => return Err(unauthorized(tpm_not_accepted(registration_id))),
@@ -371,24 +385,27 @@ impl DeviceRuntime {
                 None => None,
             };
         if let Some(e) = individual {
-            let signed = match (e.common.attestation.kind, &e.common.attestation.symmetric_key) {
-                (AttestationType::SymmetricKey, Some(sk)) => verify_individual(&token, sk).is_some(),
+            let (signed, tpm_key) = match (e.common.attestation.kind, &e.common.attestation.symmetric_key) {
+                (AttestationType::SymmetricKey, Some(sk)) => (verify_individual(&token, sk).is_some(), None),
                 // Signed with the key the TPM imported from the last challenge.
-                (AttestationType::Tpm, _) => self.tpm_key_for(registration_id, &e, &token).await?.is_some(),
-                _ => false,
+                (AttestationType::Tpm, _) => {
+                    let issued = self.tpm_key_for(registration_id, &e, &token).await?;
+                    (issued.is_some(), issued.map(|k| k.hub_key()))
+                }
+                _ => (false, None),
             };
             // A disabled individual enrollment also answers for a group member's key, so
             // that it revokes that member (docs/protocol-notes.md §10.1).
             let disabled = e.common.provisioning_status == Some(ProvisioningStatus::Disabled);
             if signed || (disabled && self.find_group_for(&token, registration_id).await?.is_some()) {
-                return Ok(ResolvedEnrollment::Individual(e));
+                return Ok(Proven { enrollment: ResolvedEnrollment::Individual(e), tpm_key });
             }
             crate::info_limited!("device-auth", registration_id, attestation = ?e.common.attestation.kind, disabled,
                 "SAS rejected: signature does not match the individual enrollment's keys");
             return Err(unauthorized(sas_not_accepted(registration_id)));
         }
         match self.find_group_for(&token, registration_id).await? {
-            Some(g) => Ok(ResolvedEnrollment::Group(g)),
+            Some(g) => Ok(Proven { enrollment: ResolvedEnrollment::Group(g), tpm_key: None }),
             None => {
                 crate::info_limited!(
                     "device-auth",

@@ -10,7 +10,7 @@ use dps_proto::ids::id_key;
 use dps_proto::service::{AllocationPolicy, EnrollmentCommon, ProvisioningStatus, ReprovisionPolicy};
 use serde_json::Value;
 
-use super::authenticate::{unauthorized, AuthenticatedDevice, Challenge, Credential, Resolved, TpmEndorsement};
+use super::authenticate::{unauthorized, AuthenticatedDevice, Challenge, Credential, Proven, Resolved, TpmEndorsement};
 use super::records::{OperationRecord, RegistrationRecord, ResolvedEnrollment, TpmHubKey};
 use crate::custom::{AllocationFailure, Assignment};
 use crate::engine::{parse_body, parse_stored, to_json, DeviceRuntime};
@@ -178,11 +178,11 @@ impl DeviceRuntime {
         };
         // The authentication stage as `authenticate_device` runs it, without building the
         // `AuthenticatedDevice` a one-request transport would throw away.
-        let enrollment = match self.authenticate_or_challenge(&req.id_scope, &req.registration_id, &credential).await? {
-            Resolved::Enrollment(enrollment) => enrollment,
+        let proven = match self.authenticate_or_challenge(&req.id_scope, &req.registration_id, &credential).await? {
+            Resolved::Enrollment(proven) => proven,
             Resolved::Challenge(challenge) => return Ok(Registered::Challenge(challenge)),
         };
-        self.register_enrollment(req.registration_id, &credential, enrollment, payload, req.force)
+        self.register_enrollment(req.registration_id, &credential, proven, payload, req.force)
             .await
             .map(Registered::Reply)
     }
@@ -206,8 +206,9 @@ impl DeviceRuntime {
         let registration_id = device.registration_id().to_string();
         let parsed = self.parse_registration_body(&registration_id, body)?;
         let payload = self.check_payload(parsed.payload)?;
-        let enrollment = self.recheck(device).await?;
-        self.register_enrollment(registration_id, device.credential(), enrollment, payload, force).await
+        // The re-check does not look at a TPM device's key: the register path does.
+        let proven = Proven { enrollment: self.recheck(device).await?, tpm_key: None };
+        self.register_enrollment(registration_id, device.credential(), proven, payload, force).await
     }
 
     /// The register path after authentication.
@@ -215,10 +216,11 @@ impl DeviceRuntime {
         &self,
         registration_id: String,
         credential: &Credential,
-        enrollment: ResolvedEnrollment,
+        proven: Proven,
         payload: Option<Value>,
         force: bool,
     ) -> Result<DeviceReply, Error> {
+        let Proven { enrollment, tpm_key } = proven;
         self.admit(&registration_id, true)?;
         let operation_id = self.new_operation_id();
         let now = self.clock.now_millis();
@@ -226,7 +228,10 @@ impl DeviceRuntime {
             Credential::X509(chain) => Some(x509_context(chain)),
             _ => None,
         };
-        let tpm = self.tpm_hub_key(&registration_id, credential, &enrollment).await?;
+        let tpm = match tpm_key {
+            Some(key) => Some(key),
+            None => self.tpm_hub_key(&registration_id, credential, &enrollment).await?,
+        };
         let pending =
             Pending { registration_id, force, enrollment, operation_id, payload, certificate, tpm, started: now };
 
@@ -280,7 +285,7 @@ impl DeviceRuntime {
         let token =
             dps_proto::sas::SasToken::parse(text).map_err(|e| unauthorized(format!("invalid SAS token: {e}")))?;
         match self.tpm_key_for(registration_id, e, &token).await? {
-            Some(issued) => Ok(Some(TpmHubKey { authentication_key: issued.authentication_key, key: issued.key })),
+            Some(issued) => Ok(Some(issued.hub_key())),
             None => Err(unauthorized(format!(
                 "a newer TPM challenge for registration ID '{registration_id}' replaced the key this token is signed with; send the register request without a token to get a new challenge"
             ))),

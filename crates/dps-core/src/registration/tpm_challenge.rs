@@ -19,6 +19,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use super::authenticate::{tpm_not_accepted, unauthorized, Challenge, TpmEndorsement};
+use super::records::TpmHubKey;
 use crate::engine::{parse_stored, to_json, DeviceRuntime};
 use crate::error::Error;
 use crate::store::{Collection, Condition, Document, Write};
@@ -60,11 +61,22 @@ impl IssuedTpmKey {
         BASE64.decode(&self.key).is_ok_and(|key| token.is_signed_by(&key))
     }
 
-    /// Whether it was issued for (a TPM with) this enrollment's endorsement key.
+    /// Whether it was issued for (a TPM with) this enrollment's endorsement key: the same
+    /// text (both were checked when written: what the device sends is most often what was
+    /// enrolled), else the same RSA key.
     pub(super) fn for_enrollment(&self, enrollment: &IndividualEnrollment) -> bool {
-        let issued = decode_public(&self.endorsement_key);
-        let enrolled = enrollment.common.attestation.tpm.as_ref().and_then(|t| decode_public(&t.endorsement_key));
-        matches!((issued, enrolled), (Some(a), Some(b)) if a.same_rsa_key(&b))
+        let Some(enrolled) = enrollment.common.attestation.tpm.as_ref().map(|t| t.endorsement_key.trim()) else {
+            return false;
+        };
+        if enrolled == self.endorsement_key {
+            return true;
+        }
+        matches!((decode_public(&self.endorsement_key), decode_public(enrolled)), (Some(a), Some(b)) if a.same_rsa_key(&b))
+    }
+
+    /// The key as the registration keeps it: the device's hub key.
+    pub(super) fn hub_key(self) -> TpmHubKey {
+        TpmHubKey { authentication_key: self.authentication_key, key: self.key }
     }
 }
 
@@ -94,7 +106,7 @@ impl DeviceRuntime {
         };
         let srk = parse_device_key("tpm.storageRootKey", srk_text, DeviceKey::StorageRoot)?;
         let started = tokio::time::Instant::now();
-        if !self.tpm_enrolled(registration_id, &ek).await? {
+        if !self.tpm_enrolled(registration_id, &ek, &endorsement.endorsement_key).await? {
             crate::info_limited!(
                 "device-auth",
                 registration_id,
@@ -138,19 +150,17 @@ impl DeviceRuntime {
     /// Whether the ID has an individual TPM enrollment with this endorsement key (compared as
     /// RSA keys, not as text: protocol.md §6.2). Disabled ones count: the device proves its
     /// key first and then learns that it is disabled, as with a symmetric key.
-    async fn tpm_enrolled(&self, registration_id: &str, ek: &TpmPublic) -> Result<bool, Error> {
+    async fn tpm_enrolled(&self, registration_id: &str, ek: &TpmPublic, ek_text: &str) -> Result<bool, Error> {
         let Some(doc) = self.store.get(Collection::Enrollments, registration_id).await? else {
             return Ok(false);
         };
         let enrollment: IndividualEnrollment = parse_stored(&doc.body, "enrollment", registration_id)?;
-        Ok(enrollment.common.attestation.kind == AttestationType::Tpm
-            && enrollment
-                .common
-                .attestation
-                .tpm
-                .as_ref()
-                .and_then(|t| decode_public(&t.endorsement_key))
-                .is_some_and(|enrolled| enrolled.same_rsa_key(ek)))
+        let enrolled = match (&enrollment.common.attestation.kind, &enrollment.common.attestation.tpm) {
+            (AttestationType::Tpm, Some(tpm)) => tpm.endorsement_key.trim(),
+            _ => return Ok(false),
+        };
+        // The same text is the same key (both were checked); else compare the RSA keys.
+        Ok(enrolled == ek_text.trim() || decode_public(enrolled).is_some_and(|enrolled| enrolled.same_rsa_key(ek)))
     }
 
     /// The key last issued to a registration ID, while it is accepted.
