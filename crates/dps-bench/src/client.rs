@@ -211,15 +211,14 @@ impl HttpsConn {
         Ok((status, retry_after, json))
     }
 
-    /// A TPM device's first request: sends its keys without a token, imports the
-    /// authentication key of the `401` challenge (on a blocking thread: two RSA private-key
-    /// operations) and returns a SAS token signed with it.
-    async fn tpm_challenge(
+    /// A TPM device's first request: sends its keys without a token and returns the
+    /// authentication-key blob of the `401` challenge.
+    pub(crate) async fn tpm_challenge_blob(
         &mut self,
         target: &Target,
         device: &Device,
-        id: &Arc<TpmIdentity>,
-    ) -> Result<String, Failure> {
+        id: &TpmIdentity,
+    ) -> Result<Vec<u8>, Failure> {
         let path =
             format!("/{}/registrations/{}/register?api-version={API_VERSION}", target.id_scope, device.registration_id);
         let (status, _, answer) = self.call(hyper::Method::PUT, target, path, None, device.tpm_first_leg(id)).await?;
@@ -233,15 +232,22 @@ impl HttpsConn {
                 ))
             }
         };
-        let blob = BASE64.decode(blob).map_err(|e| Failure::new("tpm: authenticationKey not base64", e.to_string()))?;
-        let id = id.clone();
-        let key = tokio::task::spawn_blocking(move || id.tpm.import(&blob))
+        BASE64.decode(blob).map_err(|e| Failure::new("tpm: authenticationKey not base64", e.to_string()))
+    }
+
+    /// A TPM device's first request and the import of its challenge (on a blocking thread:
+    /// two RSA private-key operations); returns a SAS token signed with the imported key.
+    async fn tpm_challenge(
+        &mut self,
+        target: &Target,
+        device: &Device,
+        id: &Arc<TpmIdentity>,
+    ) -> Result<String, Failure> {
+        let blob = self.tpm_challenge_blob(target, device, id).await?;
+        let (id, scope, registration_id) = (id.clone(), target.id_scope.clone(), device.registration_id.clone());
+        tokio::task::spawn_blocking(move || tpm_token(&id, &scope, &registration_id, &blob))
             .await
             .map_err(|e| Failure::new("tpm: import task", e.to_string()))?
-            .map_err(|e| Failure::new("tpm: import failed", e.to_string()))?;
-        let expiry = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) + 3600;
-        let resource = dps_proto::sas::device_resource(&target.id_scope, &device.registration_id);
-        Ok(dps_proto::sas::build_token(&resource, &key, expiry, Some("registration")))
     }
 
     /// Registers `device` and polls until the operation ends; the final registration state.
@@ -287,6 +293,20 @@ impl HttpsConn {
         }
         Err(Failure::new("still assigning", format!("still assigning after {MAX_POLLS} polls")))
     }
+}
+
+/// What a TPM device does with its challenge: imports the blob in its (software) TPM, two
+/// RSA-2048 private-key operations, and signs a SAS token (valid for an hour) with the key.
+pub(crate) fn tpm_token(
+    id: &TpmIdentity,
+    id_scope: &str,
+    registration_id: &str,
+    blob: &[u8],
+) -> Result<String, Failure> {
+    let key = id.tpm.import(blob).map_err(|e| Failure::new("tpm: import failed", e.to_string()))?;
+    let expiry = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) + 3600;
+    let resource = dps_proto::sas::device_resource(id_scope, registration_id);
+    Ok(dps_proto::sas::build_token(&resource, &key, expiry, Some("registration")))
 }
 
 pub(crate) async fn poll_pause(retry_after: Option<u64>) {

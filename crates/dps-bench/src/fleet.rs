@@ -2,8 +2,8 @@
 //! and, when asked, the same against the ceiling server.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dps_proto::sas::{build_token, derive_device_key, device_resource};
@@ -12,9 +12,9 @@ use serde_json::{json, Value};
 
 use crate::amqp_client::amqp_register;
 use crate::client::{
-    client_tls, https_register_fresh, mqtt_register, Device, DeviceAuth, Failure, HttpsConn, TpmIdentity,
+    client_tls, https_register_fresh, mqtt_register, tpm_token, Device, DeviceAuth, Failure, HttpsConn, TpmIdentity,
 };
-use crate::report::{BenchReport, Cpu, Latency, Memory, PhaseReport};
+use crate::report::{BenchReport, Cpu, Latency, Memory, PhaseReport, TpmSplit};
 use crate::setup::{allocation_fields, merge, symmetric_key_attestation, ServiceClient};
 use crate::target::Target;
 use crate::BenchError;
@@ -137,6 +137,12 @@ pub struct FleetOptions {
     pub setup_parallel: usize,
     /// Progress display.
     pub progress: Progress,
+    /// TPM over HTTPS keep-alive: every device's challenge request first (timed), then every
+    /// software TPM opens its blob off the clock, then every device's proof and polls
+    /// (timed). The server does exactly the work of an interleaved run; the load generator's
+    /// RSA private-key work, which on a shared machine costs more CPU than the server's,
+    /// is left out of the time.
+    pub tpm_split: bool,
 }
 
 impl FleetOptions {
@@ -158,6 +164,19 @@ impl FleetOptions {
         if self.attestation == Attestation::X509 && self.devices > 200_000 {
             return Err(BenchError::Input(
                 "--attestation x509 makes a certificate per device up front: at most 200000 devices".into(),
+            ));
+        }
+        if self.tpm_split
+            && (self.attestation != Attestation::Tpm || self.transport != Transport::Https || self.rate.is_some())
+        {
+            return Err(BenchError::Input(
+                "--tpm-split is for --attestation tpm over --transport https (keep-alive), without --rate".into(),
+            ));
+        }
+        if self.tpm_split && self.devices > 200_000 {
+            return Err(BenchError::Input(
+                "--tpm-split keeps every device's challenge and token between its phases: at most 200000 devices"
+                    .into(),
             ));
         }
         if let Some(r) = self.rate {
@@ -253,6 +272,37 @@ impl Fleet {
     }
 }
 
+/// What a worker does with each device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// The whole registration.
+    Register,
+    /// The first timed phase of a split TPM run: the challenge request; the blob is kept.
+    TpmChallenge,
+    /// Its second: the register request with the token made off the clock, then polls.
+    TpmProof,
+}
+
+/// What the phases of a split TPM run hand each other, by device number.
+struct SplitLegs {
+    /// The authentication-key blob each device's challenge delivered.
+    blobs: Vec<OnceLock<Vec<u8>>>,
+    /// How long each challenge request took, microseconds.
+    first_micros: Vec<AtomicU32>,
+    /// The SAS token each device signed with its imported key, off the clock.
+    tokens: Vec<OnceLock<String>>,
+}
+
+impl SplitLegs {
+    fn new(devices: usize) -> SplitLegs {
+        SplitLegs {
+            blobs: (0..devices).map(|_| OnceLock::new()).collect(),
+            first_micros: (0..devices).map(|_| AtomicU32::new(0)).collect(),
+            tokens: (0..devices).map(|_| OnceLock::new()).collect(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Tally {
     latencies: Vec<u32>,
@@ -261,20 +311,56 @@ struct Tally {
     assigned: usize,
 }
 
-async fn worker(
-    fleet: Arc<Fleet>,
-    target: Arc<Target>,
+impl Tally {
+    fn fail(&mut self, f: Failure) {
+        *self.errors.entry(f.key.clone()).or_default() += 1;
+        self.examples.entry(f.key).or_insert(f.detail);
+    }
+
+    fn add(&mut self, t: Tally) {
+        self.latencies.extend(t.latencies);
+        self.assigned += t.assigned;
+        for (k, n) in t.errors {
+            *self.errors.entry(k).or_default() += n;
+        }
+        for (k, v) in t.examples {
+            self.examples.entry(k).or_insert(v);
+        }
+    }
+}
+
+/// Counters a phase's workers share.
+#[derive(Clone)]
+struct Progressed {
     next: Arc<AtomicUsize>,
     done: Arc<AtomicUsize>,
     failed: Arc<AtomicUsize>,
+}
+
+async fn worker(
+    fleet: Arc<Fleet>,
+    target: Arc<Target>,
+    counters: Progressed,
+    (step, legs): (Step, Option<Arc<SplitLegs>>),
     t0: Instant,
     mut conn: Option<HttpsConn>,
 ) -> Tally {
     let mut tally = Tally::default();
     loop {
-        let i = next.fetch_add(1, Ordering::Relaxed);
+        let i = counters.next.fetch_add(1, Ordering::Relaxed);
         if i >= fleet.opts.devices {
             return tally;
+        }
+        let mut device = fleet.device(&target, i);
+        if step == Step::TpmProof {
+            // A device whose challenge or import failed was counted then.
+            match legs.as_ref().and_then(|l| l.tokens[i].get()) {
+                Some(token) => device.auth = DeviceAuth::Sas(token.clone()),
+                None => {
+                    counters.done.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            }
         }
         let scheduled = match fleet.opts.rate {
             Some(rate) => {
@@ -284,25 +370,31 @@ async fn worker(
             }
             None => Instant::now(),
         };
-        let device = fleet.device(&target, i);
+        // `Some(blob)`: a challenge (Step::TpmChallenge); `None`: registered and checked.
         let attempt = async {
-            match fleet.opts.transport {
+            let state = match fleet.opts.transport {
                 Transport::Https => {
                     if conn.as_ref().is_none_or(|c| !c.is_open()) {
                         conn = Some(HttpsConn::open(&target, &fleet.plain_tls).await?);
                     }
-                    match conn.as_mut() {
-                        Some(c) => c.register(&target, &device).await,
-                        None => Err(Failure { key: "no connection".into(), detail: String::new() }),
+                    let Some(c) = conn.as_mut() else {
+                        return Err(Failure { key: "no connection".into(), detail: String::new() });
+                    };
+                    match (step, &device.auth) {
+                        (Step::TpmChallenge, DeviceAuth::Tpm(id)) => {
+                            return c.tpm_challenge_blob(&target, &device, id).await.map(Some)
+                        }
+                        _ => c.register(&target, &device).await,
                     }
                 }
                 Transport::HttpsNewConn => https_register_fresh(&target, &fleet.plain_tls, &device).await,
                 Transport::Mqtt => mqtt_register(&target, &fleet.plain_tls, &device).await,
                 Transport::Amqp => amqp_register(&target, &fleet.plain_tls, &device).await,
-            }
+            }?;
+            fleet.check(&state).map(|()| None)
         };
         let outcome = match tokio::time::timeout(fleet.opts.device_timeout, attempt).await {
-            Ok(r) => r.and_then(|state| fleet.check(&state)),
+            Ok(r) => r,
             Err(_) => {
                 conn = None;
                 Err(Failure {
@@ -311,22 +403,31 @@ async fn worker(
                 })
             }
         };
-        let micros = u32::try_from(scheduled.elapsed().as_micros()).unwrap_or(u32::MAX);
-        match outcome {
-            Ok(()) => {
+        let mut micros = u32::try_from(scheduled.elapsed().as_micros()).unwrap_or(u32::MAX);
+        match (outcome, legs.as_ref()) {
+            (Ok(Some(blob)), Some(legs)) => {
+                legs.first_micros[i].store(micros, Ordering::Relaxed);
+                let _ = legs.blobs[i].set(blob);
                 tally.assigned += 1;
                 tally.latencies.push(micros);
             }
-            Err(f) => {
+            (Ok(Some(_)), None) => tally.fail(Failure::new("bench: a challenge outside a split run", "")),
+            (Ok(None), legs) => {
+                if let Some(legs) = legs {
+                    micros = micros.saturating_add(legs.first_micros[i].load(Ordering::Relaxed));
+                }
+                tally.assigned += 1;
+                tally.latencies.push(micros);
+            }
+            (Err(f), _) => {
                 if fleet.opts.transport == Transport::Https {
                     conn = None;
                 }
-                *tally.errors.entry(f.key.clone()).or_default() += 1;
-                tally.examples.entry(f.key).or_insert(f.detail);
-                failed.fetch_add(1, Ordering::Relaxed);
+                tally.fail(f);
+                counters.failed.fetch_add(1, Ordering::Relaxed);
             }
         }
-        done.fetch_add(1, Ordering::Relaxed);
+        counters.done.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -371,13 +472,109 @@ fn progress_task(
     })
 }
 
+/// The devices against `target`: one timed run, or the three steps of a split TPM run.
 async fn phase(fleet: &Arc<Fleet>, target: &Target, label: &'static str) -> Result<PhaseReport, BenchError> {
+    if !fleet.opts.tpm_split {
+        let (tally, seconds) = timed(fleet, target, label, Step::Register, None).await?;
+        return Ok(phase_report(fleet, tally, seconds, None));
+    }
+    let legs = Arc::new(SplitLegs::new(fleet.opts.devices));
+    let dps_cpu = target.cpu_seconds();
+    let (mut total, challenges) = timed(fleet, target, label, Step::TpmChallenge, Some(legs.clone())).await?;
+    let challenge_dps_cpu = dps_cpu.zip(target.cpu_seconds()).map(|(a, b)| b - a);
+    let (failed, mut split) = open_challenges(fleet, target, &legs).await?;
+    (split.challenge_seconds, split.challenge_dps_cpu_seconds) = (challenges, challenge_dps_cpu);
+    let (proofs, registrations) = timed(fleet, target, label, Step::TpmProof, Some(legs)).await?;
+    // A device counts once: assigned (with both requests' latency) or failed at some step.
+    total.assigned = 0;
+    total.latencies.clear();
+    total.add(failed);
+    total.add(proofs);
+    Ok(phase_report(fleet, total, challenges + registrations, Some(split)))
+}
+
+fn phase_report(fleet: &Fleet, mut total: Tally, seconds: f64, tpm_split: Option<TpmSplit>) -> PhaseReport {
+    PhaseReport {
+        devices: fleet.opts.devices,
+        assigned: total.assigned,
+        errors: total.errors,
+        error_examples: total.examples,
+        seconds,
+        per_second: total.assigned as f64 / seconds.max(1e-9),
+        latency_ms: Latency::of(&mut total.latencies),
+        tpm_split,
+    }
+}
+
+/// A split TPM run's untimed step: every software TPM opens the blob its challenge delivered
+/// and signs its token, on every core. Failures count as the device's.
+async fn open_challenges(
+    fleet: &Arc<Fleet>,
+    target: &Target,
+    legs: &Arc<SplitLegs>,
+) -> Result<(Tally, TpmSplit), BenchError> {
+    let started = Instant::now();
+    let cpu_before = (target.cpu_seconds(), crate::target::process_cpu_seconds("/proc/self/stat"));
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) {
+        let (fleet, legs, next, target) = (fleet.clone(), legs.clone(), next.clone(), Arc::new(target.clone()));
+        tasks.spawn_blocking(move || {
+            let mut tally = Tally::default();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= fleet.opts.devices {
+                    return tally;
+                }
+                let Some(blob) = legs.blobs[i].get() else { continue };
+                let device = fleet.device(&target, i);
+                let DeviceAuth::Tpm(id) = &device.auth else { continue };
+                match tpm_token(id, &target.id_scope, &device.registration_id, blob) {
+                    Ok(token) => {
+                        let _ = legs.tokens[i].set(token);
+                    }
+                    Err(f) => tally.fail(f),
+                }
+            }
+        });
+    }
+    let mut failed = Tally::default();
+    while let Some(t) = tasks.join_next().await {
+        failed.add(t.map_err(|e| BenchError::Setup(format!("a software TPM task failed: {e}")))?);
+    }
+    let bench_cpu = crate::target::process_cpu_seconds("/proc/self/stat");
+    let split = TpmSplit {
+        off_clock_seconds: started.elapsed().as_secs_f64(),
+        off_clock_bench_cpu_seconds: cpu_before.1.zip(bench_cpu).map(|(a, b)| b - a).unwrap_or(0.0),
+        off_clock_dps_cpu_seconds: cpu_before.0.zip(target.cpu_seconds()).map(|(a, b)| b - a),
+        ..TpmSplit::default()
+    };
+    Ok((failed, split))
+}
+
+/// One timed pass of every device through `step`: its tally and wall-clock seconds.
+async fn timed(
+    fleet: &Arc<Fleet>,
+    target: &Target,
+    label: &'static str,
+    step: Step,
+    legs: Option<Arc<SplitLegs>>,
+) -> Result<(Tally, f64), BenchError> {
     // Worker `i` talks to node `i % nodes` (one node unless the target has peers).
-    let (next, done, failed) =
-        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let counters = Progressed {
+        next: Arc::new(AtomicUsize::new(0)),
+        done: Arc::new(AtomicUsize::new(0)),
+        failed: Arc::new(AtomicUsize::new(0)),
+    };
     let stop = Arc::new(AtomicBool::new(false));
-    let progress =
-        progress_task(label, fleet.opts.devices, fleet.opts.progress, done.clone(), failed.clone(), stop.clone());
+    let progress = progress_task(
+        label,
+        fleet.opts.devices,
+        fleet.opts.progress,
+        counters.done.clone(),
+        counters.failed.clone(),
+        stop.clone(),
+    );
     let workers = fleet.opts.concurrency.min(fleet.opts.devices);
     let targets: Vec<Arc<Target>> = (0..workers).map(|i| Arc::new(target.node(i))).collect();
     // Keep-alive HTTPS measures registrations over open connections: the connections are
@@ -397,32 +594,16 @@ async fn phase(fleet: &Arc<Fleet>, target: &Target, label: &'static str) -> Resu
     let t0 = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (conn, target) in conns.into_iter().zip(targets) {
-        tasks.spawn(worker(fleet.clone(), target, next.clone(), done.clone(), failed.clone(), t0, conn));
+        tasks.spawn(worker(fleet.clone(), target, counters.clone(), (step, legs.clone()), t0, conn));
     }
     let mut total = Tally::default();
     while let Some(r) = tasks.join_next().await {
-        let t = r.map_err(|e| BenchError::Setup(format!("a bench worker failed: {e}")))?;
-        total.latencies.extend(t.latencies);
-        total.assigned += t.assigned;
-        for (k, n) in t.errors {
-            *total.errors.entry(k).or_default() += n;
-        }
-        for (k, v) in t.examples {
-            total.examples.entry(k).or_insert(v);
-        }
+        total.add(r.map_err(|e| BenchError::Setup(format!("a bench worker failed: {e}")))?);
     }
     let seconds = t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let _ = progress.await;
-    Ok(PhaseReport {
-        devices: fleet.opts.devices,
-        assigned: total.assigned,
-        errors: total.errors,
-        error_examples: total.examples,
-        seconds,
-        per_second: total.assigned as f64 / seconds.max(1e-9),
-        latency_ms: Latency::of(&mut total.latencies),
-    })
+    Ok((total, seconds))
 }
 
 fn bench_ca() -> Result<(rcgen::Certificate, rcgen::KeyPair), BenchError> {
@@ -621,11 +802,17 @@ pub async fn run(target: &Target, ceiling: Option<&Target>, opts: FleetOptions) 
     };
     let dps = phase(&fleet, target, "dps").await?;
     let database_used = database_before.zip(crate::target::database_cpu_seconds()).map(|(a, b)| b - a);
+    // A split TPM run leaves its untimed step out of the CPU figures too.
+    let (dps_off, bench_off) = dps
+        .tpm_split
+        .as_ref()
+        .map(|o| (o.off_clock_dps_cpu_seconds.unwrap_or(0.0), o.off_clock_bench_cpu_seconds))
+        .unwrap_or((0.0, 0.0));
     let cpu = match (cpu_before, target.cpu_seconds(), crate::target::process_cpu_seconds("/proc/self/stat")) {
         ((Some(d0), Some(b0)), Some(d1), Some(b1)) => Some(Cpu {
-            dps_seconds: d1 - d0,
-            dps_us_per_device: (d1 - d0) * 1e6 / dps.assigned.max(1) as f64,
-            bench_seconds: b1 - b0,
+            dps_seconds: d1 - d0 - dps_off,
+            dps_us_per_device: (d1 - d0 - dps_off) * 1e6 / dps.assigned.max(1) as f64,
+            bench_seconds: b1 - b0 - bench_off,
             database_seconds: database_used,
             database_us_per_device: database_used.map(|s| s * 1e6 / dps.assigned.max(1) as f64),
             nodes: 1 + target.peers.len(),
@@ -707,6 +894,7 @@ mod tests {
             device_timeout: Duration::from_secs(5),
             setup_parallel: 1,
             progress: Progress::Quiet,
+            tpm_split: false,
         }
     }
 
@@ -717,6 +905,28 @@ mod tests {
         assert!(options(Attestation::Tpm, Transport::Amqp).validate().is_ok());
         let err = options(Attestation::Tpm, Transport::Mqtt).validate().unwrap_err().to_string();
         assert!(err.contains("use --transport https, https-new-conn or amqp"), "{err}");
+    }
+
+    #[test]
+    fn a_split_run_is_tpm_over_kept_alive_https_without_a_rate() {
+        let split = |attestation, transport, rate| {
+            let mut o = options(attestation, transport);
+            (o.tpm_split, o.rate) = (true, rate);
+            o.validate()
+        };
+        assert!(split(Attestation::Tpm, Transport::Https, None).is_ok());
+        let mut many = options(Attestation::Tpm, Transport::Https);
+        (many.tpm_split, many.devices) = (true, 200_001);
+        assert!(many.validate().unwrap_err().to_string().contains("at most 200000 devices"));
+        for (a, t, rate) in [
+            (Attestation::Individual, Transport::Https, None),
+            (Attestation::Tpm, Transport::HttpsNewConn, None),
+            (Attestation::Tpm, Transport::Amqp, None),
+            (Attestation::Tpm, Transport::Https, Some(100.0)),
+        ] {
+            let err = split(a, t, rate).unwrap_err().to_string();
+            assert!(err.contains("--tpm-split is for --attestation tpm"), "{a:?} {t:?}: {err}");
+        }
     }
 
     #[test]

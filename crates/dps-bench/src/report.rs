@@ -48,8 +48,31 @@ pub struct PhaseReport {
     pub seconds: f64,
     /// Assigned devices per second.
     pub per_second: f64,
-    /// Per-device latency (from the device's scheduled start to its final answer).
+    /// Per-device latency (from the device's scheduled start to its final answer; in a split
+    /// TPM run, the sum of its two requests' times, the work between them left out).
     pub latency_ms: Latency,
+    /// A split TPM run (`--tpm-split`): its steps, and the device-side work done between
+    /// its two timed phases, which `seconds` and `per_second` leave out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tpm_split: Option<TpmSplit>,
+}
+
+/// The steps of a split TPM run. Between its two timed phases, every software TPM opens the
+/// blob its challenge delivered (two RSA-2048 private-key operations) and signs its token,
+/// off the clock.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TpmSplit {
+    /// Wall-clock seconds of the first timed phase (every device's challenge request).
+    pub challenge_seconds: f64,
+    /// CPU seconds dps used in it (the rest of `cpu.dps_seconds` is the proofs').
+    pub challenge_dps_cpu_seconds: Option<f64>,
+    /// Wall-clock seconds of the untimed step (on every core of this machine).
+    pub off_clock_seconds: f64,
+    /// CPU seconds the load generator used in it (left out of `cpu.bench_seconds`).
+    pub off_clock_bench_cpu_seconds: f64,
+    /// CPU seconds dps used meanwhile (left out of `cpu.dps_seconds`; nothing asks it
+    /// anything then).
+    pub off_clock_dps_cpu_seconds: Option<f64>,
 }
 
 /// CPU time used during the dps phase (user + system).
@@ -133,6 +156,16 @@ fn phase_text(out: &mut String, name: &str, p: &PhaseReport) {
         p.latency_ms.p99,
         p.latency_ms.max
     );
+    if let Some(t) = &p.tpm_split {
+        let _ = writeln!(
+            out,
+            "         of which challenges {:.2} s{}; not counted: {:.2} s between the challenges and the proofs, the load generator opening the blobs ({:.1} s CPU)",
+            t.challenge_seconds,
+            t.challenge_dps_cpu_seconds.map(|c| format!(" (dps CPU {c:.1} s)")).unwrap_or_default(),
+            t.off_clock_seconds,
+            t.off_clock_bench_cpu_seconds
+        );
+    }
     for (k, n) in &p.errors {
         let _ = writeln!(
             out,

@@ -141,6 +141,26 @@ fn bench_tpm_devices_register_through_the_challenge() {
     assert_eq!(code, 0, "{err} {r}");
     assert_clean(&r, 20, "https-new-conn", &err);
     assert_eq!(r["attestation"], "tpm");
+
+    // Split: every challenge, then the blobs opened off the clock, then every proof. Both
+    // timed phases count; the off-clock step is reported and left out of the CPU figures.
+    let (code, r, err) = bench(&data, &["-n", "30", "-c", "4", "--attestation", "tpm", "--tpm-split"]);
+    assert_eq!(code, 0, "{err} {r}");
+    assert_clean(&r, 30, "https", &err);
+    for phase in ["dps", "ceiling"] {
+        let split = &r[phase]["tpm_split"];
+        let (challenges, off_clock) =
+            (split["challenge_seconds"].as_f64().unwrap(), split["off_clock_seconds"].as_f64().unwrap());
+        assert!(challenges > 0.0 && challenges < r[phase]["seconds"].as_f64().unwrap(), "{phase}: {r:#}");
+        assert!(off_clock > 0.0, "{phase}: {r:#}");
+        assert!(split["off_clock_bench_cpu_seconds"].as_f64().unwrap() > 0.0, "{phase}: {r:#}");
+    }
+    assert!(r["dps"]["tpm_split"]["challenge_dps_cpu_seconds"].as_f64().unwrap() > 0.0, "{r:#}");
+    assert!(r["dps"]["tpm_split"]["challenge_dps_cpu_seconds"].as_f64() < r["cpu"]["dps_seconds"].as_f64(), "{r:#}");
+    // Without --tpm-split there is no such part.
+    let (code, r, err) = bench(&data, &["-n", "5", "-c", "2", "--attestation", "tpm", "--no-ceiling"]);
+    assert_eq!(code, 0, "{err} {r}");
+    assert!(r["dps"].get("tpm_split").is_none(), "{r:#}");
 }
 
 /// AMQP: a new TLS connection per device; symmetric keys over SASL PLAIN, X.509 devices
@@ -182,6 +202,15 @@ fn bench_refuses_impossible_combinations_before_starting_anything() {
     let (code, _, err) = bench(&data, &["--attestation", "tpm", "--transport", "mqtt"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("use --transport https, https-new-conn or amqp"), "{err}");
+    for args in [
+        &["--tpm-split"][..],
+        &["--tpm-split", "--attestation", "tpm", "--transport", "amqp"],
+        &["--tpm-split", "--attestation", "tpm", "--rate", "100"],
+    ] {
+        let (code, _, err) = bench(&data, args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains("--tpm-split is for --attestation tpm over --transport https"), "{args:?}: {err}");
+    }
     let (code, _, err) = bench(&data, &["--allocation", "round-robin"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("expected hashed, webhook, rules"), "{err}");
