@@ -70,9 +70,12 @@ pub struct TpmSplit {
     pub off_clock_seconds: f64,
     /// CPU seconds the load generator used in it (left out of `cpu.bench_seconds`).
     pub off_clock_bench_cpu_seconds: f64,
-    /// CPU seconds dps used meanwhile (left out of `cpu.dps_seconds`; nothing asks it
-    /// anything then).
+    /// CPU seconds dps used meanwhile (left out of `cpu.dps_seconds`; it only sees the
+    /// first phase's connections close then).
     pub off_clock_dps_cpu_seconds: Option<f64>,
+    /// CPU seconds the `postgres` processes used meanwhile (left out of
+    /// `cpu.database_seconds`).
+    pub off_clock_database_cpu_seconds: Option<f64>,
 }
 
 /// CPU time used during the dps phase (user + system).

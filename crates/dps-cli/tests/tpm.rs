@@ -218,6 +218,15 @@ async fn a_disabled_tpm_enrollment_answers_disabled_after_the_proof() {
     let (status, _, body) = dps.register(id, Some(&token(&dps, id, &key)), json!({})).await;
     assert_eq!((status, &body["status"]), (202, &json!("disabled")), "{body}");
     assert!(body["registrationState"].get("tpm").is_none(), "{body}");
+    // A group's derived key for the same ID: the disabled individual enrollment revokes the
+    // member (docs/protocol-notes.md §10.1) with the same `disabled`, not a TPM refusal.
+    let group_key = common::key(21);
+    dps.put_group(json!({"enrollmentGroupId": "tpm-test-group", "attestation": {"type": "symmetricKey",
+        "symmetricKey": {"primaryKey": group_key, "secondaryKey": group_key}}}))
+        .await;
+    let member_key = dps_proto::sas::derive_device_key(&BASE64.decode(&group_key).unwrap(), id);
+    let (status, _, body) = dps.register(id, Some(&token(&dps, id, &member_key)), json!({})).await;
+    assert_eq!((status, &body["status"]), (202, &json!("disabled")), "{body}");
 }
 
 #[tokio::test]

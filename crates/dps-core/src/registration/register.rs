@@ -268,8 +268,11 @@ impl DeviceRuntime {
         Ok(self.reply_for_register(result))
     }
 
-    /// A TPM device's hub key: the key of the challenge its token is signed with. The token
-    /// was checked against it a moment ago; a challenge issued since has replaced it.
+    /// A TPM device's hub key, for a device whose authentication did not hand it on (MQTT and
+    /// AMQP, whose re-check looks at the enrollment, not at the key): the key of the challenge
+    /// its token is signed with; refused when a challenge issued since has replaced it. A
+    /// disabled enrollment needs none (its answer carries no key; a group member's token
+    /// that a disabled individual TPM enrollment revokes is signed with no TPM key at all).
     async fn tpm_hub_key(
         &self,
         registration_id: &str,
@@ -279,7 +282,9 @@ impl DeviceRuntime {
         let (ResolvedEnrollment::Individual(e), Credential::Sas(text)) = (enrollment, credential) else {
             return Ok(None);
         };
-        if e.common.attestation.kind != dps_proto::service::AttestationType::Tpm {
+        if e.common.attestation.kind != dps_proto::service::AttestationType::Tpm
+            || e.common.provisioning_status == Some(ProvisioningStatus::Disabled)
+        {
             return Ok(None);
         }
         let token =

@@ -7,7 +7,9 @@
 //! authentication stage checks those against the remembered key. The same key and blob come
 //! back in the assigned answer (`registrationState.tpm.authenticationKey`) and are the
 //! device's hub key. A new challenge replaces the remembered key, so the previous one stops
-//! working at once; a key is accepted for `tpm_challenge_secs` after its issue.
+//! working for every request that starts after it (a register request already past its
+//! authentication completes with the key it proved); a key is accepted for
+//! `tpm_challenge_secs` after its issue.
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -147,9 +149,9 @@ impl DeviceRuntime {
         Ok(Challenge { registration_id: registration_id.to_string(), blob, key_name: TPM_KEY_NAME.to_string() })
     }
 
-    /// Whether the ID has an individual TPM enrollment with this endorsement key (compared as
-    /// RSA keys, not as text: protocol.md §6.2). Disabled ones count: the device proves its
-    /// key first and then learns that it is disabled, as with a symmetric key.
+    /// Whether the ID has an individual TPM enrollment with this endorsement key (the same
+    /// text, else compared as RSA keys: protocol.md §6.2). Disabled ones count: the device
+    /// proves its key first and then learns that it is disabled, as with a symmetric key.
     async fn tpm_enrolled(&self, registration_id: &str, ek: &TpmPublic, ek_text: &str) -> Result<bool, Error> {
         let Some(doc) = self.store.get(Collection::Enrollments, registration_id).await? else {
             return Ok(false);
