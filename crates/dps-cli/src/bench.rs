@@ -92,8 +92,8 @@ pub struct BenchArgs {
     /// With --attestation tpm over https: time every device's challenge request, then let
     /// the software TPMs open their blobs off the clock (two RSA-2048 private-key operations
     /// per device, which cost the load generator more CPU than the server's whole work),
-    /// then time every device's proof and polls. The server does the same work as in an
-    /// interleaved run; throughput counts both timed phases.
+    /// then time every device's proof and polls. The server gets the same requests and does
+    /// the same writes as in an interleaved run; throughput counts both timed phases.
     #[arg(long)]
     tpm_split: bool,
     /// Print the report as JSON on stdout.
