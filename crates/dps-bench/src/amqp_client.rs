@@ -12,7 +12,7 @@
 //! sends a request, as the SDKs do.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -199,14 +199,7 @@ async fn sasl_tpm(
     let mut blob = segment(sasl(stream, "sasl tpm: first segment").await?, 0x80, "sasl tpm: first segment")?;
     write(stream, &[Frame::Sasl(Sasl::Response(vec![0x00]))]).await?;
     blob.extend(segment(sasl(stream, "sasl tpm: final segment").await?, 0xC1, "sasl tpm: final segment")?);
-    let id = id.clone();
-    let key = tokio::task::spawn_blocking(move || id.tpm.import(&blob))
-        .await
-        .map_err(|e| Failure::new("tpm: import task", e.to_string()))?
-        .map_err(|e| Failure::new("tpm: import failed", e.to_string()))?;
-    let expiry = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) + 3600;
-    let resource = dps_proto::sas::device_resource(&target.id_scope, rid);
-    let token = dps_proto::sas::build_token(&resource, &key, expiry, Some("registration"));
+    let token = crate::client::tpm_token_blocking(id, &target.id_scope, rid, blob).await?;
     write(stream, &[Frame::Sasl(Sasl::Response([&[0u8][..], token.as_bytes()].concat()))]).await?;
     outcome(sasl(stream, "sasl tpm: outcome").await?, "sasl tpm")
 }

@@ -244,10 +244,7 @@ impl HttpsConn {
         id: &Arc<TpmIdentity>,
     ) -> Result<String, Failure> {
         let blob = self.tpm_challenge_blob(target, device, id).await?;
-        let (id, scope, registration_id) = (id.clone(), target.id_scope.clone(), device.registration_id.clone());
-        tokio::task::spawn_blocking(move || tpm_token(&id, &scope, &registration_id, &blob))
-            .await
-            .map_err(|e| Failure::new("tpm: import task", e.to_string()))?
+        tpm_token_blocking(id, &target.id_scope, &device.registration_id, blob).await
     }
 
     /// Registers `device` and polls until the operation ends; the final registration state.
@@ -307,6 +304,19 @@ pub(crate) fn tpm_token(
     let expiry = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) + 3600;
     let resource = dps_proto::sas::device_resource(id_scope, registration_id);
     Ok(dps_proto::sas::build_token(&resource, &key, expiry, Some("registration")))
+}
+
+/// [`tpm_token`] on a blocking thread (the two RSA private-key operations take milliseconds).
+pub(crate) async fn tpm_token_blocking(
+    id: &Arc<TpmIdentity>,
+    id_scope: &str,
+    registration_id: &str,
+    blob: Vec<u8>,
+) -> Result<String, Failure> {
+    let (id, scope, registration_id) = (id.clone(), id_scope.to_string(), registration_id.to_string());
+    tokio::task::spawn_blocking(move || tpm_token(&id, &scope, &registration_id, &blob))
+        .await
+        .map_err(|e| Failure::new("tpm: import task", e.to_string()))?
 }
 
 pub(crate) async fn poll_pause(retry_after: Option<u64>) {

@@ -274,14 +274,14 @@ impl Fleet {
 }
 
 /// What a worker does with each device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone)]
 enum Step {
     /// The whole registration.
     Register,
     /// The first timed phase of a split TPM run: the challenge request; the blob is kept.
-    TpmChallenge,
+    TpmChallenge(Arc<SplitLegs>),
     /// Its second: the register request with the token made off the clock, then polls.
-    TpmProof,
+    TpmProof(Arc<SplitLegs>),
 }
 
 /// What the phases of a split TPM run hand each other, by device number.
@@ -330,6 +330,35 @@ impl Tally {
     }
 }
 
+/// CPU seconds used so far by dps (all its nodes), by this process and by the `postgres`
+/// processes; or, from [`CpuClock::since`], used since an earlier reading.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuClock {
+    dps: Option<f64>,
+    bench: Option<f64>,
+    database: Option<f64>,
+}
+
+impl CpuClock {
+    fn read(target: &Target) -> CpuClock {
+        CpuClock {
+            dps: target.cpu_seconds(),
+            bench: crate::target::process_cpu_seconds("/proc/self/stat"),
+            database: crate::target::database_cpu_seconds(),
+        }
+    }
+
+    fn since(&self, target: &Target) -> CpuClock {
+        let now = CpuClock::read(target);
+        let used = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| b - a);
+        CpuClock {
+            dps: used(self.dps, now.dps),
+            bench: used(self.bench, now.bench),
+            database: used(self.database, now.database),
+        }
+    }
+}
+
 /// Counters a phase's workers share.
 #[derive(Clone)]
 struct Progressed {
@@ -342,7 +371,7 @@ async fn worker(
     fleet: Arc<Fleet>,
     target: Arc<Target>,
     counters: Progressed,
-    (step, legs): (Step, Option<Arc<SplitLegs>>),
+    step: Step,
     t0: Instant,
     mut conn: Option<HttpsConn>,
 ) -> Tally {
@@ -353,9 +382,9 @@ async fn worker(
             return tally;
         }
         let mut device = fleet.device(&target, i);
-        if step == Step::TpmProof {
+        if let Step::TpmProof(legs) = &step {
             // A device whose challenge or import failed was counted then.
-            match legs.as_ref().and_then(|l| l.tokens[i].get()) {
+            match legs.tokens[i].get() {
                 Some(token) => device.auth = DeviceAuth::Sas(token.clone()),
                 None => {
                     counters.failed.fetch_add(1, Ordering::Relaxed);
@@ -382,8 +411,8 @@ async fn worker(
                     let Some(c) = conn.as_mut() else {
                         return Err(Failure { key: "no connection".into(), detail: String::new() });
                     };
-                    match (step, &device.auth) {
-                        (Step::TpmChallenge, DeviceAuth::Tpm(id)) => {
+                    match (&step, &device.auth) {
+                        (Step::TpmChallenge(_), DeviceAuth::Tpm(id)) => {
                             return c.tpm_challenge_blob(&target, &device, id).await.map(Some)
                         }
                         _ => c.register(&target, &device).await,
@@ -406,22 +435,22 @@ async fn worker(
             }
         };
         let mut micros = u32::try_from(scheduled.elapsed().as_micros()).unwrap_or(u32::MAX);
-        match (outcome, legs.as_ref()) {
-            (Ok(Some(blob)), Some(legs)) => {
-                legs.first_micros[i].store(micros, Ordering::Relaxed);
-                let _ = legs.blobs[i].set(blob);
-                tally.assigned += 1;
-                tally.latencies.push(micros);
-            }
-            (Ok(Some(_)), None) => tally.fail(Failure::new("bench: a challenge outside a split run", "")),
-            (Ok(None), legs) => {
-                if let Some(legs) = legs {
-                    micros = micros.saturating_add(legs.first_micros[i].load(Ordering::Relaxed));
+        match outcome {
+            Ok(blob) => {
+                match (&step, blob) {
+                    (Step::TpmChallenge(legs), Some(blob)) => {
+                        legs.first_micros[i].store(micros, Ordering::Relaxed);
+                        let _ = legs.blobs[i].set(blob);
+                    }
+                    (Step::TpmProof(legs), _) => {
+                        micros = micros.saturating_add(legs.first_micros[i].load(Ordering::Relaxed));
+                    }
+                    _ => {}
                 }
                 tally.assigned += 1;
                 tally.latencies.push(micros);
             }
-            (Err(f), _) => {
+            Err(f) => {
                 if fleet.opts.transport == Transport::Https {
                     conn = None;
                 }
@@ -477,22 +506,31 @@ fn progress_task(
 /// The devices against `target`: one timed run, or the three steps of a split TPM run.
 async fn phase(fleet: &Arc<Fleet>, target: &Target, label: &'static str) -> Result<PhaseReport, BenchError> {
     if !fleet.opts.tpm_split {
-        let (tally, seconds) = timed(fleet, target, label, Step::Register, None).await?;
+        let (tally, seconds) = timed(fleet, target, label, Step::Register).await?;
         return Ok(phase_report(fleet, tally, seconds, None));
     }
     let legs = Arc::new(SplitLegs::new(fleet.opts.devices));
-    let dps_cpu = target.cpu_seconds();
-    let (mut total, challenges) = timed(fleet, target, label, Step::TpmChallenge, Some(legs.clone())).await?;
-    let challenge_dps_cpu = dps_cpu.zip(target.cpu_seconds()).map(|(a, b)| b - a);
-    let (failed, mut split) = open_challenges(fleet, target, &legs).await?;
-    (split.challenge_seconds, split.challenge_dps_cpu_seconds) = (challenges, challenge_dps_cpu);
-    let (proofs, registrations) = timed(fleet, target, label, Step::TpmProof, Some(legs)).await?;
+    let cpu = CpuClock::read(target);
+    let (challenged, challenge_seconds) = timed(fleet, target, label, Step::TpmChallenge(legs.clone())).await?;
+    let challenge_dps_cpu_seconds = cpu.since(target).dps;
+    let started = Instant::now();
+    let cpu = CpuClock::read(target);
+    let import_failures = open_challenges(fleet, target, &legs).await?;
+    let off_clock = cpu.since(target);
+    let split = TpmSplit {
+        challenge_seconds,
+        challenge_dps_cpu_seconds,
+        off_clock_seconds: started.elapsed().as_secs_f64(),
+        off_clock_bench_cpu_seconds: off_clock.bench.unwrap_or(0.0),
+        off_clock_dps_cpu_seconds: off_clock.dps,
+        off_clock_database_cpu_seconds: off_clock.database,
+    };
+    let (proved, proof_seconds) = timed(fleet, target, label, Step::TpmProof(legs)).await?;
     // A device counts once: assigned (with both requests' latency) or failed at some step.
-    total.assigned = 0;
-    total.latencies.clear();
-    total.add(failed);
-    total.add(proofs);
-    Ok(phase_report(fleet, total, challenges + registrations, Some(split)))
+    let mut total = Tally { errors: challenged.errors, examples: challenged.examples, ..Tally::default() };
+    total.add(import_failures);
+    total.add(proved);
+    Ok(phase_report(fleet, total, challenge_seconds + proof_seconds, Some(split)))
 }
 
 fn phase_report(fleet: &Fleet, mut total: Tally, seconds: f64, tpm_split: Option<TpmSplit>) -> PhaseReport {
@@ -510,14 +548,7 @@ fn phase_report(fleet: &Fleet, mut total: Tally, seconds: f64, tpm_split: Option
 
 /// A split TPM run's untimed step: every software TPM opens the blob its challenge delivered
 /// and signs its token, on every core. Failures count as the device's.
-async fn open_challenges(
-    fleet: &Arc<Fleet>,
-    target: &Target,
-    legs: &Arc<SplitLegs>,
-) -> Result<(Tally, TpmSplit), BenchError> {
-    let started = Instant::now();
-    let cpu_before = (target.cpu_seconds(), crate::target::process_cpu_seconds("/proc/self/stat"));
-    let database_before = crate::target::database_cpu_seconds();
+async fn open_challenges(fleet: &Arc<Fleet>, target: &Target, legs: &Arc<SplitLegs>) -> Result<Tally, BenchError> {
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) {
@@ -545,15 +576,7 @@ async fn open_challenges(
     while let Some(t) = tasks.join_next().await {
         failed.add(t.map_err(|e| BenchError::Setup(format!("a software TPM task failed: {e}")))?);
     }
-    let bench_cpu = crate::target::process_cpu_seconds("/proc/self/stat");
-    let split = TpmSplit {
-        off_clock_seconds: started.elapsed().as_secs_f64(),
-        off_clock_bench_cpu_seconds: cpu_before.1.zip(bench_cpu).map(|(a, b)| b - a).unwrap_or(0.0),
-        off_clock_dps_cpu_seconds: cpu_before.0.zip(target.cpu_seconds()).map(|(a, b)| b - a),
-        off_clock_database_cpu_seconds: database_before.zip(crate::target::database_cpu_seconds()).map(|(a, b)| b - a),
-        ..TpmSplit::default()
-    };
-    Ok((failed, split))
+    Ok(failed)
 }
 
 /// One timed pass of every device through `step`: its tally and wall-clock seconds.
@@ -562,7 +585,6 @@ async fn timed(
     target: &Target,
     label: &'static str,
     step: Step,
-    legs: Option<Arc<SplitLegs>>,
 ) -> Result<(Tally, f64), BenchError> {
     // Worker `i` talks to node `i % nodes` (one node unless the target has peers).
     let counters = Progressed {
@@ -598,7 +620,7 @@ async fn timed(
     let t0 = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (conn, target) in conns.into_iter().zip(targets) {
-        tasks.spawn(worker(fleet.clone(), target, counters.clone(), (step, legs.clone()), t0, conn));
+        tasks.spawn(worker(fleet.clone(), target, counters.clone(), step.clone(), t0, conn));
     }
     let mut total = Tally::default();
     while let Some(r) = tasks.join_next().await {
@@ -788,8 +810,7 @@ pub async fn run(target: &Target, ceiling: Option<&Target>, opts: FleetOptions) 
 
     // dps, with its memory sampled.
     let before = target.memory_kib();
-    let cpu_before = (target.cpu_seconds(), crate::target::process_cpu_seconds("/proc/self/stat"));
-    let database_before = crate::target::database_cpu_seconds();
+    let cpu_before = CpuClock::read(target);
     let sampling = Arc::new(AtomicBool::new(true));
     let sampler = {
         let (target, sampling) = (target.clone(), sampling.clone());
@@ -805,23 +826,22 @@ pub async fn run(target: &Target, ceiling: Option<&Target>, opts: FleetOptions) 
         })
     };
     let dps = phase(&fleet, target, "dps").await?;
-    let database_off = dps.tpm_split.as_ref().and_then(|o| o.off_clock_database_cpu_seconds).unwrap_or(0.0);
-    let database_used = database_before.zip(crate::target::database_cpu_seconds()).map(|(a, b)| b - a - database_off);
     // A split TPM run leaves its untimed step out of the CPU figures too.
-    let (dps_off, bench_off) = dps
-        .tpm_split
-        .as_ref()
-        .map(|o| (o.off_clock_dps_cpu_seconds.unwrap_or(0.0), o.off_clock_bench_cpu_seconds))
-        .unwrap_or((0.0, 0.0));
-    let cpu = match (cpu_before, target.cpu_seconds(), crate::target::process_cpu_seconds("/proc/self/stat")) {
-        ((Some(d0), Some(b0)), Some(d1), Some(b1)) => Some(Cpu {
-            dps_seconds: d1 - d0 - dps_off,
-            dps_us_per_device: (d1 - d0 - dps_off) * 1e6 / dps.assigned.max(1) as f64,
-            bench_seconds: b1 - b0 - bench_off,
-            database_seconds: database_used,
-            database_us_per_device: database_used.map(|s| s * 1e6 / dps.assigned.max(1) as f64),
-            nodes: 1 + target.peers.len(),
-        }),
+    let used = cpu_before.since(target);
+    let off = |f: fn(&TpmSplit) -> Option<f64>| dps.tpm_split.as_ref().and_then(f).unwrap_or(0.0);
+    let database_used = used.database.map(|s| s - off(|o| o.off_clock_database_cpu_seconds));
+    let cpu = match (used.dps, used.bench) {
+        (Some(d), Some(b)) => {
+            let dps_seconds = d - off(|o| o.off_clock_dps_cpu_seconds);
+            Some(Cpu {
+                dps_seconds,
+                dps_us_per_device: dps_seconds * 1e6 / dps.assigned.max(1) as f64,
+                bench_seconds: b - off(|o| Some(o.off_clock_bench_cpu_seconds)),
+                database_seconds: database_used,
+                database_us_per_device: database_used.map(|s| s * 1e6 / dps.assigned.max(1) as f64),
+                nodes: 1 + target.peers.len(),
+            })
+        }
         _ => None,
     };
     sampling.store(false, Ordering::Relaxed);

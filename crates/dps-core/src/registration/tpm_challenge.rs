@@ -67,13 +67,12 @@ impl IssuedTpmKey {
     /// text (both were checked when written: what the device sends is most often what was
     /// enrolled), else the same RSA key.
     pub(super) fn for_enrollment(&self, enrollment: &IndividualEnrollment) -> bool {
-        let Some(enrolled) = enrollment.common.attestation.tpm.as_ref().map(|t| t.endorsement_key.trim()) else {
-            return false;
-        };
-        if enrolled == self.endorsement_key {
-            return true;
-        }
-        matches!((decode_public(&self.endorsement_key), decode_public(enrolled)), (Some(a), Some(b)) if a.same_rsa_key(&b))
+        enrollment
+            .common
+            .attestation
+            .tpm
+            .as_ref()
+            .is_some_and(|t| same_endorsement_key(&t.endorsement_key, &self.endorsement_key))
     }
 
     /// The key as the registration keeps it: the device's hub key.
@@ -84,6 +83,14 @@ impl IssuedTpmKey {
 
 fn decode_public(text: &str) -> Option<TpmPublic> {
     BASE64.decode(text.trim()).ok().and_then(|bytes| TpmPublic::parse_tpm2b(&bytes).ok())
+}
+
+/// Whether two endorsement keys (base64 TPM2B_PUBLIC, both checked when they were written or
+/// received) are the same key: the same text, else the same RSA modulus and exponent
+/// (protocol.md §6.2).
+fn same_endorsement_key(a: &str, b: &str) -> bool {
+    let (a, b) = (a.trim(), b.trim());
+    a == b || matches!((decode_public(a), decode_public(b)), (Some(a), Some(b)) if a.same_rsa_key(&b))
 }
 
 fn bad(message: impl Into<String>) -> Error {
@@ -108,7 +115,7 @@ impl DeviceRuntime {
         };
         let srk = parse_device_key("tpm.storageRootKey", srk_text, DeviceKey::StorageRoot)?;
         let started = tokio::time::Instant::now();
-        if !self.tpm_enrolled(registration_id, &ek, &endorsement.endorsement_key).await? {
+        if !self.tpm_enrolled(registration_id, &endorsement.endorsement_key).await? {
             crate::info_limited!(
                 "device-auth",
                 registration_id,
@@ -152,17 +159,15 @@ impl DeviceRuntime {
     /// Whether the ID has an individual TPM enrollment with this endorsement key (the same
     /// text, else compared as RSA keys: protocol.md §6.2). Disabled ones count: the device
     /// proves its key first and then learns that it is disabled, as with a symmetric key.
-    async fn tpm_enrolled(&self, registration_id: &str, ek: &TpmPublic, ek_text: &str) -> Result<bool, Error> {
+    async fn tpm_enrolled(&self, registration_id: &str, endorsement_key: &str) -> Result<bool, Error> {
         let Some(doc) = self.store.get(Collection::Enrollments, registration_id).await? else {
             return Ok(false);
         };
         let enrollment: IndividualEnrollment = parse_stored(&doc.body, "enrollment", registration_id)?;
-        let enrolled = match (&enrollment.common.attestation.kind, &enrollment.common.attestation.tpm) {
-            (AttestationType::Tpm, Some(tpm)) => tpm.endorsement_key.trim(),
-            _ => return Ok(false),
-        };
-        // The same text is the same key (both were checked); else compare the RSA keys.
-        Ok(enrolled == ek_text.trim() || decode_public(enrolled).is_some_and(|enrolled| enrolled.same_rsa_key(ek)))
+        Ok(match (&enrollment.common.attestation.kind, &enrollment.common.attestation.tpm) {
+            (AttestationType::Tpm, Some(tpm)) => same_endorsement_key(&tpm.endorsement_key, endorsement_key),
+            _ => false,
+        })
     }
 
     /// The key last issued to a registration ID, while it is accepted.
