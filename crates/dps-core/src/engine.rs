@@ -15,6 +15,7 @@ use crate::allocation::LinkedHub;
 use crate::clock::{Clock, SystemClock};
 use crate::custom::AllocationHook;
 use crate::error::Error;
+use crate::registrar::HubRegistrar;
 use crate::store::{Collection, Store};
 use crate::throttle::{Buckets, RateLimit};
 use crate::x509::CertificateFacts;
@@ -98,6 +99,8 @@ pub struct Core {
     pub(crate) operation_prefix: Arc<str>,
     /// Custom allocation webhook client.
     pub(crate) hook: Option<Arc<dyn AllocationHook>>,
+    /// The hub registrar; none: every hub only records.
+    pub(crate) registrar: Option<Arc<dyn HubRegistrar>>,
     /// Parsed enrollment groups, read once per store version of the collection.
     pub(crate) groups: Arc<VersionCache<Vec<EnrollmentGroup>>>,
     /// The certificate store's verified CA certificates, parsed, read once per store version
@@ -198,6 +201,14 @@ impl Engine {
         self
     }
 
+    /// Sets the hub registrar: what creates a registered device in its hub
+    /// ([`crate::registrar`]). Without one every hub only records.
+    pub fn with_registrar(mut self, registrar: Arc<dyn HubRegistrar>) -> Self {
+        self.devices.0.registrar = Some(registrar.clone());
+        self.management.0.registrar = Some(registrar);
+        self
+    }
+
     /// The device plane.
     pub fn devices(&self) -> &DeviceRuntime {
         &self.devices
@@ -262,6 +273,7 @@ impl Core {
             clock,
             operation_prefix: Arc::from(format!("5.{hex}")),
             hook: None,
+            registrar: None,
             groups: Arc::default(),
             verified_cas: Arc::default(),
         }

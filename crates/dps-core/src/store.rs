@@ -23,11 +23,14 @@ pub enum Collection {
     /// Leases on background work that one node at a time does (the purge sweep), keyed by
     /// the work's name ([`crate::lease`]).
     Leases,
+    /// Hub calls owed (a hub registrar's work that is decided but not yet done), keyed by hub
+    /// and device ID ([`crate::registrar::outbox_key`]).
+    HubOutbox,
 }
 
 impl Collection {
     /// All collections.
-    pub const ALL: [Collection; 7] = [
+    pub const ALL: [Collection; 8] = [
         Collection::Enrollments,
         Collection::EnrollmentGroups,
         Collection::Registrations,
@@ -35,6 +38,7 @@ impl Collection {
         Collection::Certificates,
         Collection::TpmChallenges,
         Collection::Leases,
+        Collection::HubOutbox,
     ];
 
     /// A stable small number for storage.
@@ -47,6 +51,7 @@ impl Collection {
             Collection::Certificates => 5,
             Collection::TpmChallenges => 6,
             Collection::Leases => 7,
+            Collection::HubOutbox => 8,
         }
     }
 }

@@ -54,6 +54,9 @@ impl ErrorCode {
     pub const INTERNAL: ErrorCode = ErrorCode(500001);
     /// The service is shutting down or its store is unavailable; retry later.
     pub const SERVICE_UNAVAILABLE: ErrorCode = ErrorCode(503001);
+    /// A failed registration's code when the assigned hub did not register the device (its
+    /// hub registrar failed); dps-rs's own choice (protocol.md §10.8: sub-codes unknown).
+    pub const HUB_REGISTRATION_FAILED: ErrorCode = ErrorCode(500210);
 
     /// The HTTP status this code belongs to (`code / 1000`).
     pub fn http_status(self) -> u16 {

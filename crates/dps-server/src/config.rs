@@ -411,6 +411,79 @@ pub struct HubConfig {
     /// Region the hub is in, for `geoLatency`.
     #[serde(default)]
     pub region: Option<String>,
+    /// What a registration does in this hub (`[hubs.registrar]`); `record` (nothing) by default.
+    #[serde(default)]
+    pub registrar: RegistrarConfig,
+}
+
+/// `[hubs.registrar]`: what creates a registered device in its hub.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum RegistrarConfig {
+    /// The assignment is only recorded; nothing is called.
+    #[default]
+    Record,
+    /// A signed HTTP call to the operator's endpoint.
+    Http(HttpRegistrarConfig),
+}
+
+/// `[hubs.registrar] kind = "http"`.
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpRegistrarConfig {
+    /// The endpoint (`https://…` or `http://…`); every call is a POST of JSON to it.
+    pub url: String,
+    /// The HMAC-SHA256 secret of the `x-dps-signature` header (at least 16 characters).
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// The name of an environment variable holding the secret instead.
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// `fail` (default): a failed call fails the registration; `tolerate`: the registration is
+    /// assigned and the call retried from the outbox until it succeeds.
+    #[serde(default)]
+    pub on_failure: OnRegistrarFailure,
+    /// Timeout of one attempt, in seconds.
+    #[serde(default = "registrar_timeout")]
+    pub timeout_secs: u64,
+    /// Attempts per call (on a connection failure, a timeout, 429 or 5xx), with backoff.
+    #[serde(default = "registrar_attempts")]
+    pub attempts: u32,
+    /// PEM CA bundle to trust for the endpoint (in addition to the system roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for HttpRegistrarConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpRegistrarConfig")
+            .field("url", &self.url)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("secret_env", &self.secret_env)
+            .field("on_failure", &self.on_failure)
+            .field("timeout_secs", &self.timeout_secs)
+            .field("attempts", &self.attempts)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
+
+/// What a registration does when its hub's registrar fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnRegistrarFailure {
+    /// The registration fails; the device keeps its previous assignment.
+    #[default]
+    Fail,
+    /// The registration is assigned; the hub call is retried from the outbox.
+    Tolerate,
+}
+
+fn registrar_timeout() -> u64 {
+    10
+}
+fn registrar_attempts() -> u32 {
+    3
 }
 
 fn one() -> u32 {
@@ -736,6 +809,7 @@ impl Config {
                 allocation_weight: 1,
                 apply_allocation_policy: true,
                 region: None,
+                registrar: RegistrarConfig::Record,
             }]
         } else {
             self.hubs.clone()

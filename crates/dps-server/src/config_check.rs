@@ -156,6 +156,32 @@ impl Config {
             if !seen.insert(name.to_ascii_lowercase()) {
                 return Err(invalid(&format!("hubs[{i}].host_name"), format!("'{name}' is linked twice")));
             }
+            if let crate::config::RegistrarConfig::Http(r) = &hub.registrar {
+                let at = format!("hubs[{i}].registrar");
+                if !(r.url.starts_with("https://") || r.url.starts_with("http://"))
+                    || reqwest::Url::parse(&r.url).is_err()
+                {
+                    return Err(invalid(
+                        &format!("{at}.url"),
+                        format!("'{}' is not an http:// or https:// URL", r.url),
+                    ));
+                }
+                if r.secret.is_some() == r.secret_env.is_some() {
+                    return Err(invalid(&at, "set exactly one of secret and secret_env (the calls are signed)".into()));
+                }
+                if r.secret.as_deref().is_some_and(|s| s.len() < 16) {
+                    return Err(invalid(&format!("{at}.secret"), "use at least 16 characters".into()));
+                }
+                if !(1..=300).contains(&r.timeout_secs) {
+                    return Err(invalid(
+                        &format!("{at}.timeout_secs"),
+                        format!("{} is outside 1..=300", r.timeout_secs),
+                    ));
+                }
+                if !(1..=10).contains(&r.attempts) {
+                    return Err(invalid(&format!("{at}.attempts"), format!("{} is outside 1..=10", r.attempts)));
+                }
+            }
         }
         for (i, p) in self.service.policies.iter().enumerate() {
             let at = format!("service.policies[{i}]");

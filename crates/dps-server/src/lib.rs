@@ -23,6 +23,7 @@ pub mod http;
 pub mod listener;
 pub mod mqtt;
 pub mod policy;
+pub mod registrar;
 pub mod reply;
 pub mod rules;
 pub mod server;

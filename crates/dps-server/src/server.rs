@@ -90,7 +90,12 @@ impl Server {
         let webhooks = crate::webhook::WebhookClient::new(&config.allocation, &config.webhooks)?;
         let rules = crate::rules::RuleSets::compile(&config.rules, settings.linked_hubs.clone())?;
         let custom = crate::webhook::CustomAllocator { webhooks, rules };
-        let engine = Engine::new(store.clone(), settings).with_hook(Arc::new(custom));
+        let registrars = crate::registrar::Registrars::new(&config.hubs)?;
+        let calls_hubs = registrars.any();
+        let mut engine = Engine::new(store.clone(), settings).with_hook(Arc::new(custom));
+        if calls_hubs {
+            engine = engine.with_registrar(Arc::new(registrars));
+        }
 
         let (listener, bound) = bind(config.listen.https, "--https-listen").await?;
         let mqtt_listener = match config.mqtt.enabled {
@@ -148,6 +153,7 @@ impl Server {
             auth_failures,
             stop: stop_rx.clone(),
         });
+        let outbox = calls_hubs.then(|| tokio::spawn(hub_outbox_loop(engine.clone(), stop_rx.clone())));
         let purge = tokio::spawn(purge_loop(engine, stop_rx.clone()));
         let busy = Duration::from_millis(config.limits.busy_handshake_timeout_ms);
         let mqtt_task = match (mqtt_listener, mqtt) {
@@ -197,6 +203,10 @@ impl Server {
             let _ = task.await;
         }
         let _ = purge.await;
+        // A hub call cut short stays owed in the outbox (the calls are idempotent).
+        if let Some(outbox) = outbox {
+            outbox.abort();
+        }
         Ok(())
     }
 }
@@ -239,6 +249,49 @@ fn print_banner(creds: &DevCredentials, path: &std::path::Path, show_secret: boo
     }
     println!("  Linked hubs:        {}", creds.linked_hubs.join(", "));
     println!("  Credentials file:   {}", path.display());
+}
+
+/// How often the hub outbox is drained.
+const OUTBOX_EVERY: Duration = Duration::from_secs(1);
+/// How long the outbox lease holds without renewal (renewed before every drain): after a
+/// crash, another node (or the restarted one, under a new name) resumes the work within it.
+const OUTBOX_LEASE: Duration = Duration::from_secs(15);
+/// No hub call of a drain starts after this, so that the lease is renewed in time (a call
+/// started may take its registrar's timeout on top).
+const OUTBOX_DRAIN_TIME: Duration = Duration::from_secs(5);
+/// Hub calls per drain at most (the lease is renewed between drains).
+const OUTBOX_CALLS: usize = 100;
+
+/// Does the hub calls owed in the outbox ([`dps_core::hub_outbox`]), on one node at a time of
+/// those sharing the store (the holder of the `hub-outbox` lease).
+async fn hub_outbox_loop(engine: Engine, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(OUTBOX_EVERY) => {}
+        }
+        match engine.hold_lease("hub-outbox", OUTBOX_LEASE).await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                dps_core::warn_limited!("hub-outbox", error = %e, "the hub outbox lease cannot be read");
+                continue;
+            }
+        }
+        match engine.drain_hub_outbox(OUTBOX_CALLS, OUTBOX_DRAIN_TIME).await {
+            Ok(d) if d.done + d.failed + d.void > 0 => {
+                tracing::debug!(
+                    done = d.done,
+                    failed = d.failed,
+                    void = d.void,
+                    waiting = d.waiting,
+                    "hub outbox drained"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => dps_core::warn_limited!("hub-outbox", error = %e, "draining the hub outbox failed"),
+        }
+    }
 }
 
 /// How often the sweep of expired operations runs.

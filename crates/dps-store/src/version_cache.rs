@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use dps_core::store::{Collection, Write};
 
 /// Slots for per-collection counters, indexed by [`Collection::tag`].
-pub(crate) const TAGS: usize = 8;
+pub(crate) const TAGS: usize = 9;
 
 /// A collection's version as last read from the backend.
 #[derive(Clone, Copy)]

@@ -15,6 +15,7 @@
 
 mod allocate;
 mod authenticate;
+mod hub;
 mod management;
 mod operation;
 mod records;

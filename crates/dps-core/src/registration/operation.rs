@@ -64,7 +64,7 @@ impl DeviceRuntime {
             let mut state = DeviceRegistrationResult::bare(&op.registration_id, RegistrationStatus::Failed);
             state.error_code = Some(ErrorCode::ALLOCATION_FAILED.0);
             state.error_message = Some(
-                "custom allocation did not finish (the server stopped while calling the webhook); register again"
+                "the registration did not finish (the server stopped while calling the webhook or the IoT hub); register again"
                     .into(),
             );
             op.result = RegistrationOperationStatus {

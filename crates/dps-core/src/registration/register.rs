@@ -66,6 +66,9 @@ pub(super) struct Pending {
     pub(super) certificate: Option<Value>,
     /// TPM devices: the key they proved they hold (their hub key).
     pub(super) tpm: Option<TpmHubKey>,
+    /// X.509 devices: the thumbprint of the certificate they presented (their hub
+    /// authentication, for individual enrollments).
+    pub(super) leaf_thumbprint: Option<String>,
     pub(super) started: i64,
 }
 
@@ -224,16 +227,27 @@ impl DeviceRuntime {
         self.admit(&registration_id, true)?;
         let operation_id = self.new_operation_id();
         let now = self.clock.now_millis();
-        let certificate = match credential {
-            Credential::X509(chain) => Some(x509_context(chain)),
-            _ => None,
+        let (certificate, leaf_thumbprint) = match credential {
+            Credential::X509(chain) => {
+                (Some(x509_context(chain)), chain.first().map(|der| super::hub::thumbprint(der)))
+            }
+            _ => (None, None),
         };
         let tpm = match tpm_key {
             Some(key) => Some(key),
             None => self.tpm_hub_key(&registration_id, credential, &enrollment).await?,
         };
-        let pending =
-            Pending { registration_id, force, enrollment, operation_id, payload, certificate, tpm, started: now };
+        let pending = Pending {
+            registration_id,
+            force,
+            enrollment,
+            operation_id,
+            payload,
+            certificate,
+            tpm,
+            leaf_thumbprint,
+            started: now,
+        };
 
         if pending.enrollment.common().provisioning_status == Some(ProvisioningStatus::Disabled) {
             tracing::info!(registration_id = %pending.registration_id, enrollment = %pending.enrollment.describe(), "registration refused: enrollment disabled");
@@ -254,12 +268,13 @@ impl DeviceRuntime {
             let definition = pending.enrollment.common().custom_allocation_definition.as_ref();
             self.hook.as_ref().zip(definition).is_some_and(|(hook, d)| hook.answers_inline(&d.webhook_url))
         };
-        if self.policy_of(&pending.enrollment) != AllocationPolicy::Custom || inline() {
+        let hub_calls = self.registrar.as_ref().is_some_and(|r| r.calls_any());
+        if (self.policy_of(&pending.enrollment) != AllocationPolicy::Custom || inline()) && !hub_calls {
             let result = self.complete(&pending, Condition::IfAbsent).await?;
             return Ok(self.reply_for_register(result));
         }
 
-        // A webhook: the slow step of this registration.
+        // A webhook or a hub registrar: the slow step of this registration.
         let result = self
             .finish_slow_step(pending, now, |engine, pending| async move {
                 engine.complete(&pending, Condition::Always).await
@@ -310,11 +325,16 @@ impl DeviceRuntime {
         op_condition: Condition,
     ) -> Result<RegistrationOperationStatus, Error> {
         let previous = self.load_registration_doc(&pending.registration_id).await?;
-        let outcome = self.choose(pending, previous.as_ref().map(|(_, r)| r)).await;
+        let mut outcome = self.choose(pending, previous.as_ref().map(|(_, r)| r)).await;
         if let Err(AllocationFailure { detail: Some(detail), .. }) = &outcome {
             // For the operator: what the webhook said, under the ID the device was given.
             tracing::warn!(registration_id = %pending.registration_id, operation_id = %pending.operation_id,
                 detail = %detail, "custom allocation failed");
+        }
+        let planned = self.build_record(pending, previous.as_ref().map(|(_, r)| r), &outcome);
+        let hub = self.register_in_hub(pending, previous.as_ref().map(|(_, r)| r), &planned).await?;
+        if let Some(failure) = hub.failure {
+            outcome = Err(failure);
         }
         let mut current = previous;
         for _ in 0..5 {
@@ -336,10 +356,11 @@ impl DeviceRuntime {
                 Some((etag, _)) => Condition::IfMatch(etag.clone()),
                 None => Condition::IfAbsent,
             };
-            let writes = vec![
+            let mut writes = vec![
                 Write::Put { collection: Collection::Registrations, document: registration, condition },
                 self.put_operation(&pending.operation_id, &op, op_condition.clone())?,
             ];
+            writes.extend(hub.writes.iter().cloned());
             match self.store.write(writes).await {
                 Ok(()) => {
                     tracing::info!(registration_id = %pending.registration_id, enrollment = %pending.enrollment.describe(),

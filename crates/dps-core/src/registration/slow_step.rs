@@ -1,5 +1,5 @@
-//! The one mechanism for a slow step of a registration — the custom allocation webhook now,
-//! a hub registrar next: the step runs in a task of its own that outlives the request; when it
+//! The one mechanism for a slow step of a registration — the custom allocation webhook and the
+//! hub registrar: the step runs in a task of its own that outlives the request; when it
 //! finishes within `webhook_inline_wait_ms` the device gets its final state at once (one
 //! write), else the operation is recorded as `assigning` with a deadline and the device polls
 //! until the task records the result. A server that stops during the step leaves that
@@ -38,7 +38,12 @@ impl DeviceRuntime {
                 RegistrationStatus::Assigning,
             )),
         };
-        let grace = i64::try_from(self.settings.webhook_timeout_secs).unwrap_or(3600).saturating_add(30) * 1000;
+        // The webhook's timeout, the hub registrar's budget, and a margin.
+        let registrar_secs = self.registrar.as_ref().map_or(0, |r| r.budget().as_secs());
+        let grace = i64::try_from(self.settings.webhook_timeout_secs.saturating_add(registrar_secs))
+            .unwrap_or(3600)
+            .saturating_add(30)
+            * 1000;
         let assigning_op = pending.operation(assigning.clone(), Some(started.saturating_add(grace)));
         let assigning_write = self.put_operation(&pending.operation_id, &assigning_op, Condition::IfAbsent)?;
         let registration_id = pending.registration_id.clone();
@@ -47,7 +52,7 @@ impl DeviceRuntime {
             let result = work.await;
             if let Err(e) = &result {
                 crate::warn_limited!("allocation-record", registration_id = %registration_id, error = %e,
-                    "custom allocation could not be recorded");
+                    "the registration's slow step (webhook, hub) could not be recorded");
             }
             result
         });
@@ -63,7 +68,7 @@ impl DeviceRuntime {
         };
         match joined {
             Ok(result) => result,
-            Err(join) => Err(Error::Internal(format!("custom allocation task failed: {join}"))),
+            Err(join) => Err(Error::Internal(format!("the registration's slow step failed: {join}"))),
         }
     }
 }

@@ -1,0 +1,224 @@
+//! The hub stage of a registration: after allocation and the reprovisioning plan, before the
+//! registration state is written. The device's identity is created or updated in the hub it
+//! gets (through the [`HubRegistrar`] port); a hub it left gets a removal, owed in the outbox
+//! from the same write as the registration, so that a crash never leaves it in two hubs for
+//! good nor missing from the one its registration names. A hub whose registrar only records
+//! is never called.
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use dps_proto::device::RegistrationStatus;
+use dps_proto::error::ErrorCode;
+use dps_proto::service::AttestationType;
+use sha2::{Digest, Sha256};
+
+use super::records::{RegistrationRecord, ResolvedEnrollment};
+use super::register::{reprovision_policy, Pending};
+use crate::custom::AllocationFailure;
+use crate::engine::{to_json, DeviceRuntime};
+use crate::error::Error;
+use crate::registrar::{
+    outbox_key, DeviceDataAction, HubAuthentication, HubDevice, HubWork, OnFailure, OutboxEntry, PreviousAssignment,
+};
+use crate::reprovision::{self, DeviceData};
+use crate::store::{Collection, Condition, Document, Write};
+
+/// What the hub stage came to.
+pub(super) struct HubOutcome {
+    /// The registration failed at the hub (and is not tolerated): it is recorded failed, the
+    /// device keeps its previous assignment.
+    pub(super) failure: Option<AllocationFailure>,
+    /// Outbox writes to commit with the registration: work owed to hubs, and work on the new
+    /// hub that this registration makes void.
+    pub(super) writes: Vec<Write>,
+}
+
+impl HubOutcome {
+    fn nothing() -> Self {
+        Self { failure: None, writes: Vec::new() }
+    }
+}
+
+/// SHA-256 of a DER certificate, as IoT Hub takes a thumbprint (upper-case hex).
+pub(super) fn thumbprint(der: &[u8]) -> String {
+    Sha256::digest(der).iter().map(|b| format!("{b:02X}")).collect()
+}
+
+impl DeviceRuntime {
+    /// Runs the hub stage for `record` (built from `previous` and the allocation outcome).
+    pub(super) async fn register_in_hub(
+        &self,
+        pending: &Pending,
+        previous: Option<&RegistrationRecord>,
+        record: &RegistrationRecord,
+    ) -> Result<HubOutcome, Error> {
+        let Some(registrar) = self.registrar.clone() else { return Ok(HubOutcome::nothing()) };
+        let (RegistrationStatus::Assigned, Some(hub), Some(device_id)) =
+            (record.status, record.assigned_hub.as_deref(), record.device_id.as_deref())
+        else {
+            return Ok(HubOutcome::nothing());
+        };
+        let current = Self::current_hub(pending, previous);
+        let moved_from = current
+            .and_then(|c| c.assigned_hub.as_deref().zip(c.device_id.as_deref()))
+            .filter(|(h, d)| !h.eq_ignore_ascii_case(hub) || *d != device_id)
+            .map(|(h, d)| PreviousAssignment { hub: h.to_string(), device_id: d.to_string() });
+        let mut writes = Vec::new();
+        let now = self.clock.now_millis();
+        if let Some(previous) = moved_from.as_ref().filter(|p| registrar.calls(&p.hub)) {
+            let work = HubWork::Remove { hub: previous.hub.clone(), device_id: previous.device_id.clone() };
+            writes.push(outbox_put(&pending.registration_id, work, now)?);
+        }
+        if !registrar.calls(hub) {
+            return Ok(HubOutcome { failure: None, writes });
+        }
+        // Work on this device in this hub still owed from an earlier registration (a tolerated
+        // failure, or a removal when the device left and came back) must not run after this
+        // one: it goes with this registration's write. (A removal the drain is doing at this
+        // very moment is the one case it cannot stop: `hub_outbox.rs`.)
+        if let Some(owed) = self.store.get(Collection::HubOutbox, &outbox_key(hub, device_id)).await? {
+            writes.push(Write::Delete {
+                collection: Collection::HubOutbox,
+                id: owed.id,
+                condition: Condition::IfMatch(owed.etag),
+            });
+        }
+        let device = self.hub_device(pending, current, record, hub, device_id, moved_from)?;
+        match registrar.register(&device).await {
+            Ok(()) => {
+                tracing::info!(registration_id = %pending.registration_id, hub, device_id, "device registered in its hub");
+                Ok(HubOutcome { failure: None, writes })
+            }
+            Err(e) => match registrar.on_failure(hub) {
+                OnFailure::Fail => {
+                    tracing::warn!(registration_id = %pending.registration_id, operation_id = %pending.operation_id,
+                        hub, error = %e, "hub registration failed; the registration fails");
+                    Ok(HubOutcome {
+                        failure: Some(AllocationFailure {
+                            code: ErrorCode::HUB_REGISTRATION_FAILED,
+                            message: format!("the IoT hub '{hub}' did not register the device: {e}"),
+                            detail: None,
+                        }),
+                        writes: Vec::new(),
+                    })
+                }
+                OnFailure::Tolerate => {
+                    tracing::warn!(registration_id = %pending.registration_id, hub, error = %e,
+                        "hub registration failed; tolerated, retried from the outbox");
+                    writes.retain(|w| !matches!(w, Write::Delete { collection: Collection::HubOutbox, .. }));
+                    let mut entry =
+                        outbox_entry(&pending.registration_id, HubWork::Register { device: Box::new(device) }, now);
+                    entry.attempts = 1;
+                    entry.next_attempt_millis = now.saturating_add(crate::registrar::retry_delay_millis(0));
+                    entry.last_error = Some(e.message);
+                    writes.push(outbox_write(entry)?);
+                    Ok(HubOutcome { failure: None, writes })
+                }
+            },
+        }
+    }
+
+    /// The identity `record` gives its hub.
+    fn hub_device(
+        &self,
+        pending: &Pending,
+        current: Option<&RegistrationRecord>,
+        record: &RegistrationRecord,
+        hub: &str,
+        device_id: &str,
+        previous: Option<PreviousAssignment>,
+    ) -> Result<HubDevice, Error> {
+        let common = pending.enrollment.common();
+        let device_data = match current.and_then(RegistrationRecord::current_assignment) {
+            None => DeviceDataAction::Initial,
+            Some(c) => match reprovision::plan(Some(c), hub, &reprovision_policy(common)).device_data {
+                DeviceData::Keep => DeviceDataAction::Keep,
+                DeviceData::Fresh => DeviceDataAction::Reset,
+            },
+        };
+        let attestation = match common.attestation.kind {
+            AttestationType::SymmetricKey => "symmetricKey",
+            AttestationType::X509 => "x509",
+            AttestationType::Tpm => "tpm",
+            AttestationType::None => "none",
+        };
+        Ok(HubDevice {
+            hub: hub.to_string(),
+            device_id: device_id.to_string(),
+            registration_id: pending.registration_id.clone(),
+            enrollment_group_id: pending.enrollment.group_id().map(str::to_string),
+            attestation: attestation.to_string(),
+            authentication: self.hub_authentication(pending)?,
+            iot_edge: common.capabilities.as_ref().is_some_and(|c| c.iot_edge),
+            initial_twin: record.initial_twin.clone(),
+            substatus: record.substatus.unwrap_or(dps_proto::device::RegistrationSubstatus::InitialAssignment),
+            device_data,
+            previous,
+        })
+    }
+
+    /// How the device authenticates to its hub: with what it proved here.
+    fn hub_authentication(&self, pending: &Pending) -> Result<HubAuthentication, Error> {
+        let common = pending.enrollment.common();
+        let missing =
+            |what: &str| Error::Internal(format!("{} has no {what} for its hub", pending.enrollment.describe()));
+        match common.attestation.kind {
+            AttestationType::Tpm => {
+                let key = pending.tpm.as_ref().ok_or_else(|| missing("TPM key"))?;
+                Ok(HubAuthentication::SymmetricKey { primary_key: key.key.clone(), secondary_key: None })
+            }
+            AttestationType::X509 => match &pending.enrollment {
+                ResolvedEnrollment::Group(_) => Ok(HubAuthentication::CertificateAuthority),
+                ResolvedEnrollment::Individual(_) => Ok(HubAuthentication::X509Thumbprint {
+                    primary_thumbprint: pending.leaf_thumbprint.clone().ok_or_else(|| missing("certificate"))?,
+                }),
+            },
+            AttestationType::SymmetricKey => {
+                let keys = common.attestation.symmetric_key.as_ref().ok_or_else(|| missing("symmetric key"))?;
+                let device_key = |k: &Option<String>| -> Option<String> {
+                    let k = k.as_deref()?;
+                    match &pending.enrollment {
+                        ResolvedEnrollment::Individual(_) => Some(k.to_string()),
+                        ResolvedEnrollment::Group(_) => BASE64.decode(k).ok().map(|group_key| {
+                            BASE64.encode(dps_proto::sas::derive_device_key(&group_key, &pending.registration_id))
+                        }),
+                    }
+                };
+                Ok(HubAuthentication::SymmetricKey {
+                    primary_key: device_key(&keys.primary_key).ok_or_else(|| missing("primary key"))?,
+                    secondary_key: device_key(&keys.secondary_key),
+                })
+            }
+            AttestationType::None => Err(missing("attestation")),
+        }
+    }
+}
+
+fn outbox_entry(registration_id: &str, work: HubWork, now: i64) -> OutboxEntry {
+    OutboxEntry {
+        registration_id: registration_id.to_string(),
+        work,
+        attempts: 0,
+        next_attempt_millis: now,
+        last_error: None,
+    }
+}
+
+fn outbox_put(registration_id: &str, work: HubWork, now: i64) -> Result<Write, Error> {
+    outbox_write(outbox_entry(registration_id, work, now))
+}
+
+/// The write that puts `entry` in the outbox, replacing work owed on the same device and hub.
+pub(crate) fn outbox_write(entry: OutboxEntry) -> Result<Write, Error> {
+    Ok(Write::Put {
+        collection: Collection::HubOutbox,
+        document: Document {
+            id: outbox_key(entry.work.hub(), entry.work.device_id()),
+            etag: crate::etag::new_registration_etag(),
+            partition: None,
+            body: to_json(&entry)?,
+            expires_at: None,
+        },
+        condition: Condition::Always,
+    })
+}
