@@ -34,7 +34,7 @@ pub(super) struct HubOutcome {
 }
 
 impl HubOutcome {
-    fn nothing() -> Self {
+    pub(super) fn nothing() -> Self {
         Self { failure: None, writes: Vec::new() }
     }
 }

@@ -11,6 +11,7 @@ use dps_proto::service::{AllocationPolicy, EnrollmentCommon, ProvisioningStatus,
 use serde_json::Value;
 
 use super::authenticate::{unauthorized, AuthenticatedDevice, Challenge, Credential, Proven, Resolved, TpmEndorsement};
+use super::hub::HubOutcome;
 use super::records::{OperationRecord, RegistrationRecord, ResolvedEnrollment, TpmHubKey};
 use crate::custom::{AllocationFailure, Assignment};
 use crate::engine::{parse_body, parse_stored, to_json, DeviceRuntime};
@@ -331,8 +332,14 @@ impl DeviceRuntime {
             tracing::warn!(registration_id = %pending.registration_id, operation_id = %pending.operation_id,
                 detail = %detail, "custom allocation failed");
         }
-        let planned = self.build_record(pending, previous.as_ref().map(|(_, r)| r), &outcome);
-        let hub = self.register_in_hub(pending, previous.as_ref().map(|(_, r)| r), &planned).await?;
+        let hub = match self.registrar {
+            // Without a registrar (every hub records only) there is no hub stage at all.
+            None => HubOutcome::nothing(),
+            Some(_) => {
+                let planned = self.build_record(pending, previous.as_ref().map(|(_, r)| r), &outcome);
+                self.register_in_hub(pending, previous.as_ref().map(|(_, r)| r), &planned).await?
+            }
+        };
         if let Some(failure) = hub.failure {
             outcome = Err(failure);
         }
