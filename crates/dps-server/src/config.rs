@@ -425,6 +425,50 @@ pub enum RegistrarConfig {
     Record,
     /// A signed HTTP call to the operator's endpoint.
     Http(HttpRegistrarConfig),
+    /// Azure IoT Hub's identity registry and twins.
+    AzureIotHub(AzureRegistrarConfig),
+}
+
+/// `[hubs.registrar] kind = "azure-iot-hub"`.
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AzureRegistrarConfig {
+    /// The hub's connection string with a policy that may write the registry
+    /// (`HostName=…;SharedAccessKeyName=…;SharedAccessKey=…`).
+    #[serde(default)]
+    pub connection_string: Option<String>,
+    /// The name of an environment variable holding it instead.
+    #[serde(default)]
+    pub connection_string_env: Option<String>,
+    /// Where the requests go, when not `https://{HostName}` (a proxy, a test server).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// As for `http`.
+    #[serde(default)]
+    pub on_failure: OnRegistrarFailure,
+    /// Timeout of one request, in seconds.
+    #[serde(default = "registrar_timeout")]
+    pub timeout_secs: u64,
+    /// Attempts per request (on a connection failure, a timeout, 429 or 5xx), with backoff.
+    #[serde(default = "registrar_attempts")]
+    pub attempts: u32,
+    /// PEM CA bundle to trust for the endpoint (in addition to the system roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for AzureRegistrarConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AzureRegistrarConfig")
+            .field("connection_string", &self.connection_string.as_ref().map(|_| "<redacted>"))
+            .field("connection_string_env", &self.connection_string_env)
+            .field("endpoint", &self.endpoint)
+            .field("on_failure", &self.on_failure)
+            .field("timeout_secs", &self.timeout_secs)
+            .field("attempts", &self.attempts)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
 }
 
 /// `[hubs.registrar] kind = "http"`.

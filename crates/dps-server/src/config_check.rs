@@ -156,6 +156,40 @@ impl Config {
             if !seen.insert(name.to_ascii_lowercase()) {
                 return Err(invalid(&format!("hubs[{i}].host_name"), format!("'{name}' is linked twice")));
             }
+            if let crate::config::RegistrarConfig::AzureIotHub(r) = &hub.registrar {
+                let at = format!("hubs[{i}].registrar");
+                if r.connection_string.is_some() == r.connection_string_env.is_some() {
+                    return Err(invalid(&at, "set exactly one of connection_string and connection_string_env".into()));
+                }
+                if let Some(text) = &r.connection_string {
+                    let parsed = dps_proto::connection_string::ServiceConnectionString::parse(text)
+                        .map_err(|e| invalid(&format!("{at}.connection_string"), e.to_string()))?;
+                    let host = parsed.host_name.split(':').next().unwrap_or_default();
+                    if !host.eq_ignore_ascii_case(name) {
+                        return Err(invalid(
+                            &format!("{at}.connection_string"),
+                            format!("its HostName '{host}' is not this hub's host_name '{name}'"),
+                        ));
+                    }
+                }
+                if let Some(e) = &r.endpoint {
+                    if !(e.starts_with("https://") || e.starts_with("http://")) || reqwest::Url::parse(e).is_err() {
+                        return Err(invalid(
+                            &format!("{at}.endpoint"),
+                            format!("'{e}' is not an http:// or https:// URL"),
+                        ));
+                    }
+                }
+                if !(1..=300).contains(&r.timeout_secs) {
+                    return Err(invalid(
+                        &format!("{at}.timeout_secs"),
+                        format!("{} is outside 1..=300", r.timeout_secs),
+                    ));
+                }
+                if !(1..=10).contains(&r.attempts) {
+                    return Err(invalid(&format!("{at}.attempts"), format!("{} is outside 1..=10", r.attempts)));
+                }
+            }
             if let crate::config::RegistrarConfig::Http(r) = &hub.registrar {
                 let at = format!("hubs[{i}].registrar");
                 if !(r.url.starts_with("https://") || r.url.starts_with("http://"))
