@@ -168,22 +168,8 @@ async fn enroll_key(dps: &Dps, id: &str, hub: &str, twin: Value, policy: Option<
     dps.device_token(id, &key(1))
 }
 
-/// Registers over HTTPS and polls to the end; returns the final `registrationState`.
 async fn register(dps: &Dps, id: &str, token: &str) -> Value {
-    let (status, _, body) = dps.register(id, Some(token), json!({"registrationId": id})).await;
-    assert_eq!(status, 202, "{body}");
-    let mut body = body;
-    for _ in 0..100 {
-        if body["status"] != "assigning" {
-            return body["registrationState"].clone();
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let op = body["operationId"].as_str().unwrap().to_string();
-        let (status, polled) = dps.poll(id, token, &op).await;
-        assert_eq!(status, 200, "{polled}");
-        body = polled;
-    }
-    panic!("still assigning: {body}");
+    dps.register_to_end(id, token).await
 }
 
 async fn registration_state(dps: &Dps, id: &str) -> Value {

@@ -20,27 +20,8 @@ use rand::SeedableRng;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-/// Registers over HTTPS with `client` (or a SAS token) and polls to the end: the final
-/// `registrationState`.
-async fn finish(dps: &Dps, id: &str, token: &str, first: Value) -> Value {
-    let mut body = first;
-    for _ in 0..150 {
-        if body["status"] != "assigning" {
-            return body["registrationState"].clone();
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let op = body["operationId"].as_str().unwrap().to_string();
-        let (status, polled) = dps.poll(id, token, &op).await;
-        assert_eq!(status, 200, "{polled}");
-        body = polled;
-    }
-    panic!("still assigning: {body}");
-}
-
 async fn register(dps: &Dps, id: &str, token: &str) -> Value {
-    let (status, _, body) = dps.register(id, Some(token), json!({"registrationId": id})).await;
-    assert_eq!(status, 202, "{body}");
-    finish(dps, id, token, body).await
+    dps.register_to_end(id, token).await
 }
 
 async fn enroll(dps: &Dps, id: &str, hub: &str, twin: Value, policy: Option<(bool, bool)>) -> String {

@@ -156,66 +156,7 @@ impl Config {
             if !seen.insert(name.to_ascii_lowercase()) {
                 return Err(invalid(&format!("hubs[{i}].host_name"), format!("'{name}' is linked twice")));
             }
-            if let crate::config::RegistrarConfig::AzureIotHub(r) = &hub.registrar {
-                let at = format!("hubs[{i}].registrar");
-                if r.connection_string.is_some() == r.connection_string_env.is_some() {
-                    return Err(invalid(&at, "set exactly one of connection_string and connection_string_env".into()));
-                }
-                if let Some(text) = &r.connection_string {
-                    let parsed = dps_proto::connection_string::ServiceConnectionString::parse(text)
-                        .map_err(|e| invalid(&format!("{at}.connection_string"), e.to_string()))?;
-                    let host = parsed.host_name.split(':').next().unwrap_or_default();
-                    if !host.eq_ignore_ascii_case(name) {
-                        return Err(invalid(
-                            &format!("{at}.connection_string"),
-                            format!("its HostName '{host}' is not this hub's host_name '{name}'"),
-                        ));
-                    }
-                }
-                if let Some(e) = &r.endpoint {
-                    if !(e.starts_with("https://") || e.starts_with("http://")) || reqwest::Url::parse(e).is_err() {
-                        return Err(invalid(
-                            &format!("{at}.endpoint"),
-                            format!("'{e}' is not an http:// or https:// URL"),
-                        ));
-                    }
-                }
-                if !(1..=300).contains(&r.timeout_secs) {
-                    return Err(invalid(
-                        &format!("{at}.timeout_secs"),
-                        format!("{} is outside 1..=300", r.timeout_secs),
-                    ));
-                }
-                if !(1..=10).contains(&r.attempts) {
-                    return Err(invalid(&format!("{at}.attempts"), format!("{} is outside 1..=10", r.attempts)));
-                }
-            }
-            if let crate::config::RegistrarConfig::Http(r) = &hub.registrar {
-                let at = format!("hubs[{i}].registrar");
-                if !(r.url.starts_with("https://") || r.url.starts_with("http://"))
-                    || reqwest::Url::parse(&r.url).is_err()
-                {
-                    return Err(invalid(
-                        &format!("{at}.url"),
-                        format!("'{}' is not an http:// or https:// URL", r.url),
-                    ));
-                }
-                if r.secret.is_some() == r.secret_env.is_some() {
-                    return Err(invalid(&at, "set exactly one of secret and secret_env (the calls are signed)".into()));
-                }
-                if r.secret.as_deref().is_some_and(|s| s.len() < 16) {
-                    return Err(invalid(&format!("{at}.secret"), "use at least 16 characters".into()));
-                }
-                if !(1..=300).contains(&r.timeout_secs) {
-                    return Err(invalid(
-                        &format!("{at}.timeout_secs"),
-                        format!("{} is outside 1..=300", r.timeout_secs),
-                    ));
-                }
-                if !(1..=10).contains(&r.attempts) {
-                    return Err(invalid(&format!("{at}.attempts"), format!("{} is outside 1..=10", r.attempts)));
-                }
-            }
+            check_registrar(&format!("hubs[{i}].registrar"), name, &hub.registrar)?;
         }
         for (i, p) in self.service.policies.iter().enumerate() {
             let at = format!("service.policies[{i}]");
@@ -320,6 +261,67 @@ impl Config {
             return Err(invalid("service.default_page_size", "must be 1..=1000".into()));
         }
         Ok(())
+    }
+}
+
+/// `[hubs.registrar]` of the hub `hub` (`at` names it in errors).
+fn check_registrar(at: &str, hub: &str, registrar: &crate::config::RegistrarConfig) -> Result<(), ConfigError> {
+    use crate::config::RegistrarConfig;
+    let invalid = |setting: String, message: String| ConfigError::Invalid { setting, message };
+    let url = |what: &str, text: &str| {
+        if (text.starts_with("https://") || text.starts_with("http://")) && reqwest::Url::parse(text).is_ok() {
+            Ok(())
+        } else {
+            Err(invalid(format!("{at}.{what}"), format!("'{text}' is not an http:// or https:// URL")))
+        }
+    };
+    let calls = |timeout_secs: u64, attempts: u32| {
+        if !(1..=300).contains(&timeout_secs) {
+            return Err(invalid(format!("{at}.timeout_secs"), format!("{timeout_secs} is outside 1..=300")));
+        }
+        if !(1..=10).contains(&attempts) {
+            return Err(invalid(format!("{at}.attempts"), format!("{attempts} is outside 1..=10")));
+        }
+        Ok(())
+    };
+    match registrar {
+        RegistrarConfig::Record => Ok(()),
+        RegistrarConfig::Http(r) => {
+            url("url", &r.url)?;
+            if r.secret.is_some() == r.secret_env.is_some() {
+                return Err(invalid(
+                    at.into(),
+                    "set exactly one of secret and secret_env (the calls are signed)".into(),
+                ));
+            }
+            if r.secret.as_deref().is_some_and(|s| s.len() < 16) {
+                return Err(invalid(format!("{at}.secret"), "use at least 16 characters".into()));
+            }
+            calls(r.timeout_secs, r.attempts)
+        }
+        RegistrarConfig::AzureIotHub(r) => {
+            if r.connection_string.is_some() == r.connection_string_env.is_some() {
+                return Err(invalid(
+                    at.into(),
+                    "set exactly one of connection_string and connection_string_env".into(),
+                ));
+            }
+            if let Some(text) = &r.connection_string {
+                let parsed = dps_proto::connection_string::ServiceConnectionString::parse(text)
+                    .map_err(|e| invalid(format!("{at}.connection_string"), e.to_string()))?;
+                let host = parsed.host_name.split(':').next().unwrap_or_default();
+                if !host.eq_ignore_ascii_case(hub) {
+                    return Err(invalid(
+                        format!("{at}.connection_string"),
+                        format!("its HostName '{host}' is not this hub's host_name '{hub}'"),
+                    ));
+                }
+            }
+            if let Some(e) = &r.endpoint {
+                url("endpoint", e)?;
+            }
+            calls(r.timeout_secs, r.attempts)
+        }
     }
 }
 

@@ -295,6 +295,31 @@ impl Dps {
 }
 
 impl Dps {
+    /// Polls from a register answer `first` until it is no longer `assigning` (at most 30 s);
+    /// returns the final `registrationState`.
+    pub async fn poll_to_end(&self, registration_id: &str, token: &str, first: Value) -> Value {
+        let mut body = first;
+        for _ in 0..150 {
+            if body["status"] != "assigning" {
+                return body["registrationState"].clone();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let op = body["operationId"].as_str().unwrap().to_string();
+            let (status, polled) = self.poll(registration_id, token, &op).await;
+            assert_eq!(status, 200, "{polled}");
+            body = polled;
+        }
+        panic!("still assigning: {body}");
+    }
+
+    /// Registers over HTTPS with a SAS token and polls to the end: the final `registrationState`.
+    pub async fn register_to_end(&self, registration_id: &str, token: &str) -> Value {
+        let (status, _, body) =
+            self.register(registration_id, Some(token), serde_json::json!({"registrationId": registration_id})).await;
+        assert_eq!(status, 202, "{body}");
+        self.poll_to_end(registration_id, token, body).await
+    }
+
     /// An HTTPS client that presents `chain_pem` (leaf first) with `key_pem`.
     /// Polls an operation over HTTPS with a SAS token: (status, body).
     pub async fn poll(&self, registration_id: &str, token: &str, operation_id: &str) -> (u16, Value) {
