@@ -33,6 +33,9 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 need runuser || missing+=(util-linux)
 # The multi-node test puts HAProxy (the docs/multi-node.md configuration) in front of two nodes.
 need haproxy || missing+=(haproxy)
+# The Mosquitto registrar tests start brokers of their own with the dynamic-security plugin.
+need mosquitto || missing+=(mosquitto)
+need mosquitto_ctrl || missing+=(mosquitto-clients)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test: installing ${missing[*]}"
   apt-get update -qq && apt-get install -y -qq "${missing[@]}" || { echo "test: could not install ${missing[*]}"; exit 1; }

@@ -427,6 +427,65 @@ pub enum RegistrarConfig {
     Http(HttpRegistrarConfig),
     /// Azure IoT Hub's identity registry and twins.
     AzureIotHub(AzureRegistrarConfig),
+    /// A Mosquitto broker's dynamic-security plugin: a client and a role per device.
+    Mosquitto(MosquittoRegistrarConfig),
+}
+
+/// `[hubs.registrar] kind = "mosquitto"`.
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MosquittoRegistrarConfig {
+    /// The broker's MQTT listener (`host:port`) dps administers it through.
+    pub address: String,
+    /// TLS to the broker (default); plain MQTT only to a loopback address.
+    #[serde(default = "registrar_tls")]
+    pub tls: bool,
+    /// PEM CA bundle the broker's certificate must chain to (with `tls`).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// The TLS server name, when not the host of `address`.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// A dynamic-security admin (a client with the `admin` role).
+    pub username: String,
+    /// Its password.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// The name of an environment variable holding it instead.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// Devices may publish and subscribe under `{topic_prefix}/{deviceId}/#` only.
+    #[serde(default = "registrar_topic_prefix")]
+    pub topic_prefix: String,
+    /// As for `http`.
+    #[serde(default)]
+    pub on_failure: OnRegistrarFailure,
+    /// Timeout of one attempt, in seconds.
+    #[serde(default = "registrar_timeout")]
+    pub timeout_secs: u64,
+    /// Attempts per call, with backoff.
+    #[serde(default = "registrar_attempts")]
+    pub attempts: u32,
+}
+
+impl std::fmt::Debug for MosquittoRegistrarConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MosquittoRegistrarConfig")
+            .field("address", &self.address)
+            .field("tls", &self.tls)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("password_env", &self.password_env)
+            .field("topic_prefix", &self.topic_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn registrar_tls() -> bool {
+    true
+}
+fn registrar_topic_prefix() -> String {
+    "devices".into()
 }
 
 /// `[hubs.registrar] kind = "azure-iot-hub"`.

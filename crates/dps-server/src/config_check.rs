@@ -299,6 +299,34 @@ fn check_registrar(at: &str, hub: &str, registrar: &crate::config::RegistrarConf
             }
             calls(r.timeout_secs, r.attempts)
         }
+        RegistrarConfig::Mosquitto(r) => {
+            let address: Option<std::net::SocketAddr> = r.address.parse().ok();
+            let host = r.address.rsplit_once(':').map(|(h, _)| h).unwrap_or("");
+            if host.is_empty() || r.address.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+                return Err(invalid(format!("{at}.address"), format!("'{}' is not host:port", r.address)));
+            }
+            let loopback = address.is_some_and(|a| a.ip().is_loopback()) || host.eq_ignore_ascii_case("localhost");
+            if !r.tls && !loopback {
+                return Err(invalid(
+                    format!("{at}.tls"),
+                    "plain MQTT carries the admin password in clear: only to a loopback address; set tls = true".into(),
+                ));
+            }
+            if r.tls && r.ca_file.is_none() {
+                return Err(invalid(format!("{at}.ca_file"), "set the broker's CA (tls = true)".into()));
+            }
+            if r.password.is_some() == r.password_env.is_some() {
+                return Err(invalid(at.into(), "set exactly one of password and password_env".into()));
+            }
+            let prefix = r.topic_prefix.trim_matches('/');
+            if prefix.is_empty() || prefix.contains(['#', '+']) {
+                return Err(invalid(
+                    format!("{at}.topic_prefix"),
+                    format!("'{}' is not a topic prefix", r.topic_prefix),
+                ));
+            }
+            calls(r.timeout_secs, r.attempts)
+        }
         RegistrarConfig::AzureIotHub(r) => {
             if r.connection_string.is_some() == r.connection_string_env.is_some() {
                 return Err(invalid(

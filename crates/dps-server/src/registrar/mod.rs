@@ -1,11 +1,13 @@
 //! Hub registrars (`[hubs.registrar]`): the engine's [`HubRegistrar`] port, dispatching per
 //! hub. `record` calls nothing; `http` POSTs a signed description of the work to the
 //! operator's endpoint ([`http`]); `azure-iot-hub` writes the identity and twin through IoT
-//! Hub's service REST API ([`azure`]). Both retry a connection failure, a timeout, a `429` or
+//! Hub's service REST API ([`azure`]); `mosquitto` gives the device a client and a role in a
+//! Mosquitto broker's dynamic-security plugin ([`mosquitto`]). All retry a connection failure, a timeout, a `429` or
 //! a `5xx` with backoff ([`send`]).
 
 pub mod azure;
 pub mod http;
+pub mod mosquitto;
 pub mod send;
 
 use std::collections::HashMap;
@@ -21,6 +23,7 @@ use crate::error::ServerError;
 enum Registrar {
     Http(http::HttpRegistrar),
     Azure(azure::AzureRegistrar),
+    Mosquitto(mosquitto::MosquittoRegistrar),
 }
 
 impl Registrar {
@@ -28,6 +31,7 @@ impl Registrar {
         match self {
             Registrar::Http(r) => r.on_failure,
             Registrar::Azure(r) => r.on_failure,
+            Registrar::Mosquitto(r) => r.on_failure,
         }
     }
 
@@ -35,6 +39,7 @@ impl Registrar {
         match self {
             Registrar::Http(r) => r.budget(),
             Registrar::Azure(r) => r.budget(),
+            Registrar::Mosquitto(r) => r.budget(),
         }
     }
 }
@@ -58,6 +63,9 @@ impl Registrars {
                 RegistrarConfig::Http(config) => Registrar::Http(http::HttpRegistrar::new(&at, config)?),
                 RegistrarConfig::AzureIotHub(config) => {
                     Registrar::Azure(azure::AzureRegistrar::new(&at, &hub.host_name, config)?)
+                }
+                RegistrarConfig::Mosquitto(config) => {
+                    Registrar::Mosquitto(mosquitto::MosquittoRegistrar::new(&at, config)?)
                 }
             };
             // A migration reads the twin from the old hub before writing the new one.
@@ -114,6 +122,7 @@ impl HubRegistrar for Registrars {
                 };
                 r.register(device, migrated).await
             }
+            Some(Registrar::Mosquitto(r)) => r.register(device).await,
             None => Ok(()),
         }
     }
@@ -122,6 +131,7 @@ impl HubRegistrar for Registrars {
         match self.of(hub) {
             Some(Registrar::Http(r)) => r.remove(hub, device_id).await,
             Some(Registrar::Azure(r)) => r.remove(device_id).await,
+            Some(Registrar::Mosquitto(r)) => r.remove(device_id).await,
             None => Ok(()),
         }
     }

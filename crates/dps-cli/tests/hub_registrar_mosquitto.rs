@@ -1,0 +1,294 @@
+//! The `mosquitto` registrar through a spawned dps and a real Mosquitto (Debian `mosquitto`,
+//! its dynamic-security plugin) that each test starts on a free port: a registered device
+//! connects with the password derived from its key and publishes on its own topics; a wrong
+//! password, and another device's topics, are refused; a device that moves to another broker
+//! loses its client on the first; a TPM device's password comes from its TPM key; a broker
+//! that is down fails the registration.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use common::{key, Dps};
+use dps_core::tpm::software::SoftwareTpm;
+use dps_proto::mqtt::{Connect, ConnectReturnCode, Packet, Publish};
+use dps_proto::mqtt_io::PacketStream;
+use dps_server::registrar::mosquitto::device_password;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde_json::json;
+use tokio::net::TcpStream;
+
+const ADMIN: &str = "dps-admin";
+const ADMIN_PASSWORD: &str = "admin-password-0123456789";
+
+/// A Mosquitto of the test's own with the dynamic-security plugin and one admin.
+struct Broker {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn plugin() -> PathBuf {
+    for dir in ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib"] {
+        let p = PathBuf::from(dir).join("mosquitto_dynamic_security.so");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("mosquitto_dynamic_security.so not found: install the Debian package mosquitto");
+}
+
+impl Broker {
+    async fn start() -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let dynsec = dir.path().join("dynsec.json");
+        let status = Command::new("mosquitto_ctrl")
+            .args(["dynsec", "init"])
+            .arg(&dynsec)
+            .args([ADMIN, ADMIN_PASSWORD])
+            .stdout(Stdio::null())
+            .status()
+            .expect("mosquitto_ctrl (Debian package mosquitto-clients)");
+        assert!(status.success());
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "user root\nlistener {port} 127.0.0.1\nallow_anonymous false\npersistence false\nlog_dest stderr\n\
+                 plugin {}\nplugin_opt_config_file {}\n",
+                plugin().display(),
+                dynsec.display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto (Debian package mosquitto)");
+        for _ in 0..100 {
+            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return Broker { child, port, _dir: dir };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("mosquitto did not start on port {port}");
+    }
+
+    fn config(&self, hub: &str, on_failure: &str) -> String {
+        format!(
+            "[[hubs]]\nhost_name = \"{hub}\"\n[hubs.registrar]\nkind = \"mosquitto\"\naddress = \"127.0.0.1:{}\"\ntls = false\n\
+             username = \"{ADMIN}\"\npassword = \"{ADMIN_PASSWORD}\"\non_failure = \"{on_failure}\"\ntimeout_secs = 2\nattempts = 2\n",
+            self.port
+        )
+    }
+}
+
+/// A device's MQTT connection to a broker.
+struct Client {
+    stream: PacketStream<TcpStream>,
+}
+
+impl Client {
+    /// Connects; the broker's return code.
+    async fn connect(port: u16, username: &str, password: &str) -> (ConnectReturnCode, Option<Client>) {
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut stream = PacketStream::new(tcp, 1 << 20);
+        stream
+            .write(&Packet::Connect(Connect {
+                protocol_name: "MQTT".into(),
+                protocol_level: 4,
+                clean_session: true,
+                keep_alive: 30,
+                client_id: format!("{username}-{}", rand::random::<u32>()),
+                will: None,
+                username: Some(username.into()),
+                password: Some(password.as_bytes().to_vec()),
+            }))
+            .await
+            .unwrap();
+        match stream.read().await.unwrap() {
+            Some(Packet::ConnAck { code: ConnectReturnCode::Accepted, .. }) => {
+                (ConnectReturnCode::Accepted, Some(Client { stream }))
+            }
+            Some(Packet::ConnAck { code, .. }) => (code, None),
+            other => panic!("no CONNACK: {other:?}"),
+        }
+    }
+
+    /// Subscribes to `filter`; the SUBACK return code (0x80: refused).
+    async fn subscribe(&mut self, filter: &str) -> u8 {
+        self.stream.write(&Packet::Subscribe { packet_id: 7, filters: vec![(filter.into(), 1)] }).await.unwrap();
+        loop {
+            if let Some(Packet::SubAck { return_codes, .. }) = self.stream.read().await.unwrap() {
+                return return_codes[0];
+            }
+        }
+    }
+
+    /// Publishes at QoS 1 and waits for the PUBACK.
+    async fn publish(&mut self, topic: &str, payload: &[u8]) {
+        let publish = Publish {
+            dup: false,
+            qos: 1,
+            retain: false,
+            topic: topic.into(),
+            packet_id: Some(9),
+            payload: payload.to_vec(),
+        };
+        self.stream.write(&Packet::Publish(publish)).await.unwrap();
+    }
+
+    /// The next PUBLISH within `within`, if any (acknowledged).
+    async fn next_message(&mut self, within: Duration) -> Option<Publish> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.read()).await {
+                Ok(Ok(Some(Packet::Publish(p)))) => {
+                    if let Some(id) = p.packet_id {
+                        self.stream.write(&Packet::PubAck(id)).await.unwrap();
+                    }
+                    return Some(p);
+                }
+                Ok(Ok(Some(_))) => continue,
+                _ => return None,
+            }
+        }
+    }
+}
+
+async fn enroll(dps: &Dps, id: &str, hub: &str) -> String {
+    dps.put_enrollment(json!({"registrationId": id, "iotHubs": [hub],
+        "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key(1), "secondaryKey": key(2)}}}))
+        .await;
+    dps.device_token(id, &key(1))
+}
+
+#[tokio::test]
+async fn a_registered_device_uses_its_broker_on_its_own_topics_only() {
+    let broker = Broker::start().await;
+    let dps = Dps::start(&broker.config("mqtt-1.test", "fail")).await;
+    for id in ["dev-1", "dev-2"] {
+        let token = enroll(&dps, id, "mqtt-1.test").await;
+        let state = dps.register_to_end(id, &token).await;
+        assert_eq!(state["status"], "assigned", "{state}");
+        assert_eq!(state["assignedHub"], "mqtt-1.test");
+    }
+    let password = device_password(&BASE64.decode(key(1)).unwrap(), "mqtt-1.test", "dev-1");
+
+    // A wrong password, and a device the broker does not know, are refused.
+    let (code, _) = Client::connect(broker.port, "dev-1", "not-the-password").await;
+    assert_ne!(code, ConnectReturnCode::Accepted);
+    let (code, _) = Client::connect(broker.port, "dev-3", &password).await;
+    assert_ne!(code, ConnectReturnCode::Accepted);
+
+    // The device connects with the password derived from its key.
+    let (code, client) = Client::connect(broker.port, "dev-1", &password).await;
+    assert_eq!(code, ConnectReturnCode::Accepted);
+    let mut client = client.unwrap();
+    assert_eq!(client.subscribe("devices/dev-1/#").await, 1, "its own topics");
+    assert_eq!(client.subscribe("devices/dev-2/#").await, 0x80, "another device's topics are refused");
+    assert_eq!(client.subscribe("#").await, 0x80);
+    client.publish("devices/dev-1/telemetry", b"{\"t\":21}").await;
+    let got = client.next_message(Duration::from_secs(5)).await.expect("its own message comes back");
+    assert_eq!((got.topic.as_str(), got.payload.as_slice()), ("devices/dev-1/telemetry", b"{\"t\":21}".as_slice()));
+
+    // dev-2 listening on its own topics does not see dev-1 publishing there.
+    let password_2 = device_password(&BASE64.decode(key(1)).unwrap(), "mqtt-1.test", "dev-2");
+    let (_, other) = Client::connect(broker.port, "dev-2", &password_2).await;
+    let mut other = other.expect("dev-2 connects");
+    assert_eq!(other.subscribe("devices/dev-2/#").await, 1);
+    client.publish("devices/dev-2/commands", b"forged").await;
+    assert!(
+        other.next_message(Duration::from_millis(800)).await.is_none(),
+        "a publish on another device's topic is dropped"
+    );
+
+    // Registering again keeps it working (the client exists: updated, not duplicated).
+    let state = dps.register_to_end("dev-1", &dps.device_token("dev-1", &key(1))).await;
+    assert_eq!(state["status"], "assigned");
+    assert_eq!(Client::connect(broker.port, "dev-1", &password).await.0, ConnectReturnCode::Accepted);
+    assert!(!dps.log().contains(ADMIN_PASSWORD), "the admin password is in the log");
+}
+
+#[tokio::test]
+async fn a_tpm_device_and_a_move_between_brokers() {
+    let (b1, b2) = (Broker::start().await, Broker::start().await);
+    let config = format!("{}{}", b1.config("mqtt-a.test", "fail"), b2.config("mqtt-b.test", "fail"));
+    let dps = Dps::start(&config).await;
+
+    // A TPM device: its password is the HMAC its TPM computes with the imported key.
+    let tpm = SoftwareTpm::generate(&mut StdRng::seed_from_u64(31)).unwrap();
+    let ek = BASE64.encode(tpm.endorsement_key().marshal_tpm2b().unwrap());
+    let srk = BASE64.encode(tpm.storage_root_key().marshal_tpm2b().unwrap());
+    dps.put_enrollment(json!({"registrationId": "tpm-1", "iotHubs": ["mqtt-a.test"],
+        "attestation": {"type": "tpm", "tpm": {"endorsementKey": ek}}}))
+        .await;
+    let first = json!({"registrationId": "tpm-1", "tpm": {"endorsementKey": ek, "storageRootKey": srk}});
+    let (status, _, challenge) = dps.register("tpm-1", None, first).await;
+    assert_eq!(status, 401);
+    let imported = tpm.import(&BASE64.decode(challenge["authenticationKey"].as_str().unwrap()).unwrap()).unwrap();
+    let token = dps.device_token("tpm-1", &BASE64.encode(&imported));
+    assert_eq!(dps.register_to_end("tpm-1", &token).await["status"], "assigned");
+    let password = device_password(&imported, "mqtt-a.test", "tpm-1");
+    assert_eq!(Client::connect(b1.port, "tpm-1", &password).await.0, ConnectReturnCode::Accepted);
+
+    // Moved to the other broker: a client there, none left on the first.
+    dps.put_enrollment(json!({"registrationId": "tpm-1", "iotHubs": ["mqtt-b.test"],
+        "attestation": {"type": "tpm", "tpm": {"endorsementKey": ek}}}))
+        .await;
+    let state = dps.register_to_end("tpm-1", &token).await;
+    assert_eq!(
+        (state["status"].as_str(), state["assignedHub"].as_str()),
+        (Some("assigned"), Some("mqtt-b.test")),
+        "{state}"
+    );
+    let password_b = device_password(&imported, "mqtt-b.test", "tpm-1");
+    assert_eq!(Client::connect(b2.port, "tpm-1", &password_b).await.0, ConnectReturnCode::Accepted);
+    for _ in 0..100 {
+        if Client::connect(b1.port, "tpm-1", &password).await.0 != ConnectReturnCode::Accepted {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the first broker still lets the device in after it moved");
+}
+
+#[tokio::test]
+async fn a_broker_that_is_down_fails_the_registration_and_names_the_hub() {
+    let broker = Broker::start().await;
+    let config = broker.config("mqtt-down.test", "fail");
+    drop(broker);
+    let dps = Dps::start(&config).await;
+    let token = enroll(&dps, "nobroker", "mqtt-down.test").await;
+    let state = dps.register_to_end("nobroker", &token).await;
+    assert_eq!(state["status"], "failed", "{state}");
+    assert_eq!(state["errorCode"], 500210);
+    let message = state["errorMessage"].as_str().unwrap();
+    assert!(message.contains("mqtt-down.test") && message.contains("cannot be reached"), "{message}");
+
+    // A wrong admin password: refused at once, said so.
+    let broker = Broker::start().await;
+    let dps = Dps::start(&broker.config("mqtt-down.test", "fail").replace(ADMIN_PASSWORD, "wrong-password-000")).await;
+    let token = enroll(&dps, "badadmin", "mqtt-down.test").await;
+    let state = dps.register_to_end("badadmin", &token).await;
+    assert_eq!(state["status"], "failed", "{state}");
+    assert!(state["errorMessage"].as_str().unwrap().contains("refused dps's admin client"), "{state}");
+}
