@@ -14,6 +14,8 @@ pub mod ceiling_amqp;
 pub mod ceiling_answer;
 pub mod client;
 pub mod fleet;
+pub mod iot_hub;
+pub mod mosquitto;
 pub mod report;
 pub mod setup;
 pub mod target;

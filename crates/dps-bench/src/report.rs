@@ -144,6 +144,10 @@ pub struct BenchReport {
     pub cores: usize,
     /// Key algorithm of the server certificate, when known.
     pub server_key: Option<String>,
+    /// The linked hubs' registrar (`record`, `mosquitto`, `azure-iot-hub`), when the bench
+    /// started the dps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_registrar: Option<String>,
 }
 
 fn phase_text(out: &mut String, name: &str, p: &PhaseReport) {
@@ -195,6 +199,9 @@ impl BenchReport {
             self.cores,
             self.server_key.as_deref().map(|k| format!("; server key {k}")).unwrap_or_default()
         );
+        if let Some(r) = &self.hub_registrar {
+            let _ = writeln!(out, "hubs     registrar {r}");
+        }
         if self.enrollments_created > 0 || self.setup_seconds > 0.5 {
             let _ = writeln!(
                 out,

@@ -223,10 +223,21 @@ pub struct SpawnedServer {
     pub target: Target,
 }
 
+/// The hubs of a bench server: three that only record.
+const DEFAULT_HUBS: &str = "[[hubs]]
+host_name = \"hub-1.bench.localhost\"
+[[hubs]]
+host_name = \"hub-2.bench.localhost\"
+[[hubs]]
+host_name = \"hub-3.bench.localhost\"
+";
+
 /// The config a bench server runs with: loopback listeners on free ports, the durable store
 /// (SQLite `synchronous = "full"`, or PostgreSQL with the database's default
 /// `synchronous_commit`), three linked hubs and the `bench` rule set.
-pub fn server_config(data_dir: &Path, server_key: GeneratedKey, store: &BenchStore) -> String {
+///
+/// `hubs` replaces the three hubs (`[[hubs]]` entries with their registrars).
+pub fn server_config(data_dir: &Path, server_key: GeneratedKey, store: &BenchStore, hubs: Option<&str>) -> String {
     let quote = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
     let store = match store {
         BenchStore::Sqlite => "synchronous = \"full\"".to_string(),
@@ -263,16 +274,11 @@ name = "bench"
 when = "true"
 payload = "{{'registrationId': registrationId, 'model': payload == null ? 'none' : string(payload.modelId)}}"
 
-[[hubs]]
-host_name = "hub-1.bench.localhost"
-[[hubs]]
-host_name = "hub-2.bench.localhost"
-[[hubs]]
-host_name = "hub-3.bench.localhost"
-"#,
+{}"#,
         quote(&data_dir.display().to_string()),
         server_key.as_str(),
-        store
+        store,
+        hubs.unwrap_or(DEFAULT_HUBS)
     )
 }
 
@@ -284,12 +290,13 @@ impl SpawnedServer {
         data_dir: &Path,
         server_key: GeneratedKey,
         store: &BenchStore,
+        hubs: Option<&str>,
     ) -> Result<SpawnedServer, BenchError> {
         std::fs::create_dir_all(data_dir).map_err(BenchError::io(format!("cannot create {}", data_dir.display())))?;
         let data_dir =
             data_dir.canonicalize().map_err(BenchError::io(format!("cannot resolve {}", data_dir.display())))?;
         let config = data_dir.join("bench-dps.toml");
-        std::fs::write(&config, server_config(&data_dir, server_key, store))
+        std::fs::write(&config, server_config(&data_dir, server_key, store, hubs))
             .map_err(BenchError::io(format!("cannot write {}", config.display())))?;
         let log = data_dir.join("bench-dps.log");
         let log_file =

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
 
+use clap::ValueEnum as _;
 use dps_bench::fleet::{default_prefix, Progress};
 use dps_bench::target::{BenchStore, GeneratedKey, SpawnedServer};
 use dps_bench::{Allocation, Attestation, BenchError, FleetOptions, Target, Transport};
@@ -16,6 +17,19 @@ pub enum StoreKind {
     Sqlite,
     /// PostgreSQL.
     Postgres,
+}
+
+/// `--registrar` of `dps bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RegistrarKind {
+    /// The linked hubs only record (no hub call).
+    Record,
+    /// The three linked hubs are one Mosquitto broker that dps bench starts (the Debian
+    /// package with its dynamic-security plugin): a client and a role per device.
+    Mosquitto,
+    /// The three linked hubs are local IoT hubs in this process that implement the IoT Hub
+    /// service REST contract (identity and twin per device, over HTTPS).
+    AzureIotHub,
 }
 
 /// `dps bench` options.
@@ -96,6 +110,10 @@ pub struct BenchArgs {
     /// the same writes as in an interleaved run; throughput counts both timed phases.
     #[arg(long)]
     tpm_split: bool,
+    /// What the linked hubs of the dps that dps bench starts do with a registration: the
+    /// registrar's cost shows against a `record` run in the same session (BENCHMARKS.md).
+    #[arg(long, value_enum, default_value = "record")]
+    registrar: RegistrarKind,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -304,6 +322,14 @@ fn run_nodes(
     rt: &tokio::runtime::Runtime,
     store: &BenchStore,
 ) -> Result<dps_bench::BenchReport, BenchError> {
+    if args.target.is_some() && args.registrar != RegistrarKind::Record {
+        return Err(BenchError::Input(
+            "--registrar applies to the dps that dps bench starts (configure a --target's hubs in its own config)"
+                .into(),
+        ));
+    }
+    // The hubs, and what runs them, for the whole run.
+    let hubs = rt.block_on(BenchHubs::start(args.registrar))?;
     // dps nodes of our own unless --target: in --data-dir, or in a temporary directory.
     let mut temp = None;
     let mut servers = Vec::new();
@@ -324,7 +350,7 @@ fn run_nodes(
         // The first node creates the schema and the service identity; the others join it.
         for i in 0..args.nodes {
             let node_dir = if args.nodes == 1 { dir.clone() } else { dir.join(format!("node-{i}")) };
-            servers.push(SpawnedServer::start(&exe, &node_dir, args.server_key, store)?);
+            servers.push(SpawnedServer::start(&exe, &node_dir, args.server_key, store, hubs.config.as_deref())?);
         }
     }
     let target = match (servers.first(), &args.target) {
@@ -337,9 +363,55 @@ fn run_nodes(
         (None, None) => return Err(BenchError::Input("no target".into())),
     };
     let ceiling = if args.no_ceiling { None } else { start_ceiling(&target)? };
-    let report = rt.block_on(dps_bench::run(&target, ceiling.as_ref().map(|(_, t)| t), opts));
+    let report = rt.block_on(dps_bench::run(&target, ceiling.as_ref().map(|(_, t)| t), opts)).map(|mut r| {
+        if args.target.is_none() {
+            r.hub_registrar =
+                Some(args.registrar.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string()));
+        }
+        r
+    });
     drop(ceiling);
     drop(servers);
     drop(temp);
+    drop(hubs);
     report
+}
+
+/// The linked hubs of a run with a registrar, and what serves them (kept until the run ends).
+struct BenchHubs {
+    /// The `[[hubs]]` entries; `None`: the default hubs, which only record.
+    config: Option<String>,
+    _broker: Option<dps_bench::mosquitto::Broker>,
+    _iot_hubs: Vec<dps_bench::iot_hub::IotHub>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// The hub names of a bench run.
+const BENCH_HUBS: [&str; 3] = ["hub-1.bench.localhost", "hub-2.bench.localhost", "hub-3.bench.localhost"];
+
+impl BenchHubs {
+    async fn start(kind: RegistrarKind) -> Result<BenchHubs, BenchError> {
+        let mut hubs = BenchHubs { config: None, _broker: None, _iot_hubs: Vec::new(), _dir: None };
+        match kind {
+            RegistrarKind::Record => {}
+            RegistrarKind::Mosquitto => {
+                let broker = dps_bench::mosquitto::Broker::start().await?;
+                hubs.config = Some(BENCH_HUBS.iter().map(|h| broker.config(h, "fail")).collect());
+                hubs._broker = Some(broker);
+            }
+            RegistrarKind::AzureIotHub => {
+                let dir = tempfile::tempdir().map_err(BenchError::io("cannot create a temporary directory"))?;
+                let mut config = String::new();
+                for (i, name) in BENCH_HUBS.iter().enumerate() {
+                    let key = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [i as u8 + 1; 32]);
+                    let hub = dps_bench::iot_hub::IotHub::start(name, &key).await;
+                    config.push_str(&hub.config(dir.path(), "fail"));
+                    hubs._iot_hubs.push(hub);
+                }
+                hubs.config = Some(config);
+                hubs._dir = Some(dir);
+            }
+        }
+        Ok(hubs)
+    }
 }

@@ -221,6 +221,28 @@ fn bench_refuses_impossible_combinations_before_starting_anything() {
     assert!(!data.exists(), "nothing may be started for a refused run");
 }
 
+/// The hubs' registrars under load: a Mosquitto broker and local IoT hubs that the bench
+/// starts; every device assigned (so each got its broker client or hub identity: a failed
+/// registrar call fails the registration).
+#[test]
+fn bench_runs_with_each_hub_registrar() {
+    let dir = tempfile::tempdir().unwrap();
+    for registrar in ["mosquitto", "azure-iot-hub"] {
+        let data = dir.path().join(registrar);
+        let (code, r, err) = bench(&data, &["-n", "100", "-c", "8", "--registrar", registrar]);
+        assert_eq!(code, 0, "{registrar}: {err} {r}");
+        assert_clean(&r, 100, "https", &err);
+        assert_eq!(r["hub_registrar"], registrar, "{r:#}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_dps"))
+        .args(["bench", "--registrar", "azure-iot-hub", "--target", "/nonexistent.json"])
+        .output()
+        .expect("run dps bench");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--registrar applies to the dps that dps bench starts"), "{err}");
+}
+
 /// A server whose credentials name no AMQP listener: `--transport amqp` is refused before
 /// anything is created (nothing listens at the addresses of this file).
 #[test]

@@ -1,5 +1,5 @@
 //! The `azure-iot-hub` registrar through a spawned dps against local IoT hubs that implement
-//! the published IoT Hub service REST contract (`common/iot_hub.rs`; no Azure IoT Hub is
+//! the published IoT Hub service REST contract (`dps_bench::iot_hub`; no Azure IoT Hub is
 //! reachable from here): every kind of device created with the authentication it will use
 //! there, the initial twin applied, reprovisioning that migrates or resets across hubs and
 //! removes the device from the hub it left, a refusing hub, throttling, and `kill -9` during a
@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
-use common::iot_hub::IotHub;
 use common::pki::{ca, device};
 use common::{derive, key, Dps};
+use dps_bench::iot_hub::IotHub;
 use dps_core::tpm::software::SoftwareTpm;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -47,7 +47,7 @@ async fn eventually(what: &str, pred: impl Fn() -> bool) {
 
 #[tokio::test]
 async fn every_kind_of_device_is_created_in_the_iot_hub_as_it_will_authenticate_there() {
-    let hub = IotHub::start("hub-1.azure-devices.test", 40).await;
+    let hub = IotHub::start("hub-1.azure-devices.test", &key(40)).await;
     let dir = tempfile::tempdir().unwrap();
     let config = format!("[x509]\nrequire_verified_ca = false\n{}", hub.config(dir.path(), "fail"));
     let dps = Dps::start(&config).await;
@@ -163,8 +163,8 @@ async fn every_kind_of_device_is_created_in_the_iot_hub_as_it_will_authenticate_
 
 #[tokio::test]
 async fn reprovisioning_migrates_or_resets_the_device_across_iot_hubs() {
-    let hub_a = IotHub::start("hub-a.azure-devices.test", 41).await;
-    let hub_b = IotHub::start("hub-b.azure-devices.test", 42).await;
+    let hub_a = IotHub::start("hub-a.azure-devices.test", &key(41)).await;
+    let hub_b = IotHub::start("hub-b.azure-devices.test", &key(42)).await;
     let dir = tempfile::tempdir().unwrap();
     let config = format!("{}{}", hub_a.config(dir.path(), "fail"), hub_b.config(dir.path(), "fail"));
     let dps = Dps::start(&config).await;
@@ -212,7 +212,7 @@ async fn reprovisioning_migrates_or_resets_the_device_across_iot_hubs() {
 
 #[tokio::test]
 async fn a_refusing_hub_fails_the_registration_with_its_answer_and_throttling_is_retried() {
-    let hub = IotHub::start("hub-r.azure-devices.test", 43).await;
+    let hub = IotHub::start("hub-r.azure-devices.test", &key(43)).await;
     let dir = tempfile::tempdir().unwrap();
     // A connection string with another key: the hub answers 401.
     let config = hub.config(dir.path(), "fail").replace(&hub.key, &key(99));
@@ -242,7 +242,7 @@ async fn a_refusing_hub_fails_the_registration_with_its_answer_and_throttling_is
 
 #[tokio::test]
 async fn after_a_kill_during_the_hub_call_the_device_is_in_its_hub_exactly_once() {
-    let hub = IotHub::start("hub-k.azure-devices.test", 44).await;
+    let hub = IotHub::start("hub-k.azure-devices.test", &key(44)).await;
     let dir = tempfile::tempdir().unwrap();
     let config = format!("[allocation]\nwebhook_inline_wait_ms = 300\n{}", hub.config(dir.path(), "fail"));
     let mut dps = Dps::start(&config).await;

@@ -7,13 +7,12 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use common::{key, Dps};
+use dps_bench::mosquitto::{Broker, ADMIN_PASSWORD};
 use dps_core::tpm::software::SoftwareTpm;
 use dps_proto::mqtt::{Connect, ConnectReturnCode, Packet, Publish};
 use dps_proto::mqtt_io::PacketStream;
@@ -22,84 +21,6 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde_json::json;
 use tokio::net::TcpStream;
-
-const ADMIN: &str = "dps-admin";
-const ADMIN_PASSWORD: &str = "admin-password-0123456789";
-
-/// A Mosquitto of the test's own with the dynamic-security plugin and one admin.
-struct Broker {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn plugin() -> PathBuf {
-    for dir in ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib"] {
-        let p = PathBuf::from(dir).join("mosquitto_dynamic_security.so");
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!("mosquitto_dynamic_security.so not found: install the Debian package mosquitto");
-}
-
-impl Broker {
-    async fn start() -> Broker {
-        let dir = tempfile::tempdir().unwrap();
-        let dynsec = dir.path().join("dynsec.json");
-        let status = Command::new("mosquitto_ctrl")
-            .args(["dynsec", "init"])
-            .arg(&dynsec)
-            .args([ADMIN, ADMIN_PASSWORD])
-            .stdout(Stdio::null())
-            .status()
-            .expect("mosquitto_ctrl (Debian package mosquitto-clients)");
-        assert!(status.success());
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "user root\nlistener {port} 127.0.0.1\nallow_anonymous false\npersistence false\nlog_dest stderr\n\
-                 plugin {}\nplugin_opt_config_file {}\n",
-                plugin().display(),
-                dynsec.display()
-            ),
-        )
-        .unwrap();
-        let mut child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto (Debian package mosquitto)");
-        for _ in 0..100 {
-            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                return Broker { child, port, _dir: dir };
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("mosquitto did not start on port {port}");
-    }
-
-    fn config(&self, hub: &str, on_failure: &str) -> String {
-        format!(
-            "[[hubs]]\nhost_name = \"{hub}\"\n[hubs.registrar]\nkind = \"mosquitto\"\naddress = \"127.0.0.1:{}\"\ntls = false\n\
-             username = \"{ADMIN}\"\npassword = \"{ADMIN_PASSWORD}\"\non_failure = \"{on_failure}\"\ntimeout_secs = 2\nattempts = 2\n",
-            self.port
-        )
-    }
-}
 
 /// A device's MQTT connection to a broker.
 struct Client {
@@ -183,7 +104,7 @@ async fn enroll(dps: &Dps, id: &str, hub: &str) -> String {
 
 #[tokio::test]
 async fn a_registered_device_uses_its_broker_on_its_own_topics_only() {
-    let broker = Broker::start().await;
+    let broker = Broker::start().await.unwrap();
     let dps = Dps::start(&broker.config("mqtt-1.test", "fail")).await;
     for id in ["dev-1", "dev-2"] {
         let token = enroll(&dps, id, "mqtt-1.test").await;
@@ -230,7 +151,7 @@ async fn a_registered_device_uses_its_broker_on_its_own_topics_only() {
 
 #[tokio::test]
 async fn a_tpm_device_and_a_move_between_brokers() {
-    let (b1, b2) = (Broker::start().await, Broker::start().await);
+    let (b1, b2) = (Broker::start().await.unwrap(), Broker::start().await.unwrap());
     let config = format!("{}{}", b1.config("mqtt-a.test", "fail"), b2.config("mqtt-b.test", "fail"));
     let dps = Dps::start(&config).await;
 
@@ -273,7 +194,7 @@ async fn a_tpm_device_and_a_move_between_brokers() {
 
 #[tokio::test]
 async fn a_broker_that_is_down_fails_the_registration_and_names_the_hub() {
-    let broker = Broker::start().await;
+    let broker = Broker::start().await.unwrap();
     let config = broker.config("mqtt-down.test", "fail");
     drop(broker);
     let dps = Dps::start(&config).await;
@@ -285,7 +206,7 @@ async fn a_broker_that_is_down_fails_the_registration_and_names_the_hub() {
     assert!(message.contains("mqtt-down.test") && message.contains("cannot be reached"), "{message}");
 
     // A wrong admin password: refused at once, said so.
-    let broker = Broker::start().await;
+    let broker = Broker::start().await.unwrap();
     let dps = Dps::start(&broker.config("mqtt-down.test", "fail").replace(ADMIN_PASSWORD, "wrong-password-000")).await;
     let token = enroll(&dps, "badadmin", "mqtt-down.test").await;
     let state = dps.register_to_end("badadmin", &token).await;

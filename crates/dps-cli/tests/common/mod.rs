@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 pub mod amqp;
-pub mod iot_hub;
 pub mod mqtt;
 pub mod pki;
 pub mod webhook;

@@ -1,4 +1,5 @@
-//! A local IoT hub for the tests: an HTTPS server that implements the published contract of
+//! A local IoT hub for the tests and the benchmark (`dps bench --registrar azure-iot-hub`): an
+//! HTTPS server that implements the published contract of
 //! the IoT Hub service REST API calls dps's `azure-iot-hub` registrar makes
 //! (`api-version=2021-04-12`; the REST reference "Devices - Create Or Update Identity", "Get
 //! Identity", "Delete Identity", "Twin - Get / Replace Device Twin", and the service swagger in
@@ -10,7 +11,6 @@
 //! `{"Message":"ErrorCode:<code>;<text>","ExceptionMessage":"Tracking ID:…"}`. Every request is
 //! kept for field-by-field assertions; statuses can be queued to answer first (throttling,
 //! outages), and a delay set (a slow hub).
-#![allow(dead_code)]
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -29,10 +29,15 @@ use serde_json::{json, Value};
 /// A request the hub received.
 #[derive(Debug, Clone)]
 pub struct HubRequest {
+    /// Method.
     pub method: String,
+    /// Path (still percent-encoded).
     pub path: String,
+    /// Query.
     pub query: String,
+    /// `If-Match`, if any.
     pub if_match: Option<String>,
+    /// The JSON body (`null` when empty).
     pub body: Value,
 }
 
@@ -49,19 +54,24 @@ struct State {
 /// A running local hub.
 #[derive(Clone)]
 pub struct IotHub {
+    /// The hub's host name (the SAS audience).
     pub host_name: String,
+    /// Where it listens.
     pub addr: SocketAddr,
+    /// Its `iothubowner` key (base64).
     pub key: String,
     state: Arc<Mutex<State>>,
     /// PEM of the CA that issued the server's certificate.
     pub ca_pem: String,
 }
 
+/// The shared access policy it knows.
 pub const POLICY: &str = "iothubowner";
 
 impl IotHub {
-    /// Starts a hub named `host_name` on a loopback port, with a policy key of its own.
-    pub async fn start(host_name: &str, key_seed: u8) -> IotHub {
+    /// Starts a hub named `host_name` on a loopback port, with `key` (base64) as its policy
+    /// key. Keeps requests for [`IotHub::requests`].
+    pub async fn start(host_name: &str, key: &str) -> IotHub {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let ca_key = KeyPair::generate().unwrap();
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -85,7 +95,7 @@ impl IotHub {
         let hub = IotHub {
             host_name: host_name.to_string(),
             addr: listener.local_addr().unwrap(),
-            key: super::key(key_seed),
+            key: key.to_string(),
             state: Arc::default(),
             ca_pem: ca.pem(),
         };
@@ -129,14 +139,17 @@ impl IotHub {
         )
     }
 
+    /// Every request so far.
     pub fn requests(&self) -> Vec<HubRequest> {
         self.state.lock().unwrap().requests.clone()
     }
 
+    /// A device identity as stored.
     pub fn device(&self, id: &str) -> Option<Value> {
         self.state.lock().unwrap().devices.get(id).map(|(_, d)| d.clone())
     }
 
+    /// A device's twin (`tags`, `properties.desired`).
     pub fn twin(&self, id: &str) -> Option<Value> {
         self.state.lock().unwrap().twins.get(id).cloned()
     }
@@ -146,6 +159,7 @@ impl IotHub {
         self.state.lock().unwrap().twins.insert(id.to_string(), twin);
     }
 
+    /// How many identities it holds.
     pub fn device_count(&self) -> usize {
         self.state.lock().unwrap().devices.len()
     }
@@ -163,7 +177,7 @@ impl IotHub {
     fn authorized(&self, header: Option<&str>) -> bool {
         let Some(token) = header.and_then(|h| dps_proto::sas::SasToken::parse(h).ok()) else { return false };
         let key = dps_proto::sas::decode_key(&self.key).unwrap();
-        let now = super::now();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         token.resource.eq_ignore_ascii_case(&self.host_name)
             && token.key_name.as_deref() == Some(POLICY)
             && token.is_signed_by(&key)
