@@ -12,7 +12,10 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use common::{key, Dps};
-use dps_bench::mosquitto::{Broker, ADMIN_PASSWORD};
+use std::sync::Arc;
+
+use common::pki::{ca, device, Issued};
+use dps_bench::mosquitto::{Broker, DeviceTls, ADMIN_PASSWORD};
 use dps_core::tpm::software::SoftwareTpm;
 use dps_proto::mqtt::{Connect, ConnectReturnCode, Packet, Publish};
 use dps_proto::mqtt_io::PacketStream;
@@ -22,26 +25,53 @@ use rand::SeedableRng;
 use serde_json::json;
 use tokio::net::TcpStream;
 
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 /// A device's MQTT connection to a broker.
 struct Client {
-    stream: PacketStream<TcpStream>,
+    stream: PacketStream<Box<dyn Io>>,
 }
 
 impl Client {
     /// Connects; the broker's return code.
     async fn connect(port: u16, username: &str, password: &str) -> (ConnectReturnCode, Option<Client>) {
         let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let mut stream = PacketStream::new(tcp, 1 << 20);
+        Self::handshake(Box::new(tcp), username, Some(username), Some(password)).await
+    }
+
+    /// Connects over TLS with a client certificate, without a user name or password.
+    async fn connect_with_certificate(port: u16, ca: &Issued, device: &Issued) -> (ConnectReturnCode, Option<Client>) {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert.der().clone()).unwrap();
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(device.key.serialize_der().into());
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(vec![device.cert.der().clone()], key)
+            .unwrap();
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap();
+        Self::handshake(Box::new(tls), "x509", None, None).await
+    }
+
+    async fn handshake(
+        io: Box<dyn Io>,
+        client_id: &str,
+        username: Option<&str>,
+        password: Option<&str>,
+    ) -> (ConnectReturnCode, Option<Client>) {
+        let mut stream = PacketStream::new(io, 1 << 20);
         stream
             .write(&Packet::Connect(Connect {
                 protocol_name: "MQTT".into(),
                 protocol_level: 4,
                 clean_session: true,
                 keep_alive: 30,
-                client_id: format!("{username}-{}", rand::random::<u32>()),
+                client_id: format!("{client_id}-{}", rand::random::<u32>()),
                 will: None,
-                username: Some(username.into()),
-                password: Some(password.as_bytes().to_vec()),
+                username: username.map(str::to_string),
+                password: password.map(|p| p.as_bytes().to_vec()),
             }))
             .await
             .unwrap();
@@ -212,4 +242,47 @@ async fn a_broker_that_is_down_fails_the_registration_and_names_the_hub() {
     let state = dps.register_to_end("badadmin", &token).await;
     assert_eq!(state["status"], "failed", "{state}");
     assert!(state["errorMessage"].as_str().unwrap().contains("refused dps's admin client"), "{state}");
+}
+
+#[tokio::test]
+async fn an_x509_device_connects_with_its_certificate_to_its_own_topics() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let device_ca = ca("mqtt device CA", None);
+    let server_key = rcgen::KeyPair::generate().unwrap();
+    let server_cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &device_ca.cert, &device_ca.key)
+        .unwrap();
+    let tls = DeviceTls { cert_pem: server_cert.pem(), key_pem: server_key.serialize_pem(), ca_pem: device_ca.pem() };
+    let broker = Broker::start_with(Some(&tls)).await.unwrap();
+    let tls_port = broker.tls_port.unwrap();
+    let dps =
+        Dps::start(&format!("[x509]\nrequire_verified_ca = false\n{}", broker.config("mqtt-x.test", "fail"))).await;
+
+    // Before it registers, the broker knows the certificate's CA but not the device: it may
+    // connect (its certificate is valid) but use no topic at all.
+    let leaf = device("x509-dev", Some(&device_ca), (-1, 30));
+    let (code, early) = Client::connect_with_certificate(tls_port, &device_ca, &leaf).await;
+    if code == ConnectReturnCode::Accepted {
+        assert_eq!(early.unwrap().subscribe("devices/x509-dev/#").await, 0x80, "no role before registration");
+    }
+
+    // Registered through an X.509 group on the same CA: a client without password, with its role.
+    dps.put_group(json!({"enrollmentGroupId": "mqtt-x509", "iotHubs": ["mqtt-x.test"],
+        "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": device_ca.pem()}}}}}))
+    .await;
+    let client = dps.client_with_certificate(&format!("{}{}", leaf.pem(), device_ca.pem()), &leaf.key.serialize_pem());
+    let (status, body) = dps.register_as(&client, "x509-dev", json!({"registrationId": "x509-dev"})).await;
+    assert_eq!((status, body["status"].as_str()), (202, Some("assigned")), "{body}");
+
+    let (code, mqtt) = Client::connect_with_certificate(tls_port, &device_ca, &leaf).await;
+    assert_eq!(code, ConnectReturnCode::Accepted);
+    let mut mqtt = mqtt.unwrap();
+    assert_eq!(mqtt.subscribe("devices/x509-dev/#").await, 1, "its own topics");
+    assert_eq!(mqtt.subscribe("devices/other/#").await, 0x80, "another device's topics");
+    mqtt.publish("devices/x509-dev/telemetry", b"x509").await;
+    let got = mqtt.next_message(Duration::from_secs(5)).await.expect("its own message comes back");
+    assert_eq!(got.payload, b"x509");
+    // It has no password: the plain listener does not let it in by name.
+    assert_ne!(Client::connect(broker.port, "x509-dev", "").await.0, ConnectReturnCode::Accepted);
 }
