@@ -286,3 +286,32 @@ async fn an_x509_device_connects_with_its_certificate_to_its_own_topics() {
     // It has no password: the plain listener does not let it in by name.
     assert_ne!(Client::connect(broker.port, "x509-dev", "").await.0, ConnectReturnCode::Accepted);
 }
+
+#[tokio::test]
+async fn a_broker_client_dps_did_not_create_is_not_taken_over() {
+    let broker = Broker::start().await.unwrap();
+    // The operator's own client, named like a device.
+    let status = std::process::Command::new("mosquitto_ctrl")
+        .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-u", dps_bench::mosquitto::ADMIN, "-P"])
+        .arg(ADMIN_PASSWORD)
+        .args(["dynsec", "createClient", "gateway-7", "-p", "operator-password"])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let dps = Dps::start(&broker.config("mqtt-own.test", "fail")).await;
+    let token = enroll(&dps, "gateway-7", "mqtt-own.test").await;
+    let state = dps.register_to_end("gateway-7", &token).await;
+    assert_eq!(state["status"], "failed", "{state}");
+    assert!(state["errorMessage"].as_str().unwrap().contains("dps does not take it over"), "{state}");
+    // Its password is still the operator's.
+    assert_eq!(Client::connect(broker.port, "gateway-7", "operator-password").await.0, ConnectReturnCode::Accepted);
+    // A device named like dps's admin is refused, not merged into it.
+    let token = enroll(&dps, dps_bench::mosquitto::ADMIN, "mqtt-own.test").await;
+    let state = dps.register_to_end(dps_bench::mosquitto::ADMIN, &token).await;
+    assert_eq!(state["status"], "failed", "{state}");
+    assert_eq!(
+        Client::connect(broker.port, dps_bench::mosquitto::ADMIN, ADMIN_PASSWORD).await.0,
+        ConnectReturnCode::Accepted
+    );
+}

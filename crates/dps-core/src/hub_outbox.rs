@@ -34,6 +34,9 @@ impl Engine {
         let mut drained = Drained::default();
         let Some(registrar) = self.devices().registrar.clone() else { return Ok(drained) };
         let store = self.store().clone();
+        // A hub that failed in this drain is not called again in it: a hub that is down must
+        // not hold up the work owed to the others.
+        let mut failing: std::collections::HashSet<String> = std::collections::HashSet::new();
         let mut continuation: Option<String> = None;
         loop {
             let page = store.list(Collection::HubOutbox, None, continuation.as_deref(), 200).await?;
@@ -51,7 +54,10 @@ impl Engine {
                     drained.waiting += 1;
                     continue;
                 }
-                if drained.done + drained.failed >= max_calls || started.elapsed() >= max_time {
+                if drained.done + drained.failed >= max_calls
+                    || started.elapsed() >= max_time
+                    || failing.contains(&entry.work.hub().to_ascii_lowercase())
+                {
                     drained.waiting += 1;
                     continue;
                 }
@@ -63,22 +69,42 @@ impl Engine {
                 let result = match &entry.work {
                     HubWork::Register { device } => registrar.register(device).await,
                     HubWork::Remove { hub, device_id } => registrar.remove(hub, device_id).await,
+                    HubWork::Void { .. } => Ok(()),
                 };
                 match result {
                     Ok(()) => {
                         drained.done += 1;
+                        // A tolerated registration that moved the device: it leaves its old hub
+                        // now that the new one has it (a migration has read its data there).
+                        if let HubWork::Register { device } = &entry.work {
+                            if let Some(p) = device.previous.as_ref().filter(|p| {
+                                registrar.calls(&p.hub)
+                                    && (!p.hub.eq_ignore_ascii_case(&device.hub) || p.device_id != device.device_id)
+                            }) {
+                                let work = HubWork::Remove { hub: p.hub.clone(), device_id: p.device_id.clone() };
+                                let removal = OutboxEntry {
+                                    registration_id: entry.registration_id.clone(),
+                                    work,
+                                    attempts: 0,
+                                    next_attempt_millis: now,
+                                    last_error: None,
+                                };
+                                store.write(vec![crate::registration::outbox_write(removal)?]).await?;
+                            }
+                        }
                         tracing::info!(registration_id = %entry.registration_id, hub = entry.work.hub(),
                             device_id = entry.work.device_id(), work = ?WorkKind(&entry.work), "hub outbox work done");
                         self.settle(&doc, None).await?;
                     }
                     Err(e) => {
                         drained.failed += 1;
+                        failing.insert(entry.work.hub().to_ascii_lowercase());
                         let mut next = entry.clone();
                         next.next_attempt_millis = now.saturating_add(retry_delay_millis(entry.attempts));
                         next.attempts = entry.attempts.saturating_add(1);
-                        next.last_error = Some(e.message.clone());
+                        next.last_error = Some(e.detail().to_string());
                         crate::warn_limited!("hub-outbox-failed", registration_id = %entry.registration_id,
-                            hub = entry.work.hub(), attempts = next.attempts, error = %e, "hub outbox work failed; retried later");
+                            hub = entry.work.hub(), attempts = next.attempts, error = %e.detail(), "hub outbox work failed; retried later");
                         self.settle(&doc, Some(next)).await?;
                     }
                 }
@@ -104,6 +130,7 @@ impl Engine {
             // A deleted registration state, or one that moved on, no longer wants the device there.
             HubWork::Register { .. } => record.as_ref().is_some_and(there),
             HubWork::Remove { .. } => !record.as_ref().is_some_and(there),
+            HubWork::Void { .. } => false,
         })
     }
 
@@ -146,6 +173,7 @@ impl std::fmt::Debug for WorkKind<'_> {
         f.write_str(match self.0 {
             HubWork::Register { .. } => "register",
             HubWork::Remove { .. } => "remove",
+            HubWork::Void { .. } => "void",
         })
     }
 }

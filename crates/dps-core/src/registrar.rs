@@ -112,19 +112,32 @@ pub struct PreviousAssignment {
     pub device_id: String,
 }
 
-/// Why a hub did not do what it was asked. The message names the hub and what it answered;
-/// it never holds a credential.
+/// Why a hub did not do what it was asked. Never holds a credential.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct RegistrarError {
-    /// What happened, naming the hub and its answer.
+    /// What happened, as a device may be told: what failed and the hub's status (`HTTP 401`,
+    /// `cannot be reached`).
     pub message: String,
+    /// The same with the hub's own words (the start of its answer, the connection error), for
+    /// the operator's log (and devices with `allocation.expose_webhook_errors`).
+    pub detail: Option<String>,
 }
 
 impl RegistrarError {
-    /// An error with this message.
+    /// An error with this message and nothing more to tell the operator.
     pub fn new(message: impl Into<String>) -> Self {
-        Self { message: message.into() }
+        Self { message: message.into(), detail: None }
+    }
+
+    /// An error with a message for devices and a detail for the operator.
+    pub fn with_detail(message: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self { message: message.into(), detail: Some(detail.into()) }
+    }
+
+    /// The operator's version.
+    pub fn detail(&self) -> &str {
+        self.detail.as_deref().unwrap_or(&self.message)
     }
 }
 
@@ -199,6 +212,15 @@ pub enum HubWork {
         /// The device ID there.
         device_id: String,
     },
+    /// Nothing: work owed on this device and hub that a later registration made void (the
+    /// drain deletes the entry). Written unconditionally, so that a registration never fails
+    /// on the outbox's ETag moving under it.
+    Void {
+        /// The hub.
+        hub: String,
+        /// The device ID there.
+        device_id: String,
+    },
 }
 
 impl HubWork {
@@ -206,7 +228,7 @@ impl HubWork {
     pub fn hub(&self) -> &str {
         match self {
             HubWork::Register { device } => &device.hub,
-            HubWork::Remove { hub, .. } => hub,
+            HubWork::Remove { hub, .. } | HubWork::Void { hub, .. } => hub,
         }
     }
 
@@ -214,7 +236,7 @@ impl HubWork {
     pub fn device_id(&self) -> &str {
         match self {
             HubWork::Register { device } => &device.device_id,
-            HubWork::Remove { device_id, .. } => device_id,
+            HubWork::Remove { device_id, .. } | HubWork::Void { device_id, .. } => device_id,
         }
     }
 }
@@ -223,7 +245,9 @@ impl HubWork {
 /// on the same device in the same hub replaces earlier work (the last decision is what the
 /// hub must end with).
 pub fn outbox_key(hub: &str, device_id: &str) -> String {
-    format!("{}/{}", hub.to_ascii_lowercase(), device_id)
+    // Device IDs are case-sensitive in a hub, store keys are not: the ID goes in as hex.
+    let hex: String = device_id.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("{}/{hex}", hub.to_ascii_lowercase())
 }
 
 /// The wait before attempt `attempts + 1` of outbox work: 1 s doubling to 5 minutes.
@@ -249,7 +273,8 @@ mod tests {
         let auth = HubAuthentication::SymmetricKey { primary_key: "c2VjcmV0".into(), secondary_key: None };
         assert!(!format!("{auth:?}").contains("c2VjcmV0"));
         assert_eq!(auth.kind(), "sas");
-        assert_eq!(outbox_key("Hub-1.test", "Dev"), "hub-1.test/Dev");
+        assert_eq!(outbox_key("Hub-1.test", "Dev"), "hub-1.test/446576");
+        assert_ne!(outbox_key("h", "Dev").to_ascii_lowercase(), outbox_key("h", "dev").to_ascii_lowercase());
         let work = HubWork::Remove { hub: "h".into(), device_id: "d".into() };
         let text = serde_json::to_string(&work).unwrap();
         assert_eq!(text, r#"{"action":"remove","hub":"h","deviceId":"d"}"#);

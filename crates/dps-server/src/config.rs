@@ -435,7 +435,8 @@ pub enum RegistrarConfig {
 #[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MosquittoRegistrarConfig {
-    /// The broker's MQTT listener (`host:port`) dps administers it through.
+    /// The broker's MQTT listener (`host:port`) dps administers it through; one broker is one
+    /// hub.
     pub address: String,
     /// TLS to the broker (default); plain MQTT only to a loopback address.
     #[serde(default = "registrar_tls")]

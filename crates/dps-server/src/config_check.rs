@@ -142,6 +142,7 @@ impl Config {
         }
         crate::rules::RuleSets::compile(&self.rules, Vec::new())?;
         let mut seen = std::collections::HashSet::new();
+        let mut brokers = std::collections::HashSet::new();
         for (i, hub) in self.hubs.iter().enumerate() {
             let name = hub.host_name.trim();
             if name.is_empty() || name.len() > 253 || name.contains(char::is_whitespace) {
@@ -157,6 +158,16 @@ impl Config {
                 return Err(invalid(&format!("hubs[{i}].host_name"), format!("'{name}' is linked twice")));
             }
             check_registrar(&format!("hubs[{i}].registrar"), name, &hub.registrar)?;
+            // Broker clients are named by device ID: two hubs on one broker would share (and
+            // on a move, delete) them.
+            if let crate::config::RegistrarConfig::Mosquitto(r) = &hub.registrar {
+                if !brokers.insert(r.address.trim().to_ascii_lowercase()) {
+                    return Err(invalid(
+                        &format!("hubs[{i}].registrar.address"),
+                        format!("the broker {} is already another hub's; link each broker as one hub", r.address),
+                    ));
+                }
+            }
         }
         for (i, p) in self.service.policies.iter().enumerate() {
             let at = format!("service.policies[{i}]");
@@ -347,6 +358,18 @@ fn check_registrar(at: &str, hub: &str, registrar: &crate::config::RegistrarConf
             }
             if let Some(e) = &r.endpoint {
                 url("endpoint", e)?;
+                let loopback = reqwest::Url::parse(e).ok().is_some_and(|u| match u.host() {
+                    Some(url::Host::Ipv4(a)) => a.is_loopback(),
+                    Some(url::Host::Ipv6(a)) => a.is_loopback(),
+                    Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+                    None => false,
+                });
+                if e.starts_with("http://") && !loopback {
+                    return Err(invalid(
+                        format!("{at}.endpoint"),
+                        "http:// carries the hub's registry token in clear: only to a loopback address".into(),
+                    ));
+                }
             }
             calls(r.timeout_secs, r.attempts)
         }
@@ -389,6 +412,45 @@ mod tests {
             let err = Config::from_toml(text, Path::new("c.toml")).unwrap_err().to_string();
             assert!(err.contains(needle), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn bad_registrars_are_refused() {
+        let hub =
+            |name: &str, registrar: &str| format!("[[hubs]]\nhost_name = \"{name}\"\n[hubs.registrar]\n{registrar}\n");
+        let mqtt =
+            "kind = \"mosquitto\"\naddress = \"127.0.0.1:1883\"\ntls = false\nusername = \"a\"\npassword = \"b\"";
+        let cs = "HostName=h.test;SharedAccessKeyName=p;SharedAccessKey=MDEyMzQ1Njc4OWFiY2RlZg==";
+        for (text, needle) in [
+            (hub("h", "kind = \"http\"\nurl = \"ftp://x\"\nsecret = \"0123456789abcdef\""), "registrar.url"),
+            (hub("h", "kind = \"http\"\nurl = \"http://x/\""), "exactly one of secret and secret_env"),
+            (hub("h", "kind = \"http\"\nurl = \"http://x/\"\nsecret = \"short\""), "16 characters"),
+            (hub("h", "kind = \"http\"\nurl = \"http://x/\"\nsecret = \"0123456789abcdef\"\nattempts = 0"), "attempts"),
+            (hub("h", "kind = \"azure\""), "unknown variant"),
+            (
+                hub("other.test", &format!("kind = \"azure-iot-hub\"\nconnection_string = \"{cs}\"")),
+                "is not this hub's host_name",
+            ),
+            (
+                hub(
+                    "h.test",
+                    &format!("kind = \"azure-iot-hub\"\nconnection_string = \"{cs}\"\nendpoint = \"http://10.0.0.1\""),
+                ),
+                "only to a loopback address",
+            ),
+            (hub("m", &mqtt.replace("127.0.0.1", "10.0.0.1")), "registrar.tls"),
+            (hub("m", &mqtt.replace("tls = false", "tls = true")), "registrar.ca_file"),
+            (format!("{}{}", hub("m1", mqtt), hub("m2", mqtt)), "already another hub's"),
+        ] {
+            let err = Config::from_toml(&text, Path::new("c.toml")).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+        let ok = format!(
+            "{}{}",
+            hub("h.test", &format!("kind = \"azure-iot-hub\"\nconnection_string = \"{cs}\"")),
+            hub("m", mqtt)
+        );
+        Config::from_toml(&ok, Path::new("c.toml")).unwrap();
     }
 
     #[test]

@@ -256,9 +256,10 @@ const OUTBOX_EVERY: Duration = Duration::from_secs(1);
 /// How long the outbox lease holds without renewal (renewed before every drain): after a
 /// crash, another node (or the restarted one, under a new name) resumes the work within it.
 const OUTBOX_LEASE: Duration = Duration::from_secs(15);
-/// No hub call of a drain starts after this, so that the lease is renewed in time (a call
-/// started may take its registrar's timeout on top).
+/// No hub call of a drain starts after this.
 const OUTBOX_DRAIN_TIME: Duration = Duration::from_secs(5);
+/// How often the lease is renewed while a drain runs.
+const OUTBOX_RENEW: Duration = Duration::from_secs(5);
 /// Hub calls per drain at most (the lease is renewed between drains).
 const OUTBOX_CALLS: usize = 100;
 
@@ -278,8 +279,24 @@ async fn hub_outbox_loop(engine: Engine, mut stop: watch::Receiver<bool>) {
                 continue;
             }
         }
-        match engine.drain_hub_outbox(OUTBOX_CALLS, OUTBOX_DRAIN_TIME).await {
-            Ok(d) if d.done + d.failed + d.void > 0 => {
+        // The lease is renewed while the drain runs (a hub call may outlast it); a drain whose
+        // lease is lost stops at once: the call cut short stays owed, and hub calls are
+        // idempotent.
+        let drain = engine.drain_hub_outbox(OUTBOX_CALLS, OUTBOX_DRAIN_TIME);
+        tokio::pin!(drain);
+        let drained = loop {
+            tokio::select! {
+                d = &mut drain => break Some(d),
+                _ = tokio::time::sleep(OUTBOX_RENEW) => {
+                    if !matches!(engine.hold_lease("hub-outbox", OUTBOX_LEASE).await, Ok(true)) {
+                        dps_core::warn_limited!("hub-outbox", "the hub outbox lease was lost during a drain; stopped");
+                        break None;
+                    }
+                }
+            }
+        };
+        match drained {
+            Some(Ok(d)) if d.done + d.failed + d.void > 0 => {
                 tracing::debug!(
                     done = d.done,
                     failed = d.failed,
@@ -288,8 +305,8 @@ async fn hub_outbox_loop(engine: Engine, mut stop: watch::Receiver<bool>) {
                     "hub outbox drained"
                 )
             }
-            Ok(_) => {}
-            Err(e) => dps_core::warn_limited!("hub-outbox", error = %e, "draining the hub outbox failed"),
+            Some(Ok(_)) | None => {}
+            Some(Err(e)) => dps_core::warn_limited!("hub-outbox", error = %e, "draining the hub outbox failed"),
         }
     }
 }

@@ -58,64 +58,125 @@ impl DeviceRuntime {
         else {
             return Ok(HubOutcome::nothing());
         };
+        // The assignment the device's data starts from (none when forced)…
         let current = Self::current_hub(pending, previous);
-        let moved_from = current
-            .and_then(|c| c.assigned_hub.as_deref().zip(c.device_id.as_deref()))
+        // …and the one it leaves, whatever `forceRegistration` says.
+        let left = previous
+            .and_then(|p| p.assigned_hub.as_deref().zip(p.device_id.as_deref()))
             .filter(|(h, d)| !h.eq_ignore_ascii_case(hub) || *d != device_id)
             .map(|(h, d)| PreviousAssignment { hub: h.to_string(), device_id: d.to_string() });
-        let mut writes = Vec::new();
         let now = self.clock.now_millis();
-        if let Some(previous) = moved_from.as_ref().filter(|p| registrar.calls(&p.hub)) {
-            let work = HubWork::Remove { hub: previous.hub.clone(), device_id: previous.device_id.clone() };
-            writes.push(outbox_put(&pending.registration_id, work, now)?);
-        }
+        let removal = match left.as_ref().filter(|p| registrar.calls(&p.hub)) {
+            Some(p) => vec![outbox_put(
+                &pending.registration_id,
+                HubWork::Remove { hub: p.hub.clone(), device_id: p.device_id.clone() },
+                now,
+            )?],
+            None => Vec::new(),
+        };
         if !registrar.calls(hub) {
-            return Ok(HubOutcome { failure: None, writes });
+            return Ok(HubOutcome { failure: None, writes: removal });
         }
-        // Work on this device in this hub still owed from an earlier registration (a tolerated
-        // failure, or a removal when the device left and came back) must not run after this
-        // one: it goes with this registration's write. (A removal the drain is doing at this
-        // very moment is the one case it cannot stop: `hub_outbox.rs`.)
-        if let Some(owed) = self.store.get(Collection::HubOutbox, &outbox_key(hub, device_id)).await? {
-            writes.push(Write::Delete {
-                collection: Collection::HubOutbox,
-                id: owed.id,
-                condition: Condition::IfMatch(owed.etag),
-            });
-        }
-        let device = self.hub_device(pending, current, record, hub, device_id, moved_from)?;
+        let device = self.hub_device(pending, current, record, hub, device_id, left)?;
+        let owed = match self.store.get(Collection::HubOutbox, &outbox_key(hub, device_id)).await? {
+            Some(doc) => serde_json::from_str::<OutboxEntry>(&doc.body).ok().map(|e| e.work),
+            None => None,
+        };
         match registrar.register(&device).await {
             Ok(()) => {
                 tracing::info!(registration_id = %pending.registration_id, hub, device_id, "device registered in its hub");
+                let mut writes = removal;
+                // Work still owed on this device in this hub from an earlier registration must
+                // not run after this one. A removal may be under way at this very moment: it
+                // is replaced by a repair (this registration once more, after the registrar's
+                // budget), so that the device is in its hub even if that removal lands last.
+                match owed {
+                    None => {}
+                    Some(HubWork::Remove { .. }) => {
+                        let mut repair = device.clone();
+                        repair.previous = None;
+                        let budget = i64::try_from(registrar.budget().as_millis()).unwrap_or(i64::MAX / 2);
+                        let mut entry =
+                            outbox_entry(&pending.registration_id, HubWork::Register { device: Box::new(repair) }, now);
+                        entry.next_attempt_millis = now.saturating_add(budget);
+                        writes.push(outbox_write(entry)?);
+                    }
+                    Some(_) => writes.push(outbox_put(
+                        &pending.registration_id,
+                        HubWork::Void { hub: hub.to_string(), device_id: device_id.to_string() },
+                        now,
+                    )?),
+                }
                 Ok(HubOutcome { failure: None, writes })
             }
             Err(e) => match registrar.on_failure(hub) {
                 OnFailure::Fail => {
                     tracing::warn!(registration_id = %pending.registration_id, operation_id = %pending.operation_id,
-                        hub, error = %e, "hub registration failed; the registration fails");
+                        hub, error = %e.detail(), "hub registration failed; the registration fails");
+                    // The device stays where it was. A hub it was moving to may hold part of
+                    // it (an identity whose twin could not be written): removed, unless that
+                    // hub is where the device is now.
+                    let stays_there = previous.is_some_and(|c| {
+                        c.assigned_hub.as_deref().is_some_and(|h| h.eq_ignore_ascii_case(hub))
+                            && c.device_id.as_deref() == Some(device_id)
+                    });
+                    let writes = match stays_there {
+                        true => Vec::new(),
+                        false => vec![outbox_put(
+                            &pending.registration_id,
+                            HubWork::Remove { hub: hub.to_string(), device_id: device_id.to_string() },
+                            now,
+                        )?],
+                    };
                     Ok(HubOutcome {
                         failure: Some(AllocationFailure {
                             code: ErrorCode::HUB_REGISTRATION_FAILED,
-                            message: format!("the IoT hub '{hub}' did not register the device: {e}"),
-                            detail: None,
+                            message: format!("the IoT hub '{hub}' did not register the device: {}", e.message),
+                            detail: Some(format!("the IoT hub '{hub}' did not register the device: {}", e.detail())),
                         }),
-                        writes: Vec::new(),
+                        writes,
                     })
                 }
                 OnFailure::Tolerate => {
-                    tracing::warn!(registration_id = %pending.registration_id, hub, error = %e,
+                    tracing::warn!(registration_id = %pending.registration_id, hub, error = %e.detail(),
                         "hub registration failed; tolerated, retried from the outbox");
-                    writes.retain(|w| !matches!(w, Write::Delete { collection: Collection::HubOutbox, .. }));
+                    // The device leaves its old hub only once the new one has it (the drain
+                    // queues that removal after this registration succeeds): a migration
+                    // still finds its data there.
                     let mut entry =
                         outbox_entry(&pending.registration_id, HubWork::Register { device: Box::new(device) }, now);
                     entry.attempts = 1;
                     entry.next_attempt_millis = now.saturating_add(crate::registrar::retry_delay_millis(0));
-                    entry.last_error = Some(e.message);
-                    writes.push(outbox_write(entry)?);
-                    Ok(HubOutcome { failure: None, writes })
+                    entry.last_error = Some(e.detail().to_string());
+                    Ok(HubOutcome { failure: None, writes: vec![outbox_write(entry)?] })
                 }
             },
         }
+    }
+
+    /// When the registration state changed between the hub stage and the write (another
+    /// registration of the device committed first): the removal from the hub that
+    /// registration put the device in, unless it is where `record` puts it or where the hub
+    /// stage started from (whose removal is already owed).
+    pub(super) fn removal_after_race(
+        &self,
+        pending: &Pending,
+        first: Option<&RegistrationRecord>,
+        now: Option<&RegistrationRecord>,
+        record: &RegistrationRecord,
+    ) -> Result<Option<Write>, Error> {
+        let Some(registrar) = self.registrar.as_ref() else { return Ok(None) };
+        let place = |r: Option<&RegistrationRecord>| {
+            r.and_then(|r| r.assigned_hub.as_deref().zip(r.device_id.as_deref()))
+                .map(|(h, d)| (h.to_ascii_lowercase(), d.to_string()))
+        };
+        let Some((hub, device_id)) = place(now) else { return Ok(None) };
+        let same = |p: Option<(String, String)>| p.is_some_and(|p| p == (hub.clone(), device_id.clone()));
+        if same(place(first)) || same(place(Some(record))) || !registrar.calls(&hub) {
+            return Ok(None);
+        }
+        let work = HubWork::Remove { hub, device_id };
+        outbox_put(&pending.registration_id, work, self.clock.now_millis()).map(Some)
     }
 
     /// The identity `record` gives its hub.

@@ -25,6 +25,7 @@ mod tpm_challenge;
 
 pub(crate) use authenticate::x509_not_accepted;
 pub use authenticate::{AuthenticatedDevice, Authentication, Challenge, Credential, TpmEndorsement};
+pub(crate) use hub::outbox_write;
 pub use records::{OperationRecord, RegistrationRecord, ResolvedEnrollment, TpmHubKey};
 pub use register::{DeviceReply, RegisterRequest, Registered};
 pub use tpm_challenge::TPM_KEY_NAME;

@@ -343,6 +343,7 @@ impl DeviceRuntime {
         if let Some(failure) = hub.failure {
             outcome = Err(failure);
         }
+        let first = previous.as_ref().map(|(_, r)| r.clone());
         let mut current = previous;
         for _ in 0..5 {
             let record = self.build_record(pending, current.as_ref().map(|(_, r)| r), &outcome);
@@ -368,6 +369,13 @@ impl DeviceRuntime {
                 self.put_operation(&pending.operation_id, &op, op_condition.clone())?,
             ];
             writes.extend(hub.writes.iter().cloned());
+            // Another registration of the device got in first and put it elsewhere: it leaves
+            // that hub too.
+            if let Some(w) =
+                self.removal_after_race(pending, first.as_ref(), current.as_ref().map(|(_, r)| r), &record)?
+            {
+                writes.push(w);
+            }
             match self.store.write(writes).await {
                 Ok(()) => {
                     tracing::info!(registration_id = %pending.registration_id, enrollment = %pending.enrollment.describe(),

@@ -105,7 +105,7 @@ impl AzureRegistrar {
             r
         })
         .await
-        .map_err(|e| RegistrarError::new(format!("it {e}")))
+        .map_err(|e| RegistrarError::with_detail(format!("it {}", e.public), format!("it {}", e.detail)))
     }
 
     /// Creates or updates the device's identity, then its twin: replaced by the initial twin
@@ -132,8 +132,8 @@ impl AzureRegistrar {
                     done = true;
                     break;
                 }
-                // Created or changed by someone else in between: read it again.
-                StatusCode::CONFLICT | StatusCode::PRECONDITION_FAILED => continue,
+                // Created, changed or deleted by someone else in between: read it again.
+                StatusCode::CONFLICT | StatusCode::PRECONDITION_FAILED | StatusCode::NOT_FOUND => continue,
                 _ => return Err(answered("writing the device", &written)),
             }
         }
@@ -186,7 +186,10 @@ impl AzureRegistrar {
 }
 
 fn answered(what: &str, answer: &Answer) -> RegistrarError {
-    RegistrarError::new(format!("{what}, it answered {}", answer.describe()))
+    RegistrarError::with_detail(
+        format!("{what}, it answered {}", answer.status_text()),
+        format!("{what}, it answered {}", answer.describe()),
+    )
 }
 
 /// The `etag` of a Device body (quoted, as `If-Match` wants it).

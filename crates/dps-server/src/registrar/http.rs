@@ -65,11 +65,16 @@ impl HttpRegistrar {
                 .body(bytes.clone())
         })
         .await
-        .map_err(|e| RegistrarError::new(format!("its registrar {e}")))?;
+        .map_err(|e| {
+            RegistrarError::with_detail(format!("its registrar {}", e.public), format!("its registrar {}", e.detail))
+        })?;
         if answer.status.is_success() || (gone_is_done && answer.status == reqwest::StatusCode::NOT_FOUND) {
             return Ok(());
         }
-        Err(RegistrarError::new(format!("its registrar answered {}", answer.describe())))
+        Err(RegistrarError::with_detail(
+            format!("its registrar answered {}", answer.status_text()),
+            format!("its registrar answered {}", answer.describe()),
+        ))
     }
 }
 

@@ -111,10 +111,8 @@ impl HubRegistrar for Registrars {
                 let migrated = match (&device.previous, device.device_data) {
                     (Some(previous), DeviceDataAction::Keep) => match self.of(&previous.hub) {
                         Some(Registrar::Azure(old)) => old.twin(&previous.device_id).await.map_err(|e| {
-                            RegistrarError::new(format!(
-                                "cannot read the device's twin from hub '{}': {e}",
-                                previous.hub
-                            ))
+                            let from = format!("cannot read the device's twin from hub '{}'", previous.hub);
+                            RegistrarError::with_detail(format!("{from}: {e}"), format!("{from}: {}", e.detail()))
                         })?,
                         _ => None,
                     },

@@ -29,6 +29,9 @@ use crate::error::ServerError;
 pub const CONTROL_TOPIC: &str = "$CONTROL/dynamic-security/v1";
 /// Where the plugin answers.
 pub const RESPONSE_TOPIC: &str = "$CONTROL/dynamic-security/v1/response";
+/// How a client dps made describes itself (`textdescription`): dps updates and deletes only
+/// such clients.
+const MARK: &str = "provisioned by dps";
 /// The largest packet read from the broker.
 const MAX_PACKET_BYTES: usize = 256 * 1024;
 
@@ -105,7 +108,7 @@ impl MosquittoRegistrar {
 
     /// Creates or updates the device's client and role.
     pub async fn register(&self, device: &HubDevice) -> Result<(), RegistrarError> {
-        check_id(&device.device_id)?;
+        self.check_id(&device.device_id)?;
         let role = role_name(&device.device_id);
         let topic = format!("{}/{}/#", self.topic_prefix, device.device_id);
         let acls: Vec<Value> = ["publishClientSend", "publishClientReceive", "subscribePattern", "unsubscribePattern"]
@@ -113,7 +116,7 @@ impl MosquittoRegistrar {
             .map(|t| json!({"acltype": t, "topic": topic, "priority": 0, "allow": true}))
             .collect();
         let mut client = json!({"username": device.device_id, "roles": [{"rolename": role}],
-            "textdescription": format!("provisioned by dps ({})", device.registration_id)});
+            "textdescription": format!("{MARK} ({})", device.registration_id)});
         match &device.authentication {
             HubAuthentication::SymmetricKey { primary_key, .. } => {
                 let key = BASE64
@@ -128,7 +131,14 @@ impl MosquittoRegistrar {
         let create_role = json!({"command": "createRole", "rolename": role, "acls": acls});
         let answers = self.run(vec![create_role, create_client]).await?;
         tolerate(&answers[0], "already exists", "creating the device's role")?;
-        if answers[1].as_deref().is_some_and(|e| e.contains("already exists")) {
+        if answers[1].error.as_deref().is_some_and(|e| e.contains("already exists")) {
+            // Only a client dps made is updated: never one the operator made by that name.
+            if self.made_by_dps(&device.device_id).await? != Some(true) {
+                return Err(RegistrarError::new(format!(
+                    "the broker has a client named '{}' that dps did not create; dps does not take it over",
+                    device.device_id
+                )));
+            }
             let mut modify = client;
             modify["command"] = json!("modifyClient");
             let answers = self.run(vec![modify]).await?;
@@ -139,9 +149,13 @@ impl MosquittoRegistrar {
         Ok(())
     }
 
-    /// Deletes the device's client and role (either missing counts as deleted).
+    /// Deletes the device's client and role, when dps made them (a missing client counts as
+    /// deleted; one dps did not make is left alone).
     pub async fn remove(&self, device_id: &str) -> Result<(), RegistrarError> {
-        check_id(device_id)?;
+        self.check_id(device_id)?;
+        if self.made_by_dps(device_id).await? != Some(true) {
+            return Ok(());
+        }
         let answers = self
             .run(vec![
                 json!({"command": "deleteClient", "username": device_id}),
@@ -152,29 +166,58 @@ impl MosquittoRegistrar {
         tolerate(&answers[1], "not found", "deleting the device's role")
     }
 
+    /// Whether the client `username` was made by dps (its text description says so); `None`
+    /// when there is no such client.
+    async fn made_by_dps(&self, username: &str) -> Result<Option<bool>, RegistrarError> {
+        let answers = self.run(vec![json!({"command": "getClient", "username": username})]).await?;
+        let reply = &answers[0];
+        match &reply.error {
+            Some(e) if e.contains("not found") => Ok(None),
+            Some(e) => Err(RegistrarError::new(format!("reading the device's client, the broker answered: {e}"))),
+            None => Ok(Some(reply.data["client"]["textdescription"].as_str().is_some_and(|t| t.starts_with(MARK)))),
+        }
+    }
+
+    /// A device ID that can name a broker client and sit in a topic filter, and is not dps's
+    /// own admin.
+    fn check_id(&self, device_id: &str) -> Result<(), RegistrarError> {
+        if device_id.is_empty()
+            || device_id.contains(['/', '+', '#', '%'])
+            || device_id.chars().any(char::is_control)
+            || device_id == self.username
+        {
+            return Err(RegistrarError::new(format!(
+                "device ID '{device_id}' cannot be a broker client (no '/', '+', '#', '%', nor dps's admin name)"
+            )));
+        }
+        Ok(())
+    }
+
     /// Sends `commands` in one message and returns each one's error (`None`: done), retrying
     /// a session that fails (connection, timeout) with backoff.
-    async fn run(&self, commands: Vec<Value>) -> Result<Vec<Option<String>>, RegistrarError> {
-        let mut last = String::new();
+    async fn run(&self, commands: Vec<Value>) -> Result<Vec<Reply>, RegistrarError> {
+        let mut last = RegistrarError::new("");
         for attempt in 1..=self.attempts.max(1) {
             match tokio::time::timeout(self.timeout, self.session(&commands)).await {
                 Ok(Ok(answers)) => return Ok(answers),
                 Ok(Err(Session::Refused(e))) => return Err(RegistrarError::new(e)),
                 Ok(Err(Session::Failed(e))) => last = e,
-                Err(_) => last = format!("the broker did not answer within {} s", self.timeout.as_secs()),
+                Err(_) => {
+                    last = RegistrarError::new(format!("the broker did not answer within {} s", self.timeout.as_secs()))
+                }
             }
             if attempt < self.attempts {
                 tokio::time::sleep(Duration::from_millis(200u64 << attempt.min(5)).min(MAX_BACKOFF)).await;
             }
         }
-        Err(RegistrarError::new(last))
+        Err(last)
     }
 
-    async fn session(&self, commands: &[Value]) -> Result<Vec<Option<String>>, Session> {
-        let failed = |what: &str, e: &dyn std::fmt::Display| Session::Failed(format!("{what}: {e}"));
-        let tcp = TcpStream::connect(&self.address)
-            .await
-            .map_err(|e| failed(&format!("the broker at {} cannot be reached", self.address), &e))?;
+    async fn session(&self, commands: &[Value]) -> Result<Vec<Reply>, Session> {
+        let failed = |what: &str, e: &dyn std::fmt::Display| {
+            Session::Failed(RegistrarError::with_detail(what, format!("{what} ({}): {e}", self.address)))
+        };
+        let tcp = TcpStream::connect(&self.address).await.map_err(|e| failed("the broker cannot be reached", &e))?;
         let _ = tcp.set_nodelay(true);
         let io: Box<dyn Io> = match &self.tls {
             None => Box::new(tcp),
@@ -205,7 +248,12 @@ impl MosquittoRegistrar {
                     self.username
                 )))
             }
-            other => return Err(Session::Failed(format!("the broker answered CONNECT with {other:?}"))),
+            other => {
+                return Err(Session::Failed(RegistrarError::new(format!(
+                    "the broker answered CONNECT with {}",
+                    other.as_ref().map_or("nothing", Packet::name)
+                ))))
+            }
         }
         stream
             .write(&Packet::Subscribe { packet_id: 1, filters: vec![(RESPONSE_TOPIC.into(), 1)] })
@@ -246,11 +294,16 @@ impl MosquittoRegistrar {
                     }
                 }
                 Some(Packet::PubAck(_) | Packet::PingResp) => {}
-                Some(other) => return Err(Session::Failed(format!("unexpected {} from the broker", other.name()))),
+                Some(other) => {
+                    return Err(Session::Failed(RegistrarError::new(format!(
+                        "unexpected {} from the broker",
+                        other.name()
+                    ))))
+                }
                 None => {
-                    return Err(Session::Failed(
-                        "the broker closed the connection (is the dynamic-security plugin loaded?)".into(),
-                    ))
+                    return Err(Session::Failed(RegistrarError::new(
+                        "the broker closed the connection (is the dynamic-security plugin loaded?)",
+                    )))
                 }
             }
             if subscribed && !published {
@@ -275,44 +328,44 @@ impl MosquittoRegistrar {
 /// How a session ended without answers.
 enum Session {
     /// Worth another attempt (connection, protocol).
-    Failed(String),
+    Failed(RegistrarError),
     /// Not (the broker refused the admin).
     Refused(String),
 }
 
+/// The plugin's answer to one command.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Reply {
+    /// Its error, if it failed.
+    error: Option<String>,
+    /// Its `data` (`null` when none).
+    data: Value,
+}
+
 /// The answers to the commands tagged `{correlation}-{i}` in a response payload, when it holds
 /// all of them.
-fn answers_for(payload: &[u8], correlation: &str, count: usize) -> Option<Vec<Option<String>>> {
+fn answers_for(payload: &[u8], correlation: &str, count: usize) -> Option<Vec<Reply>> {
     let v: Value = serde_json::from_slice(payload).ok()?;
-    let mut answers = vec![None; count];
+    let mut answers = vec![Reply::default(); count];
     let mut seen = 0;
     for r in v.get("responses")?.as_array()? {
         let tag = r.get("correlationData").and_then(Value::as_str)?;
         let i: usize = tag.strip_prefix(correlation)?.strip_prefix('-')?.parse().ok()?;
         let slot = answers.get_mut(i)?;
-        *slot = r.get("error").and_then(Value::as_str).map(str::to_string);
+        slot.error = r.get("error").and_then(Value::as_str).map(str::to_string);
+        slot.data = r.get("data").cloned().unwrap_or(Value::Null);
         seen += 1;
     }
     (seen == count).then_some(answers)
 }
 
 /// Ok unless `answer` is an error other than one containing `harmless` (empty: none is).
-fn tolerate(answer: &Option<String>, harmless: &str, what: &str) -> Result<(), RegistrarError> {
-    match answer {
+fn tolerate(answer: &Reply, harmless: &str, what: &str) -> Result<(), RegistrarError> {
+    match &answer.error {
         None => Ok(()),
         Some(e) if !harmless.is_empty() && e.contains(harmless) => Ok(()),
         Some(e) => Err(RegistrarError::new(format!("{what}, the broker answered: {e}"))),
     }
-}
-
-/// A device ID that can name a broker client and sit in a topic filter.
-fn check_id(device_id: &str) -> Result<(), RegistrarError> {
-    if device_id.is_empty() || device_id.contains(['/', '+', '#']) || device_id.chars().any(char::is_control) {
-        return Err(RegistrarError::new(format!(
-            "device ID '{device_id}' cannot be a broker client (no '/', '+', '#')"
-        )));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -335,9 +388,10 @@ mod tests {
     #[test]
     fn answers_are_matched_by_correlation_data() {
         let payload = br#"{"responses":[{"command":"createClient","correlationData":"c-1","error":"Client already exists"},{"command":"createRole","correlationData":"c-0"}]}"#;
-        assert_eq!(answers_for(payload, "c", 2), Some(vec![None, Some("Client already exists".into())]));
+        let answers = answers_for(payload, "c", 2).unwrap();
+        assert_eq!(answers[0], Reply::default());
+        assert_eq!(answers[1].error.as_deref(), Some("Client already exists"));
         assert_eq!(answers_for(payload, "other", 2), None);
         assert_eq!(answers_for(payload, "c", 3), None);
-        assert!(check_id("dev-1").is_ok() && check_id("a/b").is_err() && check_id("a#").is_err());
     }
 }

@@ -23,19 +23,33 @@ pub struct Answer {
 }
 
 impl Answer {
-    /// `HTTP <status>: <the start of the body>`, for an error message.
+    /// `HTTP <status>`, for a device.
+    pub fn status_text(&self) -> String {
+        format!("HTTP {}", self.status.as_u16())
+    }
+
+    /// `HTTP <status>: <the start of the body>`, for the operator.
     pub fn describe(&self) -> String {
         format!("HTTP {}: {}", self.status.as_u16(), answer_start(&self.body))
     }
 }
 
+/// Why no answer came: for a device, and with the connection error for the operator.
+#[derive(Debug)]
+pub struct Unanswered {
+    /// `cannot be reached`, `did not answer within N s`.
+    pub public: String,
+    /// The same with the error under it.
+    pub detail: String,
+}
+
 /// Sends what `build` makes up to `attempts` times. `Ok`: the first answer that is not
-/// retried, or the last one; `Err`: the last attempt reached no answer (the text says why).
-pub async fn send_retried<F>(attempts: u32, timeout: Duration, build: F) -> Result<Answer, String>
+/// retried, or the last one; `Err`: the last attempt reached no answer.
+pub async fn send_retried<F>(attempts: u32, timeout: Duration, build: F) -> Result<Answer, Unanswered>
 where
     F: Fn() -> reqwest::RequestBuilder,
 {
-    let mut last = Err(String::new());
+    let mut last = Err(Unanswered { public: String::new(), detail: String::new() });
     for attempt in 1..=attempts.max(1) {
         let wait = match build().send().await {
             Ok(mut answer) => {
@@ -64,11 +78,15 @@ where
                 retry_after
             }
             Err(e) if e.is_timeout() => {
-                last = Err(format!("did not answer within {} s", timeout.as_secs()));
+                let text = format!("did not answer within {} s", timeout.as_secs());
+                last = Err(Unanswered { public: text.clone(), detail: text });
                 None
             }
             Err(e) => {
-                last = Err(format!("cannot be reached ({})", without_url(&e)));
+                last = Err(Unanswered {
+                    public: "cannot be reached".into(),
+                    detail: format!("cannot be reached ({})", without_url(&e)),
+                });
                 None
             }
         };
