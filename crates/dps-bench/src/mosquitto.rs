@@ -135,7 +135,7 @@ impl Broker {
     pub fn config(&self, hub: &str, on_failure: &str) -> String {
         format!(
             "[[hubs]]\nhost_name = \"{hub}\"\n[hubs.registrar]\nkind = \"mosquitto\"\naddress = \"127.0.0.1:{}\"\ntls = false\n\
-             username = \"{ADMIN}\"\npassword = \"{ADMIN_PASSWORD}\"\non_failure = \"{on_failure}\"\ntimeout_secs = 2\nattempts = 2\n",
+             username = \"{ADMIN}\"\npassword = \"{ADMIN_PASSWORD}\"\non_failure = \"{on_failure}\"\ntimeout_secs = 10\nattempts = 3\n",
             self.port
         )
     }
