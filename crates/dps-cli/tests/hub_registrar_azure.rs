@@ -208,6 +208,19 @@ async fn reprovisioning_migrates_or_resets_the_device_across_iot_hubs() {
     assert_eq!(hub_a.twin(id).unwrap(), twin(4));
     assert_eq!(hub_a.device_count(), 1);
     assert_eq!(hub_b.device_count(), 0);
+
+    // Never reprovision: the device stays on A whatever the enrollment now names; its identity
+    // is written again in place, its twin left as the hub has it.
+    hub_a.set_twin(id, json!({"tags": {"kept": true}, "properties": {"desired": {}}}));
+    enroll(&dps, id, &hub_b.host_name, twin(5), Some((false, true))).await;
+    let state = register(&dps, id, &token).await;
+    assert_eq!(
+        (state["assignedHub"].as_str(), state["substatus"].as_str()),
+        (Some(hub_a.host_name.as_str()), Some("deviceDataReset")),
+        "{state}"
+    );
+    assert_eq!(hub_a.twin(id).unwrap()["tags"]["kept"], true);
+    assert_eq!((hub_a.device_count(), hub_b.device_count()), (1, 0));
 }
 
 #[tokio::test]
