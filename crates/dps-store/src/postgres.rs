@@ -569,7 +569,8 @@ async fn first_connection(pool: &Pool, target: &str, patience: Duration) -> Resu
 async fn migrate(mut client: Object, target: &str) -> Result<(), StoreError> {
     for attempt in 0.. {
         // Two sessions creating the same table at once can collide in the catalogue even with
-        // IF NOT EXISTS; the loser sees the table on the next try.
+        // IF NOT EXISTS (a unique violation, or 42710 for the table's row type); the loser sees
+        // the table on the next try.
         match client
             .batch_execute(
                 "CREATE TABLE IF NOT EXISTS dps_schema (id INT PRIMARY KEY, version INT NOT NULL);
@@ -580,7 +581,10 @@ async fn migrate(mut client: Object, target: &str) -> Result<(), StoreError> {
             Ok(()) => break,
             Err(e)
                 if attempt < 5
-                    && matches!(e.code(), Some(c) if *c == SqlState::UNIQUE_VIOLATION || *c == SqlState::DUPLICATE_TABLE || is_retryable(&e)) =>
+                    && matches!(e.code(), Some(c) if *c == SqlState::UNIQUE_VIOLATION
+                        || *c == SqlState::DUPLICATE_TABLE
+                        || *c == SqlState::DUPLICATE_OBJECT
+                        || is_retryable(&e)) =>
             {
                 tokio::time::sleep(Duration::from_millis(50 * (attempt + 1))).await;
             }
