@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod admin;
 mod bench;
 mod device;
 
@@ -31,9 +32,17 @@ enum Command {
     /// Configuration helpers.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Individual enrollments through the service API (like `az iot dps enrollment`).
+    Enrollment(admin::EnrollmentArgs),
+    /// Enrollment groups through the service API (like `az iot dps enrollment-group`).
+    #[command(visible_alias = "enrollment-group")]
+    Group(admin::GroupArgs),
+    /// Device registration states through the service API.
+    Registration(admin::RegistrationArgs),
     /// The certificate store: CA certificates that X.509 enrollment groups chain to, verified
-    /// by proof of possession (works on the configured store — the data directory's SQLite
-    /// file or the [store] PostgreSQL database — with or without a running server).
+    /// by proof of possession. With a connection string (--login or DPS_CONNECTION_STRING):
+    /// through the service API of a running server; without: on the configured store — the
+    /// data directory's SQLite file or the [store] PostgreSQL database — server or not.
     Cert(CertArgs),
     /// Provision this machine as a device (a DPS client; IoT Edge style config supported).
     #[command(subcommand)]
@@ -63,6 +72,17 @@ struct CertArgs {
     /// Data directory; overrides `data_dir` in the config.
     #[arg(long, env = "DPS_DATA_DIR", global = true)]
     data_dir: Option<PathBuf>,
+    /// Service connection string: work through the service API of a running server instead
+    /// of on the store. Prefer the environment variable (a command line is visible to others).
+    #[arg(long, env = "DPS_CONNECTION_STRING", hide_env_values = true, global = true)]
+    login: Option<String>,
+    /// With --login: PEM file of the CA that signed the server's certificate (default: the
+    /// system's trusted roots).
+    #[arg(long, env = "DPS_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
+    /// With --login: address to connect to when the host name does not resolve to the server.
+    #[arg(long, global = true)]
+    connect_to: Option<SocketAddr>,
     #[command(subcommand)]
     action: CertCommand,
 }
@@ -187,6 +207,9 @@ fn main() -> ExitCode {
             }
         },
         Command::Serve(args) => serve(args),
+        Command::Enrollment(args) => admin::run(args.run()),
+        Command::Group(args) => admin::run(args.run()),
+        Command::Registration(args) => admin::run(args.run()),
         Command::Cert(args) => cert(args),
         Command::Device(DeviceCommand::Register(args)) => device::run(*args, false),
         Command::Device(DeviceCommand::Reprovision(args)) => device::run(*args, true),
@@ -204,16 +227,6 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config, String> {
 
 fn cert(args: CertArgs) -> ExitCode {
     use dps_server::admin::CertAction;
-    let mut config = match load_config(args.config.as_ref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    if let Some(dir) = args.data_dir {
-        config.data_dir = dir;
-    }
     let read =
         |file: &PathBuf| std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()));
     let action = match args.action {
@@ -233,6 +246,30 @@ fn cert(args: CertArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.login.is_some() {
+        let login = admin::LoginArgs {
+            login: args.login,
+            data_dir: None,
+            ca_file: args.ca_file,
+            connect_to: args.connect_to,
+            timeout: 30,
+        };
+        return admin::run(async move {
+            let v = admin::cert_via_service(login, action).await?;
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            Ok(())
+        });
+    }
+    let mut config = match load_config(args.config.as_ref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
