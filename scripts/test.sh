@@ -2,15 +2,16 @@
 # The whole test suite, in stages: formatting, lints, no import cycle among a crate's files
 # (scripts/import-cycles.py), unit and whole-server tests (cargo), the
 # official-SDK compatibility suite (npm + PyPI SDKs against a spawned dps on ports 443 and 8883
-# in a private network namespace), and a bounded run of every fuzz target (DPS_FUZZ_SECS
-# seconds each, default 20; 0 skips that stage, and the summary says so). Installs what it
-# needs on first run. Used by CI (.ci/run).
+# in a private network namespace), the OpenAPI check (docs/openapi.json against a spawned dps on
+# free loopback ports: pinned schemathesis from PyPI plus tests/openapi/live.py's cases), and a
+# bounded run of every fuzz target (DPS_FUZZ_SECS seconds each, default 20; 0 skips that stage,
+# and the summary says so). Installs what it needs on first run. Used by CI (.ci/run).
 #
 # Every stage runs even when an earlier one failed (a formatting slip must not hide a failing
 # test). At the end — also when interrupted — it prints each stage's status and one closing
-# line `N passed, M failed` over all stages: cargo and compat count their cases, fuzz its
-# targets, fmt and clippy count as one check each. The exit status is 0 only when every stage
-# passed.
+# line `N passed, M failed` over all stages: cargo and compat count their cases, openapi its
+# checks (cases and schemathesis operations), fuzz its targets, fmt and clippy count as one check
+# each. The exit status is 0 only when every stage passed.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -21,6 +22,7 @@ need unshare || missing+=(util-linux)
 need node || missing+=(nodejs)
 need npm || missing+=(npm)
 need python3 || missing+=(python3)
+need openssl || missing+=(openssl)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 need swtpm || missing+=(swtpm swtpm-tools)
 need tpm2_import || missing+=(tpm2-tools)
@@ -96,10 +98,10 @@ cargo_cases() {
   awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
        END { print p + 0, f + 0 }' "$1"
 }
-# compat and fuzz: their closing "…: P passed, F failed" line.
+# compat, openapi and fuzz: their closing "…: P passed, F failed" line.
 closing_line() {
   local line
-  line=$(grep -E '^(compat|fuzz): [0-9]+ passed, [0-9]+ failed$' "$1" | tail -1)
+  line=$(grep -E '^(compat|openapi|fuzz): [0-9]+ passed, [0-9]+ failed$' "$1" | tail -1)
   if [ -n "$line" ]; then
     echo "$line" | sed -E 's/^[a-z]+: ([0-9]+) passed, ([0-9]+) failed$/\1 \2/'
   else
@@ -112,13 +114,18 @@ stage fmt one_check cargo fmt --all -- --check
 stage clippy one_check cargo clippy --workspace --all-targets --locked --features dps-cli/tpm -- -D warnings
 stage imports one_check python3 scripts/import-cycles.py crates
 stage cargo cargo_cases cargo test --workspace --locked --features dps-cli/tpm
-if [ -x target/debug/dps ]; then
-  stage compat closing_line bash tests/compat/run.sh target/debug/dps
-else
-  stages+=("compat|FAILED|0|1|0")
-  total_failed=$((total_failed + 1))
-  echo "== compat: not run (no target/debug/dps: the cargo stage did not build it)"
-fi
+# suite NAME SCRIPT: a suite run against the dps binary the cargo stage built.
+suite() {
+  if [ -x target/debug/dps ]; then
+    stage "$1" closing_line bash "$2" target/debug/dps
+  else
+    stages+=("$1|FAILED|0|1|0")
+    total_failed=$((total_failed + 1))
+    echo "== $1: not run (no target/debug/dps: the cargo stage did not build it)"
+  fi
+}
+suite compat tests/compat/run.sh
+suite openapi tests/openapi/run.sh
 fuzz_secs="${DPS_FUZZ_SECS:-20}"
 if [ "$fuzz_secs" != 0 ]; then
   stage fuzz closing_line bash scripts/fuzz.sh "$fuzz_secs"

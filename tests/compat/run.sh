@@ -12,13 +12,9 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
-dps="${1:-}"
-if [ -z "$dps" ]; then
-  for c in "$root/target/release/dps" "$root/target/debug/dps"; do
-    [ -x "$c" ] && { dps="$c"; break; }
-  done
-fi
-[ -x "$dps" ] || { echo "compat: no dps binary; build it first (cargo build --release -p dps-cli)"; exit 2; }
+# shellcheck source=../find-dps.sh
+. "$here/../find-dps.sh"
+find_dps compat "${1:-}"
 
 # --- install the pinned SDKs --------------------------------------------------------------
 if [ ! -d "$here/node_modules/azure-iot-provisioning-service" ] || [ "$here/package-lock.json" -nt "$here/node_modules/.package-lock.json" ]; then

@@ -900,6 +900,7 @@ pub async fn run(target: &Target, ceiling: Option<&Target>, opts: FleetOptions) 
         cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         server_key: target.server_key.clone(),
         hub_registrar: None,
+        metrics_registrations: None,
     })
 }
 

@@ -148,6 +148,10 @@ pub struct BenchReport {
     /// started the dps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hub_registrar: Option<String>,
+    /// With `--metrics`: the registrations the started dps counted in
+    /// `dps_registrations_total`, scraped after the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_registrations: Option<u64>,
 }
 
 fn phase_text(out: &mut String, name: &str, p: &PhaseReport) {
@@ -201,6 +205,9 @@ impl BenchReport {
         );
         if let Some(r) = &self.hub_registrar {
             let _ = writeln!(out, "hubs     registrar {r}");
+        }
+        if let Some(n) = self.metrics_registrations {
+            let _ = writeln!(out, "metrics  on; dps_registrations_total after the run: {n}");
         }
         if self.enrollments_created > 0 || self.setup_seconds > 0.5 {
             let _ = writeln!(

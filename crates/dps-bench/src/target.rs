@@ -236,8 +236,15 @@ host_name = \"hub-3.bench.localhost\"
 /// (SQLite `synchronous = "full"`, or PostgreSQL with the database's default
 /// `synchronous_commit`), three linked hubs and the `bench` rule set.
 ///
-/// `hubs` replaces the three hubs (`[[hubs]]` entries with their registrars).
-pub fn server_config(data_dir: &Path, server_key: GeneratedKey, store: &BenchStore, hubs: Option<&str>) -> String {
+/// `hubs` replaces the three hubs (`[[hubs]]` entries with their registrars); `extra` (TOML
+/// tables, e.g. `[metrics]`) is added at the end.
+pub fn server_config(
+    data_dir: &Path,
+    server_key: GeneratedKey,
+    store: &BenchStore,
+    hubs: Option<&str>,
+    extra: &str,
+) -> String {
     let quote = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
     let store = match store {
         BenchStore::Sqlite => "synchronous = \"full\"".to_string(),
@@ -274,11 +281,13 @@ name = "bench"
 when = "true"
 payload = "{{'registrationId': registrationId, 'model': payload == null ? 'none' : string(payload.modelId)}}"
 
+{}
 {}"#,
         quote(&data_dir.display().to_string()),
         server_key.as_str(),
         store,
-        hubs.unwrap_or(DEFAULT_HUBS)
+        hubs.unwrap_or(DEFAULT_HUBS),
+        extra
     )
 }
 
@@ -291,12 +300,13 @@ impl SpawnedServer {
         server_key: GeneratedKey,
         store: &BenchStore,
         hubs: Option<&str>,
+        extra: &str,
     ) -> Result<SpawnedServer, BenchError> {
         std::fs::create_dir_all(data_dir).map_err(BenchError::io(format!("cannot create {}", data_dir.display())))?;
         let data_dir =
             data_dir.canonicalize().map_err(BenchError::io(format!("cannot resolve {}", data_dir.display())))?;
         let config = data_dir.join("bench-dps.toml");
-        std::fs::write(&config, server_config(&data_dir, server_key, store, hubs))
+        std::fs::write(&config, server_config(&data_dir, server_key, store, hubs, extra))
             .map_err(BenchError::io(format!("cannot write {}", config.display())))?;
         let log = data_dir.join("bench-dps.log");
         let log_file =

@@ -114,6 +114,10 @@ pub struct BenchArgs {
     /// registrar's cost shows against a `record` run in the same session (BENCHMARKS.md).
     #[arg(long, value_enum, default_value = "record")]
     registrar: RegistrarKind,
+    /// Turn on the started dps's Prometheus metrics (`[metrics] listen` on loopback) and scrape
+    /// them after the run: their cost shows against a run without (BENCHMARKS.md).
+    #[arg(long)]
+    metrics: bool,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -350,7 +354,8 @@ fn run_nodes(
         // The first node creates the schema and the service identity; the others join it.
         for i in 0..args.nodes {
             let node_dir = if args.nodes == 1 { dir.clone() } else { dir.join(format!("node-{i}")) };
-            servers.push(SpawnedServer::start(&exe, &node_dir, args.server_key, store, hubs.config.as_deref())?);
+            let extra = if args.metrics { "[metrics]\nlisten = \"127.0.0.1:0\"\n" } else { "" };
+            servers.push(SpawnedServer::start(&exe, &node_dir, args.server_key, store, hubs.config.as_deref(), extra)?);
         }
     }
     let target = match (servers.first(), &args.target) {
@@ -363,18 +368,49 @@ fn run_nodes(
         (None, None) => return Err(BenchError::Input("no target".into())),
     };
     let ceiling = if args.no_ceiling { None } else { start_ceiling(&target)? };
-    let report = rt.block_on(dps_bench::run(&target, ceiling.as_ref().map(|(_, t)| t), opts)).map(|mut r| {
+    let mut report = rt.block_on(dps_bench::run(&target, ceiling.as_ref().map(|(_, t)| t), opts)).map(|mut r| {
         if args.target.is_none() {
             r.hub_registrar =
                 Some(args.registrar.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string()));
         }
         r
     });
+    if let (Ok(r), true) = (&mut report, args.metrics) {
+        let mut total = 0;
+        for server in &servers {
+            total += rt.block_on(scraped_registrations(&server.data_dir))?;
+        }
+        r.metrics_registrations = Some(total);
+    }
     drop(ceiling);
     drop(servers);
     drop(temp);
     drop(hubs);
     report
+}
+
+/// The sum of `dps_registrations_total` a started dps serves at its metrics address.
+async fn scraped_registrations(data_dir: &std::path::Path) -> Result<u64, BenchError> {
+    let path = data_dir.join(dps_server::bootstrap::DEV_CREDENTIALS_FILE);
+    let creds: serde_json::Value = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| BenchError::Setup(format!("cannot read {}", path.display())))?;
+    let addr = creds["metricsAddress"]
+        .as_str()
+        .ok_or_else(|| BenchError::Setup(format!("{} has no metricsAddress", path.display())))?;
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| BenchError::Setup(format!("cannot scrape http://{addr}/metrics: {e}")))?
+        .text()
+        .await
+        .map_err(|e| BenchError::Setup(format!("cannot scrape http://{addr}/metrics: {e}")))?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("dps_registrations_total{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum::<f64>() as u64)
 }
 
 /// The linked hubs of a run with a registrar, and what serves them (kept until the run ends).

@@ -156,15 +156,21 @@ enum ConfigCommand {
     },
 }
 
-fn init_logging(filter: &str) {
+/// Logs to stderr with the configured filter (`RUST_LOG` wins), as text or one JSON object per
+/// line (with the current span's fields, so lines of a request carry its `request_id`).
+fn init_logging(log: &dps_server::config::LogConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match log.format {
+        dps_server::config::LogFormat::Json => {
+            builder.json().with_current_span(true).with_span_list(false).flatten_event(true).init()
+        }
+        dps_server::config::LogFormat::Text => {
+            builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init()
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -243,6 +243,16 @@ fn bench_runs_with_each_hub_registrar() {
     assert!(err.contains("--registrar applies to the dps that dps bench starts"), "{err}");
 }
 
+/// `--metrics`: the started dps counts in its metrics exactly the registrations the run made.
+#[test]
+fn bench_with_metrics_scrapes_what_the_run_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, r, err) = bench(dir.path(), &["-n", "100", "-c", "8", "--metrics"]);
+    assert_eq!(code, 0, "{err} {r}");
+    assert_clean(&r, 100, "https", &err);
+    assert_eq!(r["metrics_registrations"], 100, "{r:#}");
+}
+
 /// A server whose credentials name no AMQP listener: `--transport amqp` is refused before
 /// anything is created (nothing listens at the addresses of this file).
 #[test]

@@ -88,9 +88,11 @@ pub async fn accept_tls<F, Fut>(
             match ticket.handshake(acceptor.accept(stream)).await {
                 Ok(tls) => serve(tls, peer, ticket).await,
                 Err(HandshakeError::Failed(e)) => {
+                    crate::metrics::tls_handshake_failed(what, "failed");
                     tracing::debug!(%peer, listener = what, error = %e, "TLS handshake failed")
                 }
                 Err(HandshakeError::TimedOut(d)) => {
+                    crate::metrics::tls_handshake_failed(what, "timeout");
                     tracing::debug!(%peer, listener = what, ms = d.as_millis() as u64, "TLS handshake timed out")
                 }
                 Err(HandshakeError::Shed) => tracing::debug!(%peer, listener = what,

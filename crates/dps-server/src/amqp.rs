@@ -461,7 +461,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<'_, S> {
         let result =
             Box::pin(ctx.engine.devices().authenticate_device(&parsed.id_scope, &parsed.registration_id, &credential))
                 .await;
-        match ctx.auth_failures.observe(ip, result) {
+        match ctx.auth_failures.observe(ip, crate::metrics::Transport::Amqp, result) {
             Ok(Authentication::Authenticated(device)) => {
                 tracing::debug!(peer = %self.peer, transport = self.transport, registration_id = device.registration_id(), "AMQP authenticated by client certificate");
                 self.identity = Some(device);

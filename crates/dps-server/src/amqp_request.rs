@@ -14,7 +14,9 @@ use dps_proto::amqp_message::{decode_message, Body, Message, Properties};
 use dps_proto::error::ErrorCode;
 
 use crate::amqp_context::AmqpContext;
+use crate::metrics::Transport;
 use crate::reply::{ErrorReply, Refusal, RequestError};
+use tracing::Instrument;
 
 /// The application property naming the operation.
 pub const OPERATION_TYPE: &str = "iotdps-operation-type";
@@ -49,7 +51,11 @@ pub(crate) async fn answer(ctx: &AmqpContext, device: &mut AuthenticatedDevice, 
         }
     };
     let correlation = message.properties.correlation_id.clone().or_else(|| message.properties.message_id.clone());
-    match handle(ctx, device, &message).await {
+    // Lines logged while the engine works carry the request's ID (the error body's trackingId).
+    let span = tracing::info_span!("request", request_id = %request_id);
+    let outcome = handle(ctx, device, &message).instrument(span.clone()).await;
+    let _entered = span.enter();
+    match outcome {
         Ok(reply) => {
             let body = match serde_json::to_vec(&reply.operation) {
                 Ok(b) => b,
@@ -95,14 +101,20 @@ async fn handle(
             };
             // Boxed: the engine's futures are large, and inline they would make every held
             // connection's task that large while it idles.
-            Ok(Box::pin(devices.register_device_forced(device, body, force)).await?)
+            let attestation = crate::metrics::attestation_label(device.enrollment().attestation_type());
+            let started = std::time::Instant::now();
+            let result = Box::pin(devices.register_device_forced(device, body, force)).await;
+            crate::metrics::registration(Transport::Amqp, attestation, result.as_ref(), started);
+            Ok(result?)
         }
         GET_OPERATION_STATUS => {
             let operation_id = message
                 .application_property(OPERATION_ID)
                 .and_then(Value::as_str)
                 .ok_or_else(|| bad(format!("the application property {OPERATION_ID} is missing")))?;
-            Ok(Box::pin(devices.operation_status_of(device, operation_id)).await?)
+            let result = Box::pin(devices.operation_status_of(device, operation_id)).await;
+            crate::metrics::poll(Transport::Amqp, result.as_ref());
+            Ok(result?)
         }
         other => Err(bad(format!(
             "{OPERATION_TYPE} '{}' is not known; send {REGISTER} or {GET_OPERATION_STATUS}",

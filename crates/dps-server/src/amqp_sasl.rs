@@ -141,7 +141,7 @@ async fn check(
 ) -> Result<Authentication, Failure> {
     ctx.auth_failures.check(peer.ip()).map_err(|r| Refusal { code: SASL_SYS_TEMP, why: r.message })?;
     let result = Box::pin(ctx.engine.devices().authenticate_device(id_scope, registration_id, credential)).await;
-    ctx.auth_failures.observe(peer.ip(), result).map_err(refusal)
+    ctx.auth_failures.observe(peer.ip(), crate::metrics::Transport::Amqp, result).map_err(refusal)
 }
 
 /// `TPM` (protocol-notes §5.2): initial response `NUL idScope NUL registrationId NUL EK`;

@@ -9,6 +9,7 @@ use dps_core::throttle::{Buckets, RateLimit};
 use dps_core::Error;
 use dps_proto::error::ErrorCode;
 
+use crate::metrics::Transport;
 use crate::reply::Refusal;
 use crate::source::address_key;
 
@@ -44,17 +45,18 @@ impl AuthFailures {
         })
     }
 
-    /// Counts a failed authentication from `ip`.
-    pub fn record(&self, ip: IpAddr) {
+    /// Counts a failed authentication from `ip` (`api`: `device` or `service`).
+    pub fn record(&self, ip: IpAddr, transport: Transport, api: &'static str) {
+        crate::metrics::auth_rejected(transport, api);
         if let Some(b) = &self.buckets {
             let _ = b.take(&address_key(ip), now_ms());
         }
     }
 
-    /// Counts `result` if it is an authentication failure; passes it on.
-    pub fn observe<T>(&self, ip: IpAddr, result: Result<T, Error>) -> Result<T, Error> {
+    /// Counts `result` if it is a device's authentication failure; passes it on.
+    pub fn observe<T>(&self, ip: IpAddr, transport: Transport, result: Result<T, Error>) -> Result<T, Error> {
         if matches!(result, Err(Error::Unauthorized(_))) {
-            self.record(ip);
+            self.record(ip, transport, "device");
         }
         result
     }

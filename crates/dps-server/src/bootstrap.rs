@@ -373,6 +373,9 @@ pub struct DevCredentials {
     /// Port of the AMQP listener, when AMQP is enabled.
     #[serde(default)]
     pub amqp_port: Option<u16>,
+    /// Address of the Prometheus metrics listener, when `[metrics] listen` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_address: Option<String>,
     /// Service connection string for the owner policy (HostName carries the port when it is
     /// not 443).
     pub service_connection_string: Option<String>,
@@ -406,6 +409,7 @@ pub fn dev_credentials(
         mqtt_port: mqtt.map(|a| a.port()),
         amqp_address: amqp.map(|a| a.to_string()),
         amqp_port: amqp.map(|a| a.port()),
+        metrics_address: None,
         service_connection_string: owner
             .map(|p| format!("HostName={host_port};SharedAccessKeyName={};SharedAccessKey={}", p.name, p.primary_key)),
         ca_certificate_path: tls.ca.clone(),

@@ -52,8 +52,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// ID scope; generated once and kept in the store when absent.
     pub id_scope: Option<String>,
-    /// Log filter (`RUST_LOG` syntax); the `RUST_LOG` environment variable wins.
-    pub log: String,
+    /// Logging: `log = "<filter>"` or a `[log]` table with `level` and `format`.
+    pub log: LogConfig,
     /// Region of this node, for `geoLatency` allocation.
     pub region: Option<String>,
     /// Listen addresses.
@@ -85,6 +85,74 @@ pub struct Config {
     pub store: StoreConfig,
     /// Rate limits (429 with Retry-After).
     pub throttling: ThrottlingConfig,
+    /// Prometheus metrics.
+    pub metrics: MetricsConfig,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, target, message, fields, the request's span
+    /// with its `request_id`), for log shippers.
+    Json,
+}
+
+/// `log = "<filter>"`, or `[log]` with `level` (the filter) and `format`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    /// Filter in `RUST_LOG` syntax; the `RUST_LOG` environment variable wins.
+    pub level: String,
+    /// Line format.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".into(), format: LogFormat::Text }
+    }
+}
+
+impl<'de> Deserialize<'de> for LogConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            #[serde(default = "default_level")]
+            level: String,
+            #[serde(default)]
+            format: LogFormat,
+        }
+        fn default_level() -> String {
+            "info".into()
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Filter(String),
+            Table(Table),
+        }
+        match Form::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "log must be a filter string (log = \"info\") or a [log] table with level and format = \"text\" | \"json\"",
+            )
+        })? {
+            Form::Filter(level) => Ok(Self { level, format: LogFormat::Text }),
+            Form::Table(t) => Ok(Self { level: t.level, format: t.format }),
+        }
+    }
+}
+
+/// `[metrics]`: Prometheus text at `GET /metrics` on a listener of its own (plain HTTP, no
+/// authentication: bind it to loopback or a private interface). Off when `listen` is unset.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where to serve `/metrics`, e.g. `127.0.0.1:9464`.
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[throttling]`: token buckets; a `*_per_min` of 0 turns that limit off.
@@ -792,7 +860,7 @@ impl Default for Config {
         Self {
             data_dir: PathBuf::from("./dps-data"),
             id_scope: None,
-            log: "info".into(),
+            log: LogConfig::default(),
             region: None,
             listen: ListenConfig::default(),
             tls: TlsConfig::default(),
@@ -808,6 +876,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             store: StoreConfig::default(),
             throttling: ThrottlingConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }

@@ -388,6 +388,23 @@ mod tests {
     }
 
     #[test]
+    fn log_takes_the_short_form_or_a_table_and_metrics_an_address() {
+        use crate::config::{LogConfig, LogFormat};
+        let short = Config::from_toml("log = \"debug\"\n", Path::new("x")).unwrap();
+        assert_eq!(short.log, LogConfig { level: "debug".into(), format: LogFormat::Text });
+        let table = Config::from_toml("[log]\nformat = \"json\"\n", Path::new("x")).unwrap();
+        assert_eq!(table.log, LogConfig { level: "info".into(), format: LogFormat::Json });
+        for bad in ["[log]\nformat = \"xml\"\n", "[log]\nlevl = \"info\"\n", "log = 3\n"] {
+            let err = Config::from_toml(bad, Path::new("x")).unwrap_err().to_string();
+            assert!(err.contains("text") && err.contains("json"), "{bad:?}: {err}");
+        }
+        let m = Config::from_toml("[metrics]\nlisten = \"127.0.0.1:9464\"\n", Path::new("x")).unwrap();
+        assert_eq!(m.metrics.listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert!(Config::from_toml("[metrics]\nlisten = \"localhost\"\n", Path::new("x")).is_err());
+        assert_eq!(Config::default().metrics.listen, None, "off by default");
+    }
+
+    #[test]
     fn unknown_settings_are_named() {
         let err = Config::from_toml("[device]\nassigning_frist = true\n", Path::new("x.toml")).unwrap_err().to_string();
         assert!(err.contains("assigning_frist") && err.contains("x.toml"), "{err}");

@@ -21,6 +21,7 @@ pub mod error;
 pub mod gate;
 pub mod http;
 pub mod listener;
+pub mod metrics;
 pub mod mqtt;
 pub mod policy;
 pub mod registrar;

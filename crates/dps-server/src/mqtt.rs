@@ -24,6 +24,8 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::auth_failures::AuthFailures;
 use crate::config::MqttConfig;
+use crate::metrics::Transport;
+use tracing::Instrument;
 
 pub use crate::config::MAX_PACKET_LIMIT;
 
@@ -326,7 +328,7 @@ async fn connect_identity(
     let result =
         Box::pin(ctx.engine.devices().authenticate_device(&parsed.id_scope, &parsed.registration_id, &credential))
             .await;
-    match ctx.auth_failures.observe(peer.ip(), result) {
+    match ctx.auth_failures.observe(peer.ip(), Transport::Mqtt, result) {
         Ok(Authentication::Authenticated(device)) => Ok(device),
         // MQTT carries no TPM (docs/protocol-notes.md §4): nothing here asks for a challenge.
         Ok(Authentication::Challenge(_)) => {
@@ -349,29 +351,42 @@ async fn handle_request<S: AsyncRead + AsyncWrite + Unpin>(
     let request = mqtt_topic::parse_request_topic(&publish.topic).map_err(|e| End::Violation(e.to_string()))?;
     let engine = &session.ctx.engine;
     let request_id = uuid::Uuid::new_v4().to_string();
-    let (rid, outcome) = match request {
-        DeviceRequest::Register { rid } => {
-            // Boxed: the engine's futures are large, and inline they would make every held
-            // connection's task that large while it idles (BENCHMARKS.md).
-            (
-                rid,
-                Box::pin(engine.devices().register_device(identity, &publish.payload)).await.map(|reply| (202, reply)),
-            )
+    // Lines logged while the engine works carry the request's ID (the error body's trackingId).
+    let span = tracing::info_span!("request", request_id = %request_id);
+    let (rid, outcome) = async {
+        match request {
+            DeviceRequest::Register { rid } => {
+                // Boxed: the engine's futures are large, and inline they would make every held
+                // connection's task that large while it idles (BENCHMARKS.md).
+                let attestation = crate::metrics::attestation_label(identity.enrollment().attestation_type());
+                let started = std::time::Instant::now();
+                let result = Box::pin(engine.devices().register_device(identity, &publish.payload)).await;
+                crate::metrics::registration(Transport::Mqtt, attestation, result.as_ref(), started);
+                (rid, result.map(|reply| (202, reply)))
+            }
+            DeviceRequest::Poll { rid, operation_id } => {
+                let reply = Box::pin(engine.devices().operation_status_of(identity, &operation_id)).await;
+                crate::metrics::poll(Transport::Mqtt, reply.as_ref());
+                // Status 202 while the operation is still assigning, else 200, as over HTTPS.
+                let status = |reply: &DeviceReply| {
+                    if reply.operation.status == RegistrationStatus::Assigning {
+                        202
+                    } else {
+                        200
+                    }
+                };
+                (rid, reply.map(|reply| (status(&reply), reply)))
+            }
         }
-        DeviceRequest::Poll { rid, operation_id } => {
-            let reply = Box::pin(engine.devices().operation_status_of(identity, &operation_id)).await;
-            // Status 202 while the operation is still assigning, else 200, as over HTTPS.
-            let status =
-                |reply: &DeviceReply| if reply.operation.status == RegistrationStatus::Assigning { 202 } else { 200 };
-            (rid, reply.map(|reply| (status(&reply), reply)))
-        }
-    };
+    }
+    .instrument(span)
+    .await;
     match outcome {
         Ok((status, reply)) => {
             session.publish_response(status, &rid, reply.retry_after.map(u64::from), &reply.operation).await
         }
         Err(err) => {
-            tracing::debug!(registration_id = identity.registration_id(), status = err.code().http_status(), error = %err, "MQTT request failed");
+            tracing::debug!(registration_id = identity.registration_id(), request_id, status = err.code().http_status(), error = %err, "MQTT request failed");
             let reply = crate::reply::ErrorReply::new(&err, &request_id);
             session.publish_response(reply.status, &rid, reply.retry_after.map(u64::from), &reply.body).await
         }

@@ -49,6 +49,9 @@ impl Server {
             descriptor_limit = limit,
             "connection caps"
         );
+        // Before anything records: with no [metrics] listen, nothing is installed and every
+        // record is a no-op.
+        let metrics_handle = config.metrics.listen.map(|_| crate::metrics::install()).transpose()?;
         let data_dir = bootstrap::prepare_data_dir(&config.data_dir)?;
         let store = crate::store::open_store(&config.store, &data_dir).await?;
         if config.store.is_shared() {
@@ -108,9 +111,15 @@ impl Server {
             false => None,
         };
         let amqp_bound = amqp_listener.as_ref().map(|(_, a)| *a);
+        let metrics_listener = match config.metrics.listen {
+            Some(addr) => Some(crate::metrics::bind(addr).await?),
+            None => None,
+        };
+        let metrics_bound = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
 
-        let creds =
+        let mut creds =
             bootstrap::dev_credentials(&config, &id_scope, &policies, &tls_files, bound, mqtt_bound, amqp_bound);
+        creds.metrics_address = metrics_bound.map(|a| a.to_string());
         let creds_path = data_dir.join(DEV_CREDENTIALS_FILE);
         let creds_json = serde_json::to_vec_pretty(&creds).map_err(|e| ServerError::Bootstrap(e.to_string()))?;
         bootstrap::write_atomic(&creds_path, &creds_json, true)?;
@@ -156,6 +165,7 @@ impl Server {
         let outbox = calls_hubs.then(|| tokio::spawn(hub_outbox_loop(engine.clone(), stop_rx.clone())));
         let purge = tokio::spawn(purge_loop(engine, stop_rx.clone()));
         let busy = Duration::from_millis(config.limits.busy_handshake_timeout_ms);
+        let mut gates = Vec::new();
         let mqtt_task = match (mqtt_listener, mqtt) {
             (Some((listener, _)), Some(ctx)) => {
                 let gate = Gate::new(GateLimits {
@@ -164,6 +174,7 @@ impl Server {
                     handshake_timeout: Duration::from_secs(config.mqtt.connect_timeout_secs),
                     busy_handshake_timeout: busy,
                 });
+                gates.push(("mqtt", gate.clone()));
                 Some(tokio::spawn(crate::connection::serve_tls(listener, tls.clone(), ctx, gate, stop_rx.clone())))
             }
             _ => None,
@@ -176,6 +187,7 @@ impl Server {
                     handshake_timeout: Duration::from_secs(config.amqp.connect_timeout_secs),
                     busy_handshake_timeout: busy,
                 });
+                gates.push(("amqp", gate.clone()));
                 Some(tokio::spawn(crate::connection::serve_tls(listener, tls.clone(), ctx, gate, stop_rx.clone())))
             }
             _ => None,
@@ -186,6 +198,14 @@ impl Server {
             handshake_timeout: Duration::from_secs(config.limits.tls_handshake_timeout_secs),
             busy_handshake_timeout: busy,
         });
+        gates.push(("https", https_gate.clone()));
+        let metrics_task = match (metrics_listener, metrics_handle) {
+            (Some(listener), Some(handle)) => {
+                let exporter = Arc::new(crate::metrics::Exporter::new(handle, gates));
+                Some(tokio::spawn(exporter.serve(listener, stop_rx.clone())))
+            }
+            _ => None,
+        };
         let https = tokio::spawn(crate::listener::serve_https(
             listener,
             tls,
@@ -194,12 +214,12 @@ impl Server {
             https_gate,
             stop_rx,
         ));
-        tracing::info!(https = %bound, mqtt = ?mqtt_bound, amqp = ?amqp_bound, id_scope, "dps serving");
+        tracing::info!(https = %bound, mqtt = ?mqtt_bound, amqp = ?amqp_bound, metrics = ?metrics_bound, id_scope, "dps serving");
         shutdown.await;
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
         let _ = https.await;
-        for task in [mqtt_task, amqp_task].into_iter().flatten() {
+        for task in [mqtt_task, amqp_task, metrics_task].into_iter().flatten() {
             let _ = task.await;
         }
         let _ = purge.await;

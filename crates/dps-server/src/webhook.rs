@@ -204,11 +204,27 @@ impl AllocationHook for WebhookClient {
             Ok(r) => r.and_then(|answer| parse_answer(&answer)),
             Err(_) => Err(CallError::Timeout(self.timeout.as_secs())),
         };
+        crate::metrics::webhook_call(result.as_ref().map_or_else(failure_cause, |_| "ok"), started);
         match &result {
             Ok(_) => tracing::debug!(url = %redact(url), ms = started.elapsed().as_millis() as u64, "webhook answered"),
             Err(e) => tracing::info!(url = %redact(url), error = %e, "webhook call failed"),
         }
         Ok(result?)
+    }
+}
+
+/// The `outcome` label of a failed webhook call.
+fn failure_cause(e: &CallError) -> &'static str {
+    match e {
+        CallError::Status { status, .. } if *status >= 500 => "status_5xx",
+        CallError::Status { .. } => "status_4xx",
+        CallError::Timeout(_) => "timeout",
+        CallError::Connect(_) => "connect",
+        CallError::TooLarge(_) => "too_large",
+        CallError::InvalidUrl(_) | CallError::Refused(_) => "refused_url",
+        CallError::Busy => "busy",
+        CallError::Request(_) => "request",
+        CallError::InvalidAnswer { .. } => "invalid_answer",
     }
 }
 

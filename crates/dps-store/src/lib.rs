@@ -20,3 +20,11 @@ pub use memory::MemoryStore;
 pub use postgres::{PostgresOptions, PostgresStore};
 pub use scratch::{ScratchDatabase, DEFAULT_TEST_SERVER, TEST_SERVER_ENV};
 pub use sqlite::{SqliteStore, Synchronous, OTHER_WRITERS_SEEN_WITHIN};
+
+/// Records one group commit for the Prometheus metrics (docs/operations.md): its latency and how
+/// many write requests it carried. A no-op unless the server installed a recorder.
+fn record_commit(backend: &'static str, requests: usize, started: std::time::Instant) {
+    metrics::histogram!("dps_store_commit_duration_seconds", "store" => backend)
+        .record(started.elapsed().as_secs_f64());
+    metrics::histogram!("dps_store_commit_batch_size", "store" => backend).record(requests as f64);
+}

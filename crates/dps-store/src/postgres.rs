@@ -645,7 +645,9 @@ async fn writer_loop(pool: Pool, jobs: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>,
             }
             batch
         };
+        let (size, started) = (batch.len(), std::time::Instant::now());
         commit_batch(&pool, batch, slot).await;
+        crate::record_commit("postgres", size, started);
     }
 }
 

@@ -310,7 +310,9 @@ fn writer_loop(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
+        let (size, started) = (batch.len(), std::time::Instant::now());
         commit_batch(&mut conn, batch);
+        crate::record_commit("sqlite", size, started);
         if let Some(f) = after {
             f(&mut conn);
         }

@@ -94,8 +94,10 @@ impl Dps {
         let extra = self.config_extra.as_str();
         let split = if extra.starts_with('[') { 0 } else { extra.find("\n[").map_or(extra.len(), |i| i + 1) };
         let (top, tables) = extra.split_at(split);
+        // A [log] table of the test's replaces the short form.
+        let log = if tables.contains("[log]") { "" } else { "log = \"info\"\n" };
         let config = format!(
-            "data_dir = {:?}\nlog = \"info\"\n{top}\n[listen]\n{}\n{tables}\n",
+            "data_dir = {:?}\n{log}{top}\n[listen]\n{}\n{tables}\n",
             self.data_dir().display().to_string(),
             self.listen,
         );

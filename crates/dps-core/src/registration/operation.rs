@@ -75,7 +75,7 @@ impl DeviceRuntime {
         }
         let retry_after = (op.result.status == RegistrationStatus::Assigning).then_some(self.settings.retry_after_secs);
         tracing::debug!(registration_id, operation_id, status = ?op.result.status, "operation polled");
-        Ok(DeviceReply { operation: op.result, retry_after })
+        Ok(DeviceReply { operation: op.result, retry_after, attestation: None })
     }
 
     /// Answers a device registration status lookup (`POST /{scope}/registrations/{id}`).

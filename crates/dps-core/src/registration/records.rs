@@ -30,6 +30,11 @@ impl ResolvedEnrollment {
         }
     }
 
+    /// The enrollment's attestation mechanism.
+    pub fn attestation_type(&self) -> dps_proto::service::AttestationType {
+        self.common().attestation.kind
+    }
+
     pub(super) fn group_id(&self) -> Option<&str> {
         match self {
             ResolvedEnrollment::Group(g) => Some(&g.enrollment_group_id),

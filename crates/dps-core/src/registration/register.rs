@@ -42,6 +42,9 @@ pub struct DeviceReply {
     pub operation: RegistrationOperationStatus,
     /// `retry-after` seconds when the device should poll.
     pub retry_after: Option<u32>,
+    /// The attestation mechanism of the enrollment the device registered with (register
+    /// answers; not sent, for metrics).
+    pub attestation: Option<dps_proto::service::AttestationType>,
 }
 
 /// What a register request comes to when it is not refused.
@@ -186,9 +189,10 @@ impl DeviceRuntime {
             Resolved::Enrollment(proven) => proven,
             Resolved::Challenge(challenge) => return Ok(Registered::Challenge(challenge)),
         };
-        self.register_enrollment(req.registration_id, &credential, proven, payload, req.force)
-            .await
-            .map(Registered::Reply)
+        let attestation = proven.enrollment.attestation_type();
+        let mut reply = self.register_enrollment(req.registration_id, &credential, proven, payload, req.force).await?;
+        reply.attestation = Some(attestation);
+        Ok(Registered::Reply(reply))
     }
 
     /// Registers a device that authenticated when it connected (MQTT, AMQP): as
@@ -212,7 +216,10 @@ impl DeviceRuntime {
         let payload = self.check_payload(parsed.payload)?;
         // The re-check does not look at a TPM device's key: the register path does.
         let proven = Proven { enrollment: self.recheck(device).await?, tpm_key: None };
-        self.register_enrollment(registration_id, device.credential(), proven, payload, force).await
+        let attestation = proven.enrollment.attestation_type();
+        let mut reply = self.register_enrollment(registration_id, device.credential(), proven, payload, force).await?;
+        reply.attestation = Some(attestation);
+        Ok(reply)
     }
 
     /// The register path after authentication.
@@ -503,9 +510,10 @@ impl DeviceRuntime {
                     registration_state: None,
                 },
                 retry_after: Some(self.settings.retry_after_secs),
+                attestation: None,
             };
         }
-        DeviceReply { operation: result, retry_after: None }
+        DeviceReply { operation: result, retry_after: None, attestation: None }
     }
 
     pub(super) fn put_operation(

@@ -7,6 +7,7 @@ use http::StatusCode;
 
 use super::response::json;
 use super::{AppState, Call, HttpResult};
+use crate::metrics::Transport;
 
 fn credential(call: &Call) -> Credential {
     match call.headers.get(http::header::AUTHORIZATION) {
@@ -55,17 +56,25 @@ pub(crate) async fn register(state: &AppState, call: &Call, scope: String, id: S
         force,
     };
     state.auth_failures.check(call.peer.ip())?;
-    let reply = match state.auth_failures.observe(call.peer.ip(), state.engine.devices().register(request).await)? {
+    let attestation = crate::metrics::credential_label(&request.credential);
+    let started = std::time::Instant::now();
+    let result = state.engine.devices().register(request).await;
+    crate::metrics::registration(Transport::Https, attestation, result.as_ref(), started);
+    let reply = match state.auth_failures.observe(call.peer.ip(), Transport::Https, result)? {
         Registered::Reply(reply) => reply,
         Registered::Challenge(challenge) => return Ok(challenge_response(&challenge, &call.request_id)),
     };
     let mut resp = with_retry_after(json(StatusCode::ACCEPTED, &reply.operation, &call.request_id), &reply);
+    set_location(&mut resp, call, &format!("{scope}/registrations/{id}/register"));
+    Ok(resp)
+}
+
+/// `Location: https://{host}/{path}` (the register's 202, and a poll's 202 while assigning).
+fn set_location(resp: &mut http::Response<http_body_util::Full<bytes::Bytes>>, call: &Call, path: &str) {
     let host = call.header("host").unwrap_or("localhost");
-    let location = format!("https://{host}/{scope}/registrations/{id}/register");
-    if let Ok(v) = HeaderValue::from_str(&location) {
+    if let Ok(v) = HeaderValue::from_str(&format!("https://{host}/{path}")) {
         resp.headers_mut().insert(LOCATION, v);
     }
-    Ok(resp)
 }
 
 /// `GET /{scope}/registrations/{id}/operations/{operationId}` → 202 while assigning, else 200.
@@ -78,14 +87,16 @@ pub(crate) async fn operation_status(
 ) -> HttpResult {
     call.require_api_version()?;
     state.auth_failures.check(call.peer.ip())?;
-    let reply = state.auth_failures.observe(
-        call.peer.ip(),
-        state.engine.devices().operation_status(&scope, &id, &operation, &credential(call)).await,
-    )?;
-    // 202 while the operation is still assigning, else 200 (docs/protocol-notes.md §3).
-    let status =
-        if reply.operation.status == RegistrationStatus::Assigning { StatusCode::ACCEPTED } else { StatusCode::OK };
-    Ok(with_retry_after(json(status, &reply.operation, &call.request_id), &reply))
+    let result = state.engine.devices().operation_status(&scope, &id, &operation, &credential(call)).await;
+    crate::metrics::poll(Transport::Https, result.as_ref());
+    let reply = state.auth_failures.observe(call.peer.ip(), Transport::Https, result)?;
+    // 202 with `Location` while the operation is still assigning, else 200 (docs/protocol-notes.md §3).
+    if reply.operation.status == RegistrationStatus::Assigning {
+        let mut resp = with_retry_after(json(StatusCode::ACCEPTED, &reply.operation, &call.request_id), &reply);
+        set_location(&mut resp, call, &format!("{scope}/registrations/{id}/operations/{operation}"));
+        return Ok(resp);
+    }
+    Ok(with_retry_after(json(StatusCode::OK, &reply.operation, &call.request_id), &reply))
 }
 
 /// `POST /{scope}/registrations/{id}` → 200 with the registration state.
@@ -94,6 +105,7 @@ pub(crate) async fn registration_status(state: &AppState, call: &Call, scope: St
     state.auth_failures.check(call.peer.ip())?;
     let result = state.auth_failures.observe(
         call.peer.ip(),
+        Transport::Https,
         state.engine.devices().registration_status(&scope, &id, &credential(call), &call.body).await,
     )?;
     Ok(json(StatusCode::OK, &result, &call.request_id))

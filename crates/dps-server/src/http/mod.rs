@@ -6,6 +6,7 @@
 
 mod device;
 mod health;
+mod openapi;
 mod response;
 mod service;
 
@@ -20,6 +21,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use percent_encoding::percent_decode_str;
+use tracing::Instrument;
 
 use crate::policy::Policy;
 use crate::reply::{Refusal, RequestError};
@@ -143,13 +145,25 @@ pub async fn handle(
         tracing::debug!(%path, status = response.status().as_u16(), request_id, "WebSocket upgrade");
         return Ok(response);
     }
-    let response = match read_call(&state, req, &request_id, peer).await {
-        Ok(mut call) => {
-            call.client_chain = client_chain;
-            route(&state, call).await
+    // Every line logged while serving the request carries its ID: the `trackingId` of an
+    // error body, and `x-ms-request-id`.
+    let span = tracing::info_span!("request", request_id = %request_id);
+    let response = async {
+        match read_call(&state, req, &request_id, peer).await {
+            Ok(mut call) => {
+                call.client_chain = client_chain;
+                route(&state, call).await
+            }
+            Err(err) => {
+                let response = error_response(&err.into(), &request_id);
+                crate::metrics::http_request("unread", response.status());
+                response
+            }
         }
-        Err(err) => error_response(&err.into(), &request_id),
-    };
+    }
+    .instrument(span.clone())
+    .await;
+    let _entered = span.enter();
     let status = response.status();
     if status.is_server_error() {
         dps_core::warn_limited!("request-5xx", %method, %path, status = status.as_u16(), request_id, "request failed");
@@ -254,6 +268,7 @@ enum Route {
     DeviceStatus { scope: String, id: String },
     Health,
     Ready,
+    OpenApi,
 }
 
 impl Route {
@@ -278,6 +293,7 @@ impl Route {
             Route::DeviceStatus { .. } => "device registration status",
             Route::Health => "health",
             Route::Ready => "readiness",
+            Route::OpenApi => "openapi document",
         }
     }
 
@@ -295,7 +311,7 @@ impl Route {
             Route::DeviceRegister { .. } => &[Method::PUT],
             Route::DeviceOperation { .. } => &[Method::GET],
             Route::DeviceStatus { .. } => &[Method::POST],
-            Route::Health | Route::Ready => &[Method::GET],
+            Route::Health | Route::Ready | Route::OpenApi => &[Method::GET],
         }
     }
 }
@@ -305,6 +321,7 @@ fn match_route(method: &Method, s: &[String]) -> Option<Route> {
     let route = match s.as_slice() {
         [h] if eq(h, "healthz") => Route::Health,
         [r] if eq(r, "readyz") => Route::Ready,
+        [o] if eq(o, "openapi.json") => Route::OpenApi,
         [e] if eq(e, "enrollments") => Route::EnrollmentBulk,
         [e, q] if eq(e, "enrollments") && eq(q, "query") && method == Method::POST => Route::EnrollmentQuery,
         [e, id] if eq(e, "enrollments") => Route::Enrollment(id.to_string()),
@@ -342,8 +359,17 @@ fn match_route(method: &Method, s: &[String]) -> Option<Route> {
 async fn route(state: &AppState, call: Call) -> Response<Full<Bytes>> {
     let Some(route) = match_route(&call.method, &call.segments) else {
         let err = Refusal::new(ErrorCode::ROUTE_NOT_FOUND, format!("no resource at {}", call.path));
-        return error_response(&err.into(), &call.request_id);
+        let response = error_response(&err.into(), &call.request_id);
+        crate::metrics::http_request("none", response.status());
+        return response;
     };
+    let name = route.name();
+    let response = serve_route(state, route, &call).await;
+    crate::metrics::http_request(name, response.status());
+    response
+}
+
+async fn serve_route(state: &AppState, route: Route, call: &Call) -> Response<Full<Bytes>> {
     if !route.allowed().contains(&call.method) {
         let allowed: Vec<&str> = route.allowed().iter().map(Method::as_str).collect();
         let err = Refusal::new(
@@ -357,27 +383,28 @@ async fn route(state: &AppState, call: Call) -> Response<Full<Bytes>> {
         return resp;
     }
     let result = match route {
-        Route::DeviceRegister { scope, id } => device::register(state, &call, scope, id).await,
+        Route::DeviceRegister { scope, id } => device::register(state, call, scope, id).await,
         Route::DeviceOperation { scope, id, operation } => {
-            device::operation_status(state, &call, scope, id, operation).await
+            device::operation_status(state, call, scope, id, operation).await
         }
-        Route::DeviceStatus { scope, id } => device::registration_status(state, &call, scope, id).await,
-        Route::EnrollmentBulk => service::bulk_enrollments(state, &call).await,
-        Route::EnrollmentQuery => service::query_enrollments(state, &call).await,
-        Route::Enrollment(id) => service::enrollment(state, &call, &id).await,
-        Route::EnrollmentAttestation(id) => service::enrollment_attestation(state, &call, &id).await,
-        Route::GroupBulk => service::bulk_groups(state, &call).await,
-        Route::GroupQuery => service::query_groups(state, &call).await,
-        Route::Group(id) => service::group(state, &call, &id).await,
-        Route::GroupAttestation(id) => service::group_attestation(state, &call, &id).await,
-        Route::Registration(id) => service::registration(state, &call, &id).await,
-        Route::RegistrationQuery(id) => service::query_registrations(state, &call, &id).await,
-        Route::Certificates => service::list_certificates(state, &call).await,
-        Route::Certificate(name) => service::certificate(state, &call, &name).await,
-        Route::CertificateVerificationCode(name) => service::certificate_verification_code(state, &call, &name).await,
-        Route::CertificateVerify(name) => service::certificate_verify(state, &call, &name).await,
-        Route::Health => Ok(health::healthz(&call)),
-        Route::Ready => Ok(health::readyz(state, &call).await),
+        Route::DeviceStatus { scope, id } => device::registration_status(state, call, scope, id).await,
+        Route::EnrollmentBulk => service::bulk_enrollments(state, call).await,
+        Route::EnrollmentQuery => service::query_enrollments(state, call).await,
+        Route::Enrollment(id) => service::enrollment(state, call, &id).await,
+        Route::EnrollmentAttestation(id) => service::enrollment_attestation(state, call, &id).await,
+        Route::GroupBulk => service::bulk_groups(state, call).await,
+        Route::GroupQuery => service::query_groups(state, call).await,
+        Route::Group(id) => service::group(state, call, &id).await,
+        Route::GroupAttestation(id) => service::group_attestation(state, call, &id).await,
+        Route::Registration(id) => service::registration(state, call, &id).await,
+        Route::RegistrationQuery(id) => service::query_registrations(state, call, &id).await,
+        Route::Certificates => service::list_certificates(state, call).await,
+        Route::Certificate(name) => service::certificate(state, call, &name).await,
+        Route::CertificateVerificationCode(name) => service::certificate_verification_code(state, call, &name).await,
+        Route::CertificateVerify(name) => service::certificate_verify(state, call, &name).await,
+        Route::Health => Ok(health::healthz(call)),
+        Route::Ready => Ok(health::readyz(state, call).await),
+        Route::OpenApi => Ok(openapi::document(call)),
     };
     result.unwrap_or_else(|err| error_response(&err, &call.request_id))
 }

@@ -15,19 +15,22 @@ const JSON: &str = "application/json; charset=utf-8";
 /// A JSON response with `x-ms-request-id`.
 pub(crate) fn json<T: Serialize>(code: StatusCode, body: &T, request_id: &str) -> Response<Full<Bytes>> {
     match serde_json::to_vec(body) {
-        Ok(bytes) => {
-            let mut resp = Response::new(Full::new(Bytes::from(bytes)));
-            *resp.status_mut() = code;
-            resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
-            set_request_id(&mut resp, request_id);
-            resp
-        }
+        Ok(bytes) => json_bytes(code, Bytes::from(bytes), request_id),
         Err(e) => {
             tracing::error!(request_id, error = %e, "cannot serialise a response");
             let message = format!("internal error; quote tracking ID {request_id} to the operator");
             error_response(&Refusal::new(ErrorCode::INTERNAL, message).into(), request_id)
         }
     }
+}
+
+/// A response whose body is JSON already, with `x-ms-request-id`.
+pub(crate) fn json_bytes(code: StatusCode, body: Bytes, request_id: &str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
+    set_request_id(&mut resp, request_id);
+    resp
 }
 
 /// An empty response (204).

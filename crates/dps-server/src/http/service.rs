@@ -38,7 +38,7 @@ fn authorize<'s>(state: &'s AppState, call: &Call, rights: &[&str]) -> Result<&'
             path = %call.path, request_id = call.request_id, reason, "service API authentication failed");
     };
     let policy = check_service_token(state, call).map_err(|(e, reason)| {
-        state.auth_failures.record(call.peer.ip());
+        state.auth_failures.record(call.peer.ip(), crate::metrics::Transport::Https, "service");
         log(&reason);
         e
     })?;

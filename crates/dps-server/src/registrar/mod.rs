@@ -27,6 +27,15 @@ enum Registrar {
 }
 
 impl Registrar {
+    /// The `kind` label of its metrics, as `[hubs.registrar] kind` names it.
+    fn kind(&self) -> &'static str {
+        match self {
+            Registrar::Http(_) => "http",
+            Registrar::Azure(_) => "azure-iot-hub",
+            Registrar::Mosquitto(_) => "mosquitto",
+        }
+    }
+
     fn on_failure(&self) -> OnFailure {
         match self {
             Registrar::Http(r) => r.on_failure,
@@ -104,9 +113,32 @@ impl HubRegistrar for Registrars {
     }
 
     async fn register(&self, device: &HubDevice) -> Result<(), RegistrarError> {
-        match self.of(&device.hub) {
-            Some(Registrar::Http(r)) => r.register(device).await,
-            Some(Registrar::Azure(r)) => {
+        let Some(registrar) = self.of(&device.hub) else { return Ok(()) };
+        let started = std::time::Instant::now();
+        let result = self.register_with(registrar, device).await;
+        crate::metrics::registrar_call(registrar.kind(), "register", result.is_ok(), started);
+        result
+    }
+
+    async fn remove(&self, hub: &str, device_id: &str) -> Result<(), RegistrarError> {
+        let Some(registrar) = self.of(hub) else { return Ok(()) };
+        let started = std::time::Instant::now();
+        let result = match registrar {
+            Registrar::Http(r) => r.remove(hub, device_id).await,
+            Registrar::Azure(r) => r.remove(device_id).await,
+            Registrar::Mosquitto(r) => r.remove(device_id).await,
+        };
+        crate::metrics::registrar_call(registrar.kind(), "remove", result.is_ok(), started);
+        result
+    }
+}
+
+impl Registrars {
+    /// Creates or updates the device in its hub with `registrar` (the hub's).
+    async fn register_with(&self, registrar: &Registrar, device: &HubDevice) -> Result<(), RegistrarError> {
+        match registrar {
+            Registrar::Http(r) => r.register(device).await,
+            Registrar::Azure(r) => {
                 // Migrating from another IoT hub: the twin the device has there moves with it.
                 let migrated = match (&device.previous, device.device_data) {
                     (Some(previous), DeviceDataAction::Keep) => match self.of(&previous.hub) {
@@ -120,17 +152,7 @@ impl HubRegistrar for Registrars {
                 };
                 r.register(device, migrated).await
             }
-            Some(Registrar::Mosquitto(r)) => r.register(device).await,
-            None => Ok(()),
-        }
-    }
-
-    async fn remove(&self, hub: &str, device_id: &str) -> Result<(), RegistrarError> {
-        match self.of(hub) {
-            Some(Registrar::Http(r)) => r.remove(hub, device_id).await,
-            Some(Registrar::Azure(r)) => r.remove(device_id).await,
-            Some(Registrar::Mosquitto(r)) => r.remove(device_id).await,
-            None => Ok(()),
+            Registrar::Mosquitto(r) => r.register(device).await,
         }
     }
 }
