@@ -113,6 +113,7 @@ stage fmt one_check cargo fmt --all -- --check
 # With TPM attestation in dps-device and `dps device` (the `tpm` feature, off by default).
 stage clippy one_check cargo clippy --workspace --all-targets --locked --features dps-cli/tpm -- -D warnings
 stage imports one_check python3 scripts/import-cycles.py crates
+stage dashboard one_check python3 scripts/check-dashboard.py docs/grafana-dashboard.json
 stage cargo cargo_cases cargo test --workspace --locked --features dps-cli/tpm
 # suite NAME SCRIPT: a suite run against the dps binary the cargo stage built.
 suite() {

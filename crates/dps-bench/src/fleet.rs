@@ -901,6 +901,7 @@ pub async fn run(target: &Target, ceiling: Option<&Target>, opts: FleetOptions) 
         server_key: target.server_key.clone(),
         hub_registrar: None,
         metrics_registrations: None,
+        events: None,
     })
 }
 

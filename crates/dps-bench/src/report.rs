@@ -152,6 +152,19 @@ pub struct BenchReport {
     /// `dps_registrations_total`, scraped after the run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_registrations: Option<u64>,
+    /// With `--events-nats`: lifecycle events in the run's JetStream stream once delivery
+    /// settled, and how long after the run's end the last one arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<EventsReport>,
+}
+
+/// Lifecycle events of a run (`--events-nats`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EventsReport {
+    /// Messages in the stream.
+    pub delivered: u64,
+    /// Seconds from the end of the timed phase until the count stopped growing.
+    pub settled_after_seconds: f64,
 }
 
 fn phase_text(out: &mut String, name: &str, p: &PhaseReport) {
@@ -208,6 +221,13 @@ impl BenchReport {
         }
         if let Some(n) = self.metrics_registrations {
             let _ = writeln!(out, "metrics  on; dps_registrations_total after the run: {n}");
+        }
+        if let Some(e) = &self.events {
+            let _ = writeln!(
+                out,
+                "events   {} in JetStream, the last {:.2} s after the run",
+                e.delivered, e.settled_after_seconds
+            );
         }
         if self.enrollments_created > 0 || self.setup_seconds > 0.5 {
             let _ = writeln!(

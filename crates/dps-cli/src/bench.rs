@@ -118,6 +118,11 @@ pub struct BenchArgs {
     /// them after the run: their cost shows against a run without (BENCHMARKS.md).
     #[arg(long)]
     metrics: bool,
+    /// Turn on the started dps's lifecycle events to this NATS server (JetStream; e.g.
+    /// nats://127.0.0.1:4222), into a stream of the run's own that is deleted at the end; the
+    /// report counts the events delivered.
+    #[arg(long, value_name = "URL")]
+    events_nats: Option<String>,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -334,6 +339,18 @@ fn run_nodes(
     }
     // The hubs, and what runs them, for the whole run.
     let hubs = rt.block_on(BenchHubs::start(args.registrar))?;
+    if args.target.is_some() && args.events_nats.is_some() {
+        return Err(BenchError::Input(
+            "--events-nats applies to the dps that dps bench starts (configure a --target's [events] in its own config)"
+                .into(),
+        ));
+    }
+    // The run's own subjects and stream.
+    let events_stream = args.events_nats.as_ref().map(|_| {
+        let run =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+        (format!("dpsbench.r{run}"), format!("DPSBENCH_{run}"))
+    });
     // dps nodes of our own unless --target: in --data-dir, or in a temporary directory.
     let mut temp = None;
     let mut servers = Vec::new();
@@ -354,8 +371,23 @@ fn run_nodes(
         // The first node creates the schema and the service identity; the others join it.
         for i in 0..args.nodes {
             let node_dir = if args.nodes == 1 { dir.clone() } else { dir.join(format!("node-{i}")) };
-            let extra = if args.metrics { "[metrics]\nlisten = \"127.0.0.1:0\"\n" } else { "" };
-            servers.push(SpawnedServer::start(&exe, &node_dir, args.server_key, store, hubs.config.as_deref(), extra)?);
+            let mut extra = String::new();
+            if args.metrics {
+                extra.push_str("[metrics]\nlisten = \"127.0.0.1:0\"\n");
+            }
+            if let (Some(url), Some((prefix, stream))) = (&args.events_nats, &events_stream) {
+                extra.push_str(&format!(
+                    "[events]\nnats_url = \"{url}\"\nnats_subject_prefix = \"{prefix}\"\nnats_stream = \"{stream}\"\n"
+                ));
+            }
+            servers.push(SpawnedServer::start(
+                &exe,
+                &node_dir,
+                args.server_key,
+                store,
+                hubs.config.as_deref(),
+                &extra,
+            )?);
         }
     }
     let target = match (servers.first(), &args.target) {
@@ -382,11 +414,47 @@ fn run_nodes(
         }
         r.metrics_registrations = Some(total);
     }
+    if let (Some(url), Some((_, stream))) = (&args.events_nats, &events_stream) {
+        let settled = rt.block_on(events_settled(url, stream));
+        match (&mut report, settled) {
+            (Ok(r), Ok(e)) => r.events = Some(e),
+            (Ok(_), Err(e)) => report = Err(e),
+            (Err(_), _) => {}
+        }
+    }
     drop(ceiling);
     drop(servers);
     drop(temp);
     drop(hubs);
     report
+}
+
+/// Waits until the run's stream stops growing (1 s without a new message, at most 120 s),
+/// then deletes it: how many events it held and when the last arrived.
+async fn events_settled(url: &str, stream: &str) -> Result<dps_bench::report::EventsReport, BenchError> {
+    let fail = |e: &dyn std::fmt::Display| BenchError::Setup(format!("JetStream stream {stream} at {url}: {e}"));
+    let client = async_nats::connect(url).await.map_err(|e| fail(&e))?;
+    let js = async_nats::jetstream::new(client);
+    let started = std::time::Instant::now();
+    let (mut count, mut last_change) = (0u64, started);
+    while last_change.elapsed() < std::time::Duration::from_secs(1)
+        && started.elapsed() < std::time::Duration::from_secs(120)
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let now = match js.get_stream(stream).await {
+            Ok(mut s) => s.info().await.map_err(|e| fail(&e))?.state.messages,
+            Err(_) => 0,
+        };
+        if now != count {
+            count = now;
+            last_change = std::time::Instant::now();
+        }
+    }
+    let settled_after_seconds = last_change.duration_since(started).as_secs_f64();
+    if let Err(e) = js.delete_stream(stream).await {
+        eprintln!("note: cannot delete the stream {stream}: {e}");
+    }
+    Ok(dps_bench::report::EventsReport { delivered: count, settled_after_seconds })
 }
 
 /// The sum of `dps_registrations_total` a started dps serves at its metrics address.

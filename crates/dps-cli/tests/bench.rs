@@ -253,6 +253,19 @@ fn bench_with_metrics_scrapes_what_the_run_did() {
     assert_eq!(r["metrics_registrations"], 100, "{r:#}");
 }
 
+/// `--events-nats`: every registration's lifecycle event (and the group's creation) reaches
+/// the run's JetStream stream (the machine's NATS, or DPS_TEST_NATS_URL).
+#[test]
+fn bench_with_events_counts_them_in_jetstream() {
+    let nats = std::env::var("DPS_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let dir = tempfile::tempdir().unwrap();
+    let (code, r, err) = bench(dir.path(), &["-n", "100", "-c", "8", "--metrics", "--events-nats", &nats]);
+    assert_eq!(code, 0, "{err} {r}");
+    assert_clean(&r, 100, "https", &err);
+    let delivered = r["events"]["delivered"].as_u64().unwrap_or(0);
+    assert!((101..=110).contains(&delivered), "100 registrations and the enrollment group: {r:#}");
+}
+
 /// A server whose credentials name no AMQP listener: `--transport amqp` is refused before
 /// anything is created (nothing listens at the addresses of this file).
 #[test]

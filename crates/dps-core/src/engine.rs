@@ -62,6 +62,9 @@ pub struct EngineSettings {
     pub device_requests: Option<RateLimit>,
     /// Registrations of the whole instance.
     pub registrations: Option<RateLimit>,
+    /// Write lifecycle events ([`crate::events`]) with every registration and enrollment
+    /// change (on when an event sink is configured).
+    pub lifecycle_events: bool,
 }
 
 impl Default for EngineSettings {
@@ -84,6 +87,7 @@ impl Default for EngineSettings {
             tpm_challenge_secs: 3600,
             device_requests: None,
             registrations: None,
+            lifecycle_events: false,
         }
     }
 }

@@ -21,6 +21,7 @@ use crate::allocation::{find_linked, linked_names};
 use crate::engine::{body_error, parse_body, parse_stored, to_json, Management};
 use crate::error::Error;
 use crate::etag::{new_enrollment_etag, IfMatch};
+use crate::events::{enrollment_event, EventKind};
 use crate::store::{Collection, Condition, Document, Page, StoreError, Write};
 
 /// Most items in one bulk operation (docs/protocol-notes.md §10.7).
@@ -432,7 +433,24 @@ impl Management {
                 body: to_json(&record)?,
                 expires_at: None,
             };
-            match self.store.write(vec![Write::Put { collection: R::COLLECTION, document, condition }]).await {
+            let mut writes = vec![Write::Put { collection: R::COLLECTION, document, condition }];
+            if self.settings.lifecycle_events {
+                let kind = match (R::COLLECTION, existing.is_some()) {
+                    (Collection::Enrollments, false) => EventKind::EnrollmentCreated,
+                    (Collection::Enrollments, true) => EventKind::EnrollmentUpdated,
+                    (_, false) => EventKind::GroupCreated,
+                    (_, true) => EventKind::GroupUpdated,
+                };
+                writes.push(enrollment_event(
+                    &self.settings.id_scope,
+                    kind,
+                    event_path::<R>(),
+                    record.id(),
+                    record.common().etag.as_deref(),
+                    self.clock.now_millis(),
+                )?);
+            }
+            match self.store.write(writes).await {
                 Ok(()) => return Ok(record),
                 Err(StoreError::PreconditionFailed(_) | StoreError::AlreadyExists(_))
                     if *if_match == IfMatch::Any && attempts < 5 && !create_only => {}
@@ -475,12 +493,27 @@ impl Management {
         if !if_match.allows(Some(&current.etag)) {
             return Err(precondition_failed::<R>(id, true));
         }
-        let write = Write::Delete {
+        let mut writes = vec![Write::Delete {
             collection: R::COLLECTION,
             id: id.to_string(),
-            condition: Condition::IfMatch(current.etag),
-        };
-        match self.store.write(vec![write]).await {
+            condition: Condition::IfMatch(current.etag.clone()),
+        }];
+        if self.settings.lifecycle_events {
+            let kind = if R::COLLECTION == Collection::Enrollments {
+                EventKind::EnrollmentDeleted
+            } else {
+                EventKind::GroupDeleted
+            };
+            writes.push(enrollment_event(
+                &self.settings.id_scope,
+                kind,
+                event_path::<R>(),
+                &current.id,
+                Some(&current.etag),
+                self.clock.now_millis(),
+            )?);
+        }
+        match self.store.write(writes).await {
             Ok(()) => Ok(()),
             Err(StoreError::NotFound(_)) => Err(not_found::<R>(id)),
             Err(StoreError::PreconditionFailed(_)) => Err(Error::PreconditionFailed(format!(
@@ -584,6 +617,15 @@ fn precondition_failed<R: EnrollmentKind>(id: &str, exists: bool) -> Error {
         ))
     } else {
         Error::PreconditionFailed(format!("{} '{id}' does not exist, so If-Match cannot match", R::NOUN))
+    }
+}
+
+/// The service API path of a record kind, as events name it.
+fn event_path<R: EnrollmentKind>() -> &'static str {
+    if R::COLLECTION == Collection::Enrollments {
+        "enrollments"
+    } else {
+        "enrollmentGroups"
     }
 }
 

@@ -18,6 +18,8 @@ pub mod engine;
 pub mod enrollment;
 pub mod error;
 pub mod etag;
+pub mod event_outbox;
+pub mod events;
 pub mod hub_outbox;
 pub mod lease;
 pub mod log_limit;

@@ -26,11 +26,14 @@ pub enum Collection {
     /// Hub calls owed (a hub registrar's work that is decided but not yet done), keyed by hub
     /// and device ID ([`crate::registrar::outbox_key`]).
     HubOutbox,
+    /// Lifecycle events not yet delivered to every sink, keyed by event ID (UUIDv7,
+    /// time-ordered) ([`crate::events`]).
+    EventOutbox,
 }
 
 impl Collection {
     /// All collections.
-    pub const ALL: [Collection; 8] = [
+    pub const ALL: [Collection; 9] = [
         Collection::Enrollments,
         Collection::EnrollmentGroups,
         Collection::Registrations,
@@ -39,6 +42,7 @@ impl Collection {
         Collection::TpmChallenges,
         Collection::Leases,
         Collection::HubOutbox,
+        Collection::EventOutbox,
     ];
 
     /// A stable small number for storage.
@@ -52,6 +56,7 @@ impl Collection {
             Collection::TpmChallenges => 6,
             Collection::Leases => 7,
             Collection::HubOutbox => 8,
+            Collection::EventOutbox => 9,
         }
     }
 }

@@ -87,6 +87,56 @@ pub struct Config {
     pub throttling: ThrottlingConfig,
     /// Prometheus metrics.
     pub metrics: MetricsConfig,
+    /// Lifecycle events (CloudEvents) to NATS JetStream and/or an HTTP endpoint.
+    pub events: EventsConfig,
+}
+
+/// `[events]`: registration and enrollment lifecycle events as CloudEvents 1.0, delivered at
+/// least once from an outbox in the store (docs/events.md). Off when no sink is set.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// NATS server (`nats://host:4222`, or `tls://` for TLS); events go to JetStream.
+    pub nats_url: Option<String>,
+    /// Subject prefix: an event of type `registration.assigned` goes to
+    /// `{prefix}.registration.assigned`.
+    pub nats_subject_prefix: String,
+    /// A JetStream stream over `{prefix}.>` that dps creates if it is missing; unset: the
+    /// operator provides one (a publish no stream takes is retried).
+    pub nats_stream: Option<String>,
+    /// NATS credentials file (`.creds`), when the server requires one.
+    pub nats_credentials_file: Option<PathBuf>,
+    /// HTTP sink: each event is POSTed here (structured CloudEvents JSON, signed).
+    pub http_url: Option<String>,
+    /// The HTTP sink's signature secret (`x-dps-signature`, as webhooks), at least 16
+    /// characters; or `http_secret_env`.
+    pub http_secret: Option<String>,
+    /// Environment variable holding the HTTP sink's secret.
+    pub http_secret_env: Option<String>,
+    /// Time allowed for one delivery, in seconds.
+    pub timeout_secs: u64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            nats_url: None,
+            nats_subject_prefix: "dps".into(),
+            nats_stream: None,
+            nats_credentials_file: None,
+            http_url: None,
+            http_secret: None,
+            http_secret_env: None,
+            timeout_secs: 10,
+        }
+    }
+}
+
+impl EventsConfig {
+    /// Whether any sink is configured (events are written only then).
+    pub fn any(&self) -> bool {
+        self.nats_url.is_some() || self.http_url.is_some()
+    }
 }
 
 /// How log lines are written.
@@ -877,6 +927,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             throttling: ThrottlingConfig::default(),
             metrics: MetricsConfig::default(),
+            events: EventsConfig::default(),
         }
     }
 }

@@ -271,8 +271,69 @@ impl Config {
         if self.service.default_page_size == 0 || self.service.default_page_size > 1000 {
             return Err(invalid("service.default_page_size", "must be 1..=1000".into()));
         }
-        Ok(())
+        check_events(&self.events)
     }
+}
+
+/// `[events]`.
+fn check_events(e: &crate::config::EventsConfig) -> Result<(), ConfigError> {
+    let invalid =
+        |setting: &str, message: String| ConfigError::Invalid { setting: format!("events.{setting}"), message };
+    let token = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !e.nats_subject_prefix.split('.').all(token) {
+        return Err(invalid(
+            "nats_subject_prefix",
+            format!(
+                "'{}' is not a NATS subject of letters, digits, '-' and '_' tokens joined by '.'",
+                e.nats_subject_prefix
+            ),
+        ));
+    }
+    if let Some(stream) = &e.nats_stream {
+        if !token(stream) {
+            return Err(invalid("nats_stream", format!("'{stream}' is not a stream name (letters, digits, '-', '_')")));
+        }
+    }
+    if let Some(url) = &e.nats_url {
+        if !(url.starts_with("nats://") || url.starts_with("tls://")) || reqwest::Url::parse(url).is_err() {
+            return Err(invalid("nats_url", format!("'{url}' is not a nats:// or tls:// URL")));
+        }
+    }
+    if let Some(url) = &e.http_url {
+        let parsed = reqwest::Url::parse(url).ok().filter(|u| u.scheme() == "https" || u.scheme() == "http");
+        let Some(parsed) = parsed else {
+            return Err(invalid("http_url", format!("'{url}' is not an http:// or https:// URL")));
+        };
+        let loopback = match parsed.host() {
+            Some(url::Host::Ipv4(a)) => a.is_loopback(),
+            Some(url::Host::Ipv6(a)) => a.is_loopback(),
+            Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+            None => false,
+        };
+        if parsed.scheme() == "http" && !loopback {
+            return Err(invalid(
+                "http_url",
+                "http:// sends events in clear: only to a loopback address; use https://".into(),
+            ));
+        }
+        match (&e.http_secret, &e.http_secret_env) {
+            (Some(s), None) if s.len() >= 16 => {}
+            (Some(_), None) => return Err(invalid("http_secret", "use at least 16 characters".into())),
+            (None, Some(_)) => {}
+            _ => {
+                return Err(invalid(
+                    "http_secret",
+                    "set exactly one of http_secret and http_secret_env (events are signed)".into(),
+                ))
+            }
+        }
+    } else if e.http_secret.is_some() || e.http_secret_env.is_some() {
+        return Err(invalid("http_secret", "set only with http_url".into()));
+    }
+    if !(1..=300).contains(&e.timeout_secs) {
+        return Err(invalid("timeout_secs", format!("{} is outside 1..=300", e.timeout_secs)));
+    }
+    Ok(())
 }
 
 /// `[hubs.registrar]` of the hub `hub` (`at` names it in errors).

@@ -18,6 +18,7 @@ pub mod config_check;
 pub mod connection;
 pub mod descriptors;
 pub mod error;
+pub mod events;
 pub mod gate;
 pub mod http;
 pub mod listener;

@@ -200,6 +200,17 @@ pub fn registrar_call(kind: &'static str, operation: &'static str, ok: bool, sta
         .record(started.elapsed().as_secs_f64());
 }
 
+/// Records events delivered to every sink by one drain of the event outbox.
+pub fn events_delivered(count: usize, started: Instant) {
+    metrics::counter!("dps_events_delivered_total").increment(count as u64);
+    metrics::histogram!("dps_event_drain_duration_seconds").record(started.elapsed().as_secs_f64());
+}
+
+/// Records a drain of the event outbox that stopped because a sink refused an event.
+pub fn event_delivery_failed() {
+    metrics::counter!("dps_event_delivery_failures_total").increment(1);
+}
+
 /// The installed recorder and what the scrape reads at each request.
 pub struct Exporter {
     handle: PrometheusHandle,

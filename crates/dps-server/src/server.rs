@@ -89,11 +89,13 @@ impl Server {
             tpm_challenge_secs: config.device.tpm_challenge_secs,
             device_requests: config.throttling.device_requests(),
             registrations: config.throttling.registrations(),
+            lifecycle_events: config.events.any(),
         };
         let webhooks = crate::webhook::WebhookClient::new(&config.allocation, &config.webhooks)?;
         let rules = crate::rules::RuleSets::compile(&config.rules, settings.linked_hubs.clone())?;
         let custom = crate::webhook::CustomAllocator { webhooks, rules };
         let registrars = crate::registrar::Registrars::new(&config.hubs)?;
+        let event_sinks = crate::events::sinks(&config.events)?;
         let calls_hubs = registrars.any();
         let mut engine = Engine::new(store.clone(), settings).with_hook(Arc::new(custom));
         if calls_hubs {
@@ -163,6 +165,8 @@ impl Server {
             stop: stop_rx.clone(),
         });
         let outbox = calls_hubs.then(|| tokio::spawn(hub_outbox_loop(engine.clone(), stop_rx.clone())));
+        let events = (!event_sinks.is_empty())
+            .then(|| tokio::spawn(crate::events::outbox_loop(engine.clone(), event_sinks, stop_rx.clone())));
         let purge = tokio::spawn(purge_loop(engine, stop_rx.clone()));
         let busy = Duration::from_millis(config.limits.busy_handshake_timeout_ms);
         let mut gates = Vec::new();
@@ -223,6 +227,10 @@ impl Server {
             let _ = task.await;
         }
         let _ = purge.await;
+        // Events not yet delivered stay in the outbox for the next start (or another node).
+        if let Some(events) = events {
+            let _ = tokio::time::timeout(Duration::from_secs(5), events).await;
+        }
         // A hub call cut short stays owed in the outbox (the calls are idempotent).
         if let Some(outbox) = outbox {
             outbox.abort();

@@ -166,6 +166,11 @@ impl Dps {
         std::fs::read_to_string(self.dir.join("dps.log")).unwrap_or_default()
     }
 
+    /// The server's process ID, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// SIGKILL, no chance to clean up.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

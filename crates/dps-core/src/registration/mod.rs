@@ -16,6 +16,7 @@
 mod allocate;
 mod authenticate;
 mod hub;
+mod lifecycle;
 mod management;
 mod operation;
 mod records;

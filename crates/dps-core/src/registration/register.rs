@@ -376,6 +376,15 @@ impl DeviceRuntime {
                 self.put_operation(&pending.operation_id, &op, op_condition.clone())?,
             ];
             writes.extend(hub.writes.iter().cloned());
+            if self.settings.lifecycle_events {
+                writes.push(super::lifecycle::registration_event(
+                    &self.settings.id_scope,
+                    &record,
+                    current.as_ref().map(|(_, r)| r),
+                    &pending.operation_id,
+                    self.clock.now_millis(),
+                )?);
+            }
             // Another registration of the device got in first and put it elsewhere: it leaves
             // that hub too.
             if let Some(w) =

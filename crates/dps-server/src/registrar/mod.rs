@@ -159,7 +159,7 @@ impl Registrars {
 
 /// A secret set inline or through an environment variable (exactly one of them), at least
 /// `min_len` characters; errors name the setting and never the value.
-fn secret(
+pub(crate) fn secret(
     at: &str,
     name: &str,
     inline: Option<&str>,

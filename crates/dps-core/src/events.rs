@@ -1,0 +1,158 @@
+//! Lifecycle events: what happened to registrations and enrollments, as CloudEvents 1.0,
+//! delivered at least once to the configured sinks (the [`EventSink`] port: NATS JetStream,
+//! an HTTP endpoint — `dps-server`).
+//!
+//! An event is written to the store's event outbox in the same write as the change it tells
+//! of, so a crash loses none. One node at a time (under a lease) drains the outbox in key
+//! order — event IDs are UUIDv7, time-ordered — and deletes an event once every sink has it;
+//! a sink that fails stops the drain, so the next one starts again with that event and the
+//! events of one device stay in order. A crash between a sink's acknowledgement and the
+//! delete sends an event again with the same `id` (JetStream drops such duplicates by
+//! `Nats-Msg-Id`; HTTP receivers should dedupe by `id`). The drain is in
+//! [`crate::event_outbox`].
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::error::Error;
+use crate::store::{Collection, Condition, Document, Write};
+
+/// The CloudEvents `type` prefix of every event.
+pub const TYPE_PREFIX: &str = "com.dps-rs.";
+
+/// What an event tells of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// A first assignment (or a re-registration that kept the device where it was).
+    RegistrationAssigned,
+    /// A re-registration that moved the device or migrated or reset its data.
+    RegistrationReprovisioned,
+    /// A registration that failed.
+    RegistrationFailed,
+    /// A registration refused because its enrollment is disabled.
+    RegistrationDisabled,
+    /// An individual enrollment was created.
+    EnrollmentCreated,
+    /// An individual enrollment was replaced.
+    EnrollmentUpdated,
+    /// An individual enrollment was deleted.
+    EnrollmentDeleted,
+    /// An enrollment group was created.
+    GroupCreated,
+    /// An enrollment group was replaced.
+    GroupUpdated,
+    /// An enrollment group was deleted.
+    GroupDeleted,
+}
+
+impl EventKind {
+    /// The short name (`registration.assigned`); the CloudEvents `type` is
+    /// [`TYPE_PREFIX`] + this, and the NATS subject `{prefix}.` + this.
+    pub fn name(self) -> &'static str {
+        match self {
+            EventKind::RegistrationAssigned => "registration.assigned",
+            EventKind::RegistrationReprovisioned => "registration.reprovisioned",
+            EventKind::RegistrationFailed => "registration.failed",
+            EventKind::RegistrationDisabled => "registration.disabled",
+            EventKind::EnrollmentCreated => "enrollment.created",
+            EventKind::EnrollmentUpdated => "enrollment.updated",
+            EventKind::EnrollmentDeleted => "enrollment.deleted",
+            EventKind::GroupCreated => "enrollmentgroup.created",
+            EventKind::GroupUpdated => "enrollmentgroup.updated",
+            EventKind::GroupDeleted => "enrollmentgroup.deleted",
+        }
+    }
+}
+
+/// A CloudEvents 1.0 event in its structured JSON form.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CloudEvent {
+    /// Always `1.0`.
+    pub specversion: String,
+    /// Unique, time-ordered (UUIDv7).
+    pub id: String,
+    /// `/dps/{idScope}`.
+    pub source: String,
+    /// `com.dps-rs.registration.assigned`, …
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `registrations/{registrationId}`, `enrollments/{id}`, `enrollmentGroups/{id}`.
+    pub subject: String,
+    /// RFC 3339 UTC with milliseconds.
+    pub time: String,
+    /// `application/json`.
+    pub datacontenttype: String,
+    /// What happened (docs/events.md).
+    pub data: Value,
+}
+
+impl CloudEvent {
+    /// The short type name (`registration.assigned`).
+    pub fn short_type(&self) -> &str {
+        self.kind.strip_prefix(TYPE_PREFIX).unwrap_or(&self.kind)
+    }
+}
+
+/// Why a sink did not take an event.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct SinkError(pub String);
+
+/// Where events go: NATS JetStream, an HTTP endpoint (`dps-server`).
+#[async_trait]
+pub trait EventSink: Send + Sync {
+    /// The sink's name, for logs and metrics.
+    fn name(&self) -> &'static str;
+    /// Delivers one event; `Ok` only once the sink has it durably (a JetStream ack, a 2xx).
+    async fn publish(&self, event: &CloudEvent) -> Result<(), SinkError>;
+}
+
+/// A new event of this instance (`scope`), happening now.
+pub(crate) fn event(
+    settings_scope: &str,
+    kind: EventKind,
+    subject: String,
+    data: Value,
+    now_millis: i64,
+) -> CloudEvent {
+    CloudEvent {
+        specversion: "1.0".into(),
+        id: uuid::Uuid::now_v7().to_string(),
+        source: format!("/dps/{settings_scope}"),
+        kind: format!("{TYPE_PREFIX}{}", kind.name()),
+        subject,
+        time: dps_proto::timestamp::format_millis(now_millis),
+        datacontenttype: "application/json".into(),
+        data,
+    }
+}
+
+/// The write that puts `event` in the outbox.
+pub(crate) fn outbox_write(event: &CloudEvent) -> Result<Write, Error> {
+    Ok(Write::Put {
+        collection: Collection::EventOutbox,
+        document: Document {
+            id: event.id.clone(),
+            etag: event.id.clone(),
+            partition: None,
+            body: serde_json::to_string(event).map_err(|e| Error::Internal(format!("cannot write an event: {e}")))?,
+            expires_at: None,
+        },
+        condition: Condition::IfAbsent,
+    })
+}
+
+/// The event of an enrollment or group change. `path` is `enrollments` or `enrollmentGroups`.
+pub(crate) fn enrollment_event(
+    scope: &str,
+    kind: EventKind,
+    path: &str,
+    id: &str,
+    etag: Option<&str>,
+    now_millis: i64,
+) -> Result<Write, Error> {
+    let id_field = if path == "enrollments" { "registrationId" } else { "enrollmentGroupId" };
+    let data = json!({ id_field: id, "etag": etag });
+    outbox_write(&event(scope, kind, format!("{path}/{id}"), data, now_millis))
+}
