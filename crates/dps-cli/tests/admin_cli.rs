@@ -137,6 +137,7 @@ async fn enrollments_are_created_shown_listed_updated_and_deleted() {
             .json();
     assert_eq!(updated["provisioningStatus"], "disabled");
     assert_ne!(updated["etag"], before["etag"]);
+    assert!(updated["attestation"]["symmetricKey"]["primaryKey"].is_null(), "update hides keys: {updated}");
     let again = admin(&dps, &["enrollment", "show", "--registration-id", "dev-1", "--show-keys"]).json();
     assert_eq!(again["attestation"]["symmetricKey"]["primaryKey"], primary.as_str(), "update kept the keys");
     let state = dps.register_to_end("dev-1", &dps.device_token("dev-1", &primary)).await;
@@ -157,6 +158,20 @@ async fn enrollments_are_created_shown_listed_updated_and_deleted() {
     .fails(1, "412");
     admin(&dps, &["enrollment", "update", "--registration-id", "dev-1", "--ca-name", "x"])
         .fails(2, "the attestation is symmetricKey");
+
+    // A new symmetric-key mechanism without keys: new keys, and the old one stops working.
+    admin(&dps, &["enrollment", "update", "--registration-id", "dev-1", "--provisioning-status", "enabled"]).json();
+    admin(&dps, &["enrollment", "update", "--registration-id", "dev-1", "--attestation", "symmetric-key"]).json();
+    let rotated = admin(&dps, &["enrollment", "show", "--registration-id", "dev-1", "--show-keys"]).json();
+    let new_primary = rotated["attestation"]["symmetricKey"]["primaryKey"].as_str().unwrap().to_string();
+    assert_ne!(new_primary, primary);
+    let (status, _, _) = dps.register("dev-1", Some(&dps.device_token("dev-1", &primary)), json!({})).await;
+    assert_eq!(status, 401, "the old key no longer works");
+    let state = dps.register_to_end("dev-1", &dps.device_token("dev-1", &new_primary)).await;
+    assert_eq!(state["status"], "assigned", "{state}");
+    let old_etag =
+        admin(&dps, &["enrollment", "show", "--registration-id", "dev-1"]).json()["etag"].as_str().unwrap().to_string();
+    admin(&dps, &["enrollment", "update", "--registration-id", "dev-1", "--iot-hubs", "hub-a.example"]).json();
 
     // Delete: a stale ETag is refused, then it goes.
     admin(&dps, &["enrollment", "delete", "--registration-id", "dev-1", "--etag", &old_etag]).fails(1, "412");

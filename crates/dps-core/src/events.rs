@@ -96,8 +96,46 @@ impl CloudEvent {
 
 /// Why a sink did not take an event.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct SinkError(pub String);
+#[error("{message}")]
+pub struct SinkError {
+    /// What went wrong (no credentials: URLs are shown without them).
+    pub message: String,
+    /// The sink refused this event for good (an HTTP 4xx other than 408 and 429): it is
+    /// dropped with a warning instead of blocking every event behind it.
+    pub permanent: bool,
+    /// The event was not offered at all (an earlier one failed, or time was up): the next
+    /// drain offers it, and it is no failure of the sink's.
+    pub untried: bool,
+}
+
+impl SinkError {
+    /// A failure worth retrying.
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self { message: message.into(), permanent: false, untried: false }
+    }
+
+    /// A refusal of this event that retrying will not change.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self { message: message.into(), permanent: true, untried: false }
+    }
+
+    /// Not offered in this drain.
+    pub fn untried() -> Self {
+        Self { message: "not offered in this drain".into(), permanent: false, untried: true }
+    }
+}
+
+/// An event as the outbox keeps it: the event, and the sinks that already have it (so that a
+/// sink that fails does not make the others get it again at every retry).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboxEvent {
+    /// The event.
+    #[serde(flatten)]
+    pub event: CloudEvent,
+    /// Names of the sinks that acknowledged it.
+    #[serde(default, rename = "dpsDeliveredTo", skip_serializing_if = "Vec::is_empty")]
+    pub delivered_to: Vec<String>,
+}
 
 /// Where events go: NATS JetStream, an HTTP endpoint (`dps-server`).
 #[async_trait]
@@ -106,6 +144,28 @@ pub trait EventSink: Send + Sync {
     fn name(&self) -> &'static str;
     /// Delivers one event; `Ok` only once the sink has it durably (a JetStream ack, a 2xx).
     async fn publish(&self, event: &CloudEvent) -> Result<(), SinkError>;
+
+    /// Delivers events in order: one result per event. A sink may send them before the first
+    /// acknowledgement arrives (pipelined); by default they go one by one, and none is started
+    /// after a failure or after `deadline`.
+    async fn publish_all(&self, events: &[&CloudEvent], deadline: std::time::Instant) -> Vec<Result<(), SinkError>> {
+        let mut results = Vec::with_capacity(events.len());
+        for event in events {
+            if std::time::Instant::now() >= deadline {
+                break;
+            }
+            let r = self.publish(event).await;
+            let failed = r.as_ref().is_err_and(|e| !e.permanent);
+            results.push(r);
+            if failed {
+                break;
+            }
+        }
+        while results.len() < events.len() {
+            results.push(Err(SinkError::untried()));
+        }
+        results
+    }
 }
 
 /// A new event of this instance (`scope`), happening now.
@@ -130,16 +190,21 @@ pub(crate) fn event(
 
 /// The write that puts `event` in the outbox.
 pub(crate) fn outbox_write(event: &CloudEvent) -> Result<Write, Error> {
+    outbox_put(&OutboxEvent { event: event.clone(), delivered_to: Vec::new() }, Condition::IfAbsent)
+}
+
+/// The write that puts (or updates) an outbox entry.
+pub(crate) fn outbox_put(entry: &OutboxEvent, condition: Condition) -> Result<Write, Error> {
     Ok(Write::Put {
         collection: Collection::EventOutbox,
         document: Document {
-            id: event.id.clone(),
-            etag: event.id.clone(),
+            id: entry.event.id.clone(),
+            etag: entry.event.id.clone(),
             partition: None,
-            body: serde_json::to_string(event).map_err(|e| Error::Internal(format!("cannot write an event: {e}")))?,
+            body: serde_json::to_string(entry).map_err(|e| Error::Internal(format!("cannot write an event: {e}")))?,
             expires_at: None,
         },
-        condition: Condition::IfAbsent,
+        condition,
     })
 }
 

@@ -127,7 +127,7 @@ impl Default for EventsConfig {
             http_url: None,
             http_secret: None,
             http_secret_env: None,
-            timeout_secs: 10,
+            timeout_secs: 5,
         }
     }
 }

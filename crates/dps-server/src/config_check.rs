@@ -296,12 +296,14 @@ fn check_events(e: &crate::config::EventsConfig) -> Result<(), ConfigError> {
     }
     if let Some(url) = &e.nats_url {
         if !(url.starts_with("nats://") || url.starts_with("tls://")) || reqwest::Url::parse(url).is_err() {
+            let url = crate::webhook::redact(url);
             return Err(invalid("nats_url", format!("'{url}' is not a nats:// or tls:// URL")));
         }
     }
     if let Some(url) = &e.http_url {
         let parsed = reqwest::Url::parse(url).ok().filter(|u| u.scheme() == "https" || u.scheme() == "http");
         let Some(parsed) = parsed else {
+            let url = crate::webhook::redact(url);
             return Err(invalid("http_url", format!("'{url}' is not an http:// or https:// URL")));
         };
         let loopback = match parsed.host() {
@@ -330,8 +332,9 @@ fn check_events(e: &crate::config::EventsConfig) -> Result<(), ConfigError> {
     } else if e.http_secret.is_some() || e.http_secret_env.is_some() {
         return Err(invalid("http_secret", "set only with http_url".into()));
     }
-    if !(1..=300).contains(&e.timeout_secs) {
-        return Err(invalid("timeout_secs", format!("{} is outside 1..=300", e.timeout_secs)));
+    let most = crate::events::MAX_DELIVERY_SECS;
+    if !(1..=most).contains(&e.timeout_secs) {
+        return Err(invalid("timeout_secs", format!("{} is outside 1..={most}", e.timeout_secs)));
     }
     Ok(())
 }

@@ -15,8 +15,17 @@ use crate::error::ServerError;
 
 /// How often an idle outbox is looked at.
 const POLL: Duration = Duration::from_millis(100);
-/// The lease a draining node holds, renewed at each drain.
+/// The lease a draining node holds.
 const LEASE: Duration = Duration::from_secs(15);
+/// How often the holder renews it.
+const RENEW: Duration = Duration::from_secs(2);
+/// A drain starts no delivery after this long.
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+/// The longest `[events] timeout_secs` (a drain ends within DRAIN_TIME + this < LEASE).
+pub const MAX_DELIVERY_SECS: u64 = 8;
+/// How often the outbox's size is counted for `dps_events_pending`, and the most it counts.
+const PENDING_EVERY: Duration = Duration::from_secs(5);
+const PENDING_CAP: usize = 100_000;
 /// Events per drain, at most (then the lease is renewed).
 const PER_DRAIN: usize = 500;
 /// The longest wait after a sink failed.
@@ -26,6 +35,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// stream drops a duplicate within its window), done when the stream acknowledges.
 pub struct NatsSink {
     url: String,
+    /// The URL without credentials, for messages.
+    shown: String,
     prefix: String,
     stream: Option<String>,
     credentials: Option<std::path::PathBuf>,
@@ -34,6 +45,24 @@ pub struct NatsSink {
 }
 
 impl NatsSink {
+    /// Sends one event; the future acknowledges it.
+    async fn send(
+        &self,
+        context: &async_nats::jetstream::Context,
+        event: &CloudEvent,
+    ) -> Result<async_nats::jetstream::context::PublishAckFuture, SinkError> {
+        let subject = format!("{}.{}", self.prefix, event.short_type());
+        let body =
+            serde_json::to_vec(event).map_err(|e| SinkError::transient(format!("cannot write the event: {e}")))?;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", event.id.as_str());
+        headers.insert("Content-Type", "application/cloudevents+json");
+        context
+            .publish_with_headers(subject.clone(), headers, body.into())
+            .await
+            .map_err(|e| SinkError::transient(format!("JetStream refused {subject}: {e}")))
+    }
+
     async fn context(&self) -> Result<async_nats::jetstream::Context, SinkError> {
         let mut slot = self.context.lock().await;
         if let Some(c) = slot.as_ref() {
@@ -41,15 +70,16 @@ impl NatsSink {
         }
         let mut options = async_nats::ConnectOptions::new().connection_timeout(self.timeout).name("dps");
         if let Some(path) = &self.credentials {
-            options = options
-                .credentials_file(path)
-                .await
-                .map_err(|e| SinkError(format!("cannot read the NATS credentials file {}: {e}", path.display())))?;
+            options = options.credentials_file(path).await.map_err(|e| {
+                SinkError::transient(format!("cannot read the NATS credentials file {}: {e}", path.display()))
+            })?;
         }
         let client = tokio::time::timeout(self.timeout, options.connect(self.url.as_str()))
             .await
-            .map_err(|_| SinkError(format!("NATS at {} did not answer within {:?}", self.url, self.timeout)))?
-            .map_err(|e| SinkError(format!("cannot connect to NATS at {}: {e}", self.url)))?;
+            .map_err(|_| {
+                SinkError::transient(format!("NATS at {} did not answer within {:?}", self.shown, self.timeout))
+            })?
+            .map_err(|e| SinkError::transient(format!("cannot connect to NATS at {}: {}", self.shown, e.kind())))?;
         let context = async_nats::jetstream::new(client);
         if let Some(name) = &self.stream {
             let config = async_nats::jetstream::stream::Config {
@@ -60,7 +90,7 @@ impl NatsSink {
             context
                 .get_or_create_stream(config)
                 .await
-                .map_err(|e| SinkError(format!("cannot create or read the JetStream stream {name}: {e}")))?;
+                .map_err(|e| SinkError::transient(format!("cannot create or read the JetStream stream {name}: {e}")))?;
         }
         *slot = Some(context.clone());
         Ok(context)
@@ -73,25 +103,63 @@ impl EventSink for NatsSink {
         "nats"
     }
 
+    /// Pipelined: every publish is sent, then the acknowledgements are awaited in order.
+    async fn publish_all(&self, events: &[&CloudEvent], deadline: Instant) -> Vec<Result<(), SinkError>> {
+        let mut results: Vec<Result<(), SinkError>> = Vec::with_capacity(events.len());
+        let context = match self.context().await {
+            Ok(c) => c,
+            Err(e) => {
+                results.push(Err(e));
+                results.resize_with(events.len(), || Err(SinkError::untried()));
+                return results;
+            }
+        };
+        let mut acks = Vec::with_capacity(events.len());
+        for event in events {
+            if Instant::now() >= deadline {
+                break;
+            }
+            match self.send(&context, event).await {
+                Ok(ack) => acks.push(ack),
+                Err(e) => {
+                    results.push(Err(e));
+                    break;
+                }
+            }
+        }
+        // A send that failed stops the batch: what was sent before it is acknowledged first.
+        let sent_failed = results.pop();
+        let wait_until = tokio::time::Instant::now() + self.timeout;
+        for ack in acks {
+            let r = match tokio::time::timeout_at(wait_until, ack).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(SinkError::transient(format!("JetStream did not acknowledge an event: {e}"))),
+                Err(_) => Err(SinkError::transient(format!("JetStream did not acknowledge within {:?}", self.timeout))),
+            };
+            let failed = r.is_err();
+            results.push(r);
+            if failed {
+                // Later acknowledgements may come; the events are offered again (deduplicated
+                // by their Nats-Msg-Id).
+                break;
+            }
+        }
+        if let Some(e) = sent_failed {
+            if results.iter().all(Result::is_ok) {
+                results.push(e);
+            }
+        }
+        results.resize_with(events.len(), || Err(SinkError::untried()));
+        results
+    }
+
     async fn publish(&self, event: &CloudEvent) -> Result<(), SinkError> {
         let context = self.context().await?;
-        let subject = format!("{}.{}", self.prefix, event.short_type());
-        let body = serde_json::to_vec(event).map_err(|e| SinkError(format!("cannot write the event: {e}")))?;
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", event.id.as_str());
-        headers.insert("Content-Type", "application/cloudevents+json");
-        let publish = async {
-            context
-                .publish_with_headers(subject.clone(), headers, body.into())
-                .await
-                .map_err(|e| SinkError(format!("JetStream refused {subject}: {e}")))?
-                .await
-                .map_err(|e| SinkError(format!("JetStream did not acknowledge {subject}: {e}")))
-        };
-        match tokio::time::timeout(self.timeout, publish).await {
-            Ok(Ok(_ack)) => Ok(()),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(SinkError(format!("JetStream did not acknowledge {subject} within {:?}", self.timeout))),
+        let ack = self.send(&context, event).await?;
+        match tokio::time::timeout(self.timeout, ack).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(SinkError::transient(format!("JetStream did not acknowledge an event: {e}"))),
+            Err(_) => Err(SinkError::transient(format!("JetStream did not acknowledge within {:?}", self.timeout))),
         }
     }
 }
@@ -100,6 +168,8 @@ impl EventSink for NatsSink {
 /// 2xx takes it.
 pub struct HttpSink {
     url: String,
+    /// The URL without credentials or query, for messages.
+    shown: String,
     secret: String,
     client: reqwest::Client,
 }
@@ -111,7 +181,8 @@ impl EventSink for HttpSink {
     }
 
     async fn publish(&self, event: &CloudEvent) -> Result<(), SinkError> {
-        let body = serde_json::to_vec(event).map_err(|e| SinkError(format!("cannot write the event: {e}")))?;
+        let body =
+            serde_json::to_vec(event).map_err(|e| SinkError::transient(format!("cannot write the event: {e}")))?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let signature = crate::webhook::sign(self.secret.as_bytes(), now, &body);
         let response = self
@@ -122,12 +193,18 @@ impl EventSink for HttpSink {
             .body(body)
             .send()
             .await
-            .map_err(|e| SinkError(format!("cannot reach the event endpoint: {e}")))?;
+            .map_err(|e| {
+                SinkError::transient(format!("cannot reach the event endpoint {}: {}", self.shown, e.without_url()))
+            })?;
         let status = response.status();
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(SinkError(format!("the event endpoint answered HTTP {}", status.as_u16())))
+        let text = format!("the event endpoint {} answered HTTP {}", self.shown, status.as_u16());
+        match status.as_u16() {
+            200..=299 => Ok(()),
+            // A refusal of this event that a retry will not change.
+            400..=499 if status.as_u16() != 408 && status.as_u16() != 429 => Err(SinkError::permanent(text)),
+            // 3xx (redirects are not followed: a body must not be lost or sent elsewhere), 408,
+            // 429, 5xx: retried.
+            _ => Err(SinkError::transient(text)),
         }
     }
 }
@@ -139,6 +216,7 @@ pub fn sinks(config: &EventsConfig) -> Result<Vec<Arc<dyn EventSink>>, ServerErr
     if let Some(url) = &config.nats_url {
         sinks.push(Arc::new(NatsSink {
             url: url.clone(),
+            shown: crate::webhook::redact(url),
             prefix: config.nats_subject_prefix.clone(),
             stream: config.nats_stream.clone(),
             credentials: config.nats_credentials_file.clone(),
@@ -156,36 +234,55 @@ pub fn sinks(config: &EventsConfig) -> Result<Vec<Arc<dyn EventSink>>, ServerErr
         )?;
         let client = reqwest::Client::builder()
             .use_rustls_tls()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
             .timeout(timeout)
             .build()
             .map_err(|e| ServerError::Bootstrap(format!("events: cannot set up HTTPS: {e}")))?;
-        sinks.push(Arc::new(HttpSink { url: url.clone(), secret, client }));
+        sinks.push(Arc::new(HttpSink { url: url.clone(), shown: crate::webhook::redact(url), secret, client }));
     }
     Ok(sinks)
 }
 
-/// Drains the event outbox while this node holds the lease, until `stop`.
+/// Drains the event outbox while this node holds the lease, until `stop`. The lease is
+/// renewed every [`RENEW`] and a drain stops starting deliveries after [`DRAIN_TIME`]: with
+/// `timeout_secs` at most [`MAX_DELIVERY_SECS`] a drain ends well within the lease, so two nodes
+/// never deliver at once.
 pub async fn outbox_loop(engine: Engine, sinks: Vec<Arc<dyn EventSink>>, mut stop: watch::Receiver<bool>) {
     let mut backoff = Duration::ZERO;
+    let mut renewed: Option<Instant> = None;
+    let mut counted = Instant::now() - PENDING_EVERY;
     loop {
         let wait = POLL.max(backoff);
         tokio::select! {
             _ = stop.changed() => return,
             _ = tokio::time::sleep(wait) => {}
         }
-        match engine.hold_lease("event-outbox", LEASE).await {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => {
-                dps_core::warn_limited!("event-outbox", error = %e, "the event outbox lease cannot be read");
-                continue;
+        if renewed.is_none_or(|at| at.elapsed() >= RENEW) {
+            match engine.hold_lease("event-outbox", LEASE).await {
+                Ok(true) => renewed = Some(Instant::now()),
+                Ok(false) => {
+                    renewed = None;
+                    continue;
+                }
+                Err(e) => {
+                    renewed = None;
+                    dps_core::warn_limited!("event-outbox", error = %e, "the event outbox lease cannot be read");
+                    continue;
+                }
+            }
+        }
+        if counted.elapsed() >= PENDING_EVERY {
+            counted = Instant::now();
+            if let Ok(n) = engine.pending_events(PENDING_CAP).await {
+                crate::metrics::events_pending(n);
             }
         }
         let started = Instant::now();
-        match engine.drain_event_outbox(&sinks, PER_DRAIN).await {
+        match engine.drain_event_outbox(&sinks, PER_DRAIN, DRAIN_TIME).await {
             Ok(d) => {
-                if d.delivered > 0 {
-                    crate::metrics::events_delivered(d.delivered, started);
+                if d.delivered > 0 || d.dropped > 0 {
+                    crate::metrics::events_delivered(d.delivered, d.dropped, started);
                 }
                 backoff = if d.stalled {
                     crate::metrics::event_delivery_failed();

@@ -200,10 +200,19 @@ pub fn registrar_call(kind: &'static str, operation: &'static str, ok: bool, sta
         .record(started.elapsed().as_secs_f64());
 }
 
-/// Records events delivered to every sink by one drain of the event outbox.
-pub fn events_delivered(count: usize, started: Instant) {
+/// Records events delivered to every sink (and dropped after a permanent refusal) by one
+/// drain of the event outbox.
+pub fn events_delivered(count: usize, dropped: usize, started: Instant) {
     metrics::counter!("dps_events_delivered_total").increment(count as u64);
+    if dropped > 0 {
+        metrics::counter!("dps_events_dropped_total").increment(dropped as u64);
+    }
     metrics::histogram!("dps_event_drain_duration_seconds").record(started.elapsed().as_secs_f64());
+}
+
+/// Sets how many events wait in the outbox (counted up to a cap).
+pub fn events_pending(count: usize) {
+    metrics::gauge!("dps_events_pending").set(count as f64);
 }
 
 /// Records a drain of the event outbox that stopped because a sink refused an event.
@@ -215,7 +224,11 @@ pub fn event_delivery_failed() {
 pub struct Exporter {
     handle: PrometheusHandle,
     gates: Vec<(&'static str, Arc<Gate>)>,
+    slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Connections the metrics listener serves at once.
+const METRICS_CONNECTIONS: usize = 8;
 
 /// Installs the process-wide recorder. Call once, before anything is recorded.
 pub fn install() -> Result<PrometheusHandle, ServerError> {
@@ -232,7 +245,7 @@ pub fn install() -> Result<PrometheusHandle, ServerError> {
 impl Exporter {
     /// An exporter over an installed recorder and the listeners' gates (open connections).
     pub fn new(handle: PrometheusHandle, gates: Vec<(&'static str, Arc<Gate>)>) -> Self {
-        Self { handle, gates }
+        Self { handle, gates, slots: Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS)) }
     }
 
     /// The Prometheus text of every metric, with the gauges read now.
@@ -257,8 +270,14 @@ impl Exporter {
                 },
                 _ = stop.changed() => return,
             };
+            // A few scrapers at once; more wait (or time out) instead of taking descriptors.
+            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+                drop(stream);
+                continue;
+            };
             let exporter = self.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                     let exporter = exporter.clone();
                     async move { Ok::<_, std::convert::Infallible>(exporter.answer(&req)) }
@@ -268,7 +287,7 @@ impl Exporter {
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(std::time::Duration::from_secs(10))
                     .serve_connection(io, service);
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(60), conn).await;
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(15), conn).await;
             });
         }
     }

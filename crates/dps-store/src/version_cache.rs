@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use dps_core::store::{Collection, Write};
 
 /// Slots for per-collection counters, indexed by [`Collection::tag`].
-pub(crate) const TAGS: usize = 9;
+pub(crate) const TAGS: usize = dps_core::store::Collection::ALL.len() + 1;
 
 /// A collection's version as last read from the backend.
 #[derive(Clone, Copy)]

@@ -50,17 +50,14 @@ impl ServiceApi {
                 .map_err(|e| AdminError::Usage(format!("the CA file is not a PEM certificate: {e}")))?;
             builder = builder.tls_built_in_root_certs(false).add_root_certificate(ca);
         }
+        // The URL's port wins over a resolved address's: with --connect-to, its port is used.
+        let mut base = format!("https://{host}");
         if let Some(addr) = login.connect_to {
             builder = builder.resolve(host_only(&host), addr);
+            base = format!("https://{}:{}", host_only(&host), addr.port());
         }
         let http = builder.build().map_err(|e| AdminError::Usage(format!("cannot set up HTTPS: {e}")))?;
-        Ok(ServiceApi {
-            http,
-            base: format!("https://{host}"),
-            host,
-            key_name: login.connection.key_name,
-            key: login.connection.key,
-        })
+        Ok(ServiceApi { http, base, host, key_name: login.connection.key_name, key: login.connection.key })
     }
 
     fn token(&self) -> String {

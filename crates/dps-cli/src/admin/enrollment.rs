@@ -93,6 +93,7 @@ struct Update {
 }
 
 const SPEC: Spec = Spec {
+    bulk_field: "enrollments",
     collection: "enrollments",
     id_field: "registrationId",
     kind: Kind::Enrollment,

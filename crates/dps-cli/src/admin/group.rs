@@ -110,6 +110,7 @@ struct Update {
 }
 
 const SPEC: Spec = Spec {
+    bulk_field: "enrollmentGroups",
     collection: "enrollmentGroups",
     id_field: "enrollmentGroupId",
     kind: Kind::Group,

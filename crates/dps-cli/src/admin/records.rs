@@ -12,6 +12,8 @@ use super::AdminError;
 pub struct Spec {
     /// Collection segment of the service API.
     pub collection: &'static str,
+    /// The member of a bulk operation that lists the records.
+    pub bulk_field: &'static str,
     /// The record's ID field.
     pub id_field: &'static str,
     /// Individual enrollment or group.
@@ -57,10 +59,31 @@ impl Spec {
             record["deviceId"] = json!(d);
         }
         draft.flags.apply(&mut record)?;
+        let exists = || AdminError::Usage(format!("{id} exists; change it with `{} update`", self.command));
+        // A quick check for a clear message, then a create-only write (a bulk `create`), so
+        // that a record made in between is not replaced.
         if self.exists(api, id).await? {
-            return Err(AdminError::Usage(format!("{id} exists; change it with `{} update`", self.command)));
+            return Err(exists());
         }
-        output::item(out, &api.put(&[self.collection, id], &record, None).await?);
+        let bulk = json!({ "mode": "create", self.bulk_field: [record] });
+        let result = api.post(&[self.collection], &bulk, None).await?;
+        if result["isSuccessful"] != json!(true) {
+            let error = &result["errors"][0];
+            let code = error["errorCode"].as_u64().unwrap_or(0);
+            if code / 1000 == 409 {
+                return Err(exists());
+            }
+            let body = json!({"errorCode": code, "message": error["errorStatus"]});
+            return Err(AdminError::refused(
+                &format!("POST /{} (create)", self.collection),
+                (code / 1000) as u16,
+                &body,
+            ));
+        }
+        // What was created, with the keys the service generated.
+        let mut record = api.get(&[self.collection, id]).await?;
+        record["attestation"] = api.post(&[self.collection, id, "attestationmechanism"], &json!({}), None).await?;
+        output::item(out, &record);
         Ok(())
     }
 
@@ -94,8 +117,27 @@ impl Spec {
         let mut record = api.get(&[self.collection, id]).await?;
         let etag = etag.or_else(|| record["etag"].as_str().map(str::to_string));
         match attestation {
-            Some(a) => record["attestation"] = draft.flags.new_attestation(self.kind, a, draft.tpm)?,
-            None => draft.flags.patch_attestation(self.kind, &mut record["attestation"], draft.tpm)?,
+            Some(a) => {
+                record["attestation"] = draft.flags.new_attestation(self.kind, a, draft.tpm)?;
+                // A new symmetric-key mechanism without keys gets new keys: the old ones stop
+                // working (a service keeps omitted keys).
+                if a == Attestation::SymmetricKey {
+                    let keys = &mut record["attestation"]["symmetricKey"];
+                    for field in ["primaryKey", "secondaryKey"] {
+                        if keys.get(field).is_none() {
+                            keys[field] = json!(new_key());
+                        }
+                    }
+                }
+            }
+            None => {
+                // The mechanism as stored (reads hide keys and certificates): written back
+                // unchanged where no flag changes it, on any DPS.
+                let mut full = api.post(&[self.collection, id, "attestationmechanism"], &json!({}), None).await?;
+                strip_certificate_info(&mut full);
+                record["attestation"] = full;
+                draft.flags.patch_attestation(self.kind, &mut record["attestation"], draft.tpm)?;
+            }
         }
         if let Some(d) = draft.device_id {
             record["deviceId"] = json!(d);
@@ -107,12 +149,42 @@ impl Spec {
                 map.remove(key);
             }
         }
-        output::item(out, &api.put(&[self.collection, id], &record, etag.as_deref()).await?);
+        let mut saved = api.put(&[self.collection, id], &record, etag.as_deref()).await?;
+        // Keys are shown by `show --show-keys` only (the answer carries them).
+        if let Some(keys) = saved["attestation"]["symmetricKey"].as_object_mut() {
+            keys.remove("primaryKey");
+            keys.remove("secondaryKey");
+        }
+        output::item(out, &saved);
         Ok(())
     }
 
     /// Deletes a record, only if it still has `etag` when one is given.
     pub async fn delete(&self, api: &ServiceApi, id: &str, etag: Option<&str>) -> Result<(), AdminError> {
         api.delete(&[self.collection, id], etag).await
+    }
+}
+
+/// A new symmetric key: 64 random bytes, base64 (as the service generates them).
+fn new_key() -> String {
+    use base64::Engine as _;
+    let mut bytes = [0u8; 64];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Drops the read-only `info` of X.509 certificates (the service derives it).
+fn strip_certificate_info(attestation: &mut Value) {
+    let Some(x509) = attestation.get_mut("x509").and_then(Value::as_object_mut) else { return };
+    for slot in ["clientCertificates", "signingCertificates"] {
+        if let Some(certs) = x509.get_mut(slot).and_then(Value::as_object_mut) {
+            for which in ["primary", "secondary"] {
+                if let Some(c) = certs.get_mut(which).and_then(Value::as_object_mut) {
+                    if c.contains_key("certificate") {
+                        c.remove("info");
+                    }
+                }
+            }
+        }
     }
 }

@@ -268,7 +268,18 @@ impl DeviceRuntime {
                 )),
             };
             let op = pending.operation(result, None);
-            self.store.write(vec![self.put_operation(&pending.operation_id, &op, Condition::IfAbsent)?]).await?;
+            let mut writes = vec![self.put_operation(&pending.operation_id, &op, Condition::IfAbsent)?];
+            if self.settings.lifecycle_events {
+                writes.push(super::lifecycle::disabled_event(
+                    &self.settings.id_scope,
+                    &pending.registration_id,
+                    pending.enrollment.group_id(),
+                    pending.enrollment.attestation_type(),
+                    &pending.operation_id,
+                    self.clock.now_millis(),
+                )?);
+            }
+            self.store.write(writes).await?;
             return Ok(self.reply_for_register(op.result));
         }
         // Built-in policies and in-process rule sets finish here: one write.
