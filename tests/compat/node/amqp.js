@@ -108,7 +108,7 @@ function serverLog(ids) {
 // One registration's events in a server log (tracing's default format: RFC 3339 time, level,
 // target, then the message and its key=value fields): [{ at: ms since the epoch, message }].
 function logEvents(file, registrationId) {
-  const line = /^(\S+)\s+[A-Z]+\s+\S+: (.*?) registration_id="?([^"\s]+)"?(?: |$)/;
+  const line = /^(\S+)\s+[A-Z]+\s+(?:\S+\{[^}]*\}: )*\S+: (.*?) registration_id="?([^"\s]+)"?(?: |$)/;
   return fs
     .readFileSync(file, 'utf8')
     .split('\n')

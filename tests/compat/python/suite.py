@@ -111,8 +111,9 @@ def refused_credential(call):
 
 def log_events(path, registration_id):
     """One registration's events in a server log (tracing's default format: RFC 3339 time,
-    level, target, then the message and its key=value fields): [(seconds since the epoch, message)]."""
-    line = re.compile(r'^(\S+)\s+[A-Z]+\s+\S+: (.*?) registration_id="?([^"\s]+)"?(?: |$)')
+    level, the spans (`request{request_id=…}: `), target, then the message and its key=value
+    fields): [(seconds since the epoch, message)]."""
+    line = re.compile(r'^(\S+)\s+[A-Z]+\s+(?:\S+\{[^}]*\}: )*\S+: (.*?) registration_id="?([^"\s]+)"?(?: |$)')
     events = []
     for text in open(path).read().splitlines():
         m = line.match(text)
