@@ -286,3 +286,65 @@ fn uuid_like() -> String {
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     format!("{:x}{:04x}", t, std::process::id() & 0xffff)
 }
+
+/// A 4xx other than 408/429 drops that event (counted in the metrics) instead of blocking the
+/// ones behind it; with NATS and a failing HTTP sink, JetStream gets each event once while the
+/// HTTP sink is retried.
+#[tokio::test]
+async fn a_permanent_refusal_drops_one_event_and_a_working_sink_is_not_sent_it_again() {
+    const SECRET: &str = "an-event-sink-secret";
+    let run = uuid_like();
+    let (prefix, stream) = (format!("dpstest.{run}"), format!("DPSTEST_{run}"));
+    let client = async_nats::connect(nats_url()).await.expect("NATS at 127.0.0.1:4222 (DPS_TEST_NATS_URL)");
+    let js = async_nats::jetstream::new(client);
+    // A duplicate window far shorter than the retries' back-off: an event sent again would be
+    // stored again, so the count below sees it.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: stream.clone(),
+        subjects: vec![format!("{prefix}.>")],
+        duplicate_window: Duration::from_millis(100),
+        ..Default::default()
+    })
+    .await
+    .expect("create the test stream");
+    let hook = Scripted::start().await;
+    // The first event (the enrollment's creation) is refused for good; the second is refused
+    // for now, four times; then everything is taken.
+    hook.push(Answer::text(422, "no such schema"));
+    for _ in 0..4 {
+        hook.push(Answer::text(503, "not yet"));
+    }
+    for _ in 0..20 {
+        hook.push(Answer::text(204, ""));
+    }
+    let dps = Dps::start(&format!(
+        "[events]\nnats_url = \"{}\"\nnats_subject_prefix = \"{prefix}\"\nnats_stream = \"{stream}\"\n\
+         http_url = \"{}\"\nhttp_secret = \"{SECRET}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+        nats_url(),
+        hook.url_at("/events")
+    ))
+    .await;
+    let k = key(6);
+    dps.put_enrollment(json!({"registrationId": "cam-2",
+        "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": k, "secondaryKey": k}}}))
+        .await;
+    let state = dps.register_to_end("cam-2", &dps.device_token("cam-2", &k)).await;
+    assert_eq!(state["status"], "assigned");
+    hook.wait_until("the registration's event taken", |h| {
+        h.calls_to("/events").iter().filter(|c| c.json()["type"] == "com.dps-rs.registration.assigned").count() >= 5
+    })
+    .await;
+    let calls = hook.calls_to("/events");
+    let types: Vec<String> = calls.iter().map(|c| c.json()["type"].as_str().unwrap().to_string()).collect();
+    assert_eq!(types[0], "com.dps-rs.enrollment.created", "{types:?}");
+    assert_eq!(types.iter().filter(|t| *t == "com.dps-rs.enrollment.created").count(), 1, "dropped, not retried");
+    // JetStream: both events, each once, although the HTTP sink made the second wait.
+    let messages = read_stream(&js, &stream, |events| events.len() >= 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut s = js.get_stream(&stream).await.unwrap();
+    assert_eq!(s.info().await.unwrap().state.messages, 2, "{messages:?}");
+    let metrics = dps.creds["metricsAddress"].as_str().unwrap().to_string();
+    let text = reqwest::get(format!("http://{metrics}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(text.lines().any(|l| l == "dps_events_dropped_total 1"), "{text}");
+    js.delete_stream(&stream).await.expect("delete the test stream");
+}

@@ -173,7 +173,8 @@ pub fn validate_device_id(id: &str) -> Result<(), Error> {
     Ok(())
 }
 
-fn generate_key() -> String {
+/// A new symmetric key as the service generates one: random bytes, base64.
+pub fn generate_key() -> String {
     let mut key = [0u8; GENERATED_KEY_BYTES];
     rand::thread_rng().fill_bytes(&mut key);
     BASE64.encode(key)

@@ -18,11 +18,6 @@ pub struct EventsDrained {
 }
 
 impl Engine {
-    /// Whether changes write lifecycle events.
-    pub fn writes_events(&self) -> bool {
-        self.settings().lifecycle_events
-    }
-
     /// Delivers the outbox's events in order to every sink: at most `max` of them, and none
     /// started after `max_time` (so that the caller can renew its lease in time). Stops at the
     /// first a sink fails to take (the next drain starts again there, without the sinks that

@@ -221,7 +221,8 @@ pub fn service_audience_matches(audience: &str, host: &str, path: &str) -> bool 
     path == aud_path || path.starts_with(&format!("{aud_path}/"))
 }
 
-fn strip_port(host: &str) -> &str {
+/// `host[:port]` without the port (`[::1]:443` → `[::1]`; a bare IPv6 address is left alone).
+pub fn strip_port(host: &str) -> &str {
     // `[::1]:443` → `[::1]`; `localhost:9443` → `localhost`; bare IPv6 left alone.
     if let Some(end) = host.rfind(']') {
         return &host[..=end];

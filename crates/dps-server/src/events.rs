@@ -23,9 +23,10 @@ const RENEW: Duration = Duration::from_secs(2);
 const DRAIN_TIME: Duration = Duration::from_secs(5);
 /// The longest `[events] timeout_secs` (a drain ends within DRAIN_TIME + this < LEASE).
 pub const MAX_DELIVERY_SECS: u64 = 8;
-/// How often the outbox's size is counted for `dps_events_pending`, and the most it counts.
+/// How often a backlog is counted for `dps_events_pending`, and the most it counts (a count
+/// reads the events: it is made only when a drain left some behind).
 const PENDING_EVERY: Duration = Duration::from_secs(5);
-const PENDING_CAP: usize = 100_000;
+const PENDING_CAP: usize = 10_000;
 /// Events per drain, at most (then the lease is renewed).
 const PER_DRAIN: usize = 500;
 /// The longest wait after a sink failed.
@@ -154,13 +155,8 @@ impl EventSink for NatsSink {
     }
 
     async fn publish(&self, event: &CloudEvent) -> Result<(), SinkError> {
-        let context = self.context().await?;
-        let ack = self.send(&context, event).await?;
-        match tokio::time::timeout(self.timeout, ack).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(SinkError::transient(format!("JetStream did not acknowledge an event: {e}"))),
-            Err(_) => Err(SinkError::transient(format!("JetStream did not acknowledge within {:?}", self.timeout))),
-        }
+        let results = self.publish_all(&[event], Instant::now() + self.timeout).await;
+        results.into_iter().next().unwrap_or_else(|| Err(SinkError::untried()))
     }
 }
 
@@ -272,15 +268,18 @@ pub async fn outbox_loop(engine: Engine, sinks: Vec<Arc<dyn EventSink>>, mut sto
                 }
             }
         }
-        if counted.elapsed() >= PENDING_EVERY {
-            counted = Instant::now();
-            if let Ok(n) = engine.pending_events(PENDING_CAP).await {
-                crate::metrics::events_pending(n);
-            }
-        }
         let started = Instant::now();
         match engine.drain_event_outbox(&sinks, PER_DRAIN, DRAIN_TIME).await {
             Ok(d) => {
+                let emptied = !d.stalled && d.delivered + d.dropped < PER_DRAIN && started.elapsed() < DRAIN_TIME;
+                if emptied {
+                    crate::metrics::events_pending(0);
+                } else if counted.elapsed() >= PENDING_EVERY {
+                    counted = Instant::now();
+                    if let Ok(n) = engine.pending_events(PENDING_CAP).await {
+                        crate::metrics::events_pending(n);
+                    }
+                }
                 if d.delivered > 0 || d.dropped > 0 {
                     crate::metrics::events_delivered(d.delivered, d.dropped, started);
                 }

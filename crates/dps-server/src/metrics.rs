@@ -23,6 +23,14 @@ use tokio::net::TcpListener;
 use crate::error::ServerError;
 use crate::gate::Gate;
 
+/// Whether a recorder is installed: without one, the record functions return at once (no
+/// label strings built on the hot path).
+static ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn on() -> bool {
+    ON.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Seconds buckets of the latency histograms: 1 ms to 30 s.
 const SECONDS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 /// Buckets of the store's commit batch sizes.
@@ -133,6 +141,9 @@ pub fn registration<'a>(
     outcome: impl Into<Outcome<'a>>,
     started: Instant,
 ) {
+    if !on() {
+        return;
+    }
     let (attestation, outcome, code) = match outcome.into() {
         Outcome::Reply(reply) => {
             let code = reply.operation.registration_state.as_ref().and_then(|s| s.error_code);
@@ -153,6 +164,9 @@ pub fn registration<'a>(
 
 /// Records one operation status poll and what it answered.
 pub fn poll(transport: Transport, result: Result<&DeviceReply, &dps_core::Error>) {
+    if !on() {
+        return;
+    }
     let outcome = match result {
         Ok(reply) => status_label(reply.operation.status),
         Err(_) => "refused",
@@ -163,16 +177,25 @@ pub fn poll(transport: Transport, result: Result<&DeviceReply, &dps_core::Error>
 
 /// Records a refused authentication (device or service API).
 pub fn auth_rejected(transport: Transport, api: &'static str) {
+    if !on() {
+        return;
+    }
     metrics::counter!("dps_auth_rejections_total", "transport" => transport.as_str(), "api" => api).increment(1);
 }
 
 /// Records a TLS handshake that failed or timed out on a listener.
 pub fn tls_handshake_failed(listener: &'static str, cause: &'static str) {
+    if !on() {
+        return;
+    }
     metrics::counter!("dps_tls_handshake_failures_total", "listener" => listener, "cause" => cause).increment(1);
 }
 
 /// Records one HTTP request by route and status class.
 pub fn http_request(route: &'static str, status: StatusCode) {
+    if !on() {
+        return;
+    }
     let class = match status.as_u16() {
         200..=299 => "2xx",
         300..=399 => "3xx",
@@ -185,6 +208,9 @@ pub fn http_request(route: &'static str, status: StatusCode) {
 /// Records one call to a custom allocation webhook: `outcome` is `ok` or the cause of the
 /// failure (`timeout`, `connect`, `status`, `answer`, …).
 pub fn webhook_call(outcome: &'static str, started: Instant) {
+    if !on() {
+        return;
+    }
     metrics::counter!("dps_webhook_calls_total", "outcome" => outcome).increment(1);
     metrics::histogram!("dps_webhook_call_duration_seconds", "outcome" => outcome)
         .record(started.elapsed().as_secs_f64());
@@ -193,6 +219,9 @@ pub fn webhook_call(outcome: &'static str, started: Instant) {
 /// Records one call of a hub registrar (`kind`: http, azure-iot-hub, mosquitto; `operation`:
 /// register or remove), retries included.
 pub fn registrar_call(kind: &'static str, operation: &'static str, ok: bool, started: Instant) {
+    if !on() {
+        return;
+    }
     let outcome = if ok { "ok" } else { "failed" };
     metrics::counter!("dps_hub_registrar_calls_total", "kind" => kind, "operation" => operation, "outcome" => outcome)
         .increment(1);
@@ -203,6 +232,9 @@ pub fn registrar_call(kind: &'static str, operation: &'static str, ok: bool, sta
 /// Records events delivered to every sink (and dropped after a permanent refusal) by one
 /// drain of the event outbox.
 pub fn events_delivered(count: usize, dropped: usize, started: Instant) {
+    if !on() {
+        return;
+    }
     metrics::counter!("dps_events_delivered_total").increment(count as u64);
     if dropped > 0 {
         metrics::counter!("dps_events_dropped_total").increment(dropped as u64);
@@ -212,11 +244,17 @@ pub fn events_delivered(count: usize, dropped: usize, started: Instant) {
 
 /// Sets how many events wait in the outbox (counted up to a cap).
 pub fn events_pending(count: usize) {
+    if !on() {
+        return;
+    }
     metrics::gauge!("dps_events_pending").set(count as f64);
 }
 
 /// Records a drain of the event outbox that stopped because a sink refused an event.
 pub fn event_delivery_failed() {
+    if !on() {
+        return;
+    }
     metrics::counter!("dps_event_delivery_failures_total").increment(1);
 }
 
@@ -240,6 +278,7 @@ pub fn install() -> Result<PrometheusHandle, ServerError> {
         .map_err(|e| fail(&e))?
         .install_recorder()
         .map_err(|e| fail(&e))
+        .inspect(|_| ON.store(true, std::sync::atomic::Ordering::Relaxed))
 }
 
 impl Exporter {

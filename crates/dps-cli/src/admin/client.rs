@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use dps_proto::sas::{build_token, encode_component};
+use dps_proto::sas::{build_token, encode_component, strip_port};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
@@ -53,8 +53,8 @@ impl ServiceApi {
         // The URL's port wins over a resolved address's: with --connect-to, its port is used.
         let mut base = format!("https://{host}");
         if let Some(addr) = login.connect_to {
-            builder = builder.resolve(host_only(&host), addr);
-            base = format!("https://{}:{}", host_only(&host), addr.port());
+            builder = builder.resolve(strip_port(&host), addr);
+            base = format!("https://{}:{}", strip_port(&host), addr.port());
         }
         let http = builder.build().map_err(|e| AdminError::Usage(format!("cannot set up HTTPS: {e}")))?;
         Ok(ServiceApi { http, base, host, key_name: login.connection.key_name, key: login.connection.key })
@@ -182,14 +182,6 @@ fn quoted(etag: &str) -> String {
     }
 }
 
-/// `host[:port]` without the port.
-fn host_only(host: &str) -> &str {
-    match host.rsplit_once(':') {
-        Some((h, port)) if !h.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => host,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,11 +191,5 @@ mod tests {
         assert_eq!(quoted("abc"), "\"abc\"");
         assert_eq!(quoted("\"abc\""), "\"abc\"");
         assert_eq!(quoted("*"), "*");
-    }
-
-    #[test]
-    fn host_loses_its_port() {
-        assert_eq!(host_only("localhost:8443"), "localhost");
-        assert_eq!(host_only("dps.example.com"), "dps.example.com");
     }
 }

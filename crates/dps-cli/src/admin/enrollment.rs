@@ -1,20 +1,14 @@
 //! `dps enrollment create|show|list|update|delete`: individual enrollments.
 
-use super::client::ServiceApi;
-use super::login::LoginArgs;
-use super::output::Format;
-use super::record::{Attestation, Kind, RecordFlags, TpmFlags};
-use super::records::{Draft, Spec};
-use super::AdminError;
+use super::record::{Attestation, Kind};
+use super::records::{Fields, IfEtag, ShowKeys, Spec, Top};
+use super::{AdminError, Common};
 
 /// `dps enrollment …`.
 #[derive(Debug, clap::Args)]
 pub struct EnrollmentArgs {
     #[command(flatten)]
-    login: LoginArgs,
-    /// Output format.
-    #[arg(long, short, value_enum, default_value_t = Format::Json, global = true)]
-    output: Format,
+    common: Common,
     #[command(subcommand)]
     command: EnrollmentCommand,
 }
@@ -27,16 +21,11 @@ enum EnrollmentCommand {
     Show {
         #[command(flatten)]
         id: Id,
-        /// Include the symmetric keys (needs a policy with EnrollmentWrite).
-        #[arg(long)]
-        show_keys: bool,
+        #[command(flatten)]
+        keys: ShowKeys,
     },
     /// List enrollments.
-    List {
-        /// At most this many.
-        #[arg(long)]
-        top: Option<usize>,
-    },
+    List(Top),
     /// Change an enrollment: only the flags given change; with --etag, only if it still has
     /// that ETag.
     Update(Box<Update>),
@@ -44,9 +33,8 @@ enum EnrollmentCommand {
     Delete {
         #[command(flatten)]
         id: Id,
-        /// Delete only if the enrollment still has this ETag.
-        #[arg(long, short = 'e')]
-        etag: Option<String>,
+        #[command(flatten)]
+        etag: IfEtag,
     },
 }
 
@@ -64,13 +52,8 @@ struct Create {
     /// Attestation mechanism.
     #[arg(long, visible_alias = "attestation-type", visible_alias = "at", value_enum)]
     attestation: Attestation,
-    /// Device ID in the hub (default: the registration ID).
-    #[arg(long, visible_alias = "did")]
-    device_id: Option<String>,
     #[command(flatten)]
-    tpm: TpmFlags,
-    #[command(flatten)]
-    flags: RecordFlags,
+    fields: Fields,
 }
 
 #[derive(Debug, clap::Args)]
@@ -83,17 +66,11 @@ struct Update {
     /// Replace the attestation with one of this type (with its flags).
     #[arg(long, visible_alias = "attestation-type", visible_alias = "at", value_enum)]
     attestation: Option<Attestation>,
-    /// Device ID in the hub.
-    #[arg(long, visible_alias = "did")]
-    device_id: Option<String>,
     #[command(flatten)]
-    tpm: TpmFlags,
-    #[command(flatten)]
-    flags: RecordFlags,
+    fields: Fields,
 }
 
 const SPEC: Spec = Spec {
-    bulk_field: "enrollments",
     collection: "enrollments",
     id_field: "registrationId",
     kind: Kind::Enrollment,
@@ -111,20 +88,19 @@ const SPEC: Spec = Spec {
 impl EnrollmentArgs {
     /// Runs the command.
     pub async fn run(self) -> Result<(), AdminError> {
-        let api = ServiceApi::new(self.login.resolve()?)?;
-        let out = self.output;
+        let (api, out) = self.common.connect()?;
         match self.command {
             EnrollmentCommand::Create(c) => {
-                let draft = Draft { flags: &c.flags, tpm: &c.tpm, device_id: c.device_id };
-                SPEC.create(&api, out, &c.id.registration_id, c.attestation, draft).await
+                SPEC.create(&api, out, &c.id.registration_id, c.attestation, &c.fields).await
             }
-            EnrollmentCommand::Show { id, show_keys } => SPEC.show(&api, out, &id.registration_id, show_keys).await,
-            EnrollmentCommand::List { top } => SPEC.list(&api, out, top).await,
+            EnrollmentCommand::Show { id, keys } => SPEC.show(&api, out, &id.registration_id, keys.show_keys).await,
+            EnrollmentCommand::List(t) => SPEC.list(&api, out, t.top).await,
             EnrollmentCommand::Update(u) => {
-                let draft = Draft { flags: &u.flags, tpm: &u.tpm, device_id: u.device_id };
-                SPEC.update(&api, out, &u.id.registration_id, u.etag, u.attestation, draft).await
+                SPEC.update(&api, out, &u.id.registration_id, u.etag, u.attestation, &u.fields).await
             }
-            EnrollmentCommand::Delete { id, etag } => SPEC.delete(&api, &id.registration_id, etag.as_deref()).await,
+            EnrollmentCommand::Delete { id, etag } => {
+                SPEC.delete(&api, &id.registration_id, etag.etag.as_deref()).await
+            }
         }
     }
 }

@@ -3,23 +3,18 @@
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use dps_proto::sas::{decode_key, derive_device_key};
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use super::client::ServiceApi;
-use super::login::LoginArgs;
 use super::output::Format;
-use super::record::{Attestation, Kind, RecordFlags, TpmFlags};
-use super::records::{Draft, Spec};
-use super::AdminError;
+use super::record::{Attestation, Kind, RecordFlags};
+use super::records::{Fields, IfEtag, ShowKeys, Spec, Top};
+use super::{AdminError, Common};
 
 /// `dps group …`.
 #[derive(Debug, clap::Args)]
 pub struct GroupArgs {
     #[command(flatten)]
-    login: LoginArgs,
-    /// Output format.
-    #[arg(long, short, value_enum, default_value_t = Format::Json, global = true)]
-    output: Format,
+    common: Common,
     #[command(subcommand)]
     command: GroupCommand,
 }
@@ -32,16 +27,11 @@ enum GroupCommand {
     Show {
         #[command(flatten)]
         id: Id,
-        /// Include the symmetric keys (needs a policy with EnrollmentWrite).
-        #[arg(long)]
-        show_keys: bool,
+        #[command(flatten)]
+        keys: ShowKeys,
     },
     /// List enrollment groups.
-    List {
-        /// At most this many.
-        #[arg(long)]
-        top: Option<usize>,
-    },
+    List(Top),
     /// Change a group: only the flags given change; with --etag, only if it still has that
     /// ETag.
     Update(Box<Update>),
@@ -49,9 +39,8 @@ enum GroupCommand {
     Delete {
         #[command(flatten)]
         id: Id,
-        /// Delete only if the group still has this ETag.
-        #[arg(long, short = 'e')]
-        etag: Option<String>,
+        #[command(flatten)]
+        etag: IfEtag,
     },
     /// The key a member device signs its registration with: HMAC-SHA256 of its registration
     /// ID under the group's key (read from the service, or given with --key, offline).
@@ -110,7 +99,6 @@ struct Update {
 }
 
 const SPEC: Spec = Spec {
-    bulk_field: "enrollmentGroups",
     collection: "enrollmentGroups",
     id_field: "enrollmentGroupId",
     kind: Kind::Group,
@@ -128,37 +116,26 @@ const SPEC: Spec = Spec {
 impl GroupArgs {
     /// Runs the command.
     pub async fn run(self) -> Result<(), AdminError> {
-        let out = self.output;
         if let GroupCommand::ComputeDeviceKey { key: Some(key), registration_id, .. } = &self.command {
             // Offline: no service needed.
-            return print_device_key(out, key, registration_id);
+            return print_device_key(self.common.output, key, registration_id);
         }
-        let api = ServiceApi::new(self.login.resolve()?)?;
-        let none = TpmFlags::none();
+        let (api, out) = self.common.connect()?;
         match self.command {
             GroupCommand::Create(c) => {
-                SPEC.create(
-                    &api,
-                    out,
-                    &c.id.group_id,
-                    c.attestation,
-                    Draft { flags: &c.flags, tpm: &none, device_id: None },
-                )
-                .await
+                SPEC.create(&api, out, &c.id.group_id, c.attestation, &Fields::of_group(c.flags)).await
             }
-            GroupCommand::Show { id, show_keys } => SPEC.show(&api, out, &id.group_id, show_keys).await,
-            GroupCommand::List { top } => SPEC.list(&api, out, top).await,
+            GroupCommand::Show { id, keys } => SPEC.show(&api, out, &id.group_id, keys.show_keys).await,
+            GroupCommand::List(t) => SPEC.list(&api, out, t.top).await,
             GroupCommand::Update(u) => {
-                let change = Draft { flags: &u.flags, tpm: &none, device_id: None };
-                SPEC.update(&api, out, &u.id.group_id, u.etag, u.attestation, change).await
+                SPEC.update(&api, out, &u.id.group_id, u.etag, u.attestation, &Fields::of_group(u.flags)).await
             }
-            GroupCommand::Delete { id, etag } => SPEC.delete(&api, &id.group_id, etag.as_deref()).await,
+            GroupCommand::Delete { id, etag } => SPEC.delete(&api, &id.group_id, etag.etag.as_deref()).await,
             GroupCommand::ComputeDeviceKey { group_id, secondary, registration_id, .. } => {
                 let Some(group_id) = group_id else {
                     return Err(AdminError::Usage("give --group-id or --key".into()));
                 };
-                let attestation =
-                    api.post(&["enrollmentGroups", &group_id, "attestationmechanism"], &json!({}), None).await?;
+                let attestation = SPEC.mechanism(&api, &group_id).await?;
                 let field = if secondary { "secondaryKey" } else { "primaryKey" };
                 let Some(key) = attestation["symmetricKey"][field].as_str() else {
                     return Err(AdminError::Usage(format!(

@@ -27,6 +27,23 @@ pub use group::GroupArgs;
 pub use login::LoginArgs;
 pub use registration::RegistrationArgs;
 
+/// What every admin command takes: where the service is, and how to print its answers.
+#[derive(Debug, clap::Args)]
+pub struct Common {
+    #[command(flatten)]
+    login: LoginArgs,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = output::Format::Json, global = true)]
+    output: output::Format,
+}
+
+impl Common {
+    /// The service API client and the output format.
+    fn connect(&self) -> Result<(client::ServiceApi, output::Format), AdminError> {
+        Ok((client::ServiceApi::new(self.login.resolve()?)?, self.output))
+    }
+}
+
 /// Runs one admin command to its end and prints its error, if any.
 pub fn run<F: Future<Output = Result<(), AdminError>>>(command: F) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {

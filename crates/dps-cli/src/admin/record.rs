@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use dps_proto::service::{AllocationPolicy, ProvisioningStatus, ReprovisionPolicy};
 use serde_json::{json, Map, Value};
 
 use super::AdminError;
@@ -21,21 +22,7 @@ pub enum Attestation {
     Tpm,
 }
 
-/// Allocation policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Allocation {
-    /// Weighted hashing over the hubs.
-    Hashed,
-    /// Lowest latency.
-    #[value(alias = "geoLatency")]
-    Geolatency,
-    /// The one hub named.
-    Static,
-    /// The custom allocation webhook (`--webhook-url`).
-    Custom,
-}
-
-/// What happens when a registered device registers again.
+/// What happens when a registered device registers again (`az iot dps`'s names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Reprovision {
     /// Re-allocate and migrate the device's data.
@@ -49,13 +36,25 @@ pub enum Reprovision {
     Never,
 }
 
-/// Whether registrations are allowed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Status {
-    /// Devices may register.
-    Enabled,
-    /// Devices are refused (`disabled`).
-    Disabled,
+impl From<Reprovision> for ReprovisionPolicy {
+    fn from(r: Reprovision) -> Self {
+        let (update_hub_assignment, migrate_device_data) = match r {
+            Reprovision::MigrateData => (true, true),
+            Reprovision::ResetData => (true, false),
+            Reprovision::Never => (false, true),
+        };
+        ReprovisionPolicy { update_hub_assignment, migrate_device_data }
+    }
+}
+
+/// `--allocation-policy`, case-insensitive as the service reads it.
+fn allocation_policy(text: &str) -> Result<AllocationPolicy, String> {
+    AllocationPolicy::parse(text).ok_or_else(|| format!("'{text}' is not hashed, geolatency, static or custom"))
+}
+
+/// `--provisioning-status`, case-insensitive as the service reads it.
+fn provisioning_status(text: &str) -> Result<ProvisioningStatus, String> {
+    serde_json::from_value(Value::String(text.to_string())).map_err(|e| e.to_string())
 }
 
 /// Flags shared by `enrollment create|update` and `group create|update`.
@@ -80,15 +79,15 @@ pub struct RecordFlags {
     /// Name of a second verified CA certificate.
     #[arg(long, visible_alias = "secondary-root-ca-name", visible_alias = "scn")]
     pub secondary_ca_name: Option<String>,
-    /// Whether devices may register.
-    #[arg(long, visible_alias = "ps", value_enum)]
-    pub provisioning_status: Option<Status>,
+    /// Whether devices may register: enabled or disabled.
+    #[arg(long, visible_alias = "ps", value_parser = provisioning_status)]
+    pub provisioning_status: Option<ProvisioningStatus>,
     /// Hub host names the devices may be assigned to (space- or comma-separated, or repeated).
     #[arg(long, visible_alias = "ih", num_args = 1.., value_delimiter = ',')]
     pub iot_hubs: Option<Vec<String>>,
-    /// Allocation policy (default: the service's).
-    #[arg(long, visible_alias = "ap", value_enum)]
-    pub allocation_policy: Option<Allocation>,
+    /// Allocation policy: hashed, geolatency, static or custom (default: the service's).
+    #[arg(long, visible_alias = "ap", value_parser = allocation_policy)]
+    pub allocation_policy: Option<AllocationPolicy>,
     /// Custom allocation webhook URL (with --allocation-policy custom).
     #[arg(long, visible_alias = "wh")]
     pub webhook_url: Option<String>,
@@ -299,19 +298,14 @@ impl RecordFlags {
     /// record's JSON.
     pub fn apply(&self, record: &mut Value) -> Result<(), AdminError> {
         if let Some(s) = self.provisioning_status {
-            record["provisioningStatus"] = json!(if s == Status::Enabled { "enabled" } else { "disabled" });
+            record["provisioningStatus"] = json!(s);
         }
         if let Some(hubs) = &self.iot_hubs {
             let hubs: Vec<&str> = hubs.iter().flat_map(|h| h.split_whitespace()).filter(|h| !h.is_empty()).collect();
             record["iotHubs"] = json!(hubs);
         }
         if let Some(p) = self.allocation_policy {
-            record["allocationPolicy"] = json!(match p {
-                Allocation::Hashed => "hashed",
-                Allocation::Geolatency => "geoLatency",
-                Allocation::Static => "static",
-                Allocation::Custom => "custom",
-            });
+            record["allocationPolicy"] = json!(p);
         }
         if self.webhook_url.is_some() || self.api_version.is_some() {
             let custom = object(record, "customAllocationDefinition");
@@ -337,12 +331,7 @@ impl RecordFlags {
             object(record, "capabilities").insert("iotEdge".into(), json!(edge));
         }
         if let Some(r) = self.reprovision_policy {
-            let (update, migrate) = match r {
-                Reprovision::MigrateData => (true, true),
-                Reprovision::ResetData => (true, false),
-                Reprovision::Never => (false, true),
-            };
-            record["reprovisionPolicy"] = json!({"updateHubAssignment": update, "migrateDeviceData": migrate});
+            record["reprovisionPolicy"] = json!(ReprovisionPolicy::from(r));
         }
         Ok(())
     }
@@ -364,11 +353,6 @@ impl TpmFlags {
     fn given(&self) -> bool {
         self.endorsement_key.is_some() || self.storage_root_key.is_some()
     }
-
-    /// Flags for groups, which have no TPM keys.
-    pub fn none() -> TpmFlags {
-        TpmFlags::default()
-    }
 }
 
 #[cfg(test)]
@@ -378,9 +362,9 @@ mod tests {
     #[test]
     fn flags_become_the_wire_fields() {
         let flags = RecordFlags {
-            provisioning_status: Some(Status::Disabled),
+            provisioning_status: Some(ProvisioningStatus::Disabled),
             iot_hubs: Some(vec!["a.example b.example".into(), "c.example".into()]),
-            allocation_policy: Some(Allocation::Custom),
+            allocation_policy: Some(AllocationPolicy::Custom),
             webhook_url: Some("https://hook.example/alloc".into()),
             initial_twin_tags: Some(r#"{"env":"test"}"#.into()),
             initial_twin_properties: Some(r#"{"interval":5}"#.into()),
@@ -404,18 +388,18 @@ mod tests {
     #[test]
     fn attestation_flags_must_fit_the_type() {
         let keys = RecordFlags { primary_key: Some("a2V5".into()), ..RecordFlags::default() };
-        let a = keys.new_attestation(Kind::Enrollment, Attestation::SymmetricKey, &TpmFlags::none()).unwrap();
+        let a = keys.new_attestation(Kind::Enrollment, Attestation::SymmetricKey, &TpmFlags::default()).unwrap();
         assert_eq!(a, json!({"type": "symmetricKey", "symmetricKey": {"primaryKey": "a2V5"}}));
-        assert!(keys.new_attestation(Kind::Enrollment, Attestation::X509, &TpmFlags::none()).is_err());
+        assert!(keys.new_attestation(Kind::Enrollment, Attestation::X509, &TpmFlags::default()).is_err());
         let mut x509 = json!({"type": "x509", "x509": {}});
-        assert!(keys.patch_attestation(Kind::Group, &mut x509, &TpmFlags::none()).is_err());
+        assert!(keys.patch_attestation(Kind::Group, &mut x509, &TpmFlags::default()).is_err());
         let ek = TpmFlags { endorsement_key: Some("AAA=".into()), storage_root_key: None };
         assert!(RecordFlags::default().new_attestation(Kind::Group, Attestation::Tpm, &ek).is_err());
         let tpm = RecordFlags::default().new_attestation(Kind::Enrollment, Attestation::Tpm, &ek).unwrap();
         assert_eq!(tpm, json!({"type": "tpm", "tpm": {"endorsementKey": "AAA="}}));
         let names = RecordFlags { ca_name: Some("root".into()), ..RecordFlags::default() };
-        let g = names.new_attestation(Kind::Group, Attestation::X509, &TpmFlags::none()).unwrap();
+        let g = names.new_attestation(Kind::Group, Attestation::X509, &TpmFlags::default()).unwrap();
         assert_eq!(g["x509"]["caReferences"]["primary"], "root");
-        assert!(names.new_attestation(Kind::Enrollment, Attestation::X509, &TpmFlags::none()).is_err());
+        assert!(names.new_attestation(Kind::Enrollment, Attestation::X509, &TpmFlags::default()).is_err());
     }
 }

@@ -12,8 +12,6 @@ use super::AdminError;
 pub struct Spec {
     /// Collection segment of the service API.
     pub collection: &'static str,
-    /// The member of a bulk operation that lists the records.
-    pub bulk_field: &'static str,
     /// The record's ID field.
     pub id_field: &'static str,
     /// Individual enrollment or group.
@@ -24,14 +22,47 @@ pub struct Spec {
     pub columns: &'static [Column],
 }
 
-/// What the flags of a create or an update say.
-pub struct Draft<'a> {
-    /// The flags shared by enrollments and groups.
-    pub flags: &'a RecordFlags,
-    /// TPM keys (enrollments).
-    pub tpm: &'a TpmFlags,
-    /// Device ID (enrollments).
+/// What the flags of a create or an update set (groups have no device ID and no TPM keys).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Fields {
+    /// Device ID in the hub (default: the registration ID).
+    #[arg(long, visible_alias = "did")]
     pub device_id: Option<String>,
+    #[command(flatten)]
+    pub tpm: TpmFlags,
+    #[command(flatten)]
+    pub flags: RecordFlags,
+}
+
+impl Fields {
+    /// A group's: the shared flags only.
+    pub fn of_group(flags: RecordFlags) -> Fields {
+        Fields { flags, ..Fields::default() }
+    }
+}
+
+/// `--show-keys`.
+#[derive(Debug, clap::Args)]
+pub struct ShowKeys {
+    /// Include the symmetric keys (needs a policy with EnrollmentWrite).
+    #[arg(long)]
+    pub show_keys: bool,
+}
+
+/// `--top`.
+#[derive(Debug, clap::Args)]
+pub struct Top {
+    /// At most this many.
+    #[arg(long)]
+    pub top: Option<usize>,
+}
+
+/// `--etag` of a delete.
+#[derive(Debug, clap::Args)]
+pub struct IfEtag {
+    /// Delete only if it still has this ETag.
+    #[arg(long, short = 'e')]
+    pub etag: Option<String>,
 }
 
 impl Spec {
@@ -51,21 +82,22 @@ impl Spec {
         out: Format,
         id: &str,
         attestation: Attestation,
-        draft: Draft<'_>,
+        fields: &Fields,
     ) -> Result<(), AdminError> {
-        let attestation = draft.flags.new_attestation(self.kind, attestation, draft.tpm)?;
+        let attestation = fields.flags.new_attestation(self.kind, attestation, &fields.tpm)?;
         let mut record = json!({ self.id_field: id, "attestation": attestation });
-        if let Some(d) = draft.device_id {
+        if let Some(d) = &fields.device_id {
             record["deviceId"] = json!(d);
         }
-        draft.flags.apply(&mut record)?;
+        fields.flags.apply(&mut record)?;
         let exists = || AdminError::Usage(format!("{id} exists; change it with `{} update`", self.command));
         // A quick check for a clear message, then a create-only write (a bulk `create`), so
         // that a record made in between is not replaced.
         if self.exists(api, id).await? {
             return Err(exists());
         }
-        let bulk = json!({ "mode": "create", self.bulk_field: [record] });
+        // The bulk body lists the records under the collection's own name.
+        let bulk = json!({ "mode": "create", self.collection: [record] });
         let result = api.post(&[self.collection], &bulk, None).await?;
         if result["isSuccessful"] != json!(true) {
             let error = &result["errors"][0];
@@ -82,16 +114,21 @@ impl Spec {
         }
         // What was created, with the keys the service generated.
         let mut record = api.get(&[self.collection, id]).await?;
-        record["attestation"] = api.post(&[self.collection, id, "attestationmechanism"], &json!({}), None).await?;
+        record["attestation"] = self.mechanism(api, id).await?;
         output::item(out, &record);
         Ok(())
+    }
+
+    /// The attestation mechanism with its keys and certificates (reads hide them).
+    pub async fn mechanism(&self, api: &ServiceApi, id: &str) -> Result<Value, AdminError> {
+        api.post(&[self.collection, id, "attestationmechanism"], &json!({}), None).await
     }
 
     /// Prints a record, with its keys when asked.
     pub async fn show(&self, api: &ServiceApi, out: Format, id: &str, show_keys: bool) -> Result<(), AdminError> {
         let mut record = api.get(&[self.collection, id]).await?;
         if show_keys {
-            record["attestation"] = api.post(&[self.collection, id, "attestationmechanism"], &json!({}), None).await?;
+            record["attestation"] = self.mechanism(api, id).await?;
         }
         output::item(out, &record);
         Ok(())
@@ -112,20 +149,20 @@ impl Spec {
         id: &str,
         etag: Option<String>,
         attestation: Option<Attestation>,
-        draft: Draft<'_>,
+        fields: &Fields,
     ) -> Result<(), AdminError> {
         let mut record = api.get(&[self.collection, id]).await?;
         let etag = etag.or_else(|| record["etag"].as_str().map(str::to_string));
         match attestation {
             Some(a) => {
-                record["attestation"] = draft.flags.new_attestation(self.kind, a, draft.tpm)?;
+                record["attestation"] = fields.flags.new_attestation(self.kind, a, &fields.tpm)?;
                 // A new symmetric-key mechanism without keys gets new keys: the old ones stop
                 // working (a service keeps omitted keys).
                 if a == Attestation::SymmetricKey {
                     let keys = &mut record["attestation"]["symmetricKey"];
                     for field in ["primaryKey", "secondaryKey"] {
                         if keys.get(field).is_none() {
-                            keys[field] = json!(new_key());
+                            keys[field] = json!(dps_core::enrollment::generate_key());
                         }
                     }
                 }
@@ -133,16 +170,16 @@ impl Spec {
             None => {
                 // The mechanism as stored (reads hide keys and certificates): written back
                 // unchanged where no flag changes it, on any DPS.
-                let mut full = api.post(&[self.collection, id, "attestationmechanism"], &json!({}), None).await?;
+                let mut full = self.mechanism(api, id).await?;
                 strip_certificate_info(&mut full);
                 record["attestation"] = full;
-                draft.flags.patch_attestation(self.kind, &mut record["attestation"], draft.tpm)?;
+                fields.flags.patch_attestation(self.kind, &mut record["attestation"], &fields.tpm)?;
             }
         }
-        if let Some(d) = draft.device_id {
+        if let Some(d) = &fields.device_id {
             record["deviceId"] = json!(d);
         }
-        draft.flags.apply(&mut record)?;
+        fields.flags.apply(&mut record)?;
         // What the service sets itself is not sent back.
         if let Value::Object(map) = &mut record {
             for key in ["registrationState", "createdDateTimeUtc", "lastUpdatedDateTimeUtc", "etag"] {
@@ -163,14 +200,6 @@ impl Spec {
     pub async fn delete(&self, api: &ServiceApi, id: &str, etag: Option<&str>) -> Result<(), AdminError> {
         api.delete(&[self.collection, id], etag).await
     }
-}
-
-/// A new symmetric key: 64 random bytes, base64 (as the service generates them).
-fn new_key() -> String {
-    use base64::Engine as _;
-    let mut bytes = [0u8; 64];
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
-    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// Drops the read-only `info` of X.509 certificates (the service derives it).

@@ -1,18 +1,14 @@
 //! `dps registration show|list|delete`: device registration states.
 
-use super::client::ServiceApi;
-use super::login::LoginArgs;
-use super::output::{self, Column, Format};
-use super::AdminError;
+use super::output::{self, Column};
+use super::records::{IfEtag, Top};
+use super::{AdminError, Common};
 
 /// `dps registration …`.
 #[derive(Debug, clap::Args)]
 pub struct RegistrationArgs {
     #[command(flatten)]
-    login: LoginArgs,
-    /// Output format.
-    #[arg(long, short, value_enum, default_value_t = Format::Json, global = true)]
-    output: Format,
+    common: Common,
     #[command(subcommand)]
     command: RegistrationCommand,
 }
@@ -30,18 +26,16 @@ enum RegistrationCommand {
         /// The enrollment group.
         #[arg(long = "group-id", visible_alias = "gid", visible_alias = "enrollment-id", visible_alias = "eid")]
         group_id: String,
-        /// At most this many.
-        #[arg(long)]
-        top: Option<usize>,
+        #[command(flatten)]
+        top: Top,
     },
     /// Delete a registration state: the device's next registration is a first one.
     Delete {
         /// The device's registration ID.
         #[arg(long, visible_alias = "rid")]
         registration_id: String,
-        /// Delete only if the state still has this ETag.
-        #[arg(long, short = 'e')]
-        etag: Option<String>,
+        #[command(flatten)]
+        etag: IfEtag,
     },
 }
 
@@ -57,17 +51,17 @@ const COLUMNS: &[Column] = &[
 impl RegistrationArgs {
     /// Runs the command.
     pub async fn run(self) -> Result<(), AdminError> {
-        let api = ServiceApi::new(self.login.resolve()?)?;
+        let (api, out) = self.common.connect()?;
         match self.command {
             RegistrationCommand::Show { registration_id } => {
-                output::item(self.output, &api.get(&["registrations", &registration_id]).await?);
+                output::item(out, &api.get(&["registrations", &registration_id]).await?);
             }
             RegistrationCommand::List { group_id, top } => {
-                let items = api.query(&["registrations", &group_id, "query"], top).await?;
-                output::list(self.output, &items, COLUMNS);
+                let items = api.query(&["registrations", &group_id, "query"], top.top).await?;
+                output::list(out, &items, COLUMNS);
             }
             RegistrationCommand::Delete { registration_id, etag } => {
-                api.delete(&["registrations", &registration_id], etag.as_deref()).await?;
+                api.delete(&["registrations", &registration_id], etag.etag.as_deref()).await?;
             }
         }
         Ok(())
