@@ -185,7 +185,25 @@ async fn events_reach_jetstream_in_order_across_a_kill_9() {
     }
     let dev0: Vec<&&Value> = events.iter().filter(|e| e["data"]["registrationId"] == "dev-0").collect();
     assert_eq!(dev0.len(), 2, "{dev0:?}");
+    assert!(dev0[1]["data"]["previousHub"].is_string(), "{:?}", dev0[1]);
     assert_eq!(dev0[1]["data"]["previousHub"], dev0[0]["data"]["assignedHub"]);
+    // Members without a value are left out: a first assignment has no previous hub, no error.
+    for absent in ["previousHub", "errorCode", "errorMessage"] {
+        assert!(dev0[0]["data"].get(absent).is_none(), "{absent} in {:?}", dev0[0]);
+    }
+    for present in [
+        "registrationId",
+        "enrollmentGroupId",
+        "attestation",
+        "status",
+        "substatus",
+        "deviceId",
+        "assignedHub",
+        "operationId",
+        "etag",
+    ] {
+        assert!(dev0[0]["data"].get(present).is_some_and(|v| !v.is_null()), "{present} in {:?}", dev0[0]);
+    }
     js.delete_stream(&stream).await.expect("delete the test stream");
 }
 

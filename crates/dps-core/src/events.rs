@@ -13,7 +13,7 @@
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::value::RawValue;
 
 use crate::error::Error;
 use crate::store::{Collection, Condition, Document, Write};
@@ -66,7 +66,7 @@ impl EventKind {
 }
 
 /// A CloudEvents 1.0 event in its structured JSON form.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CloudEvent {
     /// Always `1.0`.
     pub specversion: String,
@@ -83,8 +83,9 @@ pub struct CloudEvent {
     pub time: String,
     /// `application/json`.
     pub datacontenttype: String,
-    /// What happened (docs/events.md).
-    pub data: Value,
+    /// What happened (docs/events.md), as JSON text: written once when the event is made and
+    /// copied as is into the outbox and to every sink, never parsed into a tree.
+    pub data: Box<RawValue>,
 }
 
 impl CloudEvent {
@@ -126,15 +127,84 @@ impl SinkError {
 }
 
 /// An event as the outbox keeps it: the event, and the sinks that already have it (so that a
-/// sink that fails does not make the others get it again at every retry).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// sink that fails does not make the others get it again at every retry). Stored as the
+/// event's JSON object with one more member, `dpsDeliveredTo`, when a sink has it.
+#[derive(Debug, Clone)]
 pub struct OutboxEvent {
     /// The event.
-    #[serde(flatten)]
     pub event: CloudEvent,
     /// Names of the sinks that acknowledged it.
-    #[serde(default, rename = "dpsDeliveredTo", skip_serializing_if = "Vec::is_empty")]
     pub delivered_to: Vec<String>,
+}
+
+/// [`OutboxEvent`]'s stored form, written from borrowed parts. (Not `#[serde(flatten)]`: it
+/// buffers every member, and cannot carry a [`RawValue`].)
+#[derive(Serialize)]
+struct StoredRef<'a> {
+    specversion: &'a str,
+    id: &'a str,
+    source: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    subject: &'a str,
+    time: &'a str,
+    datacontenttype: &'a str,
+    data: &'a RawValue,
+    #[serde(rename = "dpsDeliveredTo", skip_serializing_if = "<[String]>::is_empty")]
+    delivered_to: &'a [String],
+}
+
+/// [`OutboxEvent`]'s stored form, read.
+#[derive(Deserialize)]
+struct Stored {
+    specversion: String,
+    id: String,
+    source: String,
+    #[serde(rename = "type")]
+    kind: String,
+    subject: String,
+    time: String,
+    datacontenttype: String,
+    data: Box<RawValue>,
+    #[serde(default, rename = "dpsDeliveredTo")]
+    delivered_to: Vec<String>,
+}
+
+impl Serialize for OutboxEvent {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let e = &self.event;
+        StoredRef {
+            specversion: &e.specversion,
+            id: &e.id,
+            source: &e.source,
+            kind: &e.kind,
+            subject: &e.subject,
+            time: &e.time,
+            datacontenttype: &e.datacontenttype,
+            data: &e.data,
+            delivered_to: &self.delivered_to,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for OutboxEvent {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = Stored::deserialize(deserializer)?;
+        Ok(OutboxEvent {
+            event: CloudEvent {
+                specversion: s.specversion,
+                id: s.id,
+                source: s.source,
+                kind: s.kind,
+                subject: s.subject,
+                time: s.time,
+                datacontenttype: s.datacontenttype,
+                data: s.data,
+            },
+            delivered_to: s.delivered_to,
+        })
+    }
 }
 
 /// Where events go: NATS JetStream, an HTTP endpoint (`dps-server`).
@@ -168,29 +238,32 @@ pub trait EventSink: Send + Sync {
     }
 }
 
-/// A new event of this instance (`scope`), happening now.
+/// A new event of this instance (`scope`), happening now, whose `data` is `data` as JSON.
 pub(crate) fn event(
-    settings_scope: &str,
+    scope: &str,
     kind: EventKind,
     subject: String,
-    data: Value,
+    data: &impl Serialize,
     now_millis: i64,
-) -> CloudEvent {
-    CloudEvent {
+) -> Result<CloudEvent, Error> {
+    Ok(CloudEvent {
         specversion: "1.0".into(),
         id: uuid::Uuid::now_v7().to_string(),
-        source: format!("/dps/{settings_scope}"),
+        source: format!("/dps/{scope}"),
         kind: format!("{TYPE_PREFIX}{}", kind.name()),
         subject,
         time: dps_proto::timestamp::format_millis(now_millis),
         datacontenttype: "application/json".into(),
-        data,
-    }
+        data: serde_json::value::to_raw_value(data)
+            .map_err(|e| Error::Internal(format!("cannot write an event's data: {e}")))?,
+    })
 }
 
-/// The write that puts `event` in the outbox.
-pub(crate) fn outbox_write(event: &CloudEvent) -> Result<Write, Error> {
-    outbox_put(&OutboxEvent { event: event.clone(), delivered_to: Vec::new() }, Condition::IfAbsent)
+/// The write that puts a new event in the outbox. Unconditional: the key is a fresh UUIDv7
+/// (a millisecond and 74 random bits), so no earlier event can hold it, and checking would
+/// cost a lookup in every registration's write.
+pub(crate) fn outbox_write(event: CloudEvent) -> Result<Write, Error> {
+    outbox_put(&OutboxEvent { event, delivered_to: Vec::new() }, Condition::Always)
 }
 
 /// The write that puts (or updates) an outbox entry.
@@ -208,6 +281,17 @@ pub(crate) fn outbox_put(entry: &OutboxEvent, condition: Condition) -> Result<Wr
     })
 }
 
+/// The `data` of an enrollment's or group's event.
+#[derive(Serialize)]
+struct EnrollmentData<'a> {
+    #[serde(rename = "registrationId", skip_serializing_if = "Option::is_none")]
+    registration_id: Option<&'a str>,
+    #[serde(rename = "enrollmentGroupId", skip_serializing_if = "Option::is_none")]
+    enrollment_group_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etag: Option<&'a str>,
+}
+
 /// The event of an enrollment or group change. `path` is `enrollments` or `enrollmentGroups`.
 pub(crate) fn enrollment_event(
     scope: &str,
@@ -217,7 +301,45 @@ pub(crate) fn enrollment_event(
     etag: Option<&str>,
     now_millis: i64,
 ) -> Result<Write, Error> {
-    let id_field = if path == "enrollments" { "registrationId" } else { "enrollmentGroupId" };
-    let data = json!({ id_field: id, "etag": etag });
-    outbox_write(&event(scope, kind, format!("{path}/{id}"), data, now_millis))
+    let individual = path == "enrollments";
+    let data = EnrollmentData {
+        registration_id: individual.then_some(id),
+        enrollment_group_id: (!individual).then_some(id),
+        etag,
+    };
+    outbox_write(event(scope, kind, format!("{path}/{id}"), &data, now_millis)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stored_form_is_the_event_with_the_sinks_that_have_it() {
+        let data = EnrollmentData { registration_id: Some("dev-1"), enrollment_group_id: None, etag: Some("\"e\"") };
+        let e = event("0ne00000001", EventKind::EnrollmentCreated, "enrollments/dev-1".into(), &data, 0).unwrap();
+        let mut entry = OutboxEvent { event: e, delivered_to: Vec::new() };
+        let stored = serde_json::to_string(&entry).unwrap();
+        // Before any sink has it, the stored form is exactly the event a sink gets.
+        assert_eq!(stored, serde_json::to_string(&entry.event).unwrap());
+        let v: serde_json::Value = serde_json::from_str(&stored).unwrap();
+        assert_eq!(v["type"], "com.dps-rs.enrollment.created");
+        assert_eq!(v["data"], serde_json::json!({"registrationId": "dev-1", "etag": "\"e\""}));
+        entry.delivered_to.push("nats".into());
+        let stored = serde_json::to_string(&entry).unwrap();
+        let back: OutboxEvent = serde_json::from_str(&stored).unwrap();
+        assert_eq!(back.delivered_to, ["nats"]);
+        assert_eq!(back.event.data.get(), entry.event.data.get());
+        assert_eq!(back.event.id, entry.event.id);
+    }
+
+    #[test]
+    fn an_event_stored_with_null_members_is_read() {
+        // The form written before members without a value were left out.
+        let stored = r#"{"specversion":"1.0","id":"01","source":"/dps/s","type":"com.dps-rs.registration.assigned","subject":"registrations/d","time":"t","datacontenttype":"application/json","data":{"registrationId":"d","previousHub":null},"dpsDeliveredTo":["http"]}"#;
+        let back: OutboxEvent = serde_json::from_str(stored).unwrap();
+        assert_eq!(back.event.short_type(), "registration.assigned");
+        assert_eq!(back.event.data.get(), r#"{"registrationId":"d","previousHub":null}"#);
+        assert_eq!(back.delivered_to, ["http"]);
+    }
 }

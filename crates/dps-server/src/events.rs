@@ -248,12 +248,16 @@ pub async fn outbox_loop(engine: Engine, sinks: Vec<Arc<dyn EventSink>>, mut sto
     let mut backoff = Duration::ZERO;
     let mut renewed: Option<Instant> = None;
     let mut counted = Instant::now() - PENDING_EVERY;
+    // The last drain stopped at its limits with events left and no sink failing: the next one
+    // starts at once (after a poll it could not keep up with a busy node's registrations).
+    let mut more = false;
     loop {
-        let wait = POLL.max(backoff);
+        let wait = if more { Duration::ZERO } else { POLL.max(backoff) };
         tokio::select! {
             _ = stop.changed() => return,
             _ = tokio::time::sleep(wait) => {}
         }
+        more = false;
         if renewed.is_none_or(|at| at.elapsed() >= RENEW) {
             match engine.hold_lease("event-outbox", LEASE).await {
                 Ok(true) => renewed = Some(Instant::now()),
@@ -272,6 +276,7 @@ pub async fn outbox_loop(engine: Engine, sinks: Vec<Arc<dyn EventSink>>, mut sto
         match engine.drain_event_outbox(&sinks, PER_DRAIN, DRAIN_TIME).await {
             Ok(d) => {
                 let emptied = !d.stalled && d.delivered + d.dropped < PER_DRAIN && started.elapsed() < DRAIN_TIME;
+                more = !emptied && !d.stalled;
                 if emptied {
                     crate::metrics::events_pending(0);
                 } else if counted.elapsed() >= PENDING_EVERY {

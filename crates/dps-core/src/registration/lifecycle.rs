@@ -1,12 +1,40 @@
 //! The lifecycle event a registration writes with its record ([`crate::events`]).
 
 use dps_proto::device::{RegistrationStatus, RegistrationSubstatus};
-use serde_json::json;
+use dps_proto::service::AttestationType;
+use serde::Serialize;
 
 use super::RegistrationRecord;
 use crate::error::Error;
 use crate::events::{event, outbox_write, EventKind};
 use crate::store::Write;
+
+/// The `data` of a registration's event (docs/events.md): members without a value are left
+/// out.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RegistrationData<'a> {
+    registration_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    enrollment_group_id: Option<&'a str>,
+    attestation: AttestationType,
+    status: RegistrationStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    substatus: Option<RegistrationSubstatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    assigned_hub: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    previous_hub: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_code: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_message: Option<&'a str>,
+    operation_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etag: Option<&'a str>,
+}
 
 /// The event of a registration whose record is `record`, `before` being the record it
 /// replaces.
@@ -36,21 +64,22 @@ pub(super) fn registration_event(
             }
         }
     };
-    let data = json!({
-        "registrationId": record.registration_id,
-        "enrollmentGroupId": record.enrollment_group_id,
-        "attestation": record.attestation,
-        "status": record.status,
-        "substatus": record.substatus,
-        "deviceId": record.device_id,
-        "assignedHub": record.assigned_hub,
-        "previousHub": previous_hub,
-        "errorCode": record.error_code,
-        "errorMessage": record.error_message,
-        "operationId": operation_id,
-        "etag": record.etag,
-    });
-    outbox_write(&event(scope, kind, format!("registrations/{}", record.registration_id), data, now_millis))
+    let data = RegistrationData {
+        registration_id: &record.registration_id,
+        enrollment_group_id: record.enrollment_group_id.as_deref(),
+        attestation: record.attestation,
+        status: record.status,
+        substatus: record.substatus,
+        device_id: record.device_id.as_deref(),
+        assigned_hub: record.assigned_hub.as_deref(),
+        previous_hub: previous_hub.as_deref(),
+        error_code: record.error_code,
+        error_message: record.error_message.as_deref(),
+        operation_id,
+        etag: Some(&record.etag),
+    };
+    let subject = format!("registrations/{}", record.registration_id);
+    outbox_write(event(scope, kind, subject, &data, now_millis)?)
 }
 
 /// The event of a registration refused because its enrollment is disabled (no record is
@@ -59,17 +88,24 @@ pub(super) fn disabled_event(
     scope: &str,
     registration_id: &str,
     enrollment_group_id: Option<&str>,
-    attestation: dps_proto::service::AttestationType,
+    attestation: AttestationType,
     operation_id: &str,
     now_millis: i64,
 ) -> Result<Write, Error> {
-    let data = json!({
-        "registrationId": registration_id,
-        "enrollmentGroupId": enrollment_group_id,
-        "attestation": attestation,
-        "status": RegistrationStatus::Disabled,
-        "operationId": operation_id,
-    });
+    let data = RegistrationData {
+        registration_id,
+        enrollment_group_id,
+        attestation,
+        status: RegistrationStatus::Disabled,
+        substatus: None,
+        device_id: None,
+        assigned_hub: None,
+        previous_hub: None,
+        error_code: None,
+        error_message: None,
+        operation_id,
+        etag: None,
+    };
     let subject = format!("registrations/{registration_id}");
-    outbox_write(&event(scope, EventKind::RegistrationDisabled, subject, data, now_millis))
+    outbox_write(event(scope, EventKind::RegistrationDisabled, subject, &data, now_millis)?)
 }
