@@ -3,7 +3,7 @@
 
 use crate::engine::Engine;
 use crate::error::Error;
-use crate::events::{outbox_put, EventSink, OutboxEvent};
+use crate::events::{EventSink, PendingEvent};
 use crate::store::{Collection, Condition, StoreError, Write};
 
 /// What one drain of the event outbox did.
@@ -40,9 +40,9 @@ impl Engine {
             // Each sink gets the page's events it does not have yet, in order (pipelined
             // where the sink can); an event is done once every sink has it (or one refused it
             // for good). The page is settled up to the first event that is not done.
-            let mut entries: Vec<(String, Option<OutboxEvent>)> = Vec::new();
+            let mut entries: Vec<(String, Option<PendingEvent>)> = Vec::new();
             for doc in page.documents {
-                match serde_json::from_str::<OutboxEvent>(&doc.body) {
+                match PendingEvent::read(doc.body) {
                     Ok(e) => entries.push((doc.id, Some(e))),
                     Err(e) => {
                         // It cannot be delivered and must not block the others.
@@ -65,7 +65,7 @@ impl Engine {
                 if wanted.is_empty() {
                     continue;
                 }
-                let events: Vec<&crate::events::CloudEvent> =
+                let events: Vec<&crate::events::OutgoingEvent> =
                     wanted.iter().filter_map(|&i| entries[i].1.as_ref().map(|e| &e.event)).collect();
                 let results = sink.publish_all(&events, started + max_time).await;
                 drop(events);
@@ -113,7 +113,7 @@ impl Engine {
                 let partial: Vec<Write> = entries[end..]
                     .iter()
                     .filter_map(|(_, e)| e.as_ref().filter(|e| !e.delivered_to.is_empty()))
-                    .map(|e| outbox_put(e, Condition::Always))
+                    .map(PendingEvent::put_again)
                     .collect::<Result<_, _>>()?;
                 if !partial.is_empty() {
                     store.write(partial).await?;

@@ -95,6 +95,70 @@ impl CloudEvent {
     }
 }
 
+/// An event on its way to the sinks: what they route and log it by, and its JSON (structured
+/// CloudEvents), sent as is.
+#[derive(Debug, Clone)]
+pub struct OutgoingEvent {
+    /// The event's `id`.
+    pub id: String,
+    /// Its `type` (`com.dps-rs.registration.assigned`).
+    pub kind: String,
+    /// Its `subject`.
+    pub subject: String,
+    /// The whole event as JSON.
+    pub json: String,
+}
+
+impl OutgoingEvent {
+    /// The short type name (`registration.assigned`).
+    pub fn short_type(&self) -> &str {
+        self.kind.strip_prefix(TYPE_PREFIX).unwrap_or(&self.kind)
+    }
+}
+
+/// An outbox entry as the drain reads it: the event to send, and the sinks that have it.
+#[derive(Debug, Clone)]
+pub(crate) struct PendingEvent {
+    pub(crate) event: OutgoingEvent,
+    pub(crate) delivered_to: Vec<String>,
+}
+
+/// The members of a stored event the drain needs; the others are only checked to be JSON.
+#[derive(Deserialize)]
+struct StoredHead<'a> {
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+    #[serde(borrow, rename = "type")]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    subject: std::borrow::Cow<'a, str>,
+    #[serde(default, rename = "dpsDeliveredTo")]
+    delivered_to: Vec<String>,
+}
+
+impl PendingEvent {
+    /// Reads a stored outbox entry. Until a sink has it, the stored JSON is the event itself
+    /// and is sent as it is, unparsed; after, it is written again without `dpsDeliveredTo`.
+    pub(crate) fn read(body: String) -> Result<Self, serde_json::Error> {
+        let head: StoredHead<'_> = serde_json::from_str(&body)?;
+        let (id, kind, subject) = (head.id.into_owned(), head.kind.into_owned(), head.subject.into_owned());
+        let delivered_to = head.delivered_to;
+        let json = if delivered_to.is_empty() {
+            body
+        } else {
+            serde_json::to_string(&serde_json::from_str::<OutboxEvent>(&body)?.event)?
+        };
+        Ok(Self { event: OutgoingEvent { id, kind, subject, json }, delivered_to })
+    }
+
+    /// The write that stores it again, with the sinks that have it now.
+    pub(crate) fn put_again(&self) -> Result<Write, Error> {
+        let event: CloudEvent = serde_json::from_str(&self.event.json)
+            .map_err(|e| Error::Internal(format!("cannot read an event back: {e}")))?;
+        outbox_put(&OutboxEvent { event, delivered_to: self.delivered_to.clone() }, Condition::Always)
+    }
+}
+
 /// Why a sink did not take an event.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
@@ -213,12 +277,12 @@ pub trait EventSink: Send + Sync {
     /// The sink's name, for logs and metrics.
     fn name(&self) -> &'static str;
     /// Delivers one event; `Ok` only once the sink has it durably (a JetStream ack, a 2xx).
-    async fn publish(&self, event: &CloudEvent) -> Result<(), SinkError>;
+    async fn publish(&self, event: &OutgoingEvent) -> Result<(), SinkError>;
 
     /// Delivers events in order: one result per event. A sink may send them before the first
     /// acknowledgement arrives (pipelined); by default they go one by one, and none is started
     /// after a failure or after `deadline`.
-    async fn publish_all(&self, events: &[&CloudEvent], deadline: std::time::Instant) -> Vec<Result<(), SinkError>> {
+    async fn publish_all(&self, events: &[&OutgoingEvent], deadline: std::time::Instant) -> Vec<Result<(), SinkError>> {
         let mut results = Vec::with_capacity(events.len());
         for event in events {
             if std::time::Instant::now() >= deadline {
@@ -341,5 +405,28 @@ mod tests {
         assert_eq!(back.event.short_type(), "registration.assigned");
         assert_eq!(back.event.data.get(), r#"{"registrationId":"d","previousHub":null}"#);
         assert_eq!(back.delivered_to, ["http"]);
+    }
+
+    #[test]
+    fn the_drain_sends_a_stored_event_as_it_is_and_without_the_sinks_that_have_it() {
+        let data = EnrollmentData { registration_id: None, enrollment_group_id: Some("g"), etag: None };
+        let e = event("s", EventKind::GroupDeleted, "enrollmentGroups/g".into(), &data, 0).unwrap();
+        let published = serde_json::to_string(&e).unwrap();
+        let mut entry = OutboxEvent { event: e, delivered_to: Vec::new() };
+        let fresh = PendingEvent::read(serde_json::to_string(&entry).unwrap()).unwrap();
+        assert_eq!(fresh.event.json, published);
+        assert_eq!(
+            (fresh.event.short_type(), fresh.event.subject.as_str()),
+            ("enrollmentgroup.deleted", "enrollmentGroups/g")
+        );
+        assert_eq!(fresh.event.id, entry.event.id);
+        assert!(fresh.delivered_to.is_empty());
+        entry.delivered_to = vec!["nats".into()];
+        let partly = PendingEvent::read(serde_json::to_string(&entry).unwrap()).unwrap();
+        assert_eq!(partly.event.json, published);
+        assert_eq!(partly.delivered_to, ["nats"]);
+        let Write::Put { document, .. } = partly.put_again().unwrap() else { panic!("a put") };
+        assert_eq!(document.body, serde_json::to_string(&entry).unwrap());
+        assert!(PendingEvent::read("{\"id\": 1}".into()).is_err());
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use dps_core::events::{CloudEvent, EventSink, SinkError};
+use dps_core::events::{EventSink, OutgoingEvent, SinkError};
 use dps_core::Engine;
 use tokio::sync::{watch, Mutex};
 
@@ -50,11 +50,10 @@ impl NatsSink {
     async fn send(
         &self,
         context: &async_nats::jetstream::Context,
-        event: &CloudEvent,
+        event: &OutgoingEvent,
     ) -> Result<async_nats::jetstream::context::PublishAckFuture, SinkError> {
         let subject = format!("{}.{}", self.prefix, event.short_type());
-        let body =
-            serde_json::to_vec(event).map_err(|e| SinkError::transient(format!("cannot write the event: {e}")))?;
+        let body = event.json.clone().into_bytes();
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", event.id.as_str());
         headers.insert("Content-Type", "application/cloudevents+json");
@@ -105,7 +104,7 @@ impl EventSink for NatsSink {
     }
 
     /// Pipelined: every publish is sent, then the acknowledgements are awaited in order.
-    async fn publish_all(&self, events: &[&CloudEvent], deadline: Instant) -> Vec<Result<(), SinkError>> {
+    async fn publish_all(&self, events: &[&OutgoingEvent], deadline: Instant) -> Vec<Result<(), SinkError>> {
         let mut results: Vec<Result<(), SinkError>> = Vec::with_capacity(events.len());
         let context = match self.context().await {
             Ok(c) => c,
@@ -154,7 +153,7 @@ impl EventSink for NatsSink {
         results
     }
 
-    async fn publish(&self, event: &CloudEvent) -> Result<(), SinkError> {
+    async fn publish(&self, event: &OutgoingEvent) -> Result<(), SinkError> {
         let results = self.publish_all(&[event], Instant::now() + self.timeout).await;
         results.into_iter().next().unwrap_or_else(|| Err(SinkError::untried()))
     }
@@ -176,9 +175,8 @@ impl EventSink for HttpSink {
         "http"
     }
 
-    async fn publish(&self, event: &CloudEvent) -> Result<(), SinkError> {
-        let body =
-            serde_json::to_vec(event).map_err(|e| SinkError::transient(format!("cannot write the event: {e}")))?;
+    async fn publish(&self, event: &OutgoingEvent) -> Result<(), SinkError> {
+        let body = event.json.clone().into_bytes();
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let signature = crate::webhook::sign(self.secret.as_bytes(), now, &body);
         let response = self
