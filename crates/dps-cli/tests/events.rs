@@ -292,6 +292,9 @@ fn event_settings_are_checked() {
         ("[events]\nhttp_url = \"https://sink.example/e\"\n", "http_secret"),
         ("[events]\nhttp_url = \"http://sink.example/e\"\nhttp_secret = \"0123456789abcdef\"\n", "loopback"),
         ("[events]\nhttp_url = \"https://sink.example/e\"\nhttp_secret = \"short\"\n", "16 characters"),
+        ("[events]\nhttp_secret = \"0123456789abcdef\"\n", "only with http_url"),
+        ("[events]\nnats_url = \"nats://127.0.0.1:4222\"\ntimeout_secs = 0\n", "0 is outside 1..=8"),
+        ("[events]\nnats_url = \"nats://127.0.0.1:4222\"\ntimeout_secs = 9\n", "9 is outside 1..=8"),
     ] {
         let path = dir.path().join("dps.toml");
         std::fs::write(&path, toml).unwrap();

@@ -141,6 +141,45 @@ async fn metrics_count_what_a_known_load_did() {
     assert_eq!(client.get(format!("http://{metrics}/other")).send().await.unwrap().status(), 404);
 }
 
+/// The metrics listener serves eight connections at once; a ninth is closed at once (it takes
+/// no descriptor), and a slot is free again once a connection ends.
+#[tokio::test]
+async fn the_metrics_listener_holds_eight_connections_at_most() {
+    use tokio::io::AsyncReadExt;
+    let dps = Dps::start("[metrics]\nlisten = \"127.0.0.1:0\"\n").await;
+    let metrics = dps.creds["metricsAddress"].as_str().expect("metricsAddress").to_string();
+    // Eight idle connections (no request yet: each holds its slot until it sends one).
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(tokio::net::TcpStream::connect(&metrics).await.unwrap());
+    }
+    // Give the listener time to take all eight.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut ninth = tokio::net::TcpStream::connect(&metrics).await.unwrap();
+    ninth.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.ok();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), ninth.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the ninth connection was neither served nor closed");
+    assert!(answer.is_empty(), "a ninth connection was served: {}", String::from_utf8_lossy(&answer));
+    // One of the eight asks and is answered; once it has gone, a new scrape gets its slot.
+    let mut first = idle.remove(0);
+    first.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), first.read_to_end(&mut answer)).await.unwrap().unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+    drop(first);
+    let mut served = false;
+    for _ in 0..50 {
+        if reqwest::get(format!("http://{metrics}/metrics")).await.is_ok_and(|r| r.status() == 200) {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served, "no slot came free after a connection ended");
+    drop(idle);
+}
+
 #[tokio::test]
 async fn metrics_are_off_by_default() {
     let dps = Dps::start("").await;
