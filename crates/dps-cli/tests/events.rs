@@ -219,12 +219,7 @@ async fn events_go_to_a_signed_http_sink_that_fails_at_first() {
     }
     let dps =
         Dps::start(&format!("[events]\nhttp_url = \"{}\"\nhttp_secret = \"{SECRET}\"\n", hook.url_at("/events"))).await;
-    let k = key(4);
-    dps.put_enrollment(json!({"registrationId": "cam-1",
-        "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": k, "secondaryKey": k}}}))
-        .await;
-    let state = dps.register_to_end("cam-1", &dps.device_token("cam-1", &k)).await;
-    assert_eq!(state["status"], "assigned");
+    let k = enroll_and_assign(&dps, "cam-1", 4).await;
     // Disabled: the refused registration has its event too.
     dps.put_enrollment(json!({"registrationId": "cam-1", "provisioningStatus": "disabled",
         "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": k, "secondaryKey": k}}}))
@@ -303,6 +298,18 @@ fn event_settings_are_checked() {
     }
 }
 
+/// Creates an individual symmetric-key enrollment `id` with `key(n)` and registers it to
+/// `assigned`; returns the key.
+async fn enroll_and_assign(dps: &Dps, id: &str, n: u8) -> String {
+    let k = key(n);
+    dps.put_enrollment(json!({"registrationId": id,
+        "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": k, "secondaryKey": k}}}))
+        .await;
+    let state = dps.register_to_end(id, &dps.device_token(id, &k)).await;
+    assert_eq!(state["status"], "assigned", "{state}");
+    k
+}
+
 fn uuid_like() -> String {
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     format!("{:x}{:04x}", t, std::process::id() & 0xffff)
@@ -345,12 +352,7 @@ async fn a_permanent_refusal_drops_one_event_and_a_working_sink_is_not_sent_it_a
         hook.url_at("/events")
     ))
     .await;
-    let k = key(6);
-    dps.put_enrollment(json!({"registrationId": "cam-2",
-        "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": k, "secondaryKey": k}}}))
-        .await;
-    let state = dps.register_to_end("cam-2", &dps.device_token("cam-2", &k)).await;
-    assert_eq!(state["status"], "assigned");
+    enroll_and_assign(&dps, "cam-2", 6).await;
     hook.wait_until("the registration's event taken", |h| {
         h.calls_to("/events").iter().filter(|c| c.json()["type"] == "com.dps-rs.registration.assigned").count() >= 5
     })

@@ -66,7 +66,7 @@ impl EventKind {
 }
 
 /// A CloudEvents 1.0 event in its structured JSON form.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct CloudEvent {
     /// Always `1.0`.
     pub specversion: String,
@@ -86,13 +86,6 @@ pub struct CloudEvent {
     /// What happened (docs/events.md), as JSON text: written once when the event is made and
     /// copied as is into the outbox and to every sink, never parsed into a tree.
     pub data: Box<RawValue>,
-}
-
-impl CloudEvent {
-    /// The short type name (`registration.assigned`).
-    pub fn short_type(&self) -> &str {
-        self.kind.strip_prefix(TYPE_PREFIX).unwrap_or(&self.kind)
-    }
 }
 
 /// An event on its way to the sinks: what they route and log it by, and its JSON (structured
@@ -136,9 +129,12 @@ struct StoredHead<'a> {
     delivered_to: Vec<String>,
 }
 
+/// The member of a stored event that names the sinks that have it (absent until one has).
+const DELIVERED_TO: &str = "dpsDeliveredTo";
+
 impl PendingEvent {
     /// Reads a stored outbox entry. Until a sink has it, the stored JSON is the event itself
-    /// and is sent as it is, unparsed; after, it is written again without `dpsDeliveredTo`.
+    /// and is sent as it is, unparsed; after, it is sent without `dpsDeliveredTo`.
     pub(crate) fn read(body: String) -> Result<Self, serde_json::Error> {
         let head: StoredHead<'_> = serde_json::from_str(&body)?;
         let (id, kind, subject) = (head.id.into_owned(), head.kind.into_owned(), head.subject.into_owned());
@@ -146,16 +142,22 @@ impl PendingEvent {
         let json = if delivered_to.is_empty() {
             body
         } else {
-            serde_json::to_string(&serde_json::from_str::<OutboxEvent>(&body)?.event)?
+            let mut members: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&body)?;
+            members.remove(DELIVERED_TO);
+            serde_json::to_string(&members)?
         };
         Ok(Self { event: OutgoingEvent { id, kind, subject, json }, delivered_to })
     }
 
     /// The write that stores it again, with the sinks that have it now.
     pub(crate) fn put_again(&self) -> Result<Write, Error> {
-        let event: CloudEvent = serde_json::from_str(&self.event.json)
-            .map_err(|e| Error::Internal(format!("cannot read an event back: {e}")))?;
-        outbox_put(&OutboxEvent { event, delivered_to: self.delivered_to.clone() }, Condition::Always)
+        let stored = (|| {
+            let mut members: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&self.event.json)?;
+            members.insert(DELIVERED_TO.into(), serde_json::to_value(&self.delivered_to)?);
+            serde_json::to_string(&members)
+        })()
+        .map_err(|e| Error::Internal(format!("cannot write an event back: {e}")))?;
+        Ok(outbox_put(&self.event.id, stored))
     }
 }
 
@@ -187,87 +189,6 @@ impl SinkError {
     /// Not offered in this drain.
     pub fn untried() -> Self {
         Self { message: "not offered in this drain".into(), permanent: false, untried: true }
-    }
-}
-
-/// An event as the outbox keeps it: the event, and the sinks that already have it (so that a
-/// sink that fails does not make the others get it again at every retry). Stored as the
-/// event's JSON object with one more member, `dpsDeliveredTo`, when a sink has it.
-#[derive(Debug, Clone)]
-pub struct OutboxEvent {
-    /// The event.
-    pub event: CloudEvent,
-    /// Names of the sinks that acknowledged it.
-    pub delivered_to: Vec<String>,
-}
-
-/// [`OutboxEvent`]'s stored form, written from borrowed parts. (Not `#[serde(flatten)]`: it
-/// buffers every member, and cannot carry a [`RawValue`].)
-#[derive(Serialize)]
-struct StoredRef<'a> {
-    specversion: &'a str,
-    id: &'a str,
-    source: &'a str,
-    #[serde(rename = "type")]
-    kind: &'a str,
-    subject: &'a str,
-    time: &'a str,
-    datacontenttype: &'a str,
-    data: &'a RawValue,
-    #[serde(rename = "dpsDeliveredTo", skip_serializing_if = "<[String]>::is_empty")]
-    delivered_to: &'a [String],
-}
-
-/// [`OutboxEvent`]'s stored form, read.
-#[derive(Deserialize)]
-struct Stored {
-    specversion: String,
-    id: String,
-    source: String,
-    #[serde(rename = "type")]
-    kind: String,
-    subject: String,
-    time: String,
-    datacontenttype: String,
-    data: Box<RawValue>,
-    #[serde(default, rename = "dpsDeliveredTo")]
-    delivered_to: Vec<String>,
-}
-
-impl Serialize for OutboxEvent {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let e = &self.event;
-        StoredRef {
-            specversion: &e.specversion,
-            id: &e.id,
-            source: &e.source,
-            kind: &e.kind,
-            subject: &e.subject,
-            time: &e.time,
-            datacontenttype: &e.datacontenttype,
-            data: &e.data,
-            delivered_to: &self.delivered_to,
-        }
-        .serialize(serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for OutboxEvent {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let s = Stored::deserialize(deserializer)?;
-        Ok(OutboxEvent {
-            event: CloudEvent {
-                specversion: s.specversion,
-                id: s.id,
-                source: s.source,
-                kind: s.kind,
-                subject: s.subject,
-                time: s.time,
-                datacontenttype: s.datacontenttype,
-                data: s.data,
-            },
-            delivered_to: s.delivered_to,
-        })
     }
 }
 
@@ -323,26 +244,21 @@ pub(crate) fn event(
     })
 }
 
-/// The write that puts a new event in the outbox. Unconditional: the key is a fresh UUIDv7
-/// (a millisecond and 74 random bits), so no earlier event can hold it, and checking would
-/// cost a lookup in every registration's write.
+/// The write that puts a new event in the outbox: the event's JSON, as the sinks get it.
+/// Unconditional: the key is a fresh UUIDv7 (a millisecond and 74 random bits), so no earlier
+/// event can hold it, and checking would cost a lookup in every registration's write.
 pub(crate) fn outbox_write(event: CloudEvent) -> Result<Write, Error> {
-    outbox_put(&OutboxEvent { event, delivered_to: Vec::new() }, Condition::Always)
+    let body = serde_json::to_string(&event).map_err(|e| Error::Internal(format!("cannot write an event: {e}")))?;
+    Ok(outbox_put(&event.id, body))
 }
 
-/// The write that puts (or updates) an outbox entry.
-pub(crate) fn outbox_put(entry: &OutboxEvent, condition: Condition) -> Result<Write, Error> {
-    Ok(Write::Put {
+/// The write that puts (or replaces) the outbox entry of event `id`, stored as `body`.
+fn outbox_put(id: &str, body: String) -> Write {
+    Write::Put {
         collection: Collection::EventOutbox,
-        document: Document {
-            id: entry.event.id.clone(),
-            etag: entry.event.id.clone(),
-            partition: None,
-            body: serde_json::to_string(entry).map_err(|e| Error::Internal(format!("cannot write an event: {e}")))?,
-            expires_at: None,
-        },
-        condition,
-    })
+        document: Document { id: id.into(), etag: id.into(), partition: None, body, expires_at: None },
+        condition: Condition::Always,
+    }
 }
 
 /// The `data` of an enrollment's or group's event.
@@ -378,32 +294,39 @@ pub(crate) fn enrollment_event(
 mod tests {
     use super::*;
 
+    fn body(write: &Write) -> &str {
+        let Write::Put { document, .. } = write else { panic!("a put") };
+        &document.body
+    }
+
     #[test]
     fn the_stored_form_is_the_event_with_the_sinks_that_have_it() {
         let data = EnrollmentData { registration_id: Some("dev-1"), enrollment_group_id: None, etag: Some("\"e\"") };
         let e = event("0ne00000001", EventKind::EnrollmentCreated, "enrollments/dev-1".into(), &data, 0).unwrap();
-        let mut entry = OutboxEvent { event: e, delivered_to: Vec::new() };
-        let stored = serde_json::to_string(&entry).unwrap();
+        let published = serde_json::to_string(&e).unwrap();
+        let write = outbox_write(e.clone()).unwrap();
         // Before any sink has it, the stored form is exactly the event a sink gets.
-        assert_eq!(stored, serde_json::to_string(&entry.event).unwrap());
-        let v: serde_json::Value = serde_json::from_str(&stored).unwrap();
+        assert_eq!(body(&write), published);
+        let v: serde_json::Value = serde_json::from_str(body(&write)).unwrap();
         assert_eq!(v["type"], "com.dps-rs.enrollment.created");
         assert_eq!(v["data"], serde_json::json!({"registrationId": "dev-1", "etag": "\"e\""}));
-        entry.delivered_to.push("nats".into());
-        let stored = serde_json::to_string(&entry).unwrap();
-        let back: OutboxEvent = serde_json::from_str(&stored).unwrap();
+        let mut pending = PendingEvent::read(body(&write).to_string()).unwrap();
+        pending.delivered_to.push("nats".into());
+        let back = PendingEvent::read(body(&pending.put_again().unwrap()).to_string()).unwrap();
         assert_eq!(back.delivered_to, ["nats"]);
-        assert_eq!(back.event.data.get(), entry.event.data.get());
-        assert_eq!(back.event.id, entry.event.id);
+        assert_eq!(back.event.json, published);
+        assert_eq!(back.event.id, e.id);
     }
 
     #[test]
     fn an_event_stored_with_null_members_is_read() {
         // The form written before members without a value were left out.
         let stored = r#"{"specversion":"1.0","id":"01","source":"/dps/s","type":"com.dps-rs.registration.assigned","subject":"registrations/d","time":"t","datacontenttype":"application/json","data":{"registrationId":"d","previousHub":null},"dpsDeliveredTo":["http"]}"#;
-        let back: OutboxEvent = serde_json::from_str(stored).unwrap();
+        let back = PendingEvent::read(stored.into()).unwrap();
         assert_eq!(back.event.short_type(), "registration.assigned");
-        assert_eq!(back.event.data.get(), r#"{"registrationId":"d","previousHub":null}"#);
+        let sent: serde_json::Value = serde_json::from_str(&back.event.json).unwrap();
+        assert_eq!(sent["data"].to_string(), r#"{"registrationId":"d","previousHub":null}"#);
+        assert!(sent.get("dpsDeliveredTo").is_none());
         assert_eq!(back.delivered_to, ["http"]);
     }
 
@@ -412,21 +335,19 @@ mod tests {
         let data = EnrollmentData { registration_id: None, enrollment_group_id: Some("g"), etag: None };
         let e = event("s", EventKind::GroupDeleted, "enrollmentGroups/g".into(), &data, 0).unwrap();
         let published = serde_json::to_string(&e).unwrap();
-        let mut entry = OutboxEvent { event: e, delivered_to: Vec::new() };
-        let fresh = PendingEvent::read(serde_json::to_string(&entry).unwrap()).unwrap();
+        let fresh = PendingEvent::read(body(&outbox_write(e.clone()).unwrap()).to_string()).unwrap();
         assert_eq!(fresh.event.json, published);
         assert_eq!(
             (fresh.event.short_type(), fresh.event.subject.as_str()),
             ("enrollmentgroup.deleted", "enrollmentGroups/g")
         );
-        assert_eq!(fresh.event.id, entry.event.id);
+        assert_eq!(fresh.event.id, e.id);
         assert!(fresh.delivered_to.is_empty());
-        entry.delivered_to = vec!["nats".into()];
-        let partly = PendingEvent::read(serde_json::to_string(&entry).unwrap()).unwrap();
+        let stored_partly = format!("{},\"dpsDeliveredTo\":[\"nats\"]}}", published.strip_suffix('}').unwrap());
+        let partly = PendingEvent::read(stored_partly.clone()).unwrap();
         assert_eq!(partly.event.json, published);
         assert_eq!(partly.delivered_to, ["nats"]);
-        let Write::Put { document, .. } = partly.put_again().unwrap() else { panic!("a put") };
-        assert_eq!(document.body, serde_json::to_string(&entry).unwrap());
+        assert_eq!(body(&partly.put_again().unwrap()), stored_partly);
         assert!(PendingEvent::read("{\"id\": 1}".into()).is_err());
     }
 }
