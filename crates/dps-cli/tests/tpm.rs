@@ -165,6 +165,68 @@ async fn a_new_challenge_replaces_the_key_and_a_restart_keeps_it() {
     challenge(&dps, id, &other).await;
 }
 
+/// `POST /{scope}/registrations/{id}`: the device's own view of its registration.
+async fn status_lookup(dps: &Dps, id: &str, token: &str) -> (u16, Value) {
+    let url = dps.url(&format!("/{}/registrations/{id}?api-version=2019-03-31", dps.scope()));
+    let resp = dps.client.post(url).header("Authorization", token).json(&json!({"registrationId": id})).send().await;
+    let resp = resp.unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn the_blob_is_stored_once_and_every_assigned_answer_carries_it() {
+    use dps_core::store::{Collection, Store as _};
+
+    let mut dps = Dps::start(HUBS).await;
+    let t = tpm(4);
+    let id = "tpm-device-4";
+    enroll(&dps, id, &t, json!({})).await;
+    let key = challenge(&dps, id, &t).await;
+    let token = token(&dps, id, &key);
+    let (status, _, body) = dps.register(id, Some(&token), json!({"registrationId": id})).await;
+    assert_eq!((status, &body["status"]), (202, &json!("assigned")), "{body}");
+    let tpm_answer = body["registrationState"]["tpm"].clone();
+    let blob = tpm_answer["authenticationKey"].as_str().expect("tpm.authenticationKey").to_string();
+    let op = body["operationId"].as_str().unwrap().to_string();
+
+    // Neither the poll nor the status lookup finds the blob in its own record: both put it
+    // back from the challenge record, across a restart too.
+    for round in ["before a restart", "after a restart"] {
+        let (status, polled) = dps.poll(id, &token, &op).await;
+        assert_eq!((status, &polled["registrationState"]["tpm"]), (200, &tpm_answer), "{round}: {polled}");
+        let (status, state) = status_lookup(&dps, id, &token).await;
+        assert_eq!((status, &state["status"]), (200, &json!("assigned")), "{round}: {state}");
+        assert_eq!(state["tpm"], tpm_answer, "{round}: {state}");
+        dps.restart().await;
+    }
+
+    // A new challenge replaces the key: the old assignment's answer no longer has a blob to
+    // give (its key stopped counting), so it goes without one rather than with the new key's.
+    let newer = challenge(&dps, id, &t).await;
+    let newer_token = self::token(&dps, id, &newer);
+    let (status, polled) = dps.poll(id, &newer_token, &op).await;
+    assert_eq!((status, &polled["status"]), (200, &json!("assigned")), "{polled}");
+    assert!(polled["registrationState"].get("tpm").is_none(), "{polled}");
+    let (status, state) = status_lookup(&dps, id, &newer_token).await;
+    assert_eq!(status, 200, "{state}");
+    assert!(state.get("tpm").is_none(), "{state}");
+    let (status, _) = dps.poll(id, &token, &op).await;
+    assert_eq!(status, 401, "the replaced key no longer counts");
+
+    // In the store, the blob is in the challenge record only; the registration keeps the
+    // key (the device's hub key), the operation names it by a digest.
+    assert!(dps.terminate(Duration::from_secs(20)).success());
+    let store = dps_store::SqliteStore::open(&dps.data_dir().join("dps.sqlite"), dps_store::Synchronous::Full).unwrap();
+    let registration = store.get(Collection::Registrations, id).await.unwrap().expect("registration record");
+    let operation = store.get(Collection::Operations, &op).await.unwrap().expect("operation record");
+    let challenge = store.get(Collection::TpmChallenges, id).await.unwrap().expect("challenge record");
+    assert!(!registration.body.contains(&blob) && !registration.body.contains("authenticationKey"));
+    assert!(registration.body.contains(&BASE64.encode(&key)), "the hub key stays: {}", registration.body);
+    assert!(!operation.body.contains(&blob) && !operation.body.contains("authenticationKey"), "{}", operation.body);
+    assert!(operation.body.contains("tpmKeyDigest"), "{}", operation.body);
+    assert!(challenge.body.contains("authenticationKey"), "the newest challenge keeps its blob");
+}
+
 #[tokio::test]
 async fn a_challenge_expires() {
     let dps = Dps::start(&format!("{HUBS}[device]\ntpm_challenge_secs = 1\n")).await;

@@ -73,6 +73,9 @@ impl DeviceRuntime {
                 registration_state: Some(state),
             };
         }
+        if let (Some(digest), Some(state)) = (&op.tpm_key_digest, op.result.registration_state.as_mut()) {
+            self.restore_tpm_blob(&op.registration_id, state, digest).await?;
+        }
         let retry_after = (op.result.status == RegistrationStatus::Assigning).then_some(self.settings.retry_after_secs);
         tracing::debug!(registration_id, operation_id, status = ?op.result.status, "operation polled");
         Ok(DeviceReply { operation: op.result, retry_after, attestation: None })
@@ -91,6 +94,10 @@ impl DeviceRuntime {
         self.authenticate(id_scope, registration_id, credential).await?;
         self.admit(registration_id, false)?;
         let record = self.load_registration(registration_id).await?;
-        Ok(record.to_device_result())
+        let mut state = record.to_device_result();
+        if let Some(key) = &record.tpm {
+            self.restore_tpm_blob(&record.registration_id, &mut state, &key.digest()).await?;
+        }
+        Ok(state)
     }
 }

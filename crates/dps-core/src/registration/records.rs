@@ -104,13 +104,21 @@ pub struct RegistrationRecord {
 
 /// A TPM device's key as its registration records it: the HMAC key its TPM imported from the
 /// challenge (the device's hub key: an IoT hub identity with symmetric-key authentication
-/// and this primary key), and the blob that delivers it, which the assigned answer carries
-/// as `registrationState.tpm.authenticationKey`.
+/// and this primary key), and, while it is at hand, the blob that delivers it, which the
+/// assigned answer carries as `registrationState.tpm.authenticationKey`.
+///
+/// The blob (1 KB of base64) is stored once, in the device's TPM challenge record, and not
+/// again in the registration and operation records: with it those records outgrow what a
+/// 4 KiB SQLite page keeps in a B-tree leaf and each took an overflow page of its own
+/// (BENCHMARKS.md). Records written before still carry it, and it is read from them.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TpmHubKey {
-    /// The blob (base64), for the device to import again.
-    pub authentication_key: String,
+    /// The blob (base64), for the device to import again: present in memory during the
+    /// request that proved the key (from the challenge record), and in records written
+    /// before it was left out of them; never written.
+    #[serde(default, skip_serializing)]
+    pub authentication_key: Option<String>,
     /// The key (base64). A secret: never in a service API answer.
     pub key: String,
 }
@@ -118,6 +126,21 @@ pub struct TpmHubKey {
 impl std::fmt::Debug for TpmHubKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("TpmHubKey(<redacted>)")
+    }
+}
+
+impl TpmHubKey {
+    /// A name for the key that does not reveal it (base64 of the first 16 bytes of the
+    /// SHA-256 of its base64 text): an operation record keeps it to find the blob again.
+    pub fn digest(&self) -> String {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        base64::engine::general_purpose::STANDARD.encode(&sha2::Sha256::digest(self.key.as_bytes())[..16])
+    }
+
+    /// `registrationState.tpm` of an assigned answer, when the blob is at hand.
+    pub(super) fn answer(&self) -> Option<Value> {
+        self.authentication_key.as_ref().map(|blob| serde_json::json!({ "authenticationKey": blob }))
     }
 }
 
@@ -148,11 +171,8 @@ impl RegistrationRecord {
             etag: Some(self.etag.clone()),
             payload: self.payload.clone(),
             // protocol.md §6.6: every TPM client needs it in the assigned answer.
-            tpm: self
-                .tpm
-                .as_ref()
-                .filter(|_| assigned)
-                .map(|t| serde_json::json!({ "authenticationKey": t.authentication_key })),
+            // Absent when the blob is not at hand: `DeviceRuntime::restore_tpm_blob`.
+            tpm: self.tpm.as_ref().filter(|_| assigned).and_then(TpmHubKey::answer),
             // docs/protocol-notes.md §7: `{}` or only the group ID (Java validates certificate infos).
             x509: match (self.attestation, &self.enrollment_group_id) {
                 (AttestationType::X509, Some(g)) => Some(serde_json::json!({ "enrollmentGroupId": g })),
@@ -203,4 +223,52 @@ pub struct OperationRecord {
     /// reports the registration failed (the server stopped during the webhook call).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_millis: Option<i64>,
+    /// A TPM device's assigned operation: the [`TpmHubKey::digest`] of the key it proved.
+    /// The answer's `registrationState.tpm.authenticationKey` is left out of the stored
+    /// `result` and put back from the device's challenge record while that holds this key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm_key_digest: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assigned_tpm_record(body_tpm: Value) -> RegistrationRecord {
+        serde_json::from_value(serde_json::json!({
+            "registrationId": "tpm-1", "attestation": "tpm", "createdMillis": 1, "updatedMillis": 2,
+            "status": "assigned", "substatus": "initialAssignment", "assignedHub": "hub-a.test",
+            "deviceId": "tpm-1", "etag": "e1", "lastOperationId": "op-1", "tpm": body_tpm,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_registration_record_keeps_the_tpm_key_but_not_its_blob() {
+        let mut record = assigned_tpm_record(serde_json::json!({"key": "a2V5"}));
+        record.tpm = Some(TpmHubKey { authentication_key: Some("YmxvYg==".into()), key: "a2V5".into() });
+        // In memory (the request that proved the key) the answer has the blob ...
+        assert_eq!(record.to_device_result().tpm, Some(serde_json::json!({"authenticationKey": "YmxvYg=="})));
+        // ... the stored form does not.
+        let stored = serde_json::to_value(&record).unwrap();
+        assert_eq!(stored["tpm"], serde_json::json!({"key": "a2V5"}));
+        let read: RegistrationRecord = serde_json::from_value(stored).unwrap();
+        assert_eq!(read.tpm.as_ref().map(|k| k.key.as_str()), Some("a2V5"));
+        assert_eq!(read.to_device_result().tpm, None, "put back by DeviceRuntime::restore_tpm_blob");
+    }
+
+    #[test]
+    fn a_record_written_with_the_blob_still_answers_with_it() {
+        let record = assigned_tpm_record(serde_json::json!({"authenticationKey": "YmxvYg==", "key": "a2V5"}));
+        assert_eq!(record.to_device_result().tpm, Some(serde_json::json!({"authenticationKey": "YmxvYg=="})));
+    }
+
+    #[test]
+    fn the_key_digest_names_the_key_without_showing_it() {
+        let key = |k: &str| TpmHubKey { authentication_key: None, key: k.into() };
+        let digest = key("c2VjcmV0LWtleS1ieXRlcw==").digest();
+        assert_eq!(digest, key("c2VjcmV0LWtleS1ieXRlcw==").digest());
+        assert_ne!(digest, key("b3RoZXI=").digest());
+        assert!(!digest.contains("c2VjcmV0") && digest.len() == 24, "{digest}");
+    }
 }

@@ -93,12 +93,20 @@ impl Pending {
         result: RegistrationOperationStatus,
         deadline_millis: Option<i64>,
     ) -> OperationRecord {
+        // The blob of an assigned TPM answer is kept once, in the challenge record
+        // (`TpmHubKey`): the operation names the key instead.
+        let mut result = result;
+        let tpm_key_digest = match (result.registration_state.as_mut(), &self.tpm) {
+            (Some(state), Some(key)) => state.tpm.take().map(|_| key.digest()),
+            _ => None,
+        };
         OperationRecord {
             registration_id: self.registration_id.clone(),
             created_millis: self.started,
             device_payload: self.payload.clone(),
             result,
             deadline_millis,
+            tpm_key_digest,
         }
     }
 }

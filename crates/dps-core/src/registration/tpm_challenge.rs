@@ -13,6 +13,7 @@
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
+use dps_proto::device::{DeviceRegistrationResult, RegistrationStatus};
 use dps_proto::error::ErrorCode;
 use dps_proto::sas::SasToken;
 use dps_proto::service::{AttestationType, IndividualEnrollment};
@@ -77,7 +78,7 @@ impl IssuedTpmKey {
 
     /// The key as the registration keeps it: the device's hub key.
     pub(super) fn hub_key(self) -> TpmHubKey {
-        TpmHubKey { authentication_key: self.authentication_key, key: self.key }
+        TpmHubKey { authentication_key: Some(self.authentication_key), key: self.key }
     }
 }
 
@@ -179,6 +180,32 @@ impl DeviceRuntime {
             return Ok(None);
         }
         parse_stored(&doc.body, "TPM challenge", registration_id).map(Some)
+    }
+
+    /// Puts `registrationState.tpm.authenticationKey` into an assigned TPM answer whose stored
+    /// form left it out (`TpmHubKey`): the blob of the device's challenge record, when that
+    /// still holds the key `digest` names. A device that can ask has just proved that key
+    /// (its token is checked against the same record), so the record is there unless it
+    /// expired or a newer challenge replaced it since the device's registration; then the
+    /// answer goes without the blob, and the device registers again.
+    pub(super) async fn restore_tpm_blob(
+        &self,
+        registration_id: &str,
+        state: &mut DeviceRegistrationResult,
+        digest: &str,
+    ) -> Result<(), Error> {
+        if state.tpm.is_some() || state.status != RegistrationStatus::Assigned {
+            return Ok(());
+        }
+        let issued = self.issued_tpm_key(registration_id).await?.map(IssuedTpmKey::hub_key);
+        match issued.filter(|key| key.digest() == digest) {
+            Some(key) => state.tpm = key.answer(),
+            None => tracing::info!(
+                registration_id,
+                "assigned TPM answer without its authenticationKey: the challenge of that key expired or was replaced; the device registers again"
+            ),
+        }
+        Ok(())
     }
 
     /// The key a TPM device's token is signed with, for its enrollment: the one issued last,
