@@ -6,6 +6,8 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use common::amqp::RawAmqp;
+use common::mqtt::{connect_packet, RawMqtt};
 use common::{derive, key, webhook, Dps};
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
@@ -222,4 +224,52 @@ async fn json_log_lines_parse_and_carry_tracking_ids() {
     );
     // No key reaches the log.
     assert!(!log.contains(&k) && !log.contains(&key(9)));
+}
+
+#[tokio::test]
+async fn json_log_lines_of_mqtt_and_amqp_requests_carry_their_tracking_ids() {
+    let dps = Dps::start("[log]\nlevel = \"debug\"\nformat = \"json\"\n").await;
+    let k = key(4);
+    for id in ["mq-1", "amqp-1"] {
+        dps.put_enrollment(json!({"registrationId": id,
+            "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": k, "secondaryKey": k}}}))
+            .await;
+    }
+    // MQTT: a failed request's error body (in the response publish) has a trackingId.
+    let mut mqtt = RawMqtt::tls(&dps).await;
+    assert_eq!(mqtt.connect(connect_packet(&dps, "mq-1", Some(&dps.device_token("mq-1", &k)))).await, 0);
+    mqtt.subscribe().await;
+    let poll = "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=1&operationId=4.0000000000000000.nope";
+    let (topic, err) = mqtt.request(poll, b"", Some(1)).await;
+    assert_eq!(topic, "$dps/registrations/res/404/?$rid=1", "{err}");
+    let mqtt_tracking = err["trackingId"].as_str().expect("trackingId").to_string();
+    // AMQP: so has a rejected disposition's.
+    let mut amqp = RawAmqp::tls(&dps).await;
+    assert_eq!(amqp.sasl_plain(&dps.scope(), "amqp-1", &dps.device_token("amqp-1", &k)).await, 0);
+    amqp.open().await;
+    amqp.links(&format!("{}/registrations/amqp-1", dps.scope())).await.expect("links attached");
+    let (_, err) = amqp.poll("not-an-operation").await.rejection();
+    assert_eq!(err["errorCode"], 404203, "{err}");
+    let amqp_tracking = err["trackingId"].as_str().expect("trackingId").to_string();
+    assert_ne!(mqtt_tracking, amqp_tracking);
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = dps.log();
+    let lines: Vec<Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}")))
+        .collect();
+    for (transport, tracking) in [("MQTT", &mqtt_tracking), ("AMQP", &amqp_tracking)] {
+        let of_request: Vec<&Value> = lines
+            .iter()
+            .filter(|l| l["request_id"] == tracking.as_str() || l["span"]["request_id"] == tracking.as_str())
+            .collect();
+        assert!(
+            of_request.iter().any(|l| l["registration_id"].as_str().is_some_and(|id| id.ends_with("-1"))
+                && l["message"].as_str().is_some_and(|m| m.contains("request failed"))),
+            "{transport}: no line of the failed request carries its tracking ID {tracking}: {log}"
+        );
+    }
+    assert!(!log.contains(&k));
 }
