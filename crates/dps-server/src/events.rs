@@ -300,3 +300,66 @@ pub async fn outbox_loop(engine: Engine, sinks: Vec<Arc<dyn EventSink>>, mut sto
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dps_core::store::{Collection, Condition, Document, Store, Write};
+
+    /// A sink that takes everything and notes when (in tokio's time) each event came.
+    struct Recording(std::sync::Mutex<Vec<tokio::time::Instant>>);
+
+    #[async_trait]
+    impl EventSink for Recording {
+        fn name(&self) -> &'static str {
+            "recording"
+        }
+        async fn publish(&self, _event: &OutgoingEvent) -> Result<(), SinkError> {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).push(tokio::time::Instant::now());
+            Ok(())
+        }
+    }
+
+    /// Delivery keeps up with a busy node: a drain that stopped at its limit with events left
+    /// is followed at once by the next, not after a poll interval (before, 1,000 events took
+    /// two more intervals than 1 did, and a sustained load grew the backlog without bound).
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_that_leaves_events_behind_is_followed_at_once() {
+        let store = Arc::new(dps_store::MemoryStore::new());
+        let count = PER_DRAIN * 2 + 7;
+        let writes = (0..count)
+            .map(|i| {
+                let id = format!("{i:08}");
+                let body = format!(
+                    r#"{{"specversion":"1.0","id":"{id}","source":"/dps/s","type":"com.dps-rs.enrollment.created","subject":"enrollments/d{i}","time":"2026-12-07T00:00:00Z","datacontenttype":"application/json","data":{{}}}}"#
+                );
+                Write::Put {
+                    collection: Collection::EventOutbox,
+                    document: Document { id: id.clone(), etag: id, partition: None, body, expires_at: None },
+                    condition: Condition::Always,
+                }
+            })
+            .collect();
+        store.write(writes).await.unwrap();
+        let engine = Engine::new(store.clone(), dps_core::engine::EngineSettings::default());
+        let sink = Arc::new(Recording(std::sync::Mutex::new(Vec::new())));
+        let (stop, stopped) = watch::channel(false);
+        let sinks: Vec<Arc<dyn EventSink>> = vec![sink.clone()];
+        let started = tokio::time::Instant::now();
+        let task = tokio::spawn(outbox_loop(engine.clone(), sinks, stopped));
+        while sink.0.lock().unwrap().len() < count {
+            assert!(started.elapsed() < Duration::from_secs(60), "only {} delivered", sink.0.lock().unwrap().len());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let times = sink.0.lock().unwrap().clone();
+        let (first, last) = (times[0], times[count - 1]);
+        assert!(
+            last - first < POLL,
+            "three drains' worth of events took {:?} of poll intervals: a drain that leaves events waits before the next",
+            last - first
+        );
+        assert_eq!(engine.pending_events(10).await.unwrap(), 0, "every delivered event is gone from the outbox");
+        stop.send(true).unwrap();
+        task.await.unwrap();
+    }
+}
