@@ -189,6 +189,14 @@ async fn metrics_are_off_by_default() {
     assert!(!dps.log().contains("metrics=Some"), "{}", dps.log());
 }
 
+/// The log's lines, each parsed as JSON (panics on one that is not).
+fn json_lines(log: &str) -> Vec<Value> {
+    log.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}")))
+        .collect()
+}
+
 #[tokio::test]
 async fn json_log_lines_parse_and_carry_tracking_ids() {
     let dps = Dps::start("[log]\nlevel = \"debug\"\nformat = \"json\"\n").await;
@@ -207,11 +215,7 @@ async fn json_log_lines_parse_and_carry_tracking_ids() {
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     let log = dps.log();
-    let lines: Vec<Value> = log
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}")))
-        .collect();
+    let lines = json_lines(&log);
     assert!(lines.len() > 5, "{log}");
     for line in &lines {
         assert!(line["timestamp"].is_string() && line["level"].is_string() && line["target"].is_string(), "{line}");
@@ -255,11 +259,7 @@ async fn json_log_lines_of_mqtt_and_amqp_requests_carry_their_tracking_ids() {
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     let log = dps.log();
-    let lines: Vec<Value> = log
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}")))
-        .collect();
+    let lines = json_lines(&log);
     for (transport, tracking) in [("MQTT", &mqtt_tracking), ("AMQP", &amqp_tracking)] {
         let of_request: Vec<&Value> = lines
             .iter()

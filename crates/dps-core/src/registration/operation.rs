@@ -5,7 +5,7 @@ use dps_proto::error::ErrorCode;
 use dps_proto::ids::validate_operation_id;
 
 use super::authenticate::{AuthenticatedDevice, Credential};
-use super::records::OperationRecord;
+use super::records::{OperationRecord, TpmHubKey};
 use super::register::DeviceReply;
 use crate::engine::{parse_stored, DeviceRuntime};
 use crate::error::Error;
@@ -23,8 +23,8 @@ impl DeviceRuntime {
         self.check_scope_and_id(id_scope, registration_id)?;
         validate_operation_id(operation_id)
             .map_err(|e| Error::bad_request(ErrorCode::INVALID_IDENTIFIER, e.to_string()))?;
-        self.authenticate(id_scope, registration_id, credential).await?;
-        self.lookup_operation(registration_id, operation_id).await
+        let proven = self.authenticate(id_scope, registration_id, credential).await?;
+        self.lookup_operation(registration_id, operation_id, proven.tpm_key).await
     }
 
     /// Answers an operation-status poll of a device that authenticated when it connected
@@ -37,10 +37,16 @@ impl DeviceRuntime {
         validate_operation_id(operation_id)
             .map_err(|e| Error::bad_request(ErrorCode::INVALID_IDENTIFIER, e.to_string()))?;
         self.recheck(device).await?;
-        self.lookup_operation(device.registration_id(), operation_id).await
+        self.lookup_operation(device.registration_id(), operation_id, None).await
     }
 
-    async fn lookup_operation(&self, registration_id: &str, operation_id: &str) -> Result<DeviceReply, Error> {
+    /// `proven`: a TPM device's key as its authentication read it, if it did.
+    async fn lookup_operation(
+        &self,
+        registration_id: &str,
+        operation_id: &str,
+        proven: Option<TpmHubKey>,
+    ) -> Result<DeviceReply, Error> {
         self.admit(registration_id, false)?;
         let not_found = || {
             Error::not_found(
@@ -74,7 +80,7 @@ impl DeviceRuntime {
             };
         }
         if let (Some(digest), Some(state)) = (&op.tpm_key_digest, op.result.registration_state.as_mut()) {
-            self.restore_tpm_blob(&op.registration_id, state, digest).await?;
+            self.restore_tpm_blob(&op.registration_id, state, digest, proven).await?;
         }
         let retry_after = (op.result.status == RegistrationStatus::Assigning).then_some(self.settings.retry_after_secs);
         tracing::debug!(registration_id, operation_id, status = ?op.result.status, "operation polled");
@@ -91,12 +97,12 @@ impl DeviceRuntime {
     ) -> Result<DeviceRegistrationResult, Error> {
         self.check_scope_and_id(id_scope, registration_id)?;
         self.parse_registration_body(registration_id, body)?;
-        self.authenticate(id_scope, registration_id, credential).await?;
+        let proven = self.authenticate(id_scope, registration_id, credential).await?;
         self.admit(registration_id, false)?;
         let record = self.load_registration(registration_id).await?;
         let mut state = record.to_device_result();
         if let Some(key) = &record.tpm {
-            self.restore_tpm_blob(&record.registration_id, &mut state, &key.digest()).await?;
+            self.restore_tpm_blob(&record.registration_id, &mut state, &key.digest(), proven.tpm_key).await?;
         }
         Ok(state)
     }

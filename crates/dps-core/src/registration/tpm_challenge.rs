@@ -187,17 +187,23 @@ impl DeviceRuntime {
     /// still holds the key `digest` names. A device that can ask has just proved that key
     /// (its token is checked against the same record), so the record is there unless it
     /// expired or a newer challenge replaced it since the device's registration; then the
-    /// answer goes without the blob, and the device registers again.
+    /// answer goes without the blob, and the device registers again. `proven` is the key the
+    /// request's authentication already read from that record (HTTPS); without it (MQTT and
+    /// AMQP re-checks) the record is read here.
     pub(super) async fn restore_tpm_blob(
         &self,
         registration_id: &str,
         state: &mut DeviceRegistrationResult,
         digest: &str,
+        proven: Option<TpmHubKey>,
     ) -> Result<(), Error> {
         if state.tpm.is_some() || state.status != RegistrationStatus::Assigned {
             return Ok(());
         }
-        let issued = self.issued_tpm_key(registration_id).await?.map(IssuedTpmKey::hub_key);
+        let issued = match proven {
+            Some(key) => Some(key),
+            None => self.issued_tpm_key(registration_id).await?.map(IssuedTpmKey::hub_key),
+        };
         match issued.filter(|key| key.digest() == digest) {
             Some(key) => state.tpm = key.answer(),
             None => tracing::info!(
