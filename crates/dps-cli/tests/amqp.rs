@@ -246,6 +246,82 @@ async fn a_tpm_device_answers_three_sasl_challenges() {
     assert!(matches!(c.sasl().await, Sasl::Outcome { code: 1, .. }));
 }
 
+/// The SASL `TPM` exchange to its end (the key imported from the blob signs the token), then
+/// open and links: a TPM device's connection ready for requests, and the key it holds.
+async fn tpm_connected(dps: &Dps, t: &SoftwareTpm, id: &str) -> (RawAmqp, Vec<u8>) {
+    let ek = t.endorsement_key().marshal_tpm2b().unwrap();
+    let srk = t.storage_root_key().marshal_tpm2b().unwrap();
+    let initial = [&[0u8][..], dps.scope().as_bytes(), &[0], id.as_bytes(), &[0], &ek].concat();
+    let mut c = RawAmqp::tls(dps).await;
+    assert_eq!(c.sasl_init("TPM", &initial).await, Sasl::Challenge(vec![0]));
+    c.send(Frame::Sasl(Sasl::Response([&[0u8][..], &srk].concat()))).await;
+    let Sasl::Challenge(part1) = c.sasl().await else { panic!("no first segment") };
+    c.send(Frame::Sasl(Sasl::Response(vec![0x00]))).await;
+    let Sasl::Challenge(part2) = c.sasl().await else { panic!("no final segment") };
+    let key = t.import(&[&part1[1..], &part2[1..]].concat()).expect("the blob opens with the device's TPM");
+    let token = dps.device_token(id, &BASE64.encode(&key));
+    c.send(Frame::Sasl(Sasl::Response([&[0u8][..], token.as_bytes()].concat()))).await;
+    assert!(matches!(c.sasl().await, Sasl::Outcome { code: 0, .. }), "SASL outcome ok");
+    c.open().await;
+    c.links(&address(dps, id)).await.expect("links attached");
+    (c, key)
+}
+
+/// Polls `operation` until it is no longer assigning.
+async fn poll_to_end(c: &mut RawAmqp, operation: &str) -> serde_json::Value {
+    for _ in 0..25 {
+        let polled = c.poll(operation).await.json();
+        if polled["status"] != "assigning" {
+            return polled;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("operation {operation} still assigning after 5 s");
+}
+
+/// A TPM device that gets `assigning` first polls over AMQP: the assigned answer carries the
+/// authentication key again (put back from the challenge record, docs/tpm.md §3). A newer
+/// challenge replaces the key at once, also for the connection that authenticated with it:
+/// its next poll is refused as an HTTPS poll with that key would be; the old operation polled
+/// on the new key's connection answers `assigned` without the blob of a key the device no
+/// longer holds, and registering again brings the new one.
+#[tokio::test]
+async fn a_tpm_device_polling_over_amqp_gets_its_key_back_until_a_new_challenge_replaces_it() {
+    let dps = Dps::start(&format!("{HUBS}[device]\nassigning_first = true\nretry_after_secs = 1\n")).await;
+    let t = SoftwareTpm::generate(&mut StdRng::seed_from_u64(9)).unwrap();
+    let id = "amqp-tpm-poll";
+    let ek = BASE64.encode(t.endorsement_key().marshal_tpm2b().unwrap());
+    dps.put_enrollment(json!({"registrationId": id, "attestation": {"type": "tpm", "tpm": {"endorsementKey": ek}}}))
+        .await;
+    let (mut c, key) = tpm_connected(&dps, &t, id).await;
+    let first = c.register(&json!({"registrationId": id})).await.json();
+    assert_eq!(first["status"], "assigning", "{first}");
+    let op = first["operationId"].as_str().unwrap().to_string();
+    let assigned = poll_to_end(&mut c, &op).await;
+    assert_eq!(assigned["status"], "assigned", "{assigned}");
+    let blob = BASE64.decode(assigned["registrationState"]["tpm"]["authenticationKey"].as_str().unwrap()).unwrap();
+    assert_eq!(t.import(&blob).unwrap(), key, "the polled answer's blob delivers the challenge's key");
+    assert_eq!(c.poll(&op).await.json(), assigned, "polled again: the same answer");
+
+    let (mut c2, key2) = tpm_connected(&dps, &t, id).await;
+    assert_ne!(key2, key, "a new challenge, a new key");
+    let (condition, err) = c.poll(&op).await.rejection();
+    assert_eq!(condition, "amqp:unauthorized-access", "{err}");
+    assert_eq!(err["errorCode"], 401002, "{err}");
+    assert!(err["message"].as_str().unwrap().contains("replaced the key"), "{err}");
+    let (condition, _) = c.register(&json!({"registrationId": id})).await.rejection();
+    assert_eq!(condition, "amqp:unauthorized-access", "a register on the old key's connection too");
+
+    let old = c2.poll(&op).await.json();
+    assert_eq!(old["status"], "assigned", "{old}");
+    assert_eq!(old["registrationState"]["assignedHub"], assigned["registrationState"]["assignedHub"]);
+    assert!(old["registrationState"].get("tpm").is_none(), "no blob of a replaced key: {old}");
+    let again = c2.register(&json!({"registrationId": id})).await.json();
+    let again = poll_to_end(&mut c2, again["operationId"].as_str().unwrap()).await;
+    let blob2 = BASE64.decode(again["registrationState"]["tpm"]["authenticationKey"].as_str().unwrap()).unwrap();
+    assert_eq!(t.import(&blob2).unwrap(), key2, "registering again brings the new key");
+}
+
 #[tokio::test]
 async fn polling_errors_and_disabled_enrollments_are_answered_as_the_sdks_expect() {
     let dps = Dps::start(&format!("{HUBS}[device]\nassigning_first = true\nretry_after_secs = 1\n")).await;

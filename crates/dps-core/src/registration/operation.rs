@@ -28,7 +28,10 @@ impl DeviceRuntime {
     }
 
     /// Answers an operation-status poll of a device that authenticated when it connected
-    /// (MQTT, AMQP); its credential is re-checked as far as something changed.
+    /// (MQTT, AMQP); its credential is re-checked as far as something changed. A TPM device's
+    /// key is checked on every poll, as it is on every register request: once a newer challenge
+    /// has replaced it, the poll is refused as it would be over HTTPS (the re-check looks only at
+    /// the token's expiry and the enrollment, which a challenge does not change).
     pub async fn operation_status_of(
         &self,
         device: &mut AuthenticatedDevice,
@@ -36,8 +39,9 @@ impl DeviceRuntime {
     ) -> Result<DeviceReply, Error> {
         validate_operation_id(operation_id)
             .map_err(|e| Error::bad_request(ErrorCode::INVALID_IDENTIFIER, e.to_string()))?;
-        self.recheck(device).await?;
-        self.lookup_operation(device.registration_id(), operation_id, None).await
+        let enrollment = self.recheck(device).await?;
+        let tpm_key = self.tpm_hub_key(device.registration_id(), device.credential(), &enrollment).await?;
+        self.lookup_operation(device.registration_id(), operation_id, tpm_key).await
     }
 
     /// `proven`: a TPM device's key as its authentication read it, if it did.

@@ -315,7 +315,7 @@ impl DeviceRuntime {
     /// its token is signed with; refused when a challenge issued since has replaced it. A
     /// disabled enrollment needs none (its answer carries no key; a group member's token
     /// that a disabled individual TPM enrollment revokes is signed with no TPM key at all).
-    async fn tpm_hub_key(
+    pub(super) async fn tpm_hub_key(
         &self,
         registration_id: &str,
         credential: &Credential,

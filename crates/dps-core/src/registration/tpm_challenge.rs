@@ -188,8 +188,9 @@ impl DeviceRuntime {
     /// (its token is checked against the same record), so the record is there unless it
     /// expired or a newer challenge replaced it since the device's registration; then the
     /// answer goes without the blob, and the device registers again. `proven` is the key the
-    /// request's authentication already read from that record (HTTPS); without it (MQTT and
-    /// AMQP re-checks) the record is read here.
+    /// request's authentication already read from that record (HTTPS, and an AMQP poll's key
+    /// check); without it (a device whose enrollment is disabled now, whose token no key
+    /// check looks at) the record is read here.
     pub(super) async fn restore_tpm_blob(
         &self,
         registration_id: &str,
