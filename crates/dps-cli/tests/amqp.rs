@@ -308,7 +308,7 @@ async fn a_tpm_device_polling_over_amqp_gets_its_key_back_until_a_new_challenge_
     let (condition, err) = c.poll(&op).await.rejection();
     assert_eq!(condition, "amqp:unauthorized-access", "{err}");
     assert_eq!(err["errorCode"], 401002, "{err}");
-    assert!(err["message"].as_str().unwrap().contains("replaced the key"), "{err}");
+    assert!(err["message"].as_str().unwrap().contains("a newer challenge replaced it"), "{err}");
     let (condition, _) = c.register(&json!({"registrationId": id})).await.rejection();
     assert_eq!(condition, "amqp:unauthorized-access", "a register on the old key's connection too");
 

@@ -310,9 +310,10 @@ impl DeviceRuntime {
         Ok(self.reply_for_register(result))
     }
 
-    /// A TPM device's hub key, for a device whose authentication did not hand it on (MQTT and
-    /// AMQP, whose re-check looks at the enrollment, not at the key): the key of the challenge
-    /// its token is signed with; refused when a challenge issued since has replaced it. A
+    /// A TPM device's hub key, for a device whose authentication did not hand it on (an AMQP
+    /// register or poll, whose re-check looks at the enrollment, not at the key): the key of the
+    /// challenge its token is signed with; refused when a challenge issued since has replaced
+    /// it, it expired, or the enrollment's endorsement key changed. A
     /// disabled enrollment needs none (its answer carries no key; a group member's token
     /// that a disabled individual TPM enrollment revokes is signed with no TPM key at all).
     pub(super) async fn tpm_hub_key(
@@ -334,7 +335,7 @@ impl DeviceRuntime {
         match self.tpm_key_for(registration_id, e, &token).await? {
             Some(issued) => Ok(Some(issued.hub_key())),
             None => Err(unauthorized(format!(
-                "a newer TPM challenge for registration ID '{registration_id}' replaced the key this token is signed with; send the register request without a token to get a new challenge"
+                "the TPM key this token is signed with is no longer accepted for registration ID '{registration_id}': a newer challenge replaced it, it expired (device.tpm_challenge_secs), or the enrollment's endorsement key changed; send the register request without a token to get a new challenge"
             ))),
         }
     }
