@@ -159,6 +159,41 @@ async fn x509_devices_connect_without_sasl_and_their_links_name_the_registration
     assert!(refused.description.unwrap().contains("authenticated as 'amqp-sk'"));
 }
 
+/// The SASL `TPM` exchange to its end (the key imported from the blob signs the token), then
+/// open and links: a TPM device's connection ready for requests, and the key it holds.
+async fn tpm_connected(dps: &Dps, t: &SoftwareTpm, id: &str) -> (RawAmqp, Vec<u8>) {
+    let ek = t.endorsement_key().marshal_tpm2b().unwrap();
+    let srk = t.storage_root_key().marshal_tpm2b().unwrap();
+    let initial = [&[0u8][..], dps.scope().as_bytes(), &[0], id.as_bytes(), &[0], &ek].concat();
+    let mut c = RawAmqp::tls(dps).await;
+    assert_eq!(c.sasl_init("TPM", &initial).await, Sasl::Challenge(vec![0]), "the first challenge is one zero byte");
+    c.send(Frame::Sasl(Sasl::Response([&[0u8][..], &srk].concat()))).await;
+    let Sasl::Challenge(part1) = c.sasl().await else { panic!("no first segment") };
+    assert_eq!(part1[0], 0x80);
+    c.send(Frame::Sasl(Sasl::Response(vec![0x00]))).await;
+    let Sasl::Challenge(part2) = c.sasl().await else { panic!("no final segment") };
+    assert_eq!(part2[0], 0xC1);
+    let key = t.import(&[&part1[1..], &part2[1..]].concat()).expect("the blob opens with the device's TPM");
+    let token = dps.device_token(id, &BASE64.encode(&key));
+    c.send(Frame::Sasl(Sasl::Response([&[0u8][..], token.as_bytes()].concat()))).await;
+    assert!(matches!(c.sasl().await, Sasl::Outcome { code: 0, .. }), "SASL outcome ok");
+    c.open().await;
+    c.links(&address(dps, id)).await.expect("links attached");
+    (c, key)
+}
+
+/// Polls `operation` until it is no longer assigning.
+async fn poll_to_end(c: &mut RawAmqp, operation: &str) -> serde_json::Value {
+    for _ in 0..25 {
+        let polled = c.poll(operation).await.json();
+        if polled["status"] != "assigning" {
+            return polled;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("operation {operation} still assigning after 5 s");
+}
+
 #[tokio::test]
 async fn a_tpm_device_answers_three_sasl_challenges() {
     let dps = Dps::start(HUBS).await;
@@ -172,23 +207,8 @@ async fn a_tpm_device_answers_three_sasl_challenges() {
     .await;
     let initial = [&[0u8][..], dps.scope().as_bytes(), &[0], id.as_bytes(), &[0], &ek].concat();
 
-    let mut c = RawAmqp::tls(&dps).await;
-    let Sasl::Challenge(first) = c.sasl_init("TPM", &initial).await else { panic!("no first challenge") };
-    assert_eq!(first, vec![0x00], "the first challenge is one zero byte");
-    c.send(Frame::Sasl(Sasl::Response([&[0u8][..], &srk].concat()))).await;
-    let Sasl::Challenge(part1) = c.sasl().await else { panic!("no first segment") };
-    assert_eq!(part1[0], 0x80);
-    c.send(Frame::Sasl(Sasl::Response(vec![0x00]))).await;
-    let Sasl::Challenge(part2) = c.sasl().await else { panic!("no final segment") };
-    assert_eq!(part2[0], 0xC1);
-    let blob = [&part1[1..], &part2[1..]].concat();
-    let key = t.import(&blob).expect("the blob opens with the device's TPM");
+    let (mut c, key) = tpm_connected(&dps, &t, id).await;
     let token = dps.device_token(id, &BASE64.encode(&key));
-    c.send(Frame::Sasl(Sasl::Response([&[0u8][..], token.as_bytes()].concat()))).await;
-    let Sasl::Outcome { code, .. } = c.sasl().await else { panic!("no outcome") };
-    assert_eq!(code, 0);
-    c.open().await;
-    c.links(&address(&dps, id)).await.unwrap();
     let reply = c.register(&json!({"registrationId": id, "payload": {"p": 1}})).await.json();
     assert_eq!(reply["status"], "assigned", "{reply}");
     let hub_key = BASE64.decode(reply["registrationState"]["tpm"]["authenticationKey"].as_str().unwrap()).unwrap();
@@ -244,39 +264,6 @@ async fn a_tpm_device_answers_three_sasl_challenges() {
     // The key from before this challenge no longer works: a new challenge replaced it.
     c.send(Frame::Sasl(Sasl::Response([&[0u8][..], token.as_bytes()].concat()))).await;
     assert!(matches!(c.sasl().await, Sasl::Outcome { code: 1, .. }));
-}
-
-/// The SASL `TPM` exchange to its end (the key imported from the blob signs the token), then
-/// open and links: a TPM device's connection ready for requests, and the key it holds.
-async fn tpm_connected(dps: &Dps, t: &SoftwareTpm, id: &str) -> (RawAmqp, Vec<u8>) {
-    let ek = t.endorsement_key().marshal_tpm2b().unwrap();
-    let srk = t.storage_root_key().marshal_tpm2b().unwrap();
-    let initial = [&[0u8][..], dps.scope().as_bytes(), &[0], id.as_bytes(), &[0], &ek].concat();
-    let mut c = RawAmqp::tls(dps).await;
-    assert_eq!(c.sasl_init("TPM", &initial).await, Sasl::Challenge(vec![0]));
-    c.send(Frame::Sasl(Sasl::Response([&[0u8][..], &srk].concat()))).await;
-    let Sasl::Challenge(part1) = c.sasl().await else { panic!("no first segment") };
-    c.send(Frame::Sasl(Sasl::Response(vec![0x00]))).await;
-    let Sasl::Challenge(part2) = c.sasl().await else { panic!("no final segment") };
-    let key = t.import(&[&part1[1..], &part2[1..]].concat()).expect("the blob opens with the device's TPM");
-    let token = dps.device_token(id, &BASE64.encode(&key));
-    c.send(Frame::Sasl(Sasl::Response([&[0u8][..], token.as_bytes()].concat()))).await;
-    assert!(matches!(c.sasl().await, Sasl::Outcome { code: 0, .. }), "SASL outcome ok");
-    c.open().await;
-    c.links(&address(dps, id)).await.expect("links attached");
-    (c, key)
-}
-
-/// Polls `operation` until it is no longer assigning.
-async fn poll_to_end(c: &mut RawAmqp, operation: &str) -> serde_json::Value {
-    for _ in 0..25 {
-        let polled = c.poll(operation).await.json();
-        if polled["status"] != "assigning" {
-            return polled;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("operation {operation} still assigning after 5 s");
 }
 
 /// A TPM device that gets `assigning` first polls over AMQP: the assigned answer carries the
@@ -339,16 +326,7 @@ async fn polling_errors_and_disabled_enrollments_are_answered_as_the_sdks_expect
     assert_eq!(message.application_property("retry-after"), Some(&Value::String("1".into())));
     assert_eq!(message.application_property("Retry-After"), Some(&Value::String("1".into())));
     let op = json["operationId"].as_str().unwrap().to_string();
-    let mut status = String::new();
-    for _ in 0..20 {
-        let polled = c.poll(&op).await.json();
-        status = polled["status"].as_str().unwrap().to_string();
-        if status != "assigning" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert_eq!(status, "assigned");
+    assert_eq!(poll_to_end(&mut c, &op).await["status"], "assigned");
     // Errors are rejected dispositions carrying the DPS error JSON.
     let (condition, err) = c.poll("not-an-operation").await.rejection();
     assert_eq!(condition, "amqp:not-found");

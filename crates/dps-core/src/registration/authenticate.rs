@@ -254,32 +254,30 @@ impl DeviceRuntime {
         }
     }
 
-    /// Authentication by a credential that needs no challenge (a re-check).
-    async fn authenticated(
-        &self,
-        id_scope: &str,
-        registration_id: &str,
-        credential: &Credential,
-    ) -> Result<AuthenticatedDevice, Error> {
-        let certificates_version = self.certificates_version_for(credential).await?;
-        let enrollment = self.authenticate(id_scope, registration_id, credential).await?.enrollment;
-        Ok(self.device(id_scope, registration_id, credential, enrollment, certificates_version))
-    }
-
     /// The enrollment of an authenticated device for its next request: the one it was checked
     /// against when neither it (nor the certificate store, for X.509) has been written since
     /// and the credential is still valid; otherwise the device is checked again in full (and
-    /// `device` updated), which gives a refusal exactly as a new connection would get.
-    pub(super) async fn recheck(&self, device: &mut AuthenticatedDevice) -> Result<ResolvedEnrollment, Error> {
+    /// `device` updated), which gives a refusal exactly as a new connection would get. A TPM
+    /// device's key is checked either way: a new challenge replaces it without changing the
+    /// token or the enrollment.
+    pub(super) async fn recheck(&self, device: &mut AuthenticatedDevice) -> Result<Proven, Error> {
         let now = self.clock.now_secs();
         if device.valid_until.is_some_and(|t| now <= t) {
             if let Some(enrollment) = self.unchanged_enrollment(device).await? {
-                return Ok(enrollment);
+                let tpm_key = self.tpm_hub_key(&device.registration_id, &device.credential, &enrollment).await?;
+                return Ok(Proven { enrollment, tpm_key });
             }
         }
-        let fresh = self.authenticated(&device.id_scope, &device.registration_id, &device.credential).await?;
-        *device = fresh;
-        Ok(device.enrollment.clone())
+        let certificates_version = self.certificates_version_for(&device.credential).await?;
+        let proven = self.authenticate(&device.id_scope, &device.registration_id, &device.credential).await?;
+        *device = self.device(
+            &device.id_scope,
+            &device.registration_id,
+            &device.credential,
+            proven.enrollment.clone(),
+            certificates_version,
+        );
+        Ok(proven)
     }
 
     /// The device's enrollment as stored now, if it is the very version it was checked against

@@ -28,10 +28,9 @@ impl DeviceRuntime {
     }
 
     /// Answers an operation-status poll of a device that authenticated when it connected
-    /// (MQTT, AMQP); its credential is re-checked as far as something changed. A TPM device's
-    /// key is checked on every poll, as it is on every register request: once a newer challenge
-    /// has replaced it, the poll is refused as it would be over HTTPS (the re-check looks only at
-    /// the token's expiry and the enrollment, which a challenge does not change).
+    /// (MQTT, AMQP); its credential is re-checked as far as something changed, a TPM device's
+    /// key always ([`DeviceRuntime::recheck`]): once a newer challenge has replaced it, the poll
+    /// is refused as it would be over HTTPS.
     pub async fn operation_status_of(
         &self,
         device: &mut AuthenticatedDevice,
@@ -39,12 +38,11 @@ impl DeviceRuntime {
     ) -> Result<DeviceReply, Error> {
         validate_operation_id(operation_id)
             .map_err(|e| Error::bad_request(ErrorCode::INVALID_IDENTIFIER, e.to_string()))?;
-        let enrollment = self.recheck(device).await?;
-        let tpm_key = self.tpm_hub_key(device.registration_id(), device.credential(), &enrollment).await?;
-        self.lookup_operation(device.registration_id(), operation_id, tpm_key).await
+        let proven = self.recheck(device).await?;
+        self.lookup_operation(device.registration_id(), operation_id, proven.tpm_key).await
     }
 
-    /// `proven`: a TPM device's key as its authentication read it, if it did.
+    /// `proven`: a TPM device's key as its authentication or re-check read it, if it did.
     async fn lookup_operation(
         &self,
         registration_id: &str,

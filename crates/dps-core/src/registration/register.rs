@@ -10,7 +10,7 @@ use dps_proto::ids::id_key;
 use dps_proto::service::{AllocationPolicy, EnrollmentCommon, ProvisioningStatus, ReprovisionPolicy};
 use serde_json::Value;
 
-use super::authenticate::{unauthorized, AuthenticatedDevice, Challenge, Credential, Proven, Resolved, TpmEndorsement};
+use super::authenticate::{AuthenticatedDevice, Challenge, Credential, Proven, Resolved, TpmEndorsement};
 use super::hub::HubOutcome;
 use super::records::{OperationRecord, RegistrationRecord, ResolvedEnrollment, TpmHubKey};
 use crate::custom::{AllocationFailure, Assignment};
@@ -222,8 +222,7 @@ impl DeviceRuntime {
         let registration_id = device.registration_id().to_string();
         let parsed = self.parse_registration_body(&registration_id, body)?;
         let payload = self.check_payload(parsed.payload)?;
-        // The re-check does not look at a TPM device's key: the register path does.
-        let proven = Proven { enrollment: self.recheck(device).await?, tpm_key: None };
+        let proven = self.recheck(device).await?;
         let attestation = proven.enrollment.attestation_type();
         let mut reply = self.register_enrollment(registration_id, device.credential(), proven, payload, force).await?;
         reply.attestation = Some(attestation);
@@ -249,10 +248,6 @@ impl DeviceRuntime {
             }
             _ => (None, None),
         };
-        let tpm = match tpm_key {
-            Some(key) => Some(key),
-            None => self.tpm_hub_key(&registration_id, credential, &enrollment).await?,
-        };
         let pending = Pending {
             registration_id,
             force,
@@ -260,7 +255,7 @@ impl DeviceRuntime {
             operation_id,
             payload,
             certificate,
-            tpm,
+            tpm: tpm_key,
             leaf_thumbprint,
             started: now,
         };
@@ -308,36 +303,6 @@ impl DeviceRuntime {
             })
             .await?;
         Ok(self.reply_for_register(result))
-    }
-
-    /// A TPM device's hub key, for a device whose authentication did not hand it on (an AMQP
-    /// register or poll, whose re-check looks at the enrollment, not at the key): the key of the
-    /// challenge its token is signed with; refused when a challenge issued since has replaced
-    /// it, it expired, or the enrollment's endorsement key changed. A
-    /// disabled enrollment needs none (its answer carries no key; a group member's token
-    /// that a disabled individual TPM enrollment revokes is signed with no TPM key at all).
-    pub(super) async fn tpm_hub_key(
-        &self,
-        registration_id: &str,
-        credential: &Credential,
-        enrollment: &ResolvedEnrollment,
-    ) -> Result<Option<TpmHubKey>, Error> {
-        let (ResolvedEnrollment::Individual(e), Credential::Sas(text)) = (enrollment, credential) else {
-            return Ok(None);
-        };
-        if e.common.attestation.kind != dps_proto::service::AttestationType::Tpm
-            || e.common.provisioning_status == Some(ProvisioningStatus::Disabled)
-        {
-            return Ok(None);
-        }
-        let token =
-            dps_proto::sas::SasToken::parse(text).map_err(|e| unauthorized(format!("invalid SAS token: {e}")))?;
-        match self.tpm_key_for(registration_id, e, &token).await? {
-            Some(issued) => Ok(Some(issued.hub_key())),
-            None => Err(unauthorized(format!(
-                "the TPM key this token is signed with is no longer accepted for registration ID '{registration_id}': a newer challenge replaced it, it expired (device.tpm_challenge_secs), or the enrollment's endorsement key changed; send the register request without a token to get a new challenge"
-            ))),
-        }
     }
 
     pub(super) fn policy_of(&self, enrollment: &ResolvedEnrollment) -> AllocationPolicy {

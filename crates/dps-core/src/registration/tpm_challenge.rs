@@ -16,13 +16,13 @@ use base64::Engine as _;
 use dps_proto::device::{DeviceRegistrationResult, RegistrationStatus};
 use dps_proto::error::ErrorCode;
 use dps_proto::sas::SasToken;
-use dps_proto::service::{AttestationType, IndividualEnrollment};
+use dps_proto::service::{AttestationType, IndividualEnrollment, ProvisioningStatus};
 use dps_proto::tpm::TpmPublic;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
-use super::authenticate::{tpm_not_accepted, unauthorized, Challenge, TpmEndorsement};
-use super::records::TpmHubKey;
+use super::authenticate::{tpm_not_accepted, unauthorized, Challenge, Credential, TpmEndorsement};
+use super::records::{ResolvedEnrollment, TpmHubKey};
 use crate::engine::{parse_stored, to_json, DeviceRuntime};
 use crate::error::Error;
 use crate::store::{Collection, Condition, Document, Write};
@@ -228,5 +228,34 @@ impl DeviceRuntime {
             .issued_tpm_key(registration_id)
             .await?
             .filter(|issued| issued.for_enrollment(enrollment) && issued.signed(token)))
+    }
+
+    /// A TPM device's hub key when its re-check did not read it (a connection's device whose
+    /// token and enrollment are unchanged, [`DeviceRuntime::recheck`]): the key of the challenge
+    /// its token is signed with; refused when a challenge issued since has replaced it, it
+    /// expired, or the enrollment's endorsement key changed. A disabled enrollment needs none
+    /// (its answer carries no key; a group member's token that a disabled individual TPM
+    /// enrollment revokes is signed with no TPM key at all).
+    pub(super) async fn tpm_hub_key(
+        &self,
+        registration_id: &str,
+        credential: &Credential,
+        enrollment: &ResolvedEnrollment,
+    ) -> Result<Option<TpmHubKey>, Error> {
+        let (ResolvedEnrollment::Individual(e), Credential::Sas(text)) = (enrollment, credential) else {
+            return Ok(None);
+        };
+        if e.common.attestation.kind != AttestationType::Tpm
+            || e.common.provisioning_status == Some(ProvisioningStatus::Disabled)
+        {
+            return Ok(None);
+        }
+        let token = SasToken::parse(text).map_err(|e| unauthorized(format!("invalid SAS token: {e}")))?;
+        match self.tpm_key_for(registration_id, e, &token).await? {
+            Some(issued) => Ok(Some(issued.hub_key())),
+            None => Err(unauthorized(format!(
+                "the TPM key this token is signed with is no longer accepted for registration ID '{registration_id}': a newer challenge replaced it, it expired (device.tpm_challenge_secs), or the enrollment's endorsement key changed; send the register request without a token to get a new challenge"
+            ))),
+        }
     }
 }
