@@ -38,6 +38,28 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX documents_by_partition ON documents (collection, partition, key) WHERE partition IS NOT NULL;
      CREATE INDEX documents_by_expiry ON documents (expires_at) WHERE expires_at IS NOT NULL;
      CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;",
+    // 2: documents in a rowid table. In a WITHOUT ROWID table every B-tree cell holds the whole
+    // row, interior cells too, and a page keeps at most about 1,000 bytes of a cell: a larger
+    // document (a TPM challenge, 1.6 KB) spilled onto an overflow page of its own, and a search
+    // that compared keys with such a cell read that page as well. Now the primary-key index
+    // holds only (collection, key, rowid) and the table keeps a row of up to about 4,000 bytes
+    // in its leaf (BENCHMARKS.md, issue 15). The copy keeps every row as it is.
+    "CREATE TABLE documents_rowid (
+        collection INTEGER NOT NULL,
+        key        TEXT    NOT NULL,
+        id         TEXT    NOT NULL,
+        etag       TEXT    NOT NULL,
+        partition  TEXT,
+        body       TEXT    NOT NULL,
+        expires_at INTEGER,
+        PRIMARY KEY (collection, key)
+     );
+     INSERT INTO documents_rowid (collection, key, id, etag, partition, body, expires_at)
+        SELECT collection, key, id, etag, partition, body, expires_at FROM documents ORDER BY collection, key;
+     DROP TABLE documents;
+     ALTER TABLE documents_rowid RENAME TO documents;
+     CREATE INDEX documents_by_partition ON documents (collection, partition, key) WHERE partition IS NOT NULL;
+     CREATE INDEX documents_by_expiry ON documents (expires_at) WHERE expires_at IS NOT NULL;",
 ];
 
 /// The `documents.collection` of the version rows: one per collection (key = the collection's
@@ -58,13 +80,24 @@ pub const OTHER_WRITERS_SEEN_WITHIN: Duration = Duration::from_millis(100);
 const MAX_BATCH: usize = 512;
 /// Read connections (WAL readers run beside the writer).
 const READERS: usize = 4;
+/// How long the writer waits for more requests to join a small batch under concurrent load
+/// (`writer_loop`): about what a commit of a few requests costs, and well under a device's
+/// round trip. One device alone never waits (its batches hold one request).
+const GATHER_FOR: Duration = Duration::from_micros(500);
+/// Concurrent load: the batch before held more than one request and committed within this.
+const LOADED_WITHIN: Duration = Duration::from_millis(2);
+/// A batch of this many requests or more commits without waiting.
+const GATHER_BELOW: usize = 32;
+
+/// Work that runs alone on the writer connection.
+type Exclusive = Box<dyn FnOnce(&mut Connection) + Send>;
 
 /// One request to the writer thread.
 enum Job {
     /// An atomic batch of writes; committed together with the other batches waiting.
     Write { writes: Vec<Write>, reply: tokio::sync::oneshot::Sender<Result<(), StoreError>> },
     /// Anything else that writes (settings, purges): run alone on the writer connection.
-    Exclusive(Box<dyn FnOnce(&mut Connection) + Send>),
+    Exclusive(Exclusive),
 }
 
 /// The embedded SQLite store. Cheap to clone.
@@ -284,6 +317,8 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
         )));
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        // Some copy every document once: on a large store that takes a while, and says so.
+        tracing::info!(version = i + 1, path = %path.display(), "store schema migrating");
         tx.execute_batch(sql).map_err(sql_err)?;
         tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1)).map_err(sql_err)?;
         tracing::info!(version = i + 1, "store schema migrated");
@@ -294,11 +329,12 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
 type Reply = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
 
 /// The writer thread: takes every write request waiting (up to [`MAX_BATCH`]), commits them in
-/// one transaction, then answers each.
+/// one transaction, then answers each. Under concurrent load it waits a moment for more
+/// requests first ([`GATHER_FOR`]).
 fn writer_loop(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
+    let (mut last_commit, mut previous_size) = (std::time::Instant::now(), 0usize);
     while let Ok(job) = jobs.recv() {
         let mut batch: Vec<(Vec<Write>, Reply)> = Vec::new();
-        let mut after = None;
         match job {
             Job::Write { writes, reply } => batch.push((writes, reply)),
             Job::Exclusive(f) => {
@@ -306,23 +342,36 @@ fn writer_loop(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
                 continue;
             }
         }
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(Job::Write { writes, reply }) => batch.push((writes, reply)),
-                Ok(Job::Exclusive(f)) => {
-                    after = Some(f);
-                    break;
-                }
-                Err(_) => break,
-            }
+        let mut after = take_waiting(&jobs, &mut batch);
+        // Group commit under concurrent load: when the batch before held several requests and
+        // committed a moment ago, more are on their way. A small batch waits a little for them
+        // instead of paying a commit (its WAL writes and fsync) for one or two requests; a
+        // large one (a queue that is long already) does not wait.
+        if after.is_none() && batch.len() < GATHER_BELOW && previous_size > 1 && last_commit.elapsed() < LOADED_WITHIN {
+            std::thread::sleep(GATHER_FOR);
+            after = take_waiting(&jobs, &mut batch);
         }
         let (size, started) = (batch.len(), std::time::Instant::now());
         commit_batch(&mut conn, batch);
+        (last_commit, previous_size) = (std::time::Instant::now(), size);
         crate::record_commit("sqlite", size, started);
         if let Some(f) = after {
             f(&mut conn);
         }
     }
+}
+
+/// Moves the write requests waiting into `batch` (up to [`MAX_BATCH`]); stops at an exclusive
+/// job, which it returns (it runs after the batch's commit).
+fn take_waiting(jobs: &mpsc::Receiver<Job>, batch: &mut Vec<(Vec<Write>, Reply)>) -> Option<Exclusive> {
+    while batch.len() < MAX_BATCH {
+        match jobs.try_recv() {
+            Ok(Job::Write { writes, reply }) => batch.push((writes, reply)),
+            Ok(Job::Exclusive(f)) => return Some(f),
+            Err(_) => break,
+        }
+    }
+    None
 }
 
 fn commit_batch(conn: &mut Connection, batch: Vec<(Vec<Write>, Reply)>) {

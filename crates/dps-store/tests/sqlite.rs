@@ -29,7 +29,7 @@ async fn data_survives_reopen() {
             .unwrap();
     }
     let store = SqliteStore::open(&path, Synchronous::Full).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 1);
+    assert_eq!(store.schema_version().unwrap(), 2);
     assert_eq!(store.get(Collection::Enrollments, "X").await.unwrap().unwrap().etag, "1");
 }
 
@@ -130,7 +130,7 @@ async fn a_database_without_version_rows_keeps_working() {
     .unwrap();
     drop(conn);
     let store = SqliteStore::open(&path, Synchronous::Full).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 1);
+    assert_eq!(store.schema_version().unwrap(), 2);
     let g = Collection::EnrollmentGroups;
     assert_eq!(store.version(g).await.unwrap(), 0);
     assert_eq!(store.get(g, "OLD-GROUP").await.unwrap().unwrap().etag, "e1");
@@ -145,4 +145,115 @@ async fn a_database_without_version_rows_keeps_working() {
         .unwrap();
     assert_eq!(store.version(g).await.unwrap(), 1);
     assert!(store.list(g, None, None, 10).await.unwrap().documents.is_empty());
+}
+
+/// A database of schema 1 (documents in a WITHOUT ROWID table) is moved to schema 2 (a rowid
+/// table) on open: every document, version row, partition and expiry is kept, the indexes work,
+/// and a document too large for a WITHOUT ROWID leaf is read and rewritten like any other.
+#[tokio::test]
+async fn a_schema_1_database_moves_to_a_rowid_table_and_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dps.sqlite");
+    let big = format!("{{\"blob\":\"{}\"}}", "A".repeat(3000));
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE documents (
+                collection INTEGER NOT NULL,
+                key        TEXT    NOT NULL,
+                id         TEXT    NOT NULL,
+                etag       TEXT    NOT NULL,
+                partition  TEXT,
+                body       TEXT    NOT NULL,
+                expires_at INTEGER,
+                PRIMARY KEY (collection, key)
+             ) WITHOUT ROWID;
+             CREATE INDEX documents_by_partition ON documents (collection, partition, key) WHERE partition IS NOT NULL;
+             CREATE INDEX documents_by_expiry ON documents (expires_at) WHERE expires_at IS NOT NULL;
+             CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+             INSERT INTO settings (key, value) VALUES ('id_scope', '0ne00000001');
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        let mut insert = conn
+            .prepare("INSERT INTO documents (collection, key, id, etag, partition, body, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")
+            .unwrap();
+        let enrollments = Collection::Enrollments.tag();
+        let registrations = Collection::Registrations.tag();
+        let challenges = Collection::TpmChallenges.tag();
+        insert
+            .execute(rusqlite::params![
+                0,
+                enrollments.to_string(),
+                enrollments.to_string(),
+                "",
+                None::<String>,
+                "7",
+                None::<i64>
+            ])
+            .unwrap();
+        insert
+            .execute(rusqlite::params![enrollments, "dev-1", "Dev-1", "e1", None::<String>, "{}", None::<i64>])
+            .unwrap();
+        insert
+            .execute(rusqlite::params![registrations, "dev-1", "Dev-1", "r1", Some("group-a"), "{}", None::<i64>])
+            .unwrap();
+        insert
+            .execute(rusqlite::params![challenges, "dev-1", "Dev-1", "c1", None::<String>, big.as_str(), Some(1_i64)])
+            .unwrap();
+        insert
+            .execute(rusqlite::params![
+                challenges,
+                "dev-2",
+                "Dev-2",
+                "c2",
+                None::<String>,
+                big.as_str(),
+                Some(i64::MAX)
+            ])
+            .unwrap();
+    }
+    let store = SqliteStore::open(&path, Synchronous::Full).unwrap();
+    assert_eq!(store.schema_version().unwrap(), 2);
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let sql: String =
+            conn.query_row("SELECT sql FROM sqlite_master WHERE name = 'documents'", [], |r| r.get(0)).unwrap();
+        assert!(!sql.to_ascii_uppercase().contains("WITHOUT ROWID"), "{sql}");
+        let indexes: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'documents' AND sql IS NOT NULL ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(indexes, ["documents_by_expiry", "documents_by_partition"]);
+        assert!(conn.query_row("SELECT count(*) FROM documents_rowid", [], |r| r.get::<_, i64>(0)).is_err());
+    }
+    assert_eq!(store.version(Collection::Enrollments).await.unwrap(), 7, "the version row is kept");
+    assert_eq!(store.get(Collection::Enrollments, "DEV-1").await.unwrap().unwrap().etag, "e1");
+    let in_partition = store.list(Collection::Registrations, Some("group-a"), None, 10).await.unwrap();
+    assert_eq!(in_partition.documents.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["Dev-1"]);
+    let kept = store.get(Collection::TpmChallenges, "dev-2").await.unwrap().unwrap();
+    assert_eq!((kept.etag.as_str(), kept.body.as_str(), kept.expires_at), ("c2", big.as_str(), Some(i64::MAX)));
+    // The expiry index still finds what expired.
+    let purged = store.purge_expired(2).await.unwrap();
+    assert_eq!(purged, 1);
+    assert!(store.get(Collection::TpmChallenges, "dev-1").await.unwrap().is_none());
+    let mut rewritten = kept.clone();
+    rewritten.body = format!("{{\"blob\":\"{}\"}}", "B".repeat(3000));
+    store
+        .write(vec![Write::Put {
+            collection: Collection::TpmChallenges,
+            document: rewritten.clone(),
+            condition: Condition::IfMatch("c2".into()),
+        }])
+        .await
+        .unwrap();
+    assert_eq!(store.get(Collection::TpmChallenges, "Dev-2").await.unwrap().unwrap().body, rewritten.body);
+    drop(store);
+    let store = SqliteStore::open(&path, Synchronous::Full).unwrap();
+    assert_eq!(store.schema_version().unwrap(), 2, "a second open migrates nothing");
+    assert_eq!(store.version(Collection::Enrollments).await.unwrap(), 7);
 }
