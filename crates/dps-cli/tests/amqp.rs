@@ -194,6 +194,27 @@ async fn poll_to_end(c: &mut RawAmqp, operation: &str) -> serde_json::Value {
     panic!("operation {operation} still assigning after 5 s");
 }
 
+/// An individual TPM enrollment of `id` with `t`'s endorsement key.
+fn tpm_enrollment(id: &str, t: &SoftwareTpm) -> serde_json::Value {
+    let ek = BASE64.encode(t.endorsement_key().marshal_tpm2b().unwrap());
+    json!({"registrationId": id, "attestation": {"type": "tpm", "tpm": {"endorsementKey": ek}}})
+}
+
+/// A register request answered `assigning` (`device.assigning_first`): its operation ID.
+async fn register_assigning(c: &mut RawAmqp, id: &str) -> String {
+    let first = c.register(&json!({"registrationId": id})).await.json();
+    assert_eq!(first["status"], "assigning", "{first}");
+    first["operationId"].as_str().unwrap().to_string()
+}
+
+/// A request refused as unauthenticated (`amqp:unauthorized-access`, 401002): its error body.
+fn unauthorized(answer: Answer) -> serde_json::Value {
+    let (condition, err) = answer.rejection();
+    assert_eq!(condition, "amqp:unauthorized-access", "{err}");
+    assert_eq!(err["errorCode"], 401002, "{err}");
+    err
+}
+
 #[tokio::test]
 async fn a_tpm_device_answers_three_sasl_challenges() {
     let dps = Dps::start(HUBS).await;
@@ -277,13 +298,9 @@ async fn a_tpm_device_polling_over_amqp_gets_its_key_back_until_a_new_challenge_
     let dps = Dps::start(&format!("{HUBS}[device]\nassigning_first = true\nretry_after_secs = 1\n")).await;
     let t = SoftwareTpm::generate(&mut StdRng::seed_from_u64(9)).unwrap();
     let id = "amqp-tpm-poll";
-    let ek = BASE64.encode(t.endorsement_key().marshal_tpm2b().unwrap());
-    dps.put_enrollment(json!({"registrationId": id, "attestation": {"type": "tpm", "tpm": {"endorsementKey": ek}}}))
-        .await;
+    dps.put_enrollment(tpm_enrollment(id, &t)).await;
     let (mut c, key) = tpm_connected(&dps, &t, id).await;
-    let first = c.register(&json!({"registrationId": id})).await.json();
-    assert_eq!(first["status"], "assigning", "{first}");
-    let op = first["operationId"].as_str().unwrap().to_string();
+    let op = register_assigning(&mut c, id).await;
     let assigned = poll_to_end(&mut c, &op).await;
     assert_eq!(assigned["status"], "assigned", "{assigned}");
     let blob = BASE64.decode(assigned["registrationState"]["tpm"]["authenticationKey"].as_str().unwrap()).unwrap();
@@ -292,12 +309,9 @@ async fn a_tpm_device_polling_over_amqp_gets_its_key_back_until_a_new_challenge_
 
     let (mut c2, key2) = tpm_connected(&dps, &t, id).await;
     assert_ne!(key2, key, "a new challenge, a new key");
-    let (condition, err) = c.poll(&op).await.rejection();
-    assert_eq!(condition, "amqp:unauthorized-access", "{err}");
-    assert_eq!(err["errorCode"], 401002, "{err}");
+    let err = unauthorized(c.poll(&op).await);
     assert!(err["message"].as_str().unwrap().contains("a newer challenge replaced it"), "{err}");
-    let (condition, _) = c.register(&json!({"registrationId": id})).await.rejection();
-    assert_eq!(condition, "amqp:unauthorized-access", "a register on the old key's connection too");
+    unauthorized(c.register(&json!({"registrationId": id})).await);
 
     let old = c2.poll(&op).await.json();
     assert_eq!(old["status"], "assigned", "{old}");
@@ -307,6 +321,50 @@ async fn a_tpm_device_polling_over_amqp_gets_its_key_back_until_a_new_challenge_
     let again = poll_to_end(&mut c2, again["operationId"].as_str().unwrap()).await;
     let blob2 = BASE64.decode(again["registrationState"]["tpm"]["authenticationKey"].as_str().unwrap()).unwrap();
     assert_eq!(t.import(&blob2).unwrap(), key2, "registering again brings the new key");
+}
+
+/// The two other ways a TPM device's key stops counting, on a connection that authenticated
+/// with it: the enrollment's endorsement key is changed, or the key's lifetime
+/// (`device.tpm_challenge_secs`) runs out. Both refuse the connection's next poll and register.
+#[tokio::test]
+async fn a_tpm_devices_connection_is_refused_once_its_enrollments_ek_changes() {
+    let dps = Dps::start(&format!("{HUBS}[device]\nassigning_first = true\nretry_after_secs = 1\n")).await;
+    let t = SoftwareTpm::generate(&mut StdRng::seed_from_u64(10)).unwrap();
+    let other = SoftwareTpm::generate(&mut StdRng::seed_from_u64(11)).unwrap();
+    let id = "amqp-tpm-ek";
+    dps.put_enrollment(tpm_enrollment(id, &t)).await;
+    let (mut c, _) = tpm_connected(&dps, &t, id).await;
+    let op = register_assigning(&mut c, id).await;
+    assert_eq!(poll_to_end(&mut c, &op).await["status"], "assigned");
+
+    dps.put_enrollment(tpm_enrollment(id, &other)).await;
+    let err = unauthorized(c.poll(&op).await);
+    // A changed enrollment is authenticated anew, with the answer any unproven token gets.
+    assert!(err["message"].as_str().unwrap().contains("is not accepted for registration ID 'amqp-tpm-ek'"), "{err}");
+    unauthorized(c.register(&json!({"registrationId": id})).await);
+    // The TPM the enrollment names now gets a challenge and registers.
+    let (mut c2, key2) = tpm_connected(&dps, &other, id).await;
+    let again = c2.register(&json!({"registrationId": id})).await.json();
+    let again = poll_to_end(&mut c2, again["operationId"].as_str().unwrap()).await;
+    let blob = BASE64.decode(again["registrationState"]["tpm"]["authenticationKey"].as_str().unwrap()).unwrap();
+    assert_eq!(other.import(&blob).unwrap(), key2);
+}
+
+#[tokio::test]
+async fn a_tpm_devices_connection_is_refused_once_its_key_expires() {
+    let dps =
+        Dps::start(&format!("{HUBS}[device]\nassigning_first = true\nretry_after_secs = 1\ntpm_challenge_secs = 1\n"))
+            .await;
+    let t = SoftwareTpm::generate(&mut StdRng::seed_from_u64(12)).unwrap();
+    let id = "amqp-tpm-expiry";
+    dps.put_enrollment(tpm_enrollment(id, &t)).await;
+    let (mut c, _) = tpm_connected(&dps, &t, id).await;
+    let op = register_assigning(&mut c, id).await;
+    // The key counts for one second after its challenge; well after that it does not.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let err = unauthorized(c.poll(&op).await);
+    assert!(err["message"].as_str().unwrap().contains("expired"), "{err}");
+    unauthorized(c.register(&json!({"registrationId": id})).await);
 }
 
 #[tokio::test]
