@@ -18,7 +18,10 @@ trap 'rm -rf "$work"' EXIT
 cd "$root/fuzz"
 targets=$(sed -n 's/^name = "\(.*\)"$/\1/p' Cargo.toml | grep -v '^dps-fuzz$')
 echo "fuzz: building $(echo "$targets" | wc -w) targets"
+build_started=$(date +%s)
 cargo metadata --locked --format-version 1 > /dev/null && cargo fuzz build > "$work/build.log" 2>&1 || { tail -40 "$work/build.log"; echo "fuzz: build failed"; exit 1; }
+echo "fuzz: built in $(( $(date +%s) - build_started ))s"
+
 # Two targets at a time (libFuzzer uses one core each).
 run_target() {
   local target="$1"
