@@ -156,7 +156,9 @@ fn bench_tpm_devices_register_through_the_challenge() {
         assert!(split["off_clock_bench_cpu_seconds"].as_f64().unwrap() > 0.0, "{phase}: {r:#}");
     }
     assert!(r["dps"]["tpm_split"]["challenge_dps_cpu_seconds"].as_f64().unwrap() > 0.0, "{r:#}");
-    assert!(r["dps"]["tpm_split"]["challenge_dps_cpu_seconds"].as_f64() < r["cpu"]["dps_seconds"].as_f64(), "{r:#}");
+    // A part of the whole: CPU times are read in clock ticks (10 ms), and the 30 proofs after
+    // the challenges can take less than one, so the two may be equal.
+    assert!(r["dps"]["tpm_split"]["challenge_dps_cpu_seconds"].as_f64() <= r["cpu"]["dps_seconds"].as_f64(), "{r:#}");
     // Without --tpm-split there is no such part.
     let (code, r, err) = bench(&data, &["-n", "5", "-c", "2", "--attestation", "tpm", "--no-ceiling"]);
     assert_eq!(code, 0, "{err} {r}");
