@@ -323,9 +323,8 @@ async fn a_tpm_device_polling_over_amqp_gets_its_key_back_until_a_new_challenge_
     assert_eq!(t.import(&blob2).unwrap(), key2, "registering again brings the new key");
 }
 
-/// The two other ways a TPM device's key stops counting, on a connection that authenticated
-/// with it: the enrollment's endorsement key is changed, or the key's lifetime
-/// (`device.tpm_challenge_secs`) runs out. Both refuse the connection's next poll and register.
+/// A TPM device's key stops counting, on a connection that authenticated with it, once the
+/// enrollment's endorsement key is changed: the connection's next poll and register are refused.
 #[tokio::test]
 async fn a_tpm_devices_connection_is_refused_once_its_enrollments_ek_changes() {
     let dps = Dps::start(&format!("{HUBS}[device]\nassigning_first = true\nretry_after_secs = 1\n")).await;
@@ -350,6 +349,7 @@ async fn a_tpm_devices_connection_is_refused_once_its_enrollments_ek_changes() {
     assert_eq!(other.import(&blob).unwrap(), key2);
 }
 
+/// ... and once the key's lifetime (`device.tpm_challenge_secs`) runs out.
 #[tokio::test]
 async fn a_tpm_devices_connection_is_refused_once_its_key_expires() {
     let dps =

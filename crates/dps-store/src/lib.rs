@@ -19,7 +19,7 @@ mod version_cache;
 pub use memory::MemoryStore;
 pub use postgres::{PostgresOptions, PostgresStore};
 pub use scratch::{ScratchDatabase, DEFAULT_TEST_SERVER, TEST_SERVER_ENV};
-pub use sqlite::{SqliteStore, Synchronous, OTHER_WRITERS_SEEN_WITHIN};
+pub use sqlite::{SqliteStore, Synchronous, OTHER_WRITERS_SEEN_WITHIN, SQLITE_MIGRATIONS};
 
 /// Records one group commit for the Prometheus metrics (docs/operations.md): its latency and how
 /// many write requests it carried. A no-op unless the server installed a recorder.

@@ -22,8 +22,10 @@ pub enum Synchronous {
     Normal,
 }
 
-/// Migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[
+/// Migrations, applied in order; `PRAGMA user_version` records how many ran. Each is frozen
+/// once released (a later one may repeat an earlier one's definitions); public so that tests
+/// can build a file as an older dps left it.
+pub const SQLITE_MIGRATIONS: &[&str] = &[
     // 1: documents and settings.
     "CREATE TABLE documents (
         collection INTEGER NOT NULL,
@@ -309,14 +311,14 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql_err)?;
     let current: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql_err)?;
     let current = usize::try_from(current).unwrap_or(usize::MAX);
-    if current > MIGRATIONS.len() {
+    if current > SQLITE_MIGRATIONS.len() {
         return Err(StoreError::Unavailable(format!(
             "{} has schema version {current}, newer than this dps understands ({}); upgrade dps",
             path.display(),
-            MIGRATIONS.len()
+            SQLITE_MIGRATIONS.len()
         )));
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+    for (i, sql) in SQLITE_MIGRATIONS.iter().enumerate().skip(current) {
         // Some copy every document once: on a large store that takes a while, and says so.
         tracing::info!(version = i + 1, path = %path.display(), "store schema migrating");
         tx.execute_batch(sql).map_err(sql_err)?;

@@ -3,7 +3,7 @@
 use dps_core::store::{Collection, Condition, Document, Store, Write};
 use std::time::Duration;
 
-use dps_store::{conformance, SqliteStore, Synchronous, OTHER_WRITERS_SEEN_WITHIN};
+use dps_store::{conformance, SqliteStore, Synchronous, OTHER_WRITERS_SEEN_WITHIN, SQLITE_MIGRATIONS};
 
 #[tokio::test]
 async fn sqlite_passes_conformance() {
@@ -156,63 +156,32 @@ async fn a_schema_1_database_moves_to_a_rowid_table_and_keeps_everything() {
     let path = dir.path().join("dps.sqlite");
     let big = format!("{{\"blob\":\"{}\"}}", "A".repeat(3000));
     {
+        // The file as dps left it at schema 1: that migration's own SQL.
         let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             CREATE TABLE documents (
-                collection INTEGER NOT NULL,
-                key        TEXT    NOT NULL,
-                id         TEXT    NOT NULL,
-                etag       TEXT    NOT NULL,
-                partition  TEXT,
-                body       TEXT    NOT NULL,
-                expires_at INTEGER,
-                PRIMARY KEY (collection, key)
-             ) WITHOUT ROWID;
-             CREATE INDEX documents_by_partition ON documents (collection, partition, key) WHERE partition IS NOT NULL;
-             CREATE INDEX documents_by_expiry ON documents (expires_at) WHERE expires_at IS NOT NULL;
-             CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-             INSERT INTO settings (key, value) VALUES ('id_scope', '0ne00000001');
-             PRAGMA user_version = 1;",
-        )
-        .unwrap();
-        let mut insert = conn
-            .prepare("INSERT INTO documents (collection, key, id, etag, partition, body, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")
+        conn.execute_batch(&format!("PRAGMA journal_mode = WAL; {} PRAGMA user_version = 1;", SQLITE_MIGRATIONS[0]))
             .unwrap();
-        let enrollments = Collection::Enrollments.tag();
-        let registrations = Collection::Registrations.tag();
-        let challenges = Collection::TpmChallenges.tag();
-        insert
-            .execute(rusqlite::params![
-                0,
-                enrollments.to_string(),
-                enrollments.to_string(),
-                "",
-                None::<String>,
-                "7",
-                None::<i64>
-            ])
+        let (enrollments, challenges) = (Collection::Enrollments.tag(), Collection::TpmChallenges.tag());
+        let doc = |id: &str, etag: &str, partition: Option<&str>, body: &str, expires_at: Option<i64>| Document {
+            id: id.into(),
+            etag: etag.into(),
+            partition: partition.map(Into::into),
+            body: body.into(),
+            expires_at,
+        };
+        let rows = [
+            (0, doc(&enrollments.to_string(), "", None, "7", None)),
+            (enrollments, doc("Dev-1", "e1", None, "{}", None)),
+            (Collection::Registrations.tag(), doc("Dev-1", "r1", Some("group-a"), "{}", None)),
+            (challenges, doc("Dev-1", "c1", None, &big, Some(1))),
+            (challenges, doc("Dev-2", "c2", None, &big, Some(i64::MAX))),
+        ];
+        for (collection, d) in rows {
+            conn.execute(
+                "INSERT INTO documents (collection, key, id, etag, partition, body, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                rusqlite::params![collection, d.id.to_ascii_lowercase(), d.id, d.etag, d.partition, d.body, d.expires_at],
+            )
             .unwrap();
-        insert
-            .execute(rusqlite::params![enrollments, "dev-1", "Dev-1", "e1", None::<String>, "{}", None::<i64>])
-            .unwrap();
-        insert
-            .execute(rusqlite::params![registrations, "dev-1", "Dev-1", "r1", Some("group-a"), "{}", None::<i64>])
-            .unwrap();
-        insert
-            .execute(rusqlite::params![challenges, "dev-1", "Dev-1", "c1", None::<String>, big.as_str(), Some(1_i64)])
-            .unwrap();
-        insert
-            .execute(rusqlite::params![
-                challenges,
-                "dev-2",
-                "Dev-2",
-                "c2",
-                None::<String>,
-                big.as_str(),
-                Some(i64::MAX)
-            ])
-            .unwrap();
+        }
     }
     let store = SqliteStore::open(&path, Synchronous::Full).unwrap();
     assert_eq!(store.schema_version().unwrap(), 2);
